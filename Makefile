@@ -1,0 +1,41 @@
+# The README's commands. Each creates the virtual environment and builds mtlfast if needed.
+#   make demo   install everything, then run the main job (today: the op benchmark report)
+#   make test   install everything, then run the whole test suite
+#   make bench  install everything, then run the full benchmark suites and save their JSON
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch==2.13.0 is the CPU wheel here; installing the project without build isolation keeps
+# pip from ever pulling another (CUDA) torch to build against.
+DEPS := torch==2.13.0 numpy ninja "setuptools>=64" wheel triton pytest pytest-benchmark
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*/*.cpp csrc/*/*.h kernels/*.cu kernels/*.cuh)
+BENCH_JSON ?= benchmarks/results/latest.json
+
+.PHONY: install demo test bench clean
+
+$(VENV)/.deps:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install $(DEPS)
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(PY) -m pip install --no-build-isolation -e .
+	touch $@
+
+install: $(VENV)/.built
+
+test: install
+	MTLFAST_REQUIRE_BACKENDS=cpu,triton $(PY) -m pytest tests -q
+
+demo: install
+	MTLFAST_BENCH_QUICK=1 $(PY) -m pytest benchmarks -q --benchmark-json=/tmp/mtlfast-demo.json
+	$(PY) benchmarks/report.py /tmp/mtlfast-demo.json
+
+bench: install
+	$(PY) -m pytest benchmarks -q --benchmark-json=$(BENCH_JSON)
+	$(PY) benchmarks/report.py $(BENCH_JSON)
+
+clean:
+	rm -rf build *.egg-info mtlfast/_C*.so $(VENV)

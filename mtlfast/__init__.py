@@ -1,0 +1,7 @@
+"""mtlfast: fast, memory-lean multi-task dense prediction for PyTorch."""
+
+from . import nn, ops
+
+__version__ = "0.1.0"
+
+__all__ = ["ops", "nn", "__version__"]

@@ -1,0 +1,5 @@
+"""Layers built on mtlfast's fused ops."""
+
+from .distillation import MultiModalDistillation
+
+__all__ = ["MultiModalDistillation"]

@@ -1,0 +1,11 @@
+"""Fused ops of mtlfast, each a ``torch.library`` custom op in the ``mtlfast`` namespace.
+
+Backends and their selection: see :mod:`mtlfast.ops.backends`. Pure-PyTorch references with the
+same names live in :mod:`mtlfast.ops.reference`.
+"""
+
+from . import reference
+from .attention_distill import attention_distill
+from .backends import BACKENDS, available_backends, current_backend, use_backend
+
+__all__ = ["attention_distill", "available_backends", "use_backend", "current_backend", "BACKENDS", "reference"]

@@ -1,0 +1,140 @@
+"""Backend registry and selection for the fused ops.
+
+Every op has kernels in up to four backends: ``reference`` (pure PyTorch, everywhere), ``cpu``
+(C++ in ``mtlfast._C``, CPU tensors), ``triton`` (CUDA tensors, or CPU tensors when
+``TRITON_INTERPRET=1`` was set before Triton was imported) and ``cuda`` (``kernels/*.cu``).
+Without an override the fastest backend available for the tensors' device is used; a forced
+backend that cannot run the given tensors is an error, never a silent substitution.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib.util
+import os
+import warnings
+from collections.abc import Callable, Iterator
+
+import torch
+
+from .. import _extension
+
+__all__ = ["BACKENDS", "available_backends", "use_backend", "current_backend", "register_kernel"]
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+
+# Preference order per device type: the first available backend is taken.
+_PREFERENCE = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("mtlfast_backend", default=None)
+_kernels: dict[tuple[str, str], tuple[Callable, frozenset]] = {}
+_warned_fallback = False
+
+
+def _check_name(name: str, where: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{where}: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _works_on(backend: str, device_type: str) -> bool:
+    if backend == "reference":
+        return True
+    if backend == "cpu":
+        return device_type == "cpu" and _extension.has_extension()
+    if backend == "cuda":
+        return device_type == "cuda" and _extension.has_cuda_kernels()
+    if backend == "triton":
+        if not _triton_importable():
+            return False
+        return device_type == "cuda" or (device_type == "cpu" and _triton_interpreted())
+    return False
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Backends that can run tensors on ``device`` here, fastest first."""
+    device_type = torch.device(device).type
+    order = _PREFERENCE.get(device_type, ("reference",))
+    extra = [b for b in BACKENDS if b not in order]
+    return [b for b in (*order, *extra) if _works_on(b, device_type)]
+
+
+def current_backend() -> str | None:
+    """The forced backend (``use_backend`` or ``MTLFAST_BACKEND``), or None for automatic."""
+    forced = _override.get()
+    if forced is not None:
+        return forced
+    env = os.environ.get("MTLFAST_BACKEND", "").strip()
+    return _check_name(env, "MTLFAST_BACKEND") if env else None
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force every fused op inside the block to run on backend ``name``."""
+    token = _override.set(_check_name(name, "use_backend"))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def register_kernel(op: str, backend: str, dtypes: tuple[torch.dtype, ...]) -> Callable:
+    """Decorator registering ``fn`` as ``op``'s kernel in ``backend`` for ``dtypes``."""
+    _check_name(backend, "register_kernel")
+
+    def decorate(fn: Callable) -> Callable:
+        _kernels[(op, backend)] = (fn, frozenset(dtypes))
+        return fn
+
+    return decorate
+
+
+def _warn_fallback_once(device_type: str) -> None:
+    global _warned_fallback
+    if _warned_fallback:
+        return
+    _warned_fallback = True
+    reason = _extension.extension_error() or "it was built without kernels for this device"
+    warnings.warn(
+        f"mtlfast: the compiled extension mtlfast._C cannot run {device_type} tensors ({reason}); "
+        "fused ops fall back to the slower pure-PyTorch reference backend.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def kernel(op: str, device: torch.device, dtype: torch.dtype) -> Callable:
+    """The kernel of ``op`` to run for tensors of ``device`` and ``dtype``."""
+    forced = current_backend()
+    if forced is not None:
+        fn, dtypes = _kernels.get((op, forced), (None, frozenset()))
+        if fn is None:
+            raise RuntimeError(f"mtlfast.{op}: backend {forced!r} has no kernel for this op")
+        if not _works_on(forced, device.type):
+            raise RuntimeError(
+                f"mtlfast.{op}: backend {forced!r} cannot run {device.type} tensors here; "
+                f"available: {available_backends(device)}"
+            )
+        if dtype not in dtypes:
+            raise TypeError(f"mtlfast.{op}: backend {forced!r} does not support {dtype}")
+        return fn
+    for backend in available_backends(device):
+        fn, dtypes = _kernels.get((op, backend), (None, frozenset()))
+        if fn is not None and dtype in dtypes:
+            if backend == "reference" and device.type in ("cpu", "cuda"):
+                compiled = "cpu" if device.type == "cpu" else "cuda"
+                if not _works_on(compiled, device.type):
+                    _warn_fallback_once(device.type)
+            return fn
+    raise RuntimeError(f"mtlfast.{op}: no backend supports {dtype} on {device.type}")

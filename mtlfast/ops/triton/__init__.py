@@ -1,0 +1,1 @@
+"""Triton kernels, one module per op; imported lazily, only when the triton backend runs."""

@@ -1,0 +1,38 @@
+"""Shared test setup: Triton runs interpreted on CPU tensors when there is no GPU."""
+
+import os
+
+import torch
+
+# Must precede the first import of triton anywhere in the test session.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def require_backend(backend: str, device: str = "cpu") -> None:
+    """Skip unless ``backend`` runs on ``device``; fail instead when MTLFAST_REQUIRE_BACKENDS
+    (comma-separated, set by CI and `make test`) names it, so a broken build cannot pass as skips."""
+    from mtlfast.ops import available_backends
+
+    if backend in available_backends(device):
+        return
+    required = {b.strip() for b in os.environ.get("MTLFAST_REQUIRE_BACKENDS", "").split(",")}
+    if backend in required and device == "cpu":
+        pytest.fail(f"backend {backend!r} is required (MTLFAST_REQUIRE_BACKENDS) but unavailable on {device}")
+    pytest.skip(f"backend {backend!r} unavailable on {device}")

@@ -1,0 +1,71 @@
+"""Backend selection: automatic choice, overrides, fallback without the extension."""
+
+import os
+import warnings
+
+import pytest
+import torch
+
+from mtlfast import _extension
+from mtlfast.ops import available_backends, backends, current_backend, use_backend
+from mtlfast.ops.attention_distill import attention_distill
+
+
+def small():
+    return torch.randn(1, 2, 3, 4, 4), torch.randn(1, 2, 1, 3, 4, 4), torch.randn(1, 2, 1, 3, 4, 4)
+
+
+def test_reference_always_available():
+    assert "reference" in available_backends("cpu")
+    assert "reference" in available_backends("cuda")
+
+
+def test_extension_is_built_when_required():
+    # `make test` and CI set this: a missing build must fail, not silently fall back.
+    if os.environ.get("MTLFAST_REQUIRE_BACKENDS"):
+        assert _extension.has_extension(), _extension.extension_error()
+        assert available_backends("cpu")[0] == "cpu"
+        assert _extension.cpu_isa() in ("avx512", "avx2", "default")
+
+
+def test_use_backend_nests_and_restores():
+    assert current_backend() is None
+    with use_backend("reference"):
+        assert current_backend() == "reference"
+        with use_backend("cpu"):
+            assert current_backend() == "cpu"
+        assert current_backend() == "reference"
+    assert current_backend() is None
+
+
+def test_unknown_backend_names_choices():
+    with pytest.raises(ValueError, match="unknown backend 'fast'.*reference, cpu, triton, cuda"):
+        with use_backend("fast"):
+            pass
+
+
+def test_env_override(monkeypatch):
+    monkeypatch.setenv("MTLFAST_BACKEND", "reference")
+    assert current_backend() == "reference"
+    monkeypatch.setenv("MTLFAST_BACKEND", "nope")
+    with pytest.raises(ValueError, match="MTLFAST_BACKEND: unknown backend 'nope'"):
+        attention_distill(*small())
+
+
+def test_forced_backend_for_wrong_device_is_an_error():
+    with use_backend("cuda"):
+        with pytest.raises(RuntimeError, match="backend 'cuda' cannot run cpu tensors"):
+            attention_distill(*small())
+
+
+def test_missing_extension_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setattr(_extension, "has_extension", lambda: False)
+    monkeypatch.setattr(_extension, "extension_error", lambda: "ImportError: simulated")
+    monkeypatch.setattr(backends, "_warned_fallback", False)
+    assert available_backends("cpu")[0] == "reference"
+    with pytest.warns(RuntimeWarning, match="simulated.*reference backend"):
+        out = attention_distill(*small())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attention_distill(*small())
+    assert out.shape == (1, 2, 3, 4, 4)
