@@ -13,55 +13,74 @@ namespace {
 constexpr int kMaxThreads = 256;
 constexpr int kVecBytes = 16;
 
+// Bit image of one element and its conversions to and from float.
 template <typename T>
-__device__ __forceinline__ float to_float(T v);
+struct Elem;
 template <>
-__device__ __forceinline__ float to_float<float>(float v) {
-  return v;
-}
+struct Elem<float> {
+  using Bits = unsigned int;
+  static __device__ __forceinline__ float to_float(Bits b) { return __uint_as_float(b); }
+  static __device__ __forceinline__ Bits from_float(float x) { return __float_as_uint(x); }
+};
 template <>
-__device__ __forceinline__ float to_float<__half>(__half v) {
-  return __half2float(v);
-}
+struct Elem<__half> {
+  using Bits = unsigned short;
+  static __device__ __forceinline__ float to_float(Bits b) { return __half2float(__ushort_as_half(b)); }
+  static __device__ __forceinline__ Bits from_float(float x) { return __half_as_ushort(__float2half_rn(x)); }
+};
 template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
+struct Elem<__nv_bfloat16> {
+  using Bits = unsigned short;
+  static __device__ __forceinline__ float to_float(Bits b) { return __bfloat162float(__ushort_as_bfloat16(b)); }
+  static __device__ __forceinline__ Bits from_float(float x) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+  }
+};
 
 // MUFU exp + reciprocal; saturates cleanly to 0 / 1 (1/inf = 0), which is all the op needs.
 __device__ __forceinline__ float fast_sigmoid(float x) {
   return __fdividef(1.0f, 1.0f + __expf(-x));
 }
 
-// V elements moved as one access: 16 bytes on the vector path, one element on the scalar one.
+// V consecutive elements in float registers. V == 1 is the scalar path; otherwise V elements are
+// one 16-byte access, (un)packed from four 32-bit words by shifts. The vector store is explicit
+// PTX because nvcc splits a plain uint4 store of computed words into four 32-bit STGs.
 template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
-
-template <typename T, int V>
-__device__ __forceinline__ Pack<T, V> load(const T* __restrict__ p) {
-  return *reinterpret_cast<const Pack<T, V>*>(p);
+__device__ __forceinline__ void load_floats(const T* __restrict__ p, float (&x)[V]) {
+  using Bits = typename Elem<T>::Bits;
+  if constexpr (V == 1) {
+    x[0] = Elem<T>::to_float(*reinterpret_cast<const Bits*>(p));
+  } else {
+    static_assert(V * sizeof(T) == sizeof(uint4), "vector path moves 16 bytes");
+    constexpr int kPerWord = 4 / sizeof(T);
+    const uint4 w = *reinterpret_cast<const uint4*>(p);
+    const unsigned words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const unsigned shift = 8 * sizeof(T) * (i % kPerWord);  // element 0 sits in the low bits
+      x[i] = Elem<T>::to_float(Bits(words[i / kPerWord] >> shift));
+    }
+  }
 }
 
 template <typename T, int V>
-__device__ __forceinline__ void store(T* __restrict__ p, const Pack<T, V>& x) {
-  *reinterpret_cast<Pack<T, V>*>(p) = x;
+__device__ __forceinline__ void store_floats(T* __restrict__ p, const float (&x)[V]) {
+  using Bits = typename Elem<T>::Bits;
+  if constexpr (V == 1) {
+    *reinterpret_cast<Bits*>(p) = Elem<T>::from_float(x[0]);
+  } else {
+    constexpr int kPerWord = 4 / sizeof(T);
+    unsigned words[4] = {0, 0, 0, 0};
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const unsigned shift = 8 * sizeof(T) * (i % kPerWord);
+      words[i / kPerWord] |= unsigned(Elem<T>::from_float(x[i])) << shift;
+    }
+    // No "memory" clobber: nothing in these kernels reads what they store, and leaving it out
+    // lets the next source's loads be hoisted above this store.
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(words[0]), "r"(words[1]), "r"(words[2]),
+                 "r"(words[3]));
+  }
 }
 
 // Where block b of the flat (pair-major, chunk-minor) block space starts reading, and how many
@@ -94,23 +113,19 @@ __global__ void __launch_bounds__(kMaxThreads)
   for (int64_t b = blockIdx.x; b < n_blocks; b += gridDim.x) {
     const BlockSpan sp = block_span(b, n_chunks, chunk_elems, shape);
     if (lane >= sp.remaining) continue;
-    const Pack<T, V> f = load<T, V>(feats + offset(fs, sp) + lane);
     float acc[V];
-#pragma unroll
-    for (int i = 0; i < V; ++i) acc[i] = to_float(f.v[i]);
+    load_floats<T, V>(feats + offset(fs, sp) + lane, acc);
     const T* m = mask + offset(ms, sp) + lane;
     const T* g = msg + offset(gs, sp) + lane;
 #pragma unroll 4
     for (int64_t s = 0; s < shape.s; ++s) {
-      const Pack<T, V> lm = load<T, V>(m + s * ms.s);
-      const Pack<T, V> lg = load<T, V>(g + s * gs.s);
+      float logit[V], x[V];
+      load_floats<T, V>(m + s * ms.s, logit);
+      load_floats<T, V>(g + s * gs.s, x);
 #pragma unroll
-      for (int i = 0; i < V; ++i) acc[i] += fast_sigmoid(to_float(lm.v[i])) * to_float(lg.v[i]);
+      for (int i = 0; i < V; ++i) acc[i] += fast_sigmoid(logit[i]) * x[i];
     }
-    Pack<T, V> o;
-#pragma unroll
-    for (int i = 0; i < V; ++i) o.v[i] = from_float<T>(acc[i]);
-    store<T, V>(out + offset(os, sp) + lane, o);
+    store_floats<T, V>(out + offset(os, sp) + lane, acc);
   }
 }
 
@@ -125,28 +140,25 @@ __global__ void __launch_bounds__(kMaxThreads)
   for (int64_t b = blockIdx.x; b < n_blocks; b += gridDim.x) {
     const BlockSpan sp = block_span(b, n_chunks, chunk_elems, shape);
     if (lane >= sp.remaining) continue;
-    const Pack<T, V> go = load<T, V>(grad_out + offset(gos, sp) + lane);
     float g[V];
-#pragma unroll
-    for (int i = 0; i < V; ++i) g[i] = to_float(go.v[i]);
+    load_floats<T, V>(grad_out + offset(gos, sp) + lane, g);
     const T* m = mask + offset(ms, sp) + lane;
     const T* x = msg + offset(gs, sp) + lane;
     T* dm = grad_mask + offset(gms, sp) + lane;
     T* dx = grad_msg + offset(ggs, sp) + lane;
 #pragma unroll 4
     for (int64_t s = 0; s < shape.s; ++s) {
-      const Pack<T, V> lm = load<T, V>(m + s * ms.s);
-      const Pack<T, V> lx = load<T, V>(x + s * gs.s);
-      Pack<T, V> om, ox;
+      float logit[V], xs[V], d_mask[V], d_msg[V];
+      load_floats<T, V>(m + s * ms.s, logit);
+      load_floats<T, V>(x + s * gs.s, xs);
 #pragma unroll
       for (int i = 0; i < V; ++i) {
-        const float sig = fast_sigmoid(to_float(lm.v[i]));
-        const float gsig = g[i] * sig;
-        ox.v[i] = from_float<T>(gsig);
-        om.v[i] = from_float<T>(gsig * to_float(lx.v[i]) * (1.0f - sig));
+        const float sig = fast_sigmoid(logit[i]);
+        d_msg[i] = g[i] * sig;
+        d_mask[i] = d_msg[i] * xs[i] * (1.0f - sig);
       }
-      store<T, V>(dm + s * gms.s, om);
-      store<T, V>(dx + s * ggs.s, ox);
+      store_floats<T, V>(dm + s * gms.s, d_mask);
+      store_floats<T, V>(dx + s * ggs.s, d_msg);
     }
   }
 }
