@@ -26,7 +26,8 @@ void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
     case at::kBFloat16:
       return fn(__nv_bfloat16{});
     default:
-      TORCH_CHECK(false, "attention_distill (CUDA): unsupported dtype ", dtype, "; expected float32, float16 or bfloat16");
+      TORCH_CHECK(false, "attention_distill (CUDA): unsupported dtype ", dtype,
+                  "; expected float32, float16 or bfloat16");
   }
 }
 
@@ -109,9 +110,9 @@ void attention_distill_fwd(const at::Tensor& feats, const at::Tensor& mask_logit
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_dtype(feats.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    C10_CUDA_CHECK(cuda::attention_distill_fwd<T>(shape, const_ptr<T>(feats), outer_strides(feats), const_ptr<T>(mask_logits),
-                                                  outer_strides(mask_logits), const_ptr<T>(messages),
-                                                  outer_strides(messages), mut_ptr<T>(out), outer_strides(out), stream));
+    C10_CUDA_CHECK(cuda::attention_distill_fwd<T>(
+        shape, const_ptr<T>(feats), outer_strides(feats), const_ptr<T>(mask_logits), outer_strides(mask_logits),
+        const_ptr<T>(messages), outer_strides(messages), mut_ptr<T>(out), outer_strides(out), stream));
   });
 }
 
