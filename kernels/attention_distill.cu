@@ -1,0 +1,286 @@
+// MTI-Net attention distillation, CUDA: out = feats + sum_s sigmoid(mask_logits) * messages, and its
+// backward. Pure bandwidth: every block streams one chunk of one (n, t) pair's inner block and
+// loops over the S sources; math in float, 16-byte vector accesses when alignment allows.
+#include "attention_distill.cuh"
+
+#include <algorithm>
+#include <climits>
+#include <initializer_list>
+
+namespace mtlfast::cuda {
+namespace {
+
+constexpr int kMaxThreads = 256;
+constexpr int kVecBytes = 16;
+
+// Bit image of one element and its conversions to and from float.
+template <typename T>
+struct Elem;
+template <>
+struct Elem<float> {
+  using Bits = unsigned int;
+  static __device__ __forceinline__ float to_float(Bits b) { return __uint_as_float(b); }
+  static __device__ __forceinline__ Bits from_float(float x) { return __float_as_uint(x); }
+};
+template <>
+struct Elem<__half> {
+  using Bits = unsigned short;
+  static __device__ __forceinline__ float to_float(Bits b) { return __half2float(__ushort_as_half(b)); }
+  static __device__ __forceinline__ Bits from_float(float x) { return __half_as_ushort(__float2half_rn(x)); }
+};
+template <>
+struct Elem<__nv_bfloat16> {
+  using Bits = unsigned short;
+  static __device__ __forceinline__ float to_float(Bits b) { return __bfloat162float(__ushort_as_bfloat16(b)); }
+  static __device__ __forceinline__ Bits from_float(float x) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(x));
+  }
+};
+
+// MUFU exp + reciprocal; saturates cleanly to 0 / 1 (1/inf = 0), which is all the op needs.
+__device__ __forceinline__ float fast_sigmoid(float x) {
+  return __fdividef(1.0f, 1.0f + __expf(-x));
+}
+
+// V consecutive elements in float registers. V == 1 is the scalar path; otherwise V elements are
+// one 16-byte access, (un)packed from four 32-bit words by shifts. The vector store is explicit
+// PTX because nvcc splits a plain uint4 store of computed words into four 32-bit STGs.
+template <typename T, int V>
+__device__ __forceinline__ void load_floats(const T* __restrict__ p, float (&x)[V]) {
+  using Bits = typename Elem<T>::Bits;
+  if constexpr (V == 1) {
+    x[0] = Elem<T>::to_float(*reinterpret_cast<const Bits*>(p));
+  } else {
+    static_assert(V * sizeof(T) == sizeof(uint4), "vector path moves 16 bytes");
+    constexpr int kPerWord = 4 / sizeof(T);
+    const uint4 w = *reinterpret_cast<const uint4*>(p);
+    const unsigned words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const unsigned shift = 8 * sizeof(T) * (i % kPerWord);  // element 0 sits in the low bits
+      x[i] = Elem<T>::to_float(Bits(words[i / kPerWord] >> shift));
+    }
+  }
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store_floats(T* __restrict__ p, const float (&x)[V]) {
+  using Bits = typename Elem<T>::Bits;
+  if constexpr (V == 1) {
+    *reinterpret_cast<Bits*>(p) = Elem<T>::from_float(x[0]);
+  } else {
+    constexpr int kPerWord = 4 / sizeof(T);
+    unsigned words[4] = {0, 0, 0, 0};
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const unsigned shift = 8 * sizeof(T) * (i % kPerWord);
+      words[i / kPerWord] |= unsigned(Elem<T>::from_float(x[i])) << shift;
+    }
+    // No "memory" clobber: nothing in these kernels reads what they store, and leaving it out
+    // lets the next source's loads be hoisted above this store.
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(words[0]), "r"(words[1]), "r"(words[2]),
+                 "r"(words[3]));
+  }
+}
+
+// Where block b of the flat (pair-major, chunk-minor) block space starts reading, and how many
+// elements of its chunk are in bounds. Mirrors the Triton kernels' program decomposition.
+struct BlockSpan {
+  int64_t n, t, start, remaining;
+};
+
+__device__ __forceinline__ BlockSpan block_span(int64_t b, int64_t n_chunks, int64_t chunk_elems,
+                                                const DistillShape& shape) {
+  const int64_t pair = b / n_chunks;
+  const int64_t start = (b - pair * n_chunks) * chunk_elems;
+  const int64_t n = pair / shape.t;
+  return {n, pair - n * shape.t, start, shape.p - start};
+}
+
+__device__ __forceinline__ int64_t offset(const OuterStrides& st, const BlockSpan& sp) {
+  return sp.n * st.n + sp.t * st.t + sp.start;
+}
+
+template <typename T, int V>
+__global__ void __launch_bounds__(kMaxThreads)
+    fwd_kernel(DistillShape shape, int64_t n_chunks, const T* __restrict__ feats, OuterStrides fs,
+               const T* __restrict__ mask, OuterStrides ms, const T* __restrict__ msg, OuterStrides gs,
+               T* __restrict__ out, OuterStrides os) {
+  const int64_t chunk_elems = int64_t(blockDim.x) * V;
+  const int64_t lane = int64_t(threadIdx.x) * V;
+  const int64_t n_blocks = shape.n * shape.t * n_chunks;
+  // Grid-stride only matters past 2^31-1 blocks; normally every block runs one iteration.
+  for (int64_t b = blockIdx.x; b < n_blocks; b += gridDim.x) {
+    const BlockSpan sp = block_span(b, n_chunks, chunk_elems, shape);
+    if (lane >= sp.remaining) continue;
+    float acc[V];
+    load_floats<T, V>(feats + offset(fs, sp) + lane, acc);
+    const T* m = mask + offset(ms, sp) + lane;
+    const T* g = msg + offset(gs, sp) + lane;
+#pragma unroll 4
+    for (int64_t s = 0; s < shape.s; ++s) {
+      float logit[V], x[V];
+      load_floats<T, V>(m + s * ms.s, logit);
+      load_floats<T, V>(g + s * gs.s, x);
+#pragma unroll
+      for (int i = 0; i < V; ++i) acc[i] += fast_sigmoid(logit[i]) * x[i];
+    }
+    store_floats<T, V>(out + offset(os, sp) + lane, acc);
+  }
+}
+
+template <typename T, int V>
+__global__ void __launch_bounds__(kMaxThreads)
+    bwd_kernel(DistillShape shape, int64_t n_chunks, const T* __restrict__ grad_out, OuterStrides gos,
+               const T* __restrict__ mask, OuterStrides ms, const T* __restrict__ msg, OuterStrides gs,
+               T* __restrict__ grad_mask, OuterStrides gms, T* __restrict__ grad_msg, OuterStrides ggs) {
+  const int64_t chunk_elems = int64_t(blockDim.x) * V;
+  const int64_t lane = int64_t(threadIdx.x) * V;
+  const int64_t n_blocks = shape.n * shape.t * n_chunks;
+  for (int64_t b = blockIdx.x; b < n_blocks; b += gridDim.x) {
+    const BlockSpan sp = block_span(b, n_chunks, chunk_elems, shape);
+    if (lane >= sp.remaining) continue;
+    float g[V];
+    load_floats<T, V>(grad_out + offset(gos, sp) + lane, g);
+    const T* m = mask + offset(ms, sp) + lane;
+    const T* x = msg + offset(gs, sp) + lane;
+    T* dm = grad_mask + offset(gms, sp) + lane;
+    T* dx = grad_msg + offset(ggs, sp) + lane;
+#pragma unroll 4
+    for (int64_t s = 0; s < shape.s; ++s) {
+      float logit[V], xs[V], d_mask[V], d_msg[V];
+      load_floats<T, V>(m + s * ms.s, logit);
+      load_floats<T, V>(x + s * gs.s, xs);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const float sig = fast_sigmoid(logit[i]);
+        d_msg[i] = g[i] * sig;
+        d_mask[i] = d_msg[i] * xs[i] * (1.0f - sig);
+      }
+      store_floats<T, V>(dm + s * gms.s, d_mask);
+      store_floats<T, V>(dx + s * ggs.s, d_msg);
+    }
+  }
+}
+
+// Launch geometry for inner blocks of p elements moved v at a time: narrow blocks for tiny p so
+// that most threads have work, otherwise kMaxThreads; one chunk = threads * v elements.
+struct Geometry {
+  int threads;
+  int64_t n_chunks;
+  unsigned blocks;
+};
+
+Geometry geometry(const DistillShape& shape, int v) {
+  const int64_t vectors = (shape.p + v - 1) / v;
+  const int threads = int(std::min<int64_t>(kMaxThreads, (vectors + 31) / 32 * 32));
+  const int64_t n_chunks = (shape.p + int64_t(threads) * v - 1) / (int64_t(threads) * v);
+  const int64_t blocks = std::min<int64_t>(shape.n * shape.t * n_chunks, INT_MAX);
+  return {threads, n_chunks, unsigned(blocks)};
+}
+
+template <typename T>
+bool aligned(const T* p) {
+  return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0;
+}
+
+// A stride only moves the address when its dimension has more than one index.
+bool stride_ok(int64_t stride, int64_t size, int64_t vec) {
+  return size <= 1 || stride % vec == 0;
+}
+
+// True when every (n, t, s) inner block starts on a 16-byte boundary and P fills whole vectors.
+template <typename T>
+bool vectorizable(const DistillShape& shape, std::initializer_list<const T*> ptrs,
+                  std::initializer_list<OuterStrides> strides) {
+  constexpr int64_t vec = kVecBytes / sizeof(T);
+  if (shape.p % vec != 0) return false;
+  for (const T* p : ptrs) {
+    if (!aligned(p)) return false;
+  }
+  for (const OuterStrides& st : strides) {
+    if (!stride_ok(st.n, shape.n, vec) || !stride_ok(st.t, shape.t, vec) || !stride_ok(st.s, shape.s, vec))
+      return false;
+  }
+  return true;
+}
+
+template <typename T, int V>
+void launch_fwd(const DistillShape& shape, const T* feats, OuterStrides fs, const T* mask, OuterStrides ms,
+                const T* msg, OuterStrides gs, T* out, OuterStrides os, cudaStream_t stream) {
+  const Geometry geo = geometry(shape, V);
+  fwd_kernel<T, V><<<geo.blocks, geo.threads, 0, stream>>>(shape, geo.n_chunks, feats, fs, mask, ms, msg, gs,
+                                                            out, os);
+}
+
+template <typename T, int V>
+void launch_bwd(const DistillShape& shape, const T* grad_out, OuterStrides gos, const T* mask, OuterStrides ms,
+                const T* msg, OuterStrides gs, T* grad_mask, OuterStrides gms, T* grad_msg, OuterStrides ggs,
+                cudaStream_t stream) {
+  const Geometry geo = geometry(shape, V);
+  bwd_kernel<T, V><<<geo.blocks, geo.threads, 0, stream>>>(shape, geo.n_chunks, grad_out, gos, mask, ms, msg,
+                                                            gs, grad_mask, gms, grad_msg, ggs);
+}
+
+}  // namespace
+
+template <typename scalar_t>
+cudaError_t attention_distill_fwd(DistillShape shape, const scalar_t* feats, OuterStrides feats_strides,
+                                  const scalar_t* mask_logits, OuterStrides mask_strides,
+                                  const scalar_t* messages, OuterStrides messages_strides, scalar_t* out,
+                                  OuterStrides out_strides, cudaStream_t stream) {
+  if (shape.n * shape.t * shape.p == 0) return cudaSuccess;
+  constexpr int kVec = kVecBytes / sizeof(scalar_t);
+  // With S == 0 the source pointers are never dereferenced, so they must not veto the vector path.
+  const bool vec = shape.s == 0
+                       ? vectorizable<scalar_t>(shape, {feats, out}, {feats_strides, out_strides})
+                       : vectorizable<scalar_t>(shape, {feats, mask_logits, messages, out},
+                                                {feats_strides, mask_strides, messages_strides, out_strides});
+  if (vec) {
+    launch_fwd<scalar_t, kVec>(shape, feats, feats_strides, mask_logits, mask_strides, messages, messages_strides,
+                               out, out_strides, stream);
+  } else {
+    launch_fwd<scalar_t, 1>(shape, feats, feats_strides, mask_logits, mask_strides, messages, messages_strides,
+                            out, out_strides, stream);
+  }
+  return cudaGetLastError();
+}
+
+template <typename scalar_t>
+cudaError_t attention_distill_bwd(DistillShape shape, const scalar_t* grad_out, OuterStrides grad_out_strides,
+                                  const scalar_t* mask_logits, OuterStrides mask_strides,
+                                  const scalar_t* messages, OuterStrides messages_strides,
+                                  scalar_t* grad_mask_logits, OuterStrides grad_mask_strides,
+                                  scalar_t* grad_messages, OuterStrides grad_messages_strides,
+                                  cudaStream_t stream) {
+  if (shape.n * shape.t * shape.s * shape.p == 0) return cudaSuccess;
+  constexpr int kVec = kVecBytes / sizeof(scalar_t);
+  const bool vec = vectorizable<scalar_t>(
+      shape, {grad_out, mask_logits, messages, grad_mask_logits, grad_messages},
+      {grad_out_strides, mask_strides, messages_strides, grad_mask_strides, grad_messages_strides});
+  if (vec) {
+    launch_bwd<scalar_t, kVec>(shape, grad_out, grad_out_strides, mask_logits, mask_strides, messages,
+                               messages_strides, grad_mask_logits, grad_mask_strides, grad_messages,
+                               grad_messages_strides, stream);
+  } else {
+    launch_bwd<scalar_t, 1>(shape, grad_out, grad_out_strides, mask_logits, mask_strides, messages,
+                            messages_strides, grad_mask_logits, grad_mask_strides, grad_messages,
+                            grad_messages_strides, stream);
+  }
+  return cudaGetLastError();
+}
+
+#define MTLFAST_INSTANTIATE(T)                                                                                   \
+  template cudaError_t attention_distill_fwd<T>(DistillShape, const T*, OuterStrides, const T*, OuterStrides,  \
+                                                const T*, OuterStrides, T*, OuterStrides, cudaStream_t);       \
+  template cudaError_t attention_distill_bwd<T>(DistillShape, const T*, OuterStrides, const T*, OuterStrides,  \
+                                                const T*, OuterStrides, T*, OuterStrides, T*, OuterStrides,    \
+                                                cudaStream_t);
+
+MTLFAST_INSTANTIATE(float)
+MTLFAST_INSTANTIATE(__half)
+MTLFAST_INSTANTIATE(__nv_bfloat16)
+
+#undef MTLFAST_INSTANTIATE
+
+}  // namespace mtlfast::cuda
