@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
+from ._checks import check_same, check_tensor, shape_str
 from ._layout import empty_in_order, inner_order, to_inner_order
 from .backends import kernel, register_kernel
 
@@ -18,39 +19,23 @@ __all__ = ["attention_distill"]
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
-
-
 def _check(feats: object, mask_logits: object, messages: object) -> None:
     """Raise TypeError/ValueError naming the offending argument, before any kernel runs."""
+    op = "attention_distill"
     for name, t in (("feats", feats), ("mask_logits", mask_logits), ("messages", messages)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"attention_distill: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.dtype.is_floating_point:
-            raise TypeError(
-                f"attention_distill: {name} must be a floating-point tensor "
-                f"(float32, float16, bfloat16 or float64), got {t.dtype}"
-            )
-    if feats.dim() != 5:
-        raise ValueError(f"attention_distill: feats must have shape (N, T, C, H, W), got {_shape(feats)}")
+        check_tensor(op, name, t)
+    check_tensor(op, "feats", feats, dims="(N, T, C, H, W)", ndim=5)
     n, t, c, h, w = feats.shape
     if t < 2:
-        raise ValueError(f"attention_distill: needs T >= 2 tasks, got feats of shape {_shape(feats)}")
+        raise ValueError(f"{op}: needs T >= 2 tasks, got feats of shape {shape_str(feats)}")
     expected = (n, t, t - 1, c, h, w)
     for name, x in (("mask_logits", mask_logits), ("messages", messages)):
         if tuple(x.shape) != expected:
             raise ValueError(
-                f"attention_distill: {name} must have shape (N, T, T-1, C, H, W) = "
-                f"{expected} to match feats {_shape(feats)}, got {_shape(x)}"
+                f"{op}: {name} must have shape (N, T, T-1, C, H, W) = {expected} to match feats "
+                f"{shape_str(feats)}, got {shape_str(x)}"
             )
-        if x.dtype != feats.dtype:
-            raise TypeError(f"attention_distill: {name} has dtype {x.dtype} but feats has {feats.dtype}")
-        if x.device != feats.device:
-            raise ValueError(
-                f"attention_distill: {name} is on {x.device} but feats is on {feats.device}; "
-                "all inputs must be on the same device"
-            )
+        check_same(op, name, x, "feats", feats)
 
 
 def _order(*tensors: torch.Tensor) -> tuple[int, int, int]:

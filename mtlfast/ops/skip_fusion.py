@@ -1,0 +1,187 @@
+"""``skip_fusion``: UberNet's online accumulation of skip-layer scores (Eq. 1-2), fused with the
+bilinear resizing to the output size and the learned linear combination of layers.
+
+Neither direction materialises a full-resolution map per layer: the forward reads each
+low-resolution map and writes the output once; the backward reads grad_out once and produces
+every layer's gradient (the adjoint of bilinear resizing), the weight's and the bias's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import reference
+from ._checks import check_same, check_tensor, shape_str
+from .backends import kernel, register_kernel
+
+__all__ = ["skip_fusion"]
+
+OP = "skip_fusion"
+
+
+def _check(scores: object, weight: object, bias: object, size: object) -> tuple[int, int]:
+    """Raise TypeError/ValueError naming the offending argument; return size as a tuple."""
+    if not isinstance(scores, (list, tuple)) or len(scores) == 0:
+        raise ValueError(f"{OP}: scores must be a non-empty list of (N, C, H_k, W_k) tensors, got {scores!r:.80}")
+    first = check_tensor(OP, "scores[0]", scores[0], dims="(N, C, H_k, W_k)", ndim=4)
+    n, c = first.shape[:2]
+    for k, s in enumerate(scores):
+        check_tensor(OP, f"scores[{k}]", s, dims="(N, C, H_k, W_k)", ndim=4)
+        if s.shape[:2] != first.shape[:2] or s.shape[2] < 1 or s.shape[3] < 1:
+            raise ValueError(
+                f"{OP}: scores[{k}] must have shape (N, C, H_k, W_k) = ({n}, {c}, >=1, >=1) like scores[0], "
+                f"got {shape_str(s)}"
+            )
+        check_same(OP, f"scores[{k}]", s, "scores[0]", first)
+    check_tensor(OP, "weight", weight, dims=f"(K, C) = ({len(scores)}, {c})", ndim=2)
+    if tuple(weight.shape) != (len(scores), c):
+        raise ValueError(f"{OP}: weight must have shape (K, C) = ({len(scores)}, {c}), got {shape_str(weight)}")
+    check_same(OP, "weight", weight, "scores[0]", first, dtype=False)
+    if bias is not None:
+        check_tensor(OP, "bias", bias, dims=f"(C,) = ({c},)", ndim=1)
+        if bias.shape[0] != c:
+            raise ValueError(f"{OP}: bias must have shape (C,) = ({c},), got {shape_str(bias)}")
+        check_same(OP, "bias", bias, "scores[0]", first, dtype=False)
+    if (
+        not isinstance(size, (list, tuple, torch.Size))
+        or len(size) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size)
+    ):
+        raise ValueError(f"{OP}: size must be a pair of positive ints (H, W), got {size!r}")
+    return int(size[0]), int(size[1])
+
+
+@torch.library.custom_op("mtlfast::skip_fusion", mutates_args=())
+def _skip_fusion(scores: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None, size: list[int]) -> torch.Tensor:
+    return kernel(OP, scores[0].device, scores[0].dtype)(scores, weight, bias, size)
+
+
+@_skip_fusion.register_fake
+def _(scores, weight, bias, size):
+    n, c = scores[0].shape[:2]
+    return scores[0].new_empty((n, c, size[0], size[1]))
+
+
+@torch.library.custom_op("mtlfast::skip_fusion_backward", mutates_args=())
+def _skip_fusion_backward(
+    grad_out: torch.Tensor, scores: list[torch.Tensor], weight: torch.Tensor
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    return kernel(OP + "_backward", grad_out.device, grad_out.dtype)(grad_out, scores, weight)
+
+
+@_skip_fusion_backward.register_fake
+def _(grad_out, scores, weight):
+    return [s.new_empty(s.shape) for s in scores], weight.new_empty(weight.shape), weight.new_empty(weight.shape[1:])
+
+
+def _setup_context(ctx, inputs, output):
+    scores, weight, bias, _ = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(weight, *scores)
+
+
+def _backward(ctx, grad_out):
+    weight, *scores = ctx.saved_tensors
+    grad_scores, grad_weight, grad_bias = _skip_fusion_backward(grad_out, scores, weight)
+    need_scores, need_weight, need_bias, _ = ctx.needs_input_grad
+    return (
+        grad_scores if need_scores else None,
+        grad_weight if need_weight else None,
+        grad_bias if ctx.has_bias and need_bias else None,
+        None,
+    )
+
+
+_skip_fusion.register_autograd(_backward, setup_context=_setup_context)
+
+
+def skip_fusion(
+    scores: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None, size: Sequence[int]
+) -> torch.Tensor:
+    """Fused skip-layer score fusion: resize every layer's scores and combine them linearly.
+
+    Args:
+        scores: K >= 1 tensors (N, C, H_k, W_k), each layer's task scores at its own resolution.
+        weight: (K, C), the weight of layer k for score channel c.
+        bias: (C,) or None.
+        size: output (H, W); larger or smaller than the inputs, any ratio.
+
+    Returns:
+        (N, C, H, W): ``bias + sum_k weight[k, :, None, None] * interpolate(scores[k], size,
+        mode="bilinear", align_corners=False)``, in the dtype of the scores.
+
+    Scores share one floating dtype (float32, float16, bfloat16; float64 for checks); weight and
+    bias are cast to it. Reduced precision accumulates in float32. Any strides.
+    """
+    size = _check(scores, weight, bias, size)
+    dtype = scores[0].dtype
+    weight = weight.to(dtype)
+    bias = bias.to(dtype) if bias is not None else None
+    return _skip_fusion(list(scores), weight, bias, list(size))
+
+
+# ---- kernels: every tensor contiguous (csrc/skip_fusion.cpp) --------------------------------
+
+
+def _compiled(launch_fwd, launch_bwd):
+    def forward(scores, weight, bias, size):
+        scores = [s.contiguous() for s in scores]
+        out = scores[0].new_empty((*scores[0].shape[:2], *size))
+        if out.numel():
+            launch_fwd(scores, weight.contiguous(), None if bias is None else bias.contiguous(), out)
+        return out
+
+    def backward(grad_out, scores, weight):
+        scores = [s.contiguous() for s in scores]
+        grad_scores = [torch.empty_like(s) for s in scores]
+        grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        grad_bias = weight.new_empty(weight.shape[1:])
+        if grad_out.numel():
+            launch_bwd(grad_out.contiguous(), scores, weight.contiguous(), grad_scores, grad_weight, grad_bias)
+        else:
+            for g in (*grad_scores, grad_weight, grad_bias):
+                g.zero_()
+        return grad_scores, grad_weight, grad_bias
+
+    return forward, backward
+
+
+def _ext_fwd(*args):
+    torch.ops.mtlfast_C.skip_fusion_fwd(*args)
+
+
+def _ext_bwd(*args):
+    torch.ops.mtlfast_C.skip_fusion_bwd(*args)
+
+
+def _triton_fwd(*args):
+    from .triton import skip_fusion as tk
+
+    tk.forward(*args)
+
+
+def _triton_bwd(*args):
+    from .triton import skip_fusion as tk
+
+    tk.backward(*args)
+
+
+def _reference_backward(grad_out, scores, weight):
+    grad_scores, grad_weight, grad_bias = reference.skip_fusion_backward(grad_out, scores, weight)
+    return [g.contiguous() for g in grad_scores], grad_weight.contiguous(), grad_bias.contiguous()
+
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_ALL = (*_FLOATS, torch.float64)
+register_kernel(OP, "reference", _ALL)(lambda *a: reference.skip_fusion(*a).contiguous())
+register_kernel(OP + "_backward", "reference", _ALL)(_reference_backward)
+for _backend, _dtypes, _launchers in (
+    ("cpu", _ALL, (_ext_fwd, _ext_bwd)),
+    ("cuda", _FLOATS, (_ext_fwd, _ext_bwd)),
+    ("triton", _ALL, (_triton_fwd, _triton_bwd)),
+):
+    _fwd, _bwd = _compiled(*_launchers)
+    register_kernel(OP, _backend, _dtypes)(_fwd)
+    register_kernel(OP + "_backward", _backend, _dtypes)(_bwd)
