@@ -1,0 +1,156 @@
+"""task_se: every backend against the reference, gradients, opcheck, bad input."""
+
+import pytest
+import torch
+
+from mtlfast.ops import reference, task_se, use_backend
+from tests.conftest import require_backend
+
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+}
+# Parameter gradients are sums over whole maps and batches.
+SUM_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=1e-2, atol=1e-2),
+           torch.bfloat16: dict(rtol=4e-2, atol=4e-2), torch.float64: TOL[torch.float64]}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CPU_BACKENDS = ("reference", "cpu", "triton")
+
+
+def make_inputs(n, chw, t, dtype, residual=True, layout="contiguous", device="cpu", grad=True, r=None):
+    c, h, w = chw
+    r = r or max(c // 4, 1)
+
+    def act():
+        x = torch.randn(n, c, h, w, dtype=dtype, device=device)
+        if layout == "channels_last":
+            x = x.to(memory_format=torch.channels_last)
+        elif layout == "strided":
+            x = torch.randn(n, c, h, 2 * w, dtype=dtype, device=device)[..., ::2]
+        return x.requires_grad_(grad)
+
+    x = act()
+    task = torch.arange(n, device=device) % t
+    params = [(torch.randn(s, dtype=torch.float32, device=device) * 0.5).to(dtype).requires_grad_(grad)
+              for s in ((t, r, c), (t, r), (t, c, r), (t, c))]
+    return x, task, params, act() if residual else None
+
+
+def check(backend, x, task, params, residual, relu):
+    dtype = x.dtype
+    expected = reference.task_se(x, task, *params, residual=residual, relu=relu)
+    leaves = [x, *params] + ([residual] if residual is not None else [])
+    grad = torch.randn(expected.shape, dtype=dtype, device=x.device)
+    exp_grads = torch.autograd.grad(expected, leaves, grad)
+    with use_backend(backend):
+        out = task_se(x, task, *params, residual=residual, relu=relu)
+        grads = torch.autograd.grad(out, leaves, grad)
+    torch.testing.assert_close(out, expected, **TOL[dtype])
+    for i, (g, e) in enumerate(zip(grads, exp_grads)):
+        torch.testing.assert_close(g, e, **(SUM_TOL[dtype] if 1 <= i <= 4 else TOL[dtype]), msg=lambda m: f"grad {i}: {m}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("chw", ((1, 1, 1), (3, 7, 5), (5, 1, 1), (64, 9, 11)), ids=str)
+@pytest.mark.parametrize("residual, relu", [(False, False), (True, True), (True, False), (False, True)])
+def test_matches_reference(backend, dtype, chw, residual, relu):
+    require_backend(backend)
+    check(backend, *make_inputs(5, chw, 3, dtype, residual), relu)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("layout", ("channels_last", "strided"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_layouts(backend, layout, dtype):
+    require_backend(backend)
+    check(backend, *make_inputs(4, (16, 6, 5), 2, dtype, True, layout), True)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_one_task_for_the_batch(backend):
+    require_backend(backend)
+    x, task, params, res = make_inputs(3, (8, 5, 5), 4, torch.float32)
+    check(backend, x, torch.full_like(task, 2), params, res, True)
+
+
+def test_task_batched_pass_equals_single_task_passes():
+    """ASTMT's T single-task passes as one batched pass."""
+    t = 4
+    x, _, params, _ = make_inputs(2, (8, 5, 6), t, torch.float32, residual=False, grad=False)
+    batched = task_se(x.repeat(t, 1, 1, 1), torch.arange(t).repeat_interleave(2), *params)
+    singles = [task_se(x, torch.full((2,), k), *params) for k in range(t)]
+    torch.testing.assert_close(batched, torch.cat(singles))
+
+
+@pytest.mark.parametrize("backend", ("reference", "cpu"))
+@pytest.mark.parametrize("residual, relu", [(True, True), (False, False)])
+def test_gradcheck_float64(backend, residual, relu):
+    require_backend(backend)
+    x, task, params, res = make_inputs(3, (4, 3, 2), 2, torch.float64, residual)
+    extra = (res,) if residual else ()
+    with use_backend(backend):
+        assert torch.autograd.gradcheck(
+            lambda x, *a: task_se(x, task, *a[:4], residual=a[4] if residual else None, relu=relu), (x, *params, *extra)
+        )
+
+
+@pytest.mark.parametrize("backend", ("reference", "cpu"))
+def test_opcheck(backend):
+    require_backend(backend)
+    with use_backend(backend):
+        for layout in ("contiguous", "channels_last"):
+            x, task, params, res = make_inputs(4, (6, 5, 3), 3, torch.float32, True, layout)
+            torch.library.opcheck(torch.ops.mtlfast.task_se.default, (x, task, *params, res, True))
+            torch.library.opcheck(torch.ops.mtlfast.task_se.default, (x, task, *params, None, False))
+
+
+def test_compile_fullgraph():
+    x, task, params, res = make_inputs(4, (6, 5, 3), 3, torch.float32, True, grad=False)
+    fn = torch.compile(lambda x, r: task_se(x, task, *params, residual=r, relu=True), fullgraph=True)
+    torch.testing.assert_close(fn(x, res), reference.task_se(x, task, *params, residual=res, relu=True))
+
+
+def good():
+    x, task, params, res = make_inputs(2, (4, 3, 3), 2, torch.float32, grad=False)
+    return [x, task, *params, res]
+
+
+def _with(i, value):
+    args = good()
+    args[i] = value(args[i]) if callable(value) else value
+    return args
+
+
+@pytest.mark.parametrize(
+    "args, error, match",
+    [
+        (lambda: _with(0, lambda x: x[0]), ValueError, r"x must have shape \(N, C, H, W\)"),
+        (lambda: _with(1, lambda t: t.int()), TypeError, "task must be an int64 tensor"),
+        (lambda: _with(1, lambda t: t.float()), TypeError, "task must be an int64 tensor"),
+        (lambda: _with(1, lambda t: t[:1]), ValueError, r"task must have shape \(N,\) = \(2,\)"),
+        (lambda: _with(1, torch.tensor([0, 2])), ValueError, r"task indices must lie in \[0, 2\)"),
+        (lambda: _with(1, torch.tensor([-1, 0])), ValueError, r"task indices must lie in \[0, 2\)"),
+        (lambda: _with(3, lambda b: b[:1]), ValueError, r"b1 must have shape \(2, 1\)"),
+        (lambda: _with(4, lambda w: w[:, :3]), ValueError, r"w2 must have shape \(2, 4, 1\)"),
+        (lambda: _with(6, lambda r: r[:, :3]), ValueError, "residual must have the shape of x"),
+        (lambda: _with(6, lambda r: r.double()), TypeError, "residual has dtype torch.float64"),
+        (lambda: _with(0, lambda x: x.long()), TypeError, "x must be a floating-point tensor"),
+    ],
+)
+def test_bad_input(args, error, match):
+    x, task, w1, b1, w2, b2, res = args()
+    with pytest.raises(error, match=match):
+        task_se(x, task, w1, b1, w2, b2, residual=res)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ("cuda", "triton"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
+@pytest.mark.parametrize("chw", ((1, 1, 1), (3, 7, 5), (256, 14, 14), (2048, 7, 7)), ids=str)
+def test_gpu_matches_reference(backend, dtype, layout, chw):
+    require_backend(backend, "cuda")
+    check(backend, *make_inputs(6, chw, 3, dtype, True, layout, device="cuda"), True)
