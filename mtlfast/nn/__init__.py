@@ -1,5 +1,6 @@
 """Layers built on mtlfast's fused ops."""
 
 from .distillation import MultiModalDistillation
+from .task_se import TaskSE
 
-__all__ = ["MultiModalDistillation"]
+__all__ = ["MultiModalDistillation", "TaskSE"]
