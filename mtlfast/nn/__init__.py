@@ -1,7 +1,8 @@
 """Layers built on mtlfast's fused ops."""
 
+from .adapters import ResidualAdapter
 from .distillation import MultiModalDistillation
 from .task_norm import TaskBatchNorm2d
 from .task_se import TaskSE
 
-__all__ = ["MultiModalDistillation", "TaskBatchNorm2d", "TaskSE"]
+__all__ = ["MultiModalDistillation", "ResidualAdapter", "TaskBatchNorm2d", "TaskSE"]
