@@ -19,10 +19,11 @@ class TaskBatchNorm2d(nn.Module):
     evaluation each sample uses its task's running statistics. ``eps`` and ``momentum`` (None: a
     cumulative average, counted per task) mean what they mean for ``nn.BatchNorm2d``.
 
-    An int task runs ``F.batch_norm`` on that task's slices. A task vector runs every task at
-    once without grouping or copying the batch: per-task sums by ``index_add`` over samples, then
-    one affine pass with each sample's scale and shift. It reads no task value back to the host,
-    so it compiles into one graph (the range check of the task vector runs in eager mode only).
+    An int task runs ``F.batch_norm`` on that task's rows of parameters and statistics. A task
+    vector runs every task at once without grouping or copying the batch: per-task sums by
+    ``index_add`` over samples, then one affine pass with each sample's scale and shift. Beyond
+    the range check of the task vector, which runs in eager mode only, it reads no task value
+    back to the host, so it compiles into one graph.
 
     Args:
         channels: C.
@@ -73,7 +74,11 @@ class TaskBatchNorm2d(nn.Module):
             raise ValueError(f"TaskBatchNorm2d: x must have shape (N, C={self.channels}, H, W), got {got}")
         task = check_task("TaskBatchNorm2d", task, x, self.num_tasks)
         if isinstance(task, int):
-            return self._one_task(x, task)
+            # batch_norm takes the cumulative average's factor as a float, read from the per-task
+            # counter: a compiled graph cannot, so that case takes the per-sample path.
+            if not (self.training and self.momentum is None):
+                return self._one_task(x, task)
+            task = torch.full((x.shape[0],), task, dtype=torch.int64, device=x.device)
         if self.training and x.shape[2] * x.shape[3] == 1 and not torch.compiler.is_compiling():
             alone = torch.bincount(task, minlength=self.num_tasks) == 1
             if bool(alone.any()):
@@ -84,10 +89,9 @@ class TaskBatchNorm2d(nn.Module):
         return self._per_sample(x, task)
 
     def _one_task(self, x: torch.Tensor, t: int) -> torch.Tensor:
-        factor = 0.0
         if self.training:
             self.num_batches_tracked[t] += 1
-            factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked[t])
+        factor = self.momentum if self.training else 0.0
         # Row views: batch_norm updates task t's running statistics in place.
         return F.batch_norm(
             x, self.running_mean[t], self.running_var[t], self.weight[t], self.bias[t], self.training, factor, self.eps
@@ -100,9 +104,12 @@ class TaskBatchNorm2d(nn.Module):
             scale = self.weight * torch.rsqrt(self.running_var + self.eps)
             shift = self.bias - self.running_mean * scale
             return torch.addcmul(shift[task][:, :, None, None], xa, scale[task][:, :, None, None]).to(x.dtype)
-        n, c, h, w = x.shape
+        _, c, h, w = x.shape
         per_task = xa.new_zeros(self.num_tasks, c)
-        count = xa.new_zeros(self.num_tasks).index_add_(0, task, xa.new_ones(n)) * (h * w)
+        # Counted by comparison: inductor (torch 2.13) fails to generate an index_add of ones at a
+        # constant index, which an int task with momentum=None becomes under compilation.
+        tasks = torch.arange(self.num_tasks, device=x.device)
+        count = (task[:, None] == tasks).sum(0).to(acc) * (h * w)
         divisor = count.clamp_min(1)[:, None]
         mean = per_task.index_add(0, task, xa.sum((2, 3))) / divisor
         # Two passes (mean, then squared deviations) rather than E[x^2] - mean^2, which cancels.

@@ -95,6 +95,18 @@ def test_int_task_equals_constant_task_vector():
         torch.testing.assert_close(a.state_dict(), b.state_dict())
 
 
+@pytest.mark.parametrize("task", [1, "mixed"])
+def test_channels_last_input(task):
+    task = torch.tensor([0, 1, 1]) if task == "mixed" else task
+    x = torch.randn(3, 4, 7, 5)
+    for training in (True, False):
+        a = randomise(TaskBatchNorm2d(4, 2)).train(training)
+        b = TaskBatchNorm2d(4, 2).train(training)
+        b.load_state_dict(a.state_dict())
+        torch.testing.assert_close(a(x.to(memory_format=torch.channels_last), task), b(x, task))
+        torch.testing.assert_close(a.state_dict(), b.state_dict())
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_reduced_precision_input_uses_float32_statistics(dtype):
     layer = randomise(TaskBatchNorm2d(4, 2))
@@ -109,12 +121,13 @@ def test_reduced_precision_input_uses_float32_statistics(dtype):
     torch.testing.assert_close(layer.running_var, reference.running_var)
 
 
-@pytest.mark.parametrize("task", [1, "mixed"])
-def test_compile_fullgraph_matches_eager(task):
+# momentum=None with an int task takes the per-sample path (batch_norm needs a float factor).
+@pytest.mark.parametrize("task, momentum", [(1, 0.1), (1, None), ("mixed", 0.1)])
+def test_compile_fullgraph_matches_eager(task, momentum):
     task = torch.tensor([0, 1, 1, 0]) if task == "mixed" else task
     x = torch.randn(4, 6, 7, 5, requires_grad=True)
-    eager_layer = randomise(TaskBatchNorm2d(6, 2))
-    layer = TaskBatchNorm2d(6, 2)
+    eager_layer = randomise(TaskBatchNorm2d(6, 2, momentum=momentum))
+    layer = TaskBatchNorm2d(6, 2, momentum=momentum)
     layer.load_state_dict(eager_layer.state_dict())
     eager = eager_layer(x, task)
     (ge,) = torch.autograd.grad(eager.square().sum(), x)
