@@ -21,7 +21,9 @@ class ResidualAdapter(nn.Module):
     added to its centre tap: the two are linear in x and, with padding 1, the centre tap reads
     exactly the pixels the strided 1x1 convolution reads. A task vector runs the shared
     convolution on the batch and adds each sample's adapter as one batched matrix product over
-    the gathered adapter weights, without grouping the batch or reading tasks back to the host.
+    the gathered adapter weights, without grouping the batch; beyond the range check of the task
+    vector, which runs in eager mode only, it reads no task value back to the host, so it
+    compiles into one graph.
 
     Args:
         in_channels, out_channels: C_in, C_out.
