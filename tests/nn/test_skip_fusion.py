@@ -97,6 +97,16 @@ def test_initial_fusion_is_a_plain_sum():
     torch.testing.assert_close(layer(features, (6, 6)), expected)
 
 
+def test_channels_last_features():
+    layer = randomised([3, 4], 5)
+    features = [torch.randn(2, 3, 7, 5, dtype=torch.float64), torch.randn(2, 4, 4, 3, dtype=torch.float64)]
+    for training in (False, True):
+        layer.train(training)
+        expected = layer(features, (9, 8))
+        got = layer([f.to(memory_format=torch.channels_last) for f in features], (9, 8))
+        torch.testing.assert_close(got, expected)
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_compile_fullgraph_matches_eager(training):
     features = [torch.randn(2, 3, 7, 5, requires_grad=True), torch.randn(2, 4, 4, 3, requires_grad=True)]
