@@ -51,7 +51,9 @@ class SkipScoreFusion(nn.Module):
         super().__init__()
         in_channels = tuple(in_channels)
         if not in_channels or any(not isinstance(c, int) or c < 1 for c in in_channels):
-            raise ValueError(f"SkipScoreFusion: in_channels must be a non-empty list of positive ints, got {in_channels}")
+            raise ValueError(
+                f"SkipScoreFusion: in_channels must be a non-empty list of positive ints, got {in_channels}"
+            )
         if out_channels < 1:
             raise ValueError(f"SkipScoreFusion: out_channels must be >= 1, got {out_channels}")
         self.in_channels = in_channels

@@ -12,7 +12,9 @@ from ..ops import task_se
 __all__ = ["TaskSE"]
 
 
-def check_task(layer: str, task: object, x: torch.Tensor, num_tasks: int, *, check_range: bool = True) -> int | torch.Tensor:
+def check_task(
+    layer: str, task: object, x: torch.Tensor, num_tasks: int, *, check_range: bool = True
+) -> int | torch.Tensor:
     """``task`` validated against ``x`` (N, ...): an int in [0, T), or an (N,) int64 tensor on x's device.
 
     The range of a tensor is checked in eager mode only: it reads the values, which a graph

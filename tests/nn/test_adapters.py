@@ -33,7 +33,9 @@ def naive(conv, adapters, x, task):
 
 
 @pytest.mark.parametrize("task", [1, "mixed"])
-@pytest.mark.parametrize("c_in, c_out, t, hw, stride", [(1, 3, 2, (7, 5), 1), (4, 1, 3, (7, 5), 2), (3, 5, 2, (1, 1), 2)])
+@pytest.mark.parametrize(
+    "c_in, c_out, t, hw, stride", [(1, 3, 2, (7, 5), 1), (4, 1, 3, (7, 5), 2), (3, 5, 2, (1, 1), 2)]
+)
 def test_forward_and_gradients_equal_conv_plus_adapters(task, c_in, c_out, t, hw, stride):
     layer = randomised(c_in, c_out, t, stride=stride)
     conv, adapters = naive_modules(layer)

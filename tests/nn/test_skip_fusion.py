@@ -73,7 +73,8 @@ def test_forward_gradients_and_running_stats_equal_naive(training, in_channels, 
         torch.testing.assert_close(f.grad, f2.grad)
     pairs = [(layer.weight, weight), (layer.bias, bias)]
     pairs += [(p.weight, c.weight) for p, c in zip(layer.projections, convs)]
-    pairs += [(p, q) for bn, copy in zip(layer.norms, norms) for p, q in ((bn.weight, copy.weight), (bn.bias, copy.bias))]
+    for bn, copy in zip(layer.norms, norms):
+        pairs += [(bn.weight, copy.weight), (bn.bias, copy.bias)]
     for got, want in pairs:
         torch.testing.assert_close(got.grad, want.grad)
 
