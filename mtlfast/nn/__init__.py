@@ -1,5 +1,9 @@
 """Layers built on mtlfast's fused ops."""
 
+from .adapters import ResidualAdapter
 from .distillation import MultiModalDistillation
+from .skip_fusion import SkipScoreFusion
+from .task_norm import TaskBatchNorm2d
+from .task_se import TaskSE
 
-__all__ = ["MultiModalDistillation"]
+__all__ = ["MultiModalDistillation", "ResidualAdapter", "SkipScoreFusion", "TaskBatchNorm2d", "TaskSE"]

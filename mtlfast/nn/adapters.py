@@ -1,0 +1,74 @@
+"""ASTMT's task-specific parallel residual adapters (Sec. 3.2, Eq. 2) on a shared 3x3 convolution."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .task_se import check_task
+
+__all__ = ["ResidualAdapter"]
+
+
+class ResidualAdapter(nn.Module):
+    """A shared 3x3 convolution plus the 1x1 convolution of each sample's task: ``L(x) + RA_t(x)``.
+
+    Both convolutions have no bias, the 3x3 one padding 1; they share the stride. The adapters
+    start at zero, so the layer starts as the shared convolution alone.
+
+    An int task runs one 3x3 convolution whose weight is the shared one with task t's adapter
+    added to its centre tap: the two are linear in x and, with padding 1, the centre tap reads
+    exactly the pixels the strided 1x1 convolution reads. A task vector runs the shared
+    convolution on the batch and adds each sample's adapter as one batched matrix product over
+    the gathered adapter weights, without grouping the batch; beyond the range check of the task
+    vector, which runs in eager mode only, it reads no task value back to the host, so it
+    compiles into one graph.
+
+    Args:
+        in_channels, out_channels: C_in, C_out.
+        num_tasks: T >= 1.
+        stride: of both convolutions.
+
+    Shapes:
+        x: (N, C_in, H, W); task: an int (the whole batch) or (N,) int64 (per sample).
+        output: (N, C_out, ceil(H / stride), ceil(W / stride)).
+
+    ``conv`` is the shared ``nn.Conv2d``; ``adapter_weight`` (T, C_out, C_in, 1, 1) stacks the
+    adapters, row t being the weight of task t's ``nn.Conv2d(C_in, C_out, 1, bias=False)``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, num_tasks: int, stride: int = 1) -> None:
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
+                            ("num_tasks", num_tasks), ("stride", stride)):
+            if value < 1:
+                raise ValueError(f"ResidualAdapter: {name} must be >= 1, got {value}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.num_tasks = num_tasks
+        self.stride = stride
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.adapter_weight = nn.Parameter(torch.zeros(num_tasks, out_channels, in_channels, 1, 1))
+
+    def reset_parameters(self) -> None:
+        self.conv.reset_parameters()
+        nn.init.zeros_(self.adapter_weight)
+
+    def forward(self, x: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"ResidualAdapter: x must have shape (N, C_in={self.in_channels}, H, W), got {got}")
+        task = check_task("ResidualAdapter", task, x, self.num_tasks)
+        if isinstance(task, int):
+            weight = self.conv.weight + F.pad(self.adapter_weight[task], (1, 1, 1, 1))
+            return F.conv2d(x, weight, stride=self.stride, padding=1)
+        shared = F.conv2d(x, self.conv.weight, stride=self.stride, padding=1)
+        n, _, h, w = shared.shape
+        sampled = x[:, :, :: self.stride, :: self.stride].reshape(n, self.in_channels, h * w)
+        adapters = self.adapter_weight.flatten(2)[task]
+        return torch.baddbmm(shared.reshape(n, self.out_channels, h * w), adapters, sampled).view(shared.shape)
+
+    def extra_repr(self) -> str:
+        return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
+                f"num_tasks={self.num_tasks}, stride={self.stride}")
