@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .task_se import check_task
+from ._task import check_task
 
 __all__ = ["ResidualAdapter"]
 
