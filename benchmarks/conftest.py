@@ -6,8 +6,6 @@ rounds, a smoke test of the whole pipeline rather than a measurement.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -30,18 +28,18 @@ def pytest_collect_file(file_path, parent):
     return None
 
 
-_LOADAVG_AT_START = pytest.StashKey[list]()
+_CPU_AT_START = pytest.StashKey[harness.CpuTimes]()
 
 
 def pytest_sessionstart(session):
-    # Other work on the machine skews the timings (badly so for OpenMP on few cores).
-    session.config.stash[_LOADAVG_AT_START] = list(os.getloadavg())
+    session.config.stash[_CPU_AT_START] = harness.CpuTimes.now()
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     from mtlfast import _extension
 
-    machine_info["loadavg_at_start"] = config.stash.get(_LOADAVG_AT_START, None)
+    start = config.stash.get(_CPU_AT_START, None)
+    machine_info["other_cpu_fraction"] = start.other_fraction_since() if start else None
     machine_info["torch"] = torch.__version__
     machine_info["cuda"] = torch.version.cuda
     machine_info["mtlfast_cpu_isa"] = _extension.cpu_isa()

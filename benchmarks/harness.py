@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-__all__ = ["Budget", "FULL", "QUICK", "is_quick", "device_name", "synchronize", "time_once", "copy_gbps", "peak_mem_bytes"]
+__all__ = ["Budget", "FULL", "QUICK", "is_quick", "CpuTimes", "device_name", "synchronize", "time_once", "copy_gbps", "peak_mem_bytes"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,45 @@ def is_quick(config) -> bool:
     to anything but empty or 0."""
     env = os.environ.get("MTLFAST_BENCH_QUICK", "").strip()
     return bool(config.getoption("--quick")) or env not in ("", "0")
+
+
+@dataclass(frozen=True)
+class CpuTimes:
+    """CPU seconds used by the whole machine and by this process (with its reaped children)."""
+
+    wall: float
+    machine_busy: float | None  # None where /proc/stat is missing
+    own: float
+
+    @staticmethod
+    def now() -> "CpuTimes":
+        own = sum(
+            getattr(resource.getrusage(who), field)
+            for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+            for field in ("ru_utime", "ru_stime")
+        )
+        return CpuTimes(time.monotonic(), _machine_busy_seconds(), own)
+
+    def other_fraction_since(self) -> float | None:
+        """Share of the machine's CPU time since ``self`` used by other work than this process
+        (other processes, and the hypervisor's steal): timings are unreliable when it is large."""
+        end = CpuTimes.now()
+        if self.machine_busy is None or end.machine_busy is None:
+            return None
+        capacity = (end.wall - self.wall) * (os.cpu_count() or 1)
+        other = (end.machine_busy - self.machine_busy) - (end.own - self.own)
+        return max(0.0, other / capacity) if capacity > 0 else None
+
+
+def _machine_busy_seconds() -> float | None:
+    """Busy CPU seconds of all cores since boot (user, nice, system, irq, softirq, steal)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 @functools.lru_cache(maxsize=None)

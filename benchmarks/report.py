@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 BASELINES = ("eager", "compile")
-BUSY_LOAD = 0.5  # 1-minute load average above which other work was likely running
+BUSY_FRACTION = 0.05  # share of the machine's CPU time taken by other work that makes timings suspect
 TARGETS_TEXT = {
     "cpu": ">= 2x eager and >= 1.0x compile",
     "cuda": ">= 80% of copy bandwidth and >= 1.3x compile",
@@ -131,11 +131,11 @@ def render(machine_info: dict, groups: dict[tuple, list[Row]], markdown: bool) -
     lines = []
     torch_version = machine_info.get("torch", "?")
     extension = machine_info.get("mtlfast_extension_error") or f"loaded (cpu isa {machine_info.get('mtlfast_cpu_isa')})"
-    load = machine_info.get("loadavg_at_start")
-    load_text = "?" if load is None else " ".join(f"{x:.2f}" for x in load)
-    lines.append(f"torch {torch_version}; mtlfast._C: {extension}; load average at start: {load_text}")
-    if load is not None and load[0] >= BUSY_LOAD:
-        lines.append("WARNING: the machine was busy when the run started; its timings are unreliable.")
+    other = machine_info.get("other_cpu_fraction")
+    other_text = "unknown" if other is None else f"{100 * other:.0f}%"
+    lines.append(f"torch {torch_version}; mtlfast._C: {extension}; other work's share of the CPU during the run: {other_text}")
+    if other is not None and other >= BUSY_FRACTION:
+        lines.append("WARNING: other work ran on the machine during the benchmarks; their timings are unreliable.")
     lines.append("")
     results: list[tuple[str, bool]] = []
     header = ["impl", "median ms", "GB/s", "% copy", "vs eager", "vs compile", "peak MiB"]
