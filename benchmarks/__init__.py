@@ -1,1 +1,1 @@
-"""Benchmark suites of mtlfast (pytest-benchmark) and their report; see benchmarks/results/README.md."""
+"""mtlfast's benchmark suites and their report: see benchmarks/results/README.md."""

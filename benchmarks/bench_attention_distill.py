@@ -51,7 +51,8 @@ from benchmarks import harness
 from mtlfast.ops import BACKENDS, attention_distill, available_backends, reference
 
 N, T = 8, 5
-SHAPES = ((144, 8, 8), (72, 16, 16), (36, 32, 32), (18, 64, 64), (256, 64, 64))  # (C, H, W), smallest first
+# (C, H, W), smallest first: HRNet-18's four scales in MTI-Net, then PAD-Net's.
+SHAPES = ((144, 8, 8), (72, 16, 16), (36, 32, 32), (18, 64, 64), (256, 64, 64))
 QUICK_SHAPES = SHAPES[:2]
 MODES = ("forward", "forward_backward")
 DTYPES = {"cpu": (torch.float32,), "cuda": (torch.float32, torch.bfloat16)}
@@ -100,8 +101,10 @@ def devices() -> list[str]:
 
 def impls(device: str) -> list[str]:
     """The fused backends that run on ``device`` here (but ``reference``), then the baselines."""
-    fused = [b for b in available_backends(device) if b != "reference" and (device, b) not in INTERPRETED]
-    return fused + list(BASELINES)
+    fused = [
+        b for b in available_backends(device) if b != "reference" and (device, b) not in INTERPRETED
+    ]
+    return [*fused, *BASELINES]
 
 
 def cases(quick: bool) -> list[Case]:
@@ -131,7 +134,8 @@ def inputs(device: str, dtype: torch.dtype, chw: tuple[int, int, int]) -> tuple[
     def randn(*shape):
         return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
-    return randn(N, T, c, h, w), randn(N, T, T - 1, c, h, w), randn(N, T, T - 1, c, h, w), randn(N, T, c, h, w)
+    feats, grad_out = randn(N, T, c, h, w), randn(N, T, c, h, w)
+    return feats, randn(N, T, T - 1, c, h, w), randn(N, T, T - 1, c, h, w), grad_out
 
 
 def make_op(impl: str) -> Callable[..., torch.Tensor]:

@@ -23,7 +23,8 @@ def pytest_addoption(parser):
 def pytest_collect_file(file_path, parent):
     # pytest's default pattern (test_*.py) misses bench_*.py when a directory is collected;
     # a file named on the command line is collected by pytest itself.
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
+    is_bench = file_path.suffix == ".py" and file_path.name.startswith("bench_")
+    if is_bench and not parent.session.isinitpath(file_path):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
 
@@ -66,8 +67,3 @@ def copy_bandwidth():
         return cache[key]
 
     return get
-
-
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)

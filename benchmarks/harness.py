@@ -15,7 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-__all__ = ["Budget", "FULL", "QUICK", "is_quick", "CpuTimes", "device_name", "synchronize", "time_once", "copy_gbps", "peak_mem_bytes"]
+__all__ = [
+    "Budget", "FULL", "QUICK", "is_quick", "CpuTimes",
+    "device_name", "synchronize", "time_once", "copy_gbps", "peak_mem_bytes",
+]
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,7 @@ def _machine_busy_seconds() -> float | None:
 
 @functools.lru_cache(maxsize=None)
 def device_name(device: str) -> str:
-    """The CUDA device name, or the CPU model from /proc/cpuinfo with the thread count torch uses."""
+    """The CUDA device's name, or the CPU model (/proc/cpuinfo) and torch's thread count."""
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(torch.device(device))
     model = "unknown CPU"
