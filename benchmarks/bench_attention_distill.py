@@ -17,7 +17,7 @@ Cases, all in one session so that their ratios are fair:
   ``grad_out`` into ``feats.grad`` that ``backward`` makes because the benchmark keeps it alive.
 
 Each timed call synchronizes its device before returning. Rounds: about a second of them per
-benchmark (3 to 100, after one untimed round); quick mode (``--quick`` or
+benchmark (3 to 1000, after one untimed round); quick mode (``--quick`` or
 ``MTLFAST_BENCH_QUICK=1``) runs the two smallest shapes with 2 to 5 rounds.
 
 Figures stored in each benchmark's ``extra_info`` (``benchmarks/report.py`` prints them):
@@ -30,7 +30,7 @@ Figures stored in each benchmark's ``extra_info`` (``benchmarks/report.py`` prin
   grad_messages written (grad_feats is grad_out itself and costs nothing);
 * ``gbps``: ``bytes`` / median time, in 1e9 bytes per second;
 * ``copy_gbps``: bandwidth of ``dst.copy_(src)`` on the same device moving the same ``bytes``
-  (src and dst of ``bytes / 2`` each), measured in the same session;
+  (src and dst of ``bytes / 2`` each), the best of its rounds, measured in the same session;
 * ``copy_fraction``: ``gbps / copy_gbps``, how close the impl runs to a plain copy;
 * ``peak_mem_bytes``: peak memory allocated during one call beyond the inputs (and grad_out)
   already allocated; the outputs count, e.g. a fused forward allocates exactly its output.
@@ -96,6 +96,7 @@ class Case:
 
 
 def devices() -> list[str]:
+    """cpu, and cuda when torch sees a GPU."""
     return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
 
 
@@ -108,6 +109,7 @@ def impls(device: str) -> list[str]:
 
 
 def cases(quick: bool) -> list[Case]:
+    """Every benchmark of the session, those sharing inputs next to each other."""
     shapes = QUICK_SHAPES if quick else SHAPES
     return [
         Case(device, dtype, chw, mode, impl)
