@@ -104,9 +104,8 @@ class Group:
     mode: str
 
     def title(self) -> str:
-        n, t, *chw = self.shape
-        shape = f"N={n} T={t} C,H,W={','.join(map(str, chw))}"
         device = f"{self.device} ({self.device_name})"
+        shape = "x".join(map(str, self.shape))
         return " · ".join((self.op, device, self.dtype, shape, self.mode))
 
     def sort_key(self) -> tuple:
