@@ -1,0 +1,1 @@
+"""mtlfast's benchmark suites and their report: see benchmarks/results/README.md."""

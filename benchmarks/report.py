@@ -1,0 +1,214 @@
+"""Tables and target checks from a pytest-benchmark JSON of the op benchmarks.
+
+    python benchmarks/report.py RESULTS.json [--markdown]
+    python -m benchmarks.report RESULTS.json [--markdown]
+
+RESULTS.json comes from ``pytest benchmarks --benchmark-json=RESULTS.json``. For every
+(op, device, dtype, shape, mode) the report prints one row per impl: median time, GB/s of the
+ideal traffic, that bandwidth as a % of a plain device copy moving as many bytes, speed-up over
+``eager`` and over ``compile`` (their median time over the impl's), and peak extra memory (what
+each figure means: ``benchmarks/bench_attention_distill.py``). Then one line per fused backend
+against its targets:
+
+* CPU: >= 2x ``eager`` and >= 1.0x ``compile``;
+* CUDA: >= 80% of copy bandwidth and >= 1.3x ``compile``.
+
+It is a report: the exit status is 0 whatever the targets say (2 for unusable arguments).
+Only the standard library is used, so it runs anywhere the JSON is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+BASELINES = ("eager", "compile")
+BUSY_FRACTION = 0.05  # share of the CPU taken by other work above which timings are suspect
+
+
+@dataclass(frozen=True)
+class Target:
+    """A lower bound on one of a row's figures (``Row.figures``)."""
+
+    figure: str
+    minimum: float
+
+    def describe(self, value: float | None) -> str:
+        verdict = "" if self.met(value) else " FAIL"
+        bound = _format(self.figure, self.minimum)
+        return f"{self.figure} {_format(self.figure, value)} (>= {bound}){verdict}"
+
+    def met(self, value: float | None) -> bool:
+        return value is not None and value >= self.minimum
+
+
+TARGETS = {
+    "cpu": (Target("vs eager", 2.0), Target("vs compile", 1.0)),
+    "cuda": (Target("% copy", 0.8), Target("vs compile", 1.3)),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One benchmark of the JSON: an impl's figures in its group."""
+
+    impl: str
+    median_s: float
+    gbps: float | None
+    copy_fraction: float | None
+    peak_mem_bytes: int | None
+
+    def figures(self, by_impl: dict[str, Row]) -> dict[str, float | None]:
+        """The table's figures, the speed-ups against the baselines of the same group."""
+
+        def speedup(baseline: str) -> float | None:
+            base = by_impl.get(baseline)
+            return None if base is None else base.median_s / self.median_s
+
+        return {
+            "median ms": 1e3 * self.median_s,
+            "GB/s": self.gbps,
+            "% copy": self.copy_fraction,
+            "vs eager": speedup("eager"),
+            "vs compile": speedup("compile"),
+            "peak MiB": None if self.peak_mem_bytes is None else self.peak_mem_bytes / 2**20,
+        }
+
+
+COLUMNS = ("median ms", "GB/s", "% copy", "vs eager", "vs compile", "peak MiB")
+
+
+def _format(figure: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    if figure == "% copy":
+        return f"{100 * value:.0f}%"
+    if figure.startswith("vs "):
+        return f"{value:.2f}x"
+    return f"{value:.3f}" if figure == "median ms" else f"{value:.1f}"
+
+
+@dataclass(frozen=True)
+class Group:
+    """The benchmarks of one op on one device, dtype, shape and mode."""
+
+    op: str
+    device: str
+    device_name: str
+    dtype: str
+    shape: tuple[int, ...]
+    mode: str
+
+    def title(self) -> str:
+        device = f"{self.device} ({self.device_name})"
+        shape = "x".join(map(str, self.shape))
+        return " · ".join((self.op, device, self.dtype, shape, self.mode))
+
+    def sort_key(self) -> tuple:
+        size = math.prod(self.shape)
+        return (self.op, self.device, self.device_name, self.dtype, size, self.shape, self.mode)
+
+
+def load(path: str) -> tuple[dict, dict[Group, list[Row]]]:
+    """The JSON's machine_info, and its op benchmarks by group, groups in report order."""
+    with open(path) as f:
+        data = json.load(f)
+    groups: dict[Group, list[Row]] = {}
+    for bench in data.get("benchmarks", []):
+        info = bench.get("extra_info", {})
+        if not {"op", "impl", "mode", "shape"} <= info.keys():
+            continue  # not an op benchmark
+        shape = tuple(info["shape"])
+        device = (info["device"], info["device_name"])
+        group = Group(info["op"], *device, info["dtype"], shape, info["mode"])
+        median = bench["stats"]["median"]
+        figures = (info.get("gbps"), info.get("copy_fraction"), info.get("peak_mem_bytes"))
+        row = Row(info["impl"], median, *figures)
+        groups.setdefault(group, []).append(row)
+    return data.get("machine_info", {}), {g: groups[g] for g in sorted(groups, key=Group.sort_key)}
+
+
+def _table(header: Sequence[str], rows: list[list[str]], markdown: bool) -> list[str]:
+    """First column left-aligned, the others right-aligned."""
+    if markdown:
+
+        def cells_md(cells):
+            return "| " + " | ".join(cells) + " |"
+
+        return [cells_md(header), "|:---|" + "---:|" * (len(header) - 1), *map(cells_md, rows)]
+    widths = [max(len(c) for c in column) for column in zip(header, *rows)]
+
+    def line(cells):
+        rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]
+        return "  ".join([cells[0].ljust(widths[0]), *rest])
+
+    return [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
+
+
+def _impl_order(row: Row) -> tuple:
+    """Fused backends first, then eager, then compile."""
+    baseline = row.impl in BASELINES
+    return (baseline, BASELINES.index(row.impl) if baseline else -1, row.impl)
+
+
+def _header(machine_info: dict) -> list[str]:
+    extension = machine_info.get("mtlfast_extension_error")
+    if extension is None:
+        extension = f"loaded (cpu isa {machine_info.get('mtlfast_cpu_isa')})"
+    other = machine_info.get("other_cpu_fraction")
+    other_text = "?" if other is None else f"{other:.0%}"
+    lines = [
+        f"torch {machine_info.get('torch', '?')}; mtlfast._C: {extension}",
+        f"share of the CPU taken by other work during the run: {other_text}",
+    ]
+    if other is not None and other >= BUSY_FRACTION:
+        lines.append("WARNING: other work ran on the machine during the run: unreliable timings.")
+    return lines + [""]
+
+
+def render(machine_info: dict, groups: dict[Group, list[Row]], markdown: bool) -> list[str]:
+    """The report's lines."""
+    lines = _header(machine_info)
+    checked: list[tuple[str, bool]] = []
+    for group, rows in groups.items():
+        rows = sorted(rows, key=_impl_order)
+        by_impl = {r.impl: r for r in rows}
+        lines += [f"### {group.title()}" if markdown else f"== {group.title()}", ""]
+        table = [[r.impl] + [_format(c, r.figures(by_impl)[c]) for c in COLUMNS] for r in rows]
+        lines += _table(("impl", *COLUMNS), table, markdown) + [""]
+        fused = [r for r in rows if r.impl not in BASELINES]
+        if not fused:
+            lines.append("targets: no fused backend in this run")
+        for r in fused:
+            targets = TARGETS.get(group.device, ())
+            figures = r.figures(by_impl)
+            passed = all(t.met(figures[t.figure]) for t in targets)
+            checked.append((f"{r.impl} on {group.title()}", passed))
+            detail = "; ".join(t.describe(figures[t.figure]) for t in targets) or "none here"
+            lines.append(f"targets {r.impl}: {'PASS' if passed else 'FAIL'}: {detail}")
+        lines.append("")
+    failed = [name for name, ok in checked if not ok]
+    if checked:
+        lines.append(f"Targets: {len(checked) - len(failed)}/{len(checked)} passed.")
+        lines += [f"  FAIL: {name}" for name in failed]
+    else:
+        lines.append("Targets: nothing to check, no fused backend was benchmarked.")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("json", help="pytest-benchmark JSON (--benchmark-json=...)")
+    parser.add_argument("--markdown", action="store_true", help="GitHub-flavoured markdown tables")
+    args = parser.parse_args(argv)
+    machine_info, groups = load(args.json)
+    print("\n".join(render(machine_info, groups, args.markdown)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
