@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 # pip from ever pulling another (CUDA) torch to build against.
 DEPS := torch==2.13.0 numpy ninja "setuptools>=64" wheel triton pytest pytest-benchmark
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*/*.cpp csrc/*/*.h kernels/*.cu kernels/*.cuh)
-BENCH_JSON ?= benchmarks/results/latest.json
+BENCH_JSON ?= /tmp/mtlfast-bench.json
 
 .PHONY: install demo test bench clean
 

@@ -12,7 +12,7 @@ import torch
 from . import reference
 from ._checks import check_same, check_tensor, shape_str
 from ._layout import empty_in_order, inner_order, to_inner_order
-from .backends import kernel, register_kernel
+from .backends import kernel, register_kernel, remember_backend, remembered_backend
 
 __all__ = ["attention_distill"]
 
@@ -73,6 +73,7 @@ def _(grad_out, mask_logits, messages):
 
 
 def _setup_context(ctx, inputs, output):
+    remember_backend(ctx)
     _, mask_logits, messages = inputs
     ctx.save_for_backward(mask_logits, messages)
 
@@ -82,7 +83,8 @@ def _backward(ctx, grad_out):
     _, need_mask, need_messages = ctx.needs_input_grad
     grad_mask = grad_messages = None
     if need_mask or need_messages:
-        grad_mask, grad_messages = _attention_distill_backward(grad_out, mask_logits, messages)
+        with remembered_backend(ctx):
+            grad_mask, grad_messages = _attention_distill_backward(grad_out, mask_logits, messages)
     return grad_out, grad_mask if need_mask else None, grad_messages if need_messages else None
 
 

@@ -21,7 +21,8 @@ import torch
 
 from .. import _extension
 
-__all__ = ["BACKENDS", "available_backends", "use_backend", "current_backend", "register_kernel"]
+__all__ = ["BACKENDS", "available_backends", "use_backend", "current_backend", "register_kernel",
+           "remember_backend", "remembered_backend"]
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 
@@ -87,6 +88,21 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _override.reset(token)
+
+
+def remember_backend(ctx) -> None:
+    """Record the backend forced around a forward on its autograd ``ctx``.
+
+    Autograd may run the backward on a worker thread (always for CUDA tensors), where the
+    ``use_backend`` of the forward's thread is not in effect; ``remembered_backend`` restores it.
+    """
+    ctx.mtlfast_backend = _override.get()
+
+
+def remembered_backend(ctx) -> contextlib.AbstractContextManager:
+    """Context in which a backward runs on the backend its forward was forced to."""
+    forced = getattr(ctx, "mtlfast_backend", None)
+    return use_backend(forced) if forced is not None else contextlib.nullcontext()
 
 
 def register_kernel(op: str, backend: str, dtypes: tuple[torch.dtype, ...]) -> Callable:

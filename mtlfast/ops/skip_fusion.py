@@ -14,7 +14,7 @@ import torch
 
 from . import reference
 from ._checks import check_same, check_tensor, shape_str
-from .backends import kernel, register_kernel
+from .backends import kernel, register_kernel, remember_backend, remembered_backend
 
 __all__ = ["skip_fusion"]
 
@@ -77,6 +77,7 @@ def _(grad_out, scores, weight):
 
 
 def _setup_context(ctx, inputs, output):
+    remember_backend(ctx)
     scores, weight, bias, _ = inputs
     ctx.has_bias = bias is not None
     ctx.save_for_backward(weight, *scores)
@@ -84,7 +85,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     weight, *scores = ctx.saved_tensors
-    grad_scores, grad_weight, grad_bias = _skip_fusion_backward(grad_out, scores, weight)
+    with remembered_backend(ctx):
+        grad_scores, grad_weight, grad_bias = _skip_fusion_backward(grad_out, scores, weight)
     need_scores, need_weight, need_bias, _ = ctx.needs_input_grad
     return (
         grad_scores if need_scores else None,

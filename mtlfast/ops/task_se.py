@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import torch
 
 from ._checks import check_same, check_tensor, shape_str
-from .backends import kernel, register_kernel
+from .backends import kernel, register_kernel, remember_backend, remembered_backend
 
 __all__ = ["task_se"]
 
@@ -179,6 +179,7 @@ def _(grad_out, x, pooled, task, w1, b1, w2, b2, residual, relu):
 
 
 def _setup_context(ctx, inputs, output):
+    remember_backend(ctx)
     x, task, w1, b1, w2, b2, residual, relu = inputs
     ctx.relu = relu
     ctx.has_residual = residual is not None
@@ -188,7 +189,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_pooled):
     x, pooled, task, w1, b1, w2, b2, residual = ctx.saved_tensors
-    grads = _task_se_backward(grad_out, x, pooled, task, w1, b1, w2, b2, residual, ctx.relu)
+    with remembered_backend(ctx):
+        grads = _task_se_backward(grad_out, x, pooled, task, w1, b1, w2, b2, residual, ctx.relu)
     grad_x, gw1, gb1, gw2, gb2, grad_residual = grads
     need = ctx.needs_input_grad
     return (

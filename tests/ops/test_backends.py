@@ -69,3 +69,17 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
         warnings.simplefilter("error")
         attention_distill(*small())
     assert out.shape == (1, 2, 3, 4, 4)
+
+
+def test_backward_runs_on_the_backend_of_its_forward(monkeypatch):
+    # Autograd may run a backward on another thread (always for CUDA), outside the forward's
+    # use_backend block; calling it after the block has closed shows the same thing on CPU.
+    calls = []
+    fn, dtypes = backends._kernels[("attention_distill_backward", "reference")]
+    monkeypatch.setitem(backends._kernels, ("attention_distill_backward", "reference"),
+                        (lambda *a: calls.append(1) or fn(*a), dtypes))
+    f, m, v = (t.requires_grad_() for t in small())
+    with use_backend("reference"):
+        out = attention_distill(f, m, v)
+    out.sum().backward()
+    assert calls == [1]
