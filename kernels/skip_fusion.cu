@@ -451,6 +451,7 @@ void launch_bwd(const SkipFusionShape& shape, const T* grad_out, const BwdLayers
                 float* grad_weight, float* grad_bias, cudaStream_t stream) {
   const Tiling t = tiling(shape);
   const int64_t per_plane = int64_t(t.row_groups) * t.col_groups;
+  // A plane's tiles rounded up to a power of two, at most a block: small planes share blocks.
   Blocks blocks{0, 0, 0, 0};
   while ((1 << blocks.span_log2) < std::min<int64_t>(per_plane, kThreads)) ++blocks.span_log2;
   blocks.planes_per_block = kThreads >> blocks.span_log2;
