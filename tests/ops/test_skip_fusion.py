@@ -13,7 +13,7 @@ TOL = {
     torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
     torch.float64: dict(rtol=1e-10, atol=1e-10),
 }
-# Sums over whole maps (grad_weight, grad_bias) round once per output in reduced precision.
+# Sums over many pixels (grad_weight, grad_bias, the adjoint of upsampling) accumulate rounding.
 SUM_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=1e-2, atol=1e-2),
            torch.bfloat16: dict(rtol=3e-2, atol=3e-2), torch.float64: TOL[torch.float64]}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -38,17 +38,22 @@ def make_inputs(k, c, out_size, dtype, bias=True, n=2, layout="contiguous", devi
 
 def check(backend, scores, weight, bias, size):
     dtype = scores[0].dtype
-    expected = reference.skip_fusion(scores, weight, bias, size)
+    # float32 is checked against float64 arithmetic: the adjoint of a small layer sums over the
+    # whole output, where float32 references are themselves off by more than the tolerance.
+    up = (lambda t: t.double()) if dtype == torch.float32 else (lambda t: t)
+    down = (lambda t: t.to(dtype)) if dtype == torch.float32 else (lambda t: t)
+    expected = down(reference.skip_fusion([up(s) for s in scores], up(weight), None if bias is None else up(bias), size))
     grad = torch.randn(expected.shape, dtype=dtype, device=expected.device)
-    exp_gs, exp_gw, exp_gb = reference.skip_fusion_backward(grad, scores, weight)
+    exp_gs, exp_gw, exp_gb = reference.skip_fusion_backward(up(grad), [up(s) for s in scores], up(weight))
+    exp_gs, exp_gw, exp_gb = [down(g) for g in exp_gs], down(exp_gw), down(exp_gb)
     leaves = [*scores, weight] + ([bias] if bias is not None else [])
     with use_backend(backend):
         out = skip_fusion(scores, weight, bias, size)
         grads = torch.autograd.grad(out, leaves, grad)
     assert out.shape == expected.shape and out.dtype == dtype
     torch.testing.assert_close(out, expected, **TOL[dtype])
-    for g, e in zip(grads[: len(scores)], exp_gs):
-        torch.testing.assert_close(g, e, **TOL[dtype])
+    for g, e in zip(grads[: len(scores)], exp_gs):  # a source pixel sums many output pixels
+        torch.testing.assert_close(g, e, **SUM_TOL[dtype])
     torch.testing.assert_close(grads[len(scores)], exp_gw, **SUM_TOL[dtype])
     if bias is not None:
         torch.testing.assert_close(grads[-1], exp_gb, **SUM_TOL[dtype])
