@@ -571,7 +571,7 @@ ChannelsLastGeometry channels_last_geometry(const SeShape& shape, int64_t elem_b
   const int64_t chunk = std::min(next_pow2(shape.c), kChunkBytes / elem_bytes);
   const int64_t chunks = cdiv(shape.c, chunk);
   const int64_t wanted = cdiv(kTargetBlocks, shape.n * chunks);
-  const int64_t splits = std::clamp<int64_t>(std::min(wanted, cdiv(shape.hw, kMinSplitPixels)), 1, shape.hw);
+  const int64_t splits = std::max<int64_t>(1, std::min(wanted, cdiv(shape.hw, kMinSplitPixels)));
   const int64_t split_pixels = cdiv(shape.hw, splits);
   return {shape.n, shape.c, shape.hw, chunk, chunks, cdiv(shape.hw, split_pixels), split_pixels};
 }
