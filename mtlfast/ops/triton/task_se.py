@@ -121,8 +121,10 @@ def _gate_index(offs, C, HW, CHANNELS_LAST: tl.constexpr):
     """n*C + c of flat element offsets of an (N, C, H, W) tensor in NCHW or NHWC order."""
     if CHANNELS_LAST:
         q = offs // C
-        return (q // HW) * C + (offs - q * C)
-    return offs // HW
+        idx = (q // HW) * C + (offs - q * C)
+    else:
+        idx = offs // HW
+    return idx
 
 
 @triton.jit
