@@ -187,18 +187,20 @@ def measure(
 ) -> None:
     """Benchmark ``call`` (one synchronized call of an impl) as bench_attention_distill.py does.
 
-    One untimed call first (lazy initialisation, compilation of forward and backward), one timed
-    to size the rounds by ``budget``, one for the peak memory; then pytest-benchmark's rounds
-    after a warm-up round. ``extra_info`` gets ``info`` and the figures of the docstring of
-    ``benchmarks/bench_attention_distill.py``: device, device_name, bytes (``nbytes``, the ideal
-    traffic), peak_mem_bytes, gbps, copy_gbps, copy_fraction.
+    One untimed call first (lazy initialisation, compilation of forward and backward), two timed
+    to size the rounds by ``budget`` (by the slower: one call made fast or slow by other work on
+    the machine must not size a run of 1000 slow rounds), one for the peak memory; then
+    pytest-benchmark's rounds, those four calls being their warm-up. ``extra_info`` gets ``info``
+    and the figures of the docstring of ``benchmarks/bench_attention_distill.py``: device,
+    device_name, bytes (``nbytes``, the ideal traffic), peak_mem_bytes, gbps, copy_gbps,
+    copy_fraction.
     """
     call()
-    seconds = time_once(call)
+    seconds = max(time_once(call), time_once(call))
     peak = peak_mem_bytes(call, device)
     benchmark.extra_info.update(info, device=device, device_name=device_name(device), bytes=nbytes,
                                 peak_mem_bytes=peak)
-    benchmark.pedantic(call, rounds=budget.rounds(seconds), warmup_rounds=1)
+    benchmark.pedantic(call, rounds=budget.rounds(seconds), warmup_rounds=0)
     if not benchmark.stats:  # --benchmark-disable: one plain call, nothing measured
         return
     gbps = nbytes / benchmark.stats.stats.median / 1e9
