@@ -31,6 +31,7 @@ and grad_scores, grad_weight and grad_bias written.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -127,6 +128,13 @@ def cases(quick: bool) -> list[Case]:
         for mode in MODES
         for impl in impls(device)
     ]
+
+
+@pytest.fixture(scope="module")
+def budget(budget: harness.Budget) -> harness.Budget:
+    """Half the shared budget's seconds of rounds: the full CPU runs of this suite and its
+    sibling (bench_skip_fusion.py, bench_task_se.py) stay near 6 minutes together on 2 cores."""
+    return dataclasses.replace(budget, seconds=budget.seconds / 2)
 
 
 def pytest_generate_tests(metafunc):
