@@ -4,7 +4,7 @@
 Cases, all in one session so that their ratios are fair:
 
 * fusions: N=4 images' score maps of C=21 channels (PASCAL VOC semantic segmentation), fused to
-  an output of (128, 128):
+  an output of (128, 128), and for ``vgg`` also of C=40 channels (NYUD semantic segmentation):
   - ``vgg``: UberNet's K=6 VGG skip layers C1..C6 (a 1024 image at output stride 8), of
     (128,128), (64,64), (32,32), (16,16), (16,16), (16,16);
   - ``pyramid``: K=3 layers of (128,128), (96,96), (64,64);
@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from benchmarks import harness
 from mtlfast.ops import BACKENDS, reference, skip_fusion
 
-N, C = 4, 21
+N = 4
 SIZE = (128, 128)
 MODES = ("forward", "forward_backward")
 DTYPES = {"cpu": (torch.float32,), "cuda": (torch.float32, torch.bfloat16)}
@@ -73,16 +73,19 @@ def sweep(k: int) -> Fusion:
 
 VGG = Fusion("vgg", ((128, 128), (64, 64), (32, 32), (16, 16), (16, 16), (16, 16)))
 PYRAMID = Fusion("pyramid", ((128, 128), (96, 96), (64, 64)))
-FUSIONS = (VGG, PYRAMID, *map(sweep, (1, 2, 4, 6)))
-QUICK_FUSIONS = (sweep(1), sweep(2))
+PASCAL, NYUD = 21, 40  # score channels: semantic classes (with background) of each dataset
+FUSIONS = (*((PASCAL, f) for f in (VGG, PYRAMID, *map(sweep, (1, 2, 4, 6)))), (NYUD, VGG))
+QUICK_FUSIONS = ((PASCAL, sweep(1)), (PASCAL, sweep(2)))
 
 
 @dataclass(frozen=True)
 class Case:
-    """One benchmark: an impl of the op in one mode on inputs of one fusion, dtype and device."""
+    """One benchmark: an impl of the op in one mode on inputs of one fusion of ``channels`` score
+    channels, dtype and device."""
 
     device: str
     dtype: torch.dtype
+    channels: int
     fusion: Fusion
     mode: str
     impl: str
@@ -93,23 +96,25 @@ class Case:
 
     @property
     def id(self) -> str:
-        fusion = f"{self.fusion.name}{self.fusion.k}"
+        fusion = f"c{self.channels}-{self.fusion.name}{self.fusion.k}"
         return f"{self.device}-{self.dtype_name}-{fusion}-{self.mode}-{self.impl}"
 
     @property
     def group(self) -> str:
-        return f"{self.device} {self.dtype_name} {self.fusion.label} {self.mode}"
+        fusion = f"C={self.channels} {self.fusion.label}"
+        return f"{self.device} {self.dtype_name} {fusion} {self.mode}"
 
-    def numels(self) -> tuple[int, int, int]:
-        """Elements of out, of all the scores, and of weight."""
+    def numels(self) -> tuple[int, int, int, int]:
+        """Elements of out, of all the scores, of weight and of bias."""
+        c = self.channels
         layers = sum(h * w for h, w in self.fusion.layers)
-        return N * C * SIZE[0] * SIZE[1], N * C * layers, self.fusion.k * C
+        return N * c * SIZE[0] * SIZE[1], N * c * layers, self.fusion.k * c, c
 
     def bytes_moved(self) -> int:
         """Bytes ideal fused kernels read and write (module docstring, ``bytes``)."""
-        out, scores, weight = self.numels()
-        forward = scores + weight + C + out
-        backward = out + scores + weight + scores + weight + C
+        out, scores, weight, bias = self.numels()
+        forward = scores + weight + bias + out
+        backward = out + scores + weight + scores + weight + bias
         numel = forward if self.mode == "forward" else forward + backward
         return numel * self.dtype.itemsize
 
@@ -121,10 +126,10 @@ def impls(device: str) -> list[str]:
 def cases(quick: bool) -> list[Case]:
     """Every benchmark of the session, those sharing inputs next to each other."""
     return [
-        Case(device, dtype, fusion, mode, impl)
+        Case(device, dtype, channels, fusion, mode, impl)
         for device in harness.devices()
         for dtype in DTYPES[device]
-        for fusion in (QUICK_FUSIONS if quick else FUSIONS)
+        for channels, fusion in (QUICK_FUSIONS if quick else FUSIONS)
         for mode in MODES
         for impl in impls(device)
     ]
@@ -150,15 +155,15 @@ def pytest_generate_tests(metafunc):
 
 
 @functools.lru_cache(maxsize=1)
-def inputs(device: str, dtype: torch.dtype, fusion: Fusion) -> tuple:
+def inputs(device: str, dtype: torch.dtype, c: int, fusion: Fusion) -> tuple:
     """scores (K tensors), weight, bias, grad_out; kept for the consecutive cases sharing them."""
     generator = torch.Generator(device).manual_seed(0)
 
     def randn(*shape):
         return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
-    scores = [randn(N, C, h, w) for h, w in fusion.layers]
-    return scores, randn(fusion.k, C), randn(C), randn(N, C, *SIZE)
+    scores = [randn(N, c, h, w) for h, w in fusion.layers]
+    return scores, randn(fusion.k, c), randn(c), randn(N, c, *SIZE)
 
 
 def naive_head(
@@ -190,7 +195,7 @@ def make_op(impl: str) -> Callable[..., torch.Tensor]:
 
 def make_call(case: Case, op: Callable[..., torch.Tensor]) -> Callable[[], None]:
     """One synchronized call of ``op`` in ``case.mode`` on the case's inputs."""
-    scores, weight, bias, grad_out = inputs(case.device, case.dtype, case.fusion)
+    scores, weight, bias, grad_out = inputs(case.device, case.dtype, case.channels, case.fusion)
 
     if case.mode == "forward":
 
@@ -228,7 +233,7 @@ def test_skip_fusion(benchmark, case, budget, copy_bandwidth, monkeypatch):
         op="skip_fusion",
         impl=case.impl,
         mode=case.mode,
-        shape=[N, C, *SIZE],
+        shape=[N, case.channels, *SIZE],
         dtype=case.dtype_name,
         K=case.fusion.k,
         layers=[list(hw) for hw in case.fusion.layers],
@@ -240,16 +245,16 @@ def test_skip_fusion(benchmark, case, budget, copy_bandwidth, monkeypatch):
 def test_bytes_moved(mode):
     """The traffic model on one layer as large as the output (K=1): forward 2 maps (scores, out)
     and 2 vectors of C (weight, bias); forward_backward 5 maps and 5 vectors."""
-    case = Case("cpu", torch.float32, Fusion("one", (SIZE,)), mode, "eager")
+    case = Case("cpu", torch.float32, PASCAL, Fusion("one", (SIZE,)), mode, "eager")
     maps, vectors = {"forward": (2, 2), "forward_backward": (5, 5)}[mode]
-    assert case.bytes_moved() == 4 * (maps * N * C * SIZE[0] * SIZE[1] + vectors * C)
+    assert case.bytes_moved() == 4 * PASCAL * (maps * N * SIZE[0] * SIZE[1] + vectors)
 
 
 @pytest.mark.parametrize("fusion", (VGG, PYRAMID), ids=lambda f: f.name)
 def test_naive_head_matches_op(fusion):
     """naive_head computes skip_fusion: same output and same grads (on CPU, in float64 so that
     the different orders of summation agree to float64's default tolerance)."""
-    scores, weight, bias, grad_out = inputs("cpu", torch.float64, fusion)
+    scores, weight, bias, grad_out = inputs("cpu", torch.float64, PASCAL, fusion)
     results = []
     for op in (naive_head, skip_fusion):
         leaves = [t.detach().requires_grad_() for t in (*scores, weight, bias)]
@@ -266,11 +271,10 @@ def test_fused_memory_flat_in_k(fused, monkeypatch):
     monkeypatch.setenv("MTLFAST_BACKEND", backend)
     extra = {}
     for k in (1, 6):
-        case = Case(device, torch.float32, sweep(k), "forward_backward", backend)
+        case = Case(device, torch.float32, PASCAL, sweep(k), "forward_backward", backend)
         call = make_call(case, skip_fusion)
         call()
-        out, scores, weight = case.numels()
-        required = (out + scores + weight + C) * case.dtype.itemsize  # out, the grads
+        required = sum(case.numels()) * case.dtype.itemsize  # out, the grads of the inputs
         extra[k] = harness.peak_mem_bytes(call, device) - required
     out_bytes = case.numels()[0] * case.dtype.itemsize
     assert extra[6] <= 1.1 * extra[1] + out_bytes / 16, extra
