@@ -1,5 +1,5 @@
-"""Measurement helpers shared by the benchmark suites: device names, timing, copy bandwidth,
-peak memory and the round budget."""
+"""Measurement helpers shared by the benchmark suites: devices and fused backends to benchmark,
+device names, timing, copy bandwidth, peak memory, the round budget, and one benchmark's run."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 __all__ = [
-    "Budget", "FULL", "QUICK", "is_quick", "CpuTimes",
-    "device_name", "synchronize", "time_once", "copy_gbps", "peak_mem_bytes",
+    "Budget", "FULL", "QUICK", "is_quick", "CpuTimes", "devices", "fused_backends",
+    "device_name", "synchronize", "time_once", "copy_gbps", "peak_mem_bytes", "measure",
 ]
 
 
@@ -82,6 +82,23 @@ def _machine_busy_seconds() -> float | None:
         return None
     user, nice, system, _idle, _iowait, irq, softirq, steal = fields
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+INTERPRETED = frozenset({("cpu", "triton")})  # (device, backend) pairs only run in an interpreter
+
+
+def devices() -> list[str]:
+    """cpu, and cuda when torch sees a GPU."""
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+def fused_backends(device: str) -> list[str]:
+    """The mtlfast backends benchmarked on ``device``: every one ``available_backends`` lists here
+    but ``reference`` and interpreted ones (Triton on CPU is a correctness tool)."""
+    from mtlfast.ops import available_backends
+
+    backends = available_backends(device)
+    return [b for b in backends if b != "reference" and (device, b) not in INTERPRETED]
 
 
 @functools.lru_cache(maxsize=None)
@@ -156,3 +173,36 @@ def peak_mem_bytes(fn: Callable[[], object], device: str) -> int:
         running += event.nbytes()
         peak = max(peak, running)
     return peak
+
+
+def measure(
+    benchmark,
+    call: Callable[[], object],
+    *,
+    device: str,
+    nbytes: int,
+    budget: Budget,
+    copy_bandwidth: Callable[[str, int], float],
+    **info,
+) -> None:
+    """Benchmark ``call`` (one synchronized call of an impl) as bench_attention_distill.py does.
+
+    One untimed call first (lazy initialisation, compilation of forward and backward), two timed
+    to size the rounds by ``budget`` (by the slower: one call made fast or slow by other work on
+    the machine must not size a run of 1000 slow rounds), one for the peak memory; then
+    pytest-benchmark's rounds, those four calls being their warm-up. ``extra_info`` gets ``info``
+    and the figures of the docstring of ``benchmarks/bench_attention_distill.py``: device,
+    device_name, bytes (``nbytes``, the ideal traffic), peak_mem_bytes, gbps, copy_gbps,
+    copy_fraction.
+    """
+    call()
+    seconds = max(time_once(call), time_once(call))
+    peak = peak_mem_bytes(call, device)
+    benchmark.extra_info.update(info, device=device, device_name=device_name(device), bytes=nbytes,
+                                peak_mem_bytes=peak)
+    benchmark.pedantic(call, rounds=budget.rounds(seconds), warmup_rounds=0)
+    if not benchmark.stats:  # --benchmark-disable: one plain call, nothing measured
+        return
+    gbps = nbytes / benchmark.stats.stats.median / 1e9
+    copy = copy_bandwidth(device, nbytes)
+    benchmark.extra_info.update(gbps=gbps, copy_gbps=copy, copy_fraction=gbps / copy)

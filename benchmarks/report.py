@@ -4,14 +4,17 @@
     python -m benchmarks.report RESULTS.json [--markdown]
 
 RESULTS.json comes from ``pytest benchmarks --benchmark-json=RESULTS.json``. For every
-(op, device, dtype, shape, mode) the report prints one row per impl: median time, GB/s of the
-ideal traffic, that bandwidth as a % of a plain device copy moving as many bytes, speed-up over
-``eager`` and over ``compile`` (their median time over the impl's), and peak extra memory (what
-each figure means: ``benchmarks/bench_attention_distill.py``). Then one line per fused backend
-against its targets:
+(op, device, dtype, shape, variant, mode) the report prints one row per impl: median time, GB/s
+of the ideal traffic, that bandwidth as a % of a plain device copy moving as many bytes,
+speed-up over each baseline of the group (``eager_loop``, ``naive_head``, ``eager``,
+``compile``: its median time over the impl's), and peak extra memory (what each figure means:
+``benchmarks/bench_attention_distill.py``). Then one line per fused backend against its targets
+(``TARGETS``):
 
-* CPU: >= 2x ``eager`` and >= 1.0x ``compile``;
-* CUDA: >= 80% of copy bandwidth and >= 1.3x ``compile``.
+* CPU: >= 2x ``eager`` (``task_se``: >= 2x ``eager_loop``, ASTMT's per-task loop) and
+  >= 1.0x ``compile``;
+* CUDA: >= 80% of copy bandwidth and >= 1.3x ``compile``;
+* ``skip_fusion`` at K=6 layers, forward_backward: peak extra memory <= 1/4 of ``naive_head``'s.
 
 It is a report: the exit status is 0 whatever the targets say (2 for unusable arguments).
 Only the standard library is used, so it runs anywhere the JSON is.
@@ -26,30 +29,50 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-BASELINES = ("eager", "compile")
+BASELINES = ("eager_loop", "naive_head", "eager", "compile")
 BUSY_FRACTION = 0.05  # share of the CPU taken by other work above which timings are suspect
 
 
 @dataclass(frozen=True)
 class Target:
-    """A lower bound on one of a row's figures (``Row.figures``)."""
+    """A bound on one of a fused row's figures (``Row.figures``), for the benchmarks whose
+    extra_info matches the fields that are set."""
 
     figure: str
-    minimum: float
+    bound: float
+    upper: bool = False  # figure <= bound; else figure >= bound
+    device: str | None = None
+    ops: tuple[str, ...] = ()
+    mode: str | None = None
+    k: int | None = None  # extra_info's K (skip_fusion's number of layers)
+
+    def applies(self, info: dict) -> bool:
+        wanted = (("device", self.device), ("mode", self.mode), ("K", self.k))
+        return (not self.ops or info["op"] in self.ops) and all(
+            value is None or info.get(key) == value for key, value in wanted
+        )
 
     def describe(self, value: float | None) -> str:
         verdict = "" if self.met(value) else " FAIL"
-        bound = _format(self.figure, self.minimum)
-        return f"{self.figure} {_format(self.figure, value)} (>= {bound}){verdict}"
+        relation = "<=" if self.upper else ">="
+        bound = _format(self.figure, self.bound)
+        return f"{self.figure} {_format(self.figure, value)} ({relation} {bound}){verdict}"
 
     def met(self, value: float | None) -> bool:
-        return value is not None and value >= self.minimum
+        if value is None:
+            return False
+        return value <= self.bound if self.upper else value >= self.bound
 
 
-TARGETS = {
-    "cpu": (Target("vs eager", 2.0), Target("vs compile", 1.0)),
-    "cuda": (Target("% copy", 0.8), Target("vs compile", 1.3)),
-}
+TARGETS = (
+    Target("vs eager", 2.0, device="cpu", ops=("attention_distill", "skip_fusion")),
+    Target("vs eager_loop", 2.0, device="cpu", ops=("task_se",)),
+    Target("vs compile", 1.0, device="cpu"),
+    Target("% copy", 0.8, device="cuda"),
+    Target("vs compile", 1.3, device="cuda"),
+    Target("peak / naive_head", 0.25, upper=True, ops=("skip_fusion",), mode="forward_backward",
+           k=6),
+)
 
 
 @dataclass(frozen=True)
@@ -61,25 +84,31 @@ class Row:
     gbps: float | None
     copy_fraction: float | None
     peak_mem_bytes: int | None
+    info: dict  # the benchmark's extra_info
 
     def figures(self, by_impl: dict[str, Row]) -> dict[str, float | None]:
-        """The table's figures, the speed-ups against the baselines of the same group."""
-
-        def speedup(baseline: str) -> float | None:
-            base = by_impl.get(baseline)
-            return None if base is None else base.median_s / self.median_s
-
-        return {
+        """The table's figures, the speed-ups against the baselines of the same group, and the
+        ratios of peak memory to theirs ("peak / <baseline>")."""
+        figures = {
             "median ms": 1e3 * self.median_s,
             "GB/s": self.gbps,
             "% copy": self.copy_fraction,
-            "vs eager": speedup("eager"),
-            "vs compile": speedup("compile"),
             "peak MiB": None if self.peak_mem_bytes is None else self.peak_mem_bytes / 2**20,
         }
+        for name in BASELINES:
+            base = by_impl.get(name)
+            figures[f"vs {name}"] = None if base is None else base.median_s / self.median_s
+            peaks = None if base is None else (self.peak_mem_bytes, base.peak_mem_bytes)
+            usable = peaks is not None and None not in peaks and peaks[1] > 0
+            figures[f"peak / {name}"] = peaks[0] / peaks[1] if usable else None
+        return figures
 
 
-COLUMNS = ("median ms", "GB/s", "% copy", "vs eager", "vs compile", "peak MiB")
+def columns(rows: list[Row]) -> tuple[str, ...]:
+    """The table's columns: a speed-up for each baseline among ``rows``."""
+    present = {r.impl for r in rows}
+    speedups = [f"vs {name}" for name in BASELINES if name in present]
+    return ("median ms", "GB/s", "% copy", *speedups, "peak MiB")
 
 
 def _format(figure: str, value: float | None) -> str:
@@ -89,28 +118,34 @@ def _format(figure: str, value: float | None) -> str:
         return f"{100 * value:.0f}%"
     if figure.startswith("vs "):
         return f"{value:.2f}x"
+    if figure.startswith("peak / "):
+        return f"{value:.2f}"
     return f"{value:.3f}" if figure == "median ms" else f"{value:.1f}"
 
 
 @dataclass(frozen=True)
 class Group:
-    """The benchmarks of one op on one device, dtype, shape and mode."""
+    """The benchmarks of one op on one device, dtype, shape, variant and mode; the variant
+    (extra_info's, may be empty) tells apart cases of one shape, e.g. skip_fusion's layers."""
 
     op: str
     device: str
     device_name: str
     dtype: str
     shape: tuple[int, ...]
+    variant: str
     mode: str
 
     def title(self) -> str:
         device = f"{self.device} ({self.device_name})"
         shape = "x".join(map(str, self.shape))
-        return " · ".join((self.op, device, self.dtype, shape, self.mode))
+        parts = (self.op, device, self.dtype, shape, self.variant, self.mode)
+        return " · ".join(p for p in parts if p)
 
     def sort_key(self) -> tuple:
         size = math.prod(self.shape)
-        return (self.op, self.device, self.device_name, self.dtype, size, self.shape, self.mode)
+        return (self.op, self.device, self.device_name, self.dtype, size, self.shape, self.variant,
+                self.mode)
 
 
 def load(path: str) -> tuple[dict, dict[Group, list[Row]]]:
@@ -124,10 +159,11 @@ def load(path: str) -> tuple[dict, dict[Group, list[Row]]]:
             continue  # not an op benchmark
         shape = tuple(info["shape"])
         device = (info["device"], info["device_name"])
-        group = Group(info["op"], *device, info["dtype"], shape, info["mode"])
+        group = Group(info["op"], *device, info["dtype"], shape, info.get("variant", ""),
+                      info["mode"])
         median = bench["stats"]["median"]
         figures = (info.get("gbps"), info.get("copy_fraction"), info.get("peak_mem_bytes"))
-        row = Row(info["impl"], median, *figures)
+        row = Row(info["impl"], median, *figures, info)
         groups.setdefault(group, []).append(row)
     return data.get("machine_info", {}), {g: groups[g] for g in sorted(groups, key=Group.sort_key)}
 
@@ -150,7 +186,7 @@ def _table(header: Sequence[str], rows: list[list[str]], markdown: bool) -> list
 
 
 def _impl_order(row: Row) -> tuple:
-    """Fused backends first, then eager, then compile."""
+    """Fused backends first, then the baselines in ``BASELINES``'s order."""
     baseline = row.impl in BASELINES
     return (baseline, BASELINES.index(row.impl) if baseline else -1, row.impl)
 
@@ -178,13 +214,14 @@ def render(machine_info: dict, groups: dict[Group, list[Row]], markdown: bool) -
         rows = sorted(rows, key=_impl_order)
         by_impl = {r.impl: r for r in rows}
         lines += [f"### {group.title()}" if markdown else f"== {group.title()}", ""]
-        table = [[r.impl] + [_format(c, r.figures(by_impl)[c]) for c in COLUMNS] for r in rows]
-        lines += _table(("impl", *COLUMNS), table, markdown) + [""]
+        names = columns(rows)
+        table = [[r.impl] + [_format(c, r.figures(by_impl)[c]) for c in names] for r in rows]
+        lines += _table(("impl", *names), table, markdown) + [""]
         fused = [r for r in rows if r.impl not in BASELINES]
         if not fused:
             lines.append("targets: no fused backend in this run")
         for r in fused:
-            targets = TARGETS.get(group.device, ())
+            targets = [t for t in TARGETS if t.applies(r.info)]
             figures = r.figures(by_impl)
             passed = all(t.met(figures[t.figure]) for t in targets)
             checked.append((f"{r.impl} on {group.title()}", passed))
