@@ -114,6 +114,9 @@ auto at_span(const Operand<Ptr>& o, const Span& sp) {
   return static_cast<Elem*>(o.data) + sp.n * o.stride_n + sp.t * o.stride_t + sp.begin;
 }
 
+// Each vector position is finished across all sources while it sits in registers: every input is
+// read once and out written once, with no accumulator round trip through memory. The 2S + 1 read
+// streams are all sequential, which the prefetchers follow well.
 template <typename T>
 void fwd(const FwdArgs& a, int64_t begin, int64_t end) {
   using St = Step<T>;
@@ -139,36 +142,34 @@ void fwd(const FwdArgs& a, int64_t begin, int64_t end) {
   }
 }
 
+// Unlike fwd, sources are the outer loop within a chunk (the grad_out chunk is reread from L1):
+// finishing all sources per vector would keep 2S write streams in flight next to 2S + 1 read
+// streams, which measured 20-40% slower than two reads and two writes at a time.
 template <typename T>
 void bwd(const BwdArgs& a, int64_t begin, int64_t end) {
   using St = Step<T>;
   using V = typename St::V;
   const V one(typename St::Acc(1));
-  const int64_t S = a.work.S;
-  const int64_t mask_s = a.mask_logits.stride_s;
-  const int64_t msg_s = a.messages.stride_s;
-  const int64_t gmask_s = a.grad_mask_logits.stride_s;
-  const int64_t gmsg_s = a.grad_messages.stride_s;
   for (int64_t item = begin; item < end; ++item) {
     const Span sp = span_of(a.work, item);
     const T* grad_out = at_span<T>(a.grad_out, sp);
-    const T* mask = at_span<T>(a.mask_logits, sp);
-    const T* msg = at_span<T>(a.messages, sp);
-    T* grad_mask = at_span<T>(a.grad_mask_logits, sp);
-    T* grad_msg = at_span<T>(a.grad_messages, sp);
-    for_each_step<St::kStep>(sp.len, [&](int64_t p, int64_t count) {
-      const auto [g0, g1] = St::load(grad_out + p, count);
-      for (int64_t s = 0; s < S; ++s) {
-        const auto [m0, m1] = St::load(mask + s * mask_s + p, count);
-        const auto [v0, v1] = St::load(msg + s * msg_s + p, count);
+    for (int64_t s = 0; s < a.work.S; ++s) {
+      const T* mask = at_span<T>(a.mask_logits, sp) + s * a.mask_logits.stride_s;
+      const T* msg = at_span<T>(a.messages, sp) + s * a.messages.stride_s;
+      T* grad_mask = at_span<T>(a.grad_mask_logits, sp) + s * a.grad_mask_logits.stride_s;
+      T* grad_msg = at_span<T>(a.grad_messages, sp) + s * a.grad_messages.stride_s;
+      for_each_step<St::kStep>(sp.len, [&](int64_t p, int64_t count) {
+        const auto [g0, g1] = St::load(grad_out + p, count);
+        const auto [m0, m1] = St::load(mask + p, count);
+        const auto [v0, v1] = St::load(msg + p, count);
         const V sig0 = sigmoid(m0);
         const V sig1 = sigmoid(m1);
         const V gv0 = g0 * sig0;
         const V gv1 = g1 * sig1;
-        St::store(grad_msg + s * gmsg_s + p, gv0, gv1, count);
-        St::store(grad_mask + s * gmask_s + p, gv0 * v0 * (one - sig0), gv1 * v1 * (one - sig1), count);
-      }
-    });
+        St::store(grad_msg + p, gv0, gv1, count);
+        St::store(grad_mask + p, gv0 * v0 * (one - sig0), gv1 * v1 * (one - sig1), count);
+      });
+    }
   }
 }
 
