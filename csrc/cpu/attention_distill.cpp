@@ -10,6 +10,7 @@
 #include <array>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "cpu/attention_distill.h"
 
@@ -109,7 +110,12 @@ bool is_dense_block(const at::Tensor& t) {
       dims[n++] = {t.stride(d), t.size(d)};
     }
   }
-  std::sort(dims.begin(), dims.begin() + n);
+  // Insertion sort: std::sort on this partly used array trips GCC 12's -Warray-bounds.
+  for (int64_t i = 1; i < n; ++i) {
+    for (int64_t j = i; j > 0 && dims[j - 1].first > dims[j].first; --j) {
+      std::swap(dims[j - 1], dims[j]);
+    }
+  }
   int64_t expected = 1;
   for (int64_t i = 0; i < n; ++i) {
     if (dims[i].first != expected) {

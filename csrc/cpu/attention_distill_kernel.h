@@ -11,9 +11,16 @@
 // every input is read once and every output written once, in fp32 (fp64 for double) registers.
 #pragma once
 
+// at::vec's headers trip GCC warnings that are noise here: the AVX512 intrinsics' self-initialised
+// placeholder vectors read as maybe uninitialised, and -Wpsabi flags lambda thunks (compiled
+// without the target pragma) of operators this file never uses.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wpsabi"
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#pragma GCC diagnostic pop
 
 #include <algorithm>
 #include <cmath>
