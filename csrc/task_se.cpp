@@ -11,6 +11,8 @@
 //   backward_gate:   g' = grad_out * (out > 0 if relu else 1), out recomputed from x, gate, residual;
 //                    grad_gate[n,c] = sum_hw g' * x;  grad_residual = g' (when given)
 //   backward_input:  grad_x = g' * gate[n,c] + grad_pooled[n,c] / (H*W)
+#include <torch/library.h>
+
 TORCH_LIBRARY_FRAGMENT(mtlfast_C, m) {
   m.def("task_se_pool(Tensor x, Tensor(a!) pooled) -> ()");
   m.def("task_se_scale(Tensor x, Tensor gate, Tensor? residual, bool relu, Tensor(a!) out) -> ()");

@@ -3,7 +3,6 @@
 // arithmetic lives in attention_distill_kernel.h, compiled once per instruction set.
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -13,6 +12,7 @@
 #include <vector>
 
 #include "cpu/attention_distill.h"
+#include "cpu/isa.h"
 
 namespace mtlfast::cpu {
 namespace {
@@ -23,28 +23,6 @@ constexpr int64_t kChunk = 2048;
 
 // Element reads + writes per parallel task below which starting threads costs more than it saves.
 constexpr int64_t kGrainTouched = 32768;
-
-enum class Isa { DEFAULT, AVX2, AVX512 };
-
-Isa detect_isa() {
-#if defined(__x86_64__)
-  // ATen's choice for its own CPU kernels, so ATEN_CPU_CAPABILITY steers ours too. The enum-valued
-  // at::native::get_cpu_capability() is not exported by libtorch; this string-valued one is.
-  const std::string capability = at::get_cpu_capability();
-  if (capability == "AVX512") {
-    return Isa::AVX512;
-  }
-  if (capability == "AVX2") {
-    return Isa::AVX2;
-  }
-#endif
-  return Isa::DEFAULT;
-}
-
-Isa isa() {
-  static const Isa chosen = detect_isa();
-  return chosen;
-}
 
 const IsaKernels& isa_kernels() {
   static const IsaKernels table = [] {
@@ -60,17 +38,6 @@ const IsaKernels& isa_kernels() {
     }
   }();
   return table;
-}
-
-std::string cpu_isa() {
-  switch (isa()) {
-    case Isa::AVX512:
-      return "avx512";
-    case Isa::AVX2:
-      return "avx2";
-    default:
-      return "default";
-  }
 }
 
 const DtypeKernels& dtype_kernels(const char* op, at::ScalarType dtype) {
@@ -242,7 +209,3 @@ TORCH_LIBRARY_IMPL(mtlfast_C, CPU, m) {
   m.impl("attention_distill_bwd", &mtlfast::cpu::attention_distill_bwd);
 }
 
-// cpu_isa has no tensor argument to dispatch on, so it is registered for every backend.
-TORCH_LIBRARY_IMPL(mtlfast_C, CompositeExplicitAutograd, m) {
-  m.impl("cpu_isa", &mtlfast::cpu::cpu_isa);
-}
