@@ -51,18 +51,16 @@ __device__ __forceinline__ void unpack_words(const unsigned (&words)[N], float (
   }
 }
 
+// ORs the packed floats into words, which the caller zero-initializes: zeroing them here instead
+// changes how nvcc unrolls attention_distill's source loop.
 template <typename T, int V, int N>
 __device__ __forceinline__ void pack_words(const float (&x)[V], unsigned (&words)[N]) {
   static_assert(V * sizeof(T) == N * sizeof(unsigned), "V elements fill the N words");
   constexpr int kPerWord = 4 / sizeof(T);
 #pragma unroll
-  for (int w = 0; w < N; ++w) {
-    unsigned word = 0;
-#pragma unroll
-    for (int k = 0; k < kPerWord; ++k) {
-      word |= unsigned(Elem<T>::from_float(x[w * kPerWord + k])) << (8 * sizeof(T) * k);
-    }
-    words[w] = word;
+  for (int i = 0; i < V; ++i) {
+    const unsigned shift = 8 * sizeof(T) * (i % kPerWord);
+    words[i / kPerWord] |= unsigned(Elem<T>::from_float(x[i])) << shift;
   }
 }
 
@@ -103,7 +101,7 @@ __device__ __forceinline__ void store_floats(T* __restrict__ p, const float (&x)
   if constexpr (V == 1) {
     *reinterpret_cast<typename Elem<T>::Bits*>(p) = Elem<T>::from_float(x[0]);
   } else {
-    unsigned words[4];
+    unsigned words[4] = {};
     pack_words<T>(x, words);
     asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(words[0]), "r"(words[1]), "r"(words[2]),
                  "r"(words[3]));
