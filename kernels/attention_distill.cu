@@ -39,11 +39,11 @@ __device__ __forceinline__ int64_t offset(const OuterStrides& st, const BlockSpa
   return sp.n * st.n + sp.t * st.t + sp.start;
 }
 
-template <typename T, int V>
-__global__ void __launch_bounds__(kMaxThreads)
-    fwd_kernel(DistillShape shape, int64_t n_chunks, const T* __restrict__ feats, OuterStrides fs,
-               const T* __restrict__ mask, OuterStrides ms, const T* __restrict__ msg, OuterStrides gs,
-               T* __restrict__ out, OuterStrides os) {
+// Calls body(at) for every block of the flat block space that this thread's block visits and in
+// which the thread has elements; at(strides) is the offset of the thread's first element in a
+// tensor of those outer strides.
+template <int V, typename Body>
+__device__ __forceinline__ void for_each_block(const DistillShape& shape, int64_t n_chunks, Body&& body) {
   const int64_t chunk_elems = int64_t(blockDim.x) * V;
   const int64_t lane = int64_t(threadIdx.x) * V;
   const int64_t n_blocks = shape.n * shape.t * n_chunks;
@@ -51,10 +51,20 @@ __global__ void __launch_bounds__(kMaxThreads)
   for (int64_t b = blockIdx.x; b < n_blocks; b += gridDim.x) {
     const BlockSpan sp = block_span(b, n_chunks, chunk_elems, shape);
     if (lane >= sp.remaining) continue;
+    body([&](const OuterStrides& st) { return offset(st, sp) + lane; });
+  }
+}
+
+template <typename T, int V>
+__global__ void __launch_bounds__(kMaxThreads)
+    fwd_kernel(DistillShape shape, int64_t n_chunks, const T* __restrict__ feats, OuterStrides fs,
+               const T* __restrict__ mask, OuterStrides ms, const T* __restrict__ msg, OuterStrides gs,
+               T* __restrict__ out, OuterStrides os) {
+  for_each_block<V>(shape, n_chunks, [&](const auto& at) {
     float acc[V];
-    load_floats<T, V>(feats + offset(fs, sp) + lane, acc);
-    const T* m = mask + offset(ms, sp) + lane;
-    const T* g = msg + offset(gs, sp) + lane;
+    load_floats<T, V>(feats + at(fs), acc);
+    const T* m = mask + at(ms);
+    const T* g = msg + at(gs);
 #pragma unroll 4
     for (int64_t s = 0; s < shape.s; ++s) {
       float logit[V], x[V];
@@ -63,8 +73,8 @@ __global__ void __launch_bounds__(kMaxThreads)
 #pragma unroll
       for (int i = 0; i < V; ++i) acc[i] += fast_sigmoid(logit[i]) * x[i];
     }
-    store_floats<T, V>(out + offset(os, sp) + lane, acc);
-  }
+    store_floats<T, V>(out + at(os), acc);
+  });
 }
 
 template <typename T, int V>
@@ -72,18 +82,13 @@ __global__ void __launch_bounds__(kMaxThreads)
     bwd_kernel(DistillShape shape, int64_t n_chunks, const T* __restrict__ grad_out, OuterStrides gos,
                const T* __restrict__ mask, OuterStrides ms, const T* __restrict__ msg, OuterStrides gs,
                T* __restrict__ grad_mask, OuterStrides gms, T* __restrict__ grad_msg, OuterStrides ggs) {
-  const int64_t chunk_elems = int64_t(blockDim.x) * V;
-  const int64_t lane = int64_t(threadIdx.x) * V;
-  const int64_t n_blocks = shape.n * shape.t * n_chunks;
-  for (int64_t b = blockIdx.x; b < n_blocks; b += gridDim.x) {
-    const BlockSpan sp = block_span(b, n_chunks, chunk_elems, shape);
-    if (lane >= sp.remaining) continue;
+  for_each_block<V>(shape, n_chunks, [&](const auto& at) {
     float g[V];
-    load_floats<T, V>(grad_out + offset(gos, sp) + lane, g);
-    const T* m = mask + offset(ms, sp) + lane;
-    const T* x = msg + offset(gs, sp) + lane;
-    T* dm = grad_mask + offset(gms, sp) + lane;
-    T* dx = grad_msg + offset(ggs, sp) + lane;
+    load_floats<T, V>(grad_out + at(gos), g);
+    const T* m = mask + at(ms);
+    const T* x = msg + at(gs);
+    T* dm = grad_mask + at(gms);
+    T* dx = grad_msg + at(ggs);
 #pragma unroll 4
     for (int64_t s = 0; s < shape.s; ++s) {
       float logit[V], xs[V], d_mask[V], d_msg[V];
@@ -98,7 +103,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       store_floats<T, V>(dm + s * gms.s, d_mask);
       store_floats<T, V>(dx + s * ggs.s, d_msg);
     }
-  }
+  });
 }
 
 // Launch geometry for inner blocks of p elements moved v at a time: narrow blocks for tiny p so
