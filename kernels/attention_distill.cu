@@ -3,6 +3,8 @@
 // loops over the S sources; math in float, 16-byte vector accesses when alignment allows.
 #include "attention_distill.cuh"
 
+#include "common.cuh"
+
 #include <algorithm>
 #include <climits>
 #include <initializer_list>
@@ -10,77 +12,13 @@
 namespace mtlfast::cuda {
 namespace {
 
-constexpr int kMaxThreads = 256;
-constexpr int kVecBytes = 16;
+using namespace detail;
 
-// Bit image of one element and its conversions to and from float.
-template <typename T>
-struct Elem;
-template <>
-struct Elem<float> {
-  using Bits = unsigned int;
-  static __device__ __forceinline__ float to_float(Bits b) { return __uint_as_float(b); }
-  static __device__ __forceinline__ Bits from_float(float x) { return __float_as_uint(x); }
-};
-template <>
-struct Elem<__half> {
-  using Bits = unsigned short;
-  static __device__ __forceinline__ float to_float(Bits b) { return __half2float(__ushort_as_half(b)); }
-  static __device__ __forceinline__ Bits from_float(float x) { return __half_as_ushort(__float2half_rn(x)); }
-};
-template <>
-struct Elem<__nv_bfloat16> {
-  using Bits = unsigned short;
-  static __device__ __forceinline__ float to_float(Bits b) { return __bfloat162float(__ushort_as_bfloat16(b)); }
-  static __device__ __forceinline__ Bits from_float(float x) {
-    return __bfloat16_as_ushort(__float2bfloat16_rn(x));
-  }
-};
+constexpr int kMaxThreads = 256;
 
 // MUFU exp + reciprocal; saturates cleanly to 0 / 1 (1/inf = 0), which is all the op needs.
 __device__ __forceinline__ float fast_sigmoid(float x) {
   return __fdividef(1.0f, 1.0f + __expf(-x));
-}
-
-// V consecutive elements in float registers. V == 1 is the scalar path; otherwise V elements are
-// one 16-byte access, (un)packed from four 32-bit words by shifts. The vector store is explicit
-// PTX because nvcc splits a plain uint4 store of computed words into four 32-bit STGs.
-template <typename T, int V>
-__device__ __forceinline__ void load_floats(const T* __restrict__ p, float (&x)[V]) {
-  using Bits = typename Elem<T>::Bits;
-  if constexpr (V == 1) {
-    x[0] = Elem<T>::to_float(*reinterpret_cast<const Bits*>(p));
-  } else {
-    static_assert(V * sizeof(T) == sizeof(uint4), "vector path moves 16 bytes");
-    constexpr int kPerWord = 4 / sizeof(T);
-    const uint4 w = *reinterpret_cast<const uint4*>(p);
-    const unsigned words[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-    for (int i = 0; i < V; ++i) {
-      const unsigned shift = 8 * sizeof(T) * (i % kPerWord);  // element 0 sits in the low bits
-      x[i] = Elem<T>::to_float(Bits(words[i / kPerWord] >> shift));
-    }
-  }
-}
-
-template <typename T, int V>
-__device__ __forceinline__ void store_floats(T* __restrict__ p, const float (&x)[V]) {
-  using Bits = typename Elem<T>::Bits;
-  if constexpr (V == 1) {
-    *reinterpret_cast<Bits*>(p) = Elem<T>::from_float(x[0]);
-  } else {
-    constexpr int kPerWord = 4 / sizeof(T);
-    unsigned words[4] = {0, 0, 0, 0};
-#pragma unroll
-    for (int i = 0; i < V; ++i) {
-      const unsigned shift = 8 * sizeof(T) * (i % kPerWord);
-      words[i / kPerWord] |= unsigned(Elem<T>::from_float(x[i])) << shift;
-    }
-    // No "memory" clobber: nothing in these kernels reads what they store, and leaving it out
-    // lets the next source's loads be hoisted above this store.
-    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(words[0]), "r"(words[1]), "r"(words[2]),
-                 "r"(words[3]));
-  }
 }
 
 // Where block b of the flat (pair-major, chunk-minor) block space starts reading, and how many
@@ -101,11 +39,11 @@ __device__ __forceinline__ int64_t offset(const OuterStrides& st, const BlockSpa
   return sp.n * st.n + sp.t * st.t + sp.start;
 }
 
-template <typename T, int V>
-__global__ void __launch_bounds__(kMaxThreads)
-    fwd_kernel(DistillShape shape, int64_t n_chunks, const T* __restrict__ feats, OuterStrides fs,
-               const T* __restrict__ mask, OuterStrides ms, const T* __restrict__ msg, OuterStrides gs,
-               T* __restrict__ out, OuterStrides os) {
+// Calls body(at) for every block of the flat block space that this thread's block visits and in
+// which the thread has elements; at(strides) is the offset of the thread's first element in a
+// tensor of those outer strides.
+template <int V, typename Body>
+__device__ __forceinline__ void for_each_block(const DistillShape& shape, int64_t n_chunks, Body&& body) {
   const int64_t chunk_elems = int64_t(blockDim.x) * V;
   const int64_t lane = int64_t(threadIdx.x) * V;
   const int64_t n_blocks = shape.n * shape.t * n_chunks;
@@ -113,10 +51,20 @@ __global__ void __launch_bounds__(kMaxThreads)
   for (int64_t b = blockIdx.x; b < n_blocks; b += gridDim.x) {
     const BlockSpan sp = block_span(b, n_chunks, chunk_elems, shape);
     if (lane >= sp.remaining) continue;
+    body([&](const OuterStrides& st) { return offset(st, sp) + lane; });
+  }
+}
+
+template <typename T, int V>
+__global__ void __launch_bounds__(kMaxThreads)
+    fwd_kernel(DistillShape shape, int64_t n_chunks, const T* __restrict__ feats, OuterStrides fs,
+               const T* __restrict__ mask, OuterStrides ms, const T* __restrict__ msg, OuterStrides gs,
+               T* __restrict__ out, OuterStrides os) {
+  for_each_block<V>(shape, n_chunks, [&](const auto& at) {
     float acc[V];
-    load_floats<T, V>(feats + offset(fs, sp) + lane, acc);
-    const T* m = mask + offset(ms, sp) + lane;
-    const T* g = msg + offset(gs, sp) + lane;
+    load_floats<T, V>(feats + at(fs), acc);
+    const T* m = mask + at(ms);
+    const T* g = msg + at(gs);
 #pragma unroll 4
     for (int64_t s = 0; s < shape.s; ++s) {
       float logit[V], x[V];
@@ -125,8 +73,8 @@ __global__ void __launch_bounds__(kMaxThreads)
 #pragma unroll
       for (int i = 0; i < V; ++i) acc[i] += fast_sigmoid(logit[i]) * x[i];
     }
-    store_floats<T, V>(out + offset(os, sp) + lane, acc);
-  }
+    store_floats<T, V>(out + at(os), acc);
+  });
 }
 
 template <typename T, int V>
@@ -134,18 +82,13 @@ __global__ void __launch_bounds__(kMaxThreads)
     bwd_kernel(DistillShape shape, int64_t n_chunks, const T* __restrict__ grad_out, OuterStrides gos,
                const T* __restrict__ mask, OuterStrides ms, const T* __restrict__ msg, OuterStrides gs,
                T* __restrict__ grad_mask, OuterStrides gms, T* __restrict__ grad_msg, OuterStrides ggs) {
-  const int64_t chunk_elems = int64_t(blockDim.x) * V;
-  const int64_t lane = int64_t(threadIdx.x) * V;
-  const int64_t n_blocks = shape.n * shape.t * n_chunks;
-  for (int64_t b = blockIdx.x; b < n_blocks; b += gridDim.x) {
-    const BlockSpan sp = block_span(b, n_chunks, chunk_elems, shape);
-    if (lane >= sp.remaining) continue;
+  for_each_block<V>(shape, n_chunks, [&](const auto& at) {
     float g[V];
-    load_floats<T, V>(grad_out + offset(gos, sp) + lane, g);
-    const T* m = mask + offset(ms, sp) + lane;
-    const T* x = msg + offset(gs, sp) + lane;
-    T* dm = grad_mask + offset(gms, sp) + lane;
-    T* dx = grad_msg + offset(ggs, sp) + lane;
+    load_floats<T, V>(grad_out + at(gos), g);
+    const T* m = mask + at(ms);
+    const T* x = msg + at(gs);
+    T* dm = grad_mask + at(gms);
+    T* dx = grad_msg + at(ggs);
 #pragma unroll 4
     for (int64_t s = 0; s < shape.s; ++s) {
       float logit[V], xs[V], d_mask[V], d_msg[V];
@@ -160,7 +103,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       store_floats<T, V>(dm + s * gms.s, d_mask);
       store_floats<T, V>(dx + s * ggs.s, d_msg);
     }
-  }
+  });
 }
 
 // Launch geometry for inner blocks of p elements moved v at a time: narrow blocks for tiny p so
@@ -179,11 +122,6 @@ Geometry geometry(const DistillShape& shape, int v) {
   return {threads, n_chunks, unsigned(blocks)};
 }
 
-template <typename T>
-bool aligned(const T* p) {
-  return reinterpret_cast<uintptr_t>(p) % kVecBytes == 0;
-}
-
 // A stride only moves the address when its dimension has more than one index.
 bool stride_ok(int64_t stride, int64_t size, int64_t vec) {
   return size <= 1 || stride % vec == 0;
@@ -191,13 +129,10 @@ bool stride_ok(int64_t stride, int64_t size, int64_t vec) {
 
 // True when every (n, t, s) inner block starts on a 16-byte boundary and P fills whole vectors.
 template <typename T>
-bool vectorizable(const DistillShape& shape, std::initializer_list<const T*> ptrs,
+bool vectorizable(const DistillShape& shape, std::initializer_list<const void*> ptrs,
                   std::initializer_list<OuterStrides> strides) {
   constexpr int64_t vec = kVecBytes / sizeof(T);
-  if (shape.p % vec != 0) return false;
-  for (const T* p : ptrs) {
-    if (!aligned(p)) return false;
-  }
+  if (shape.p % vec != 0 || !aligned(ptrs)) return false;
   for (const OuterStrides& st : strides) {
     if (!stride_ok(st.n, shape.n, vec) || !stride_ok(st.t, shape.t, vec) || !stride_ok(st.s, shape.s, vec))
       return false;

@@ -6,6 +6,8 @@
 // merges the tile's contributions per source pixel before one atomic add each.
 #include "skip_fusion.cuh"
 
+#include "common.cuh"
+
 #include <algorithm>
 #include <climits>
 #include <type_traits>
@@ -13,34 +15,12 @@
 namespace mtlfast::cuda {
 namespace {
 
+using namespace detail;
+
 constexpr int kThreads = 256;
 constexpr int kRows = 8;
 constexpr int kVec = 4;  // one 16-byte access of float, 8 bytes of a 2-byte type
 constexpr int kMaxLayers = kSkipFusionMaxLayers;
-
-// Bit image of one element and its conversions to and from float.
-template <typename T>
-struct Elem;
-template <>
-struct Elem<float> {
-  using Bits = unsigned int;
-  static __device__ __forceinline__ float to_float(Bits b) { return __uint_as_float(b); }
-  static __device__ __forceinline__ Bits from_float(float x) { return __float_as_uint(x); }
-};
-template <>
-struct Elem<__half> {
-  using Bits = unsigned short;
-  static __device__ __forceinline__ float to_float(Bits b) { return __half2float(__ushort_as_half(b)); }
-  static __device__ __forceinline__ Bits from_float(float x) { return __half_as_ushort(__float2half_rn(x)); }
-};
-template <>
-struct Elem<__nv_bfloat16> {
-  using Bits = unsigned short;
-  static __device__ __forceinline__ float to_float(Bits b) { return __bfloat162float(__ushort_as_bfloat16(b)); }
-  static __device__ __forceinline__ Bits from_float(float x) {
-    return __bfloat16_as_ushort(__float2bfloat16_rn(x));
-  }
-};
 
 template <typename T>
 __device__ __forceinline__ float load1(const T* p) {
@@ -56,7 +36,6 @@ __device__ __forceinline__ void store1(T* p, float x) {
 template <typename T>
 struct Words {
   static constexpr int kCount = kVec * int(sizeof(T)) / 4;
-  static constexpr int kPerWord = 4 / int(sizeof(T));
   using Vector = std::conditional_t<kCount == 4, uint4, uint2>;
 };
 
@@ -70,22 +49,14 @@ __device__ __forceinline__ void load_vec(const T* p, float (&x)[kVec]) {
   } else {
     words[0] = v.x, words[1] = v.y;
   }
-#pragma unroll
-  for (int i = 0; i < kVec; ++i) {
-    const unsigned shift = 8 * sizeof(T) * (i % W::kPerWord);
-    x[i] = Elem<T>::to_float(typename Elem<T>::Bits(words[i / W::kPerWord] >> shift));
-  }
+  unpack_words<T>(words, x);
 }
 
 template <typename T>
 __device__ __forceinline__ void store_vec(T* p, const float (&x)[kVec]) {
   using W = Words<T>;
   unsigned words[W::kCount] = {};
-#pragma unroll
-  for (int i = 0; i < kVec; ++i) {
-    const unsigned shift = 8 * sizeof(T) * (i % W::kPerWord);
-    words[i / W::kPerWord] |= unsigned(Elem<T>::from_float(x[i])) << shift;
-  }
+  pack_words<T>(x, words);
   if constexpr (W::kCount == 4) {
     *reinterpret_cast<uint4*>(p) = make_uint4(words[0], words[1], words[2], words[3]);
   } else {

@@ -5,16 +5,18 @@
 // the base pointers allow.
 #include "task_se.cuh"
 
+#include "common.cuh"
+
 #include <algorithm>
 #include <climits>
-#include <initializer_list>
 #include <type_traits>
 
 namespace mtlfast::cuda {
 namespace {
 
+using namespace detail;
+
 constexpr int kThreads = 256;
-constexpr int kVecBytes = 16;
 constexpr int kMaxVec = kVecBytes / 2;
 // NCHW reductions: planes of up to kTile / 2 elements are packed kTile / next_pow2(HW) to a block;
 // longer ones get a block each.
@@ -24,80 +26,6 @@ constexpr int64_t kTile = 2048;
 constexpr int64_t kChunkBytes = 512;
 constexpr int64_t kTargetBlocks = 2048;
 constexpr int64_t kMinSplitPixels = 16;
-
-// Bit image of one element and its conversions to and from float.
-template <typename T>
-struct Elem;
-template <>
-struct Elem<float> {
-  using Bits = unsigned int;
-  static __device__ __forceinline__ float to_float(Bits b) { return __uint_as_float(b); }
-  static __device__ __forceinline__ Bits from_float(float x) { return __float_as_uint(x); }
-};
-template <>
-struct Elem<__half> {
-  using Bits = unsigned short;
-  static __device__ __forceinline__ float to_float(Bits b) { return __half2float(__ushort_as_half(b)); }
-  static __device__ __forceinline__ Bits from_float(float x) { return __half_as_ushort(__float2half_rn(x)); }
-};
-template <>
-struct Elem<__nv_bfloat16> {
-  using Bits = unsigned short;
-  static __device__ __forceinline__ float to_float(Bits b) { return __bfloat162float(__ushort_as_bfloat16(b)); }
-  static __device__ __forceinline__ Bits from_float(float x) {
-    return __bfloat16_as_ushort(__float2bfloat16_rn(x));
-  }
-};
-
-// V consecutive elements as loaded: their bit image, one 16-byte word (V > 1) or one element.
-// Loads are kept raw until used so that a batch of them costs no more registers than its bytes.
-template <typename T, int V>
-using Raw = std::conditional_t<V == 1, typename Elem<T>::Bits, uint4>;
-
-template <typename T, int V>
-__device__ __forceinline__ Raw<T, V> load_raw(const T* __restrict__ p) {
-  static_assert(V == 1 || V * sizeof(T) == sizeof(uint4), "vector path moves 16 bytes");
-  return *reinterpret_cast<const Raw<T, V>*>(p);
-}
-
-// V elements in float registers, (un)packed from four 32-bit words by shifts when V > 1. The
-// vector store is explicit PTX because nvcc splits a plain uint4 store of computed words into four
-// 32-bit STGs.
-template <typename T, int V>
-__device__ __forceinline__ void unpack(Raw<T, V> raw, float (&x)[V]) {
-  using Bits = typename Elem<T>::Bits;
-  if constexpr (V == 1) {
-    x[0] = Elem<T>::to_float(raw);
-  } else {
-    constexpr int kPerWord = 4 / sizeof(T);
-    const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-    for (int i = 0; i < V; ++i) {
-      const unsigned shift = 8 * sizeof(T) * (i % kPerWord);  // element 0 sits in the low bits
-      x[i] = Elem<T>::to_float(Bits(words[i / kPerWord] >> shift));
-    }
-  }
-}
-
-template <typename T, int V>
-__device__ __forceinline__ void store_floats(T* __restrict__ p, const float (&x)[V]) {
-  using Bits = typename Elem<T>::Bits;
-  if constexpr (V == 1) {
-    *reinterpret_cast<Bits*>(p) = Elem<T>::from_float(x[0]);
-  } else {
-    constexpr int kPerWord = 4 / sizeof(T);
-    unsigned words[4] = {0, 0, 0, 0};
-#pragma unroll
-    for (int i = 0; i < V; ++i) {
-      const unsigned shift = 8 * sizeof(T) * (i % kPerWord);
-      words[i / kPerWord] |= unsigned(Elem<T>::from_float(x[i])) << shift;
-    }
-    // No "memory" clobber: nothing in these kernels reads what they store, and leaving it out
-    // lets later loads be hoisted above this store.
-    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(words[0]), "r"(words[1]), "r"(words[2]),
-                 "r"(words[3]));
-  }
-}
 
 // V floats to shared memory, p 16-byte aligned when V > 1: 128-bit stores avoid the V-way bank
 // conflicts of a lane stride of V words.
@@ -543,14 +471,6 @@ int64_t next_pow2(int64_t v) {
 }
 
 unsigned grid_size(int64_t blocks) { return unsigned(std::clamp<int64_t>(blocks, 1, INT_MAX)); }
-
-// True when every given feature pointer (null: absent operand) is 16-byte aligned.
-bool aligned(std::initializer_list<const void*> ptrs) {
-  for (const void* p : ptrs) {
-    if (p != nullptr && reinterpret_cast<uintptr_t>(p) % kVecBytes != 0) return false;
-  }
-  return true;
-}
 
 // Calls fn with std::integral_constant<int, kVec> when vec, else with <int, 1>.
 template <int kVec, typename Fn>

@@ -1,9 +1,7 @@
 // CUDA backend of mtlfast_C::attention_distill_{fwd,bwd}: checks the layout contract, then runs
 // the launchers of kernels/attention_distill.cu on the current stream.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -11,25 +9,12 @@
 #include <vector>
 
 #include "attention_distill.cuh"
+#include "common.h"
 
 namespace mtlfast {
 namespace {
 
-// Runs fn(T{}) with T the CUDA element type of dtype.
-template <typename Fn>
-void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
-  switch (dtype) {
-    case at::kFloat:
-      return fn(float{});
-    case at::kHalf:
-      return fn(__half{});
-    case at::kBFloat16:
-      return fn(__nv_bfloat16{});
-    default:
-      TORCH_CHECK(false, "attention_distill (CUDA): unsupported dtype ", dtype,
-                  "; expected float32, float16 or bfloat16");
-  }
-}
+using namespace cuda::detail;
 
 // True when the trailing (C, H, W) block is one dense run of C*H*W elements in some dim order.
 bool inner_block_dense(const at::Tensor& t) {
@@ -58,10 +43,7 @@ bool same_inner_layout(const at::Tensor& t, const at::Tensor& ref) {
 
 void check_operand(const at::Tensor& t, const char* name, int64_t dim, const at::Tensor& ref) {
   TORCH_CHECK(t.is_cuda(), "attention_distill: ", name, " must be a CUDA tensor");
-  TORCH_CHECK(t.device() == ref.device(), "attention_distill: ", name, " is on ", t.device(), ", expected ",
-              ref.device());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "attention_distill: ", name, " has dtype ", t.scalar_type(),
-              ", expected ", ref.scalar_type());
+  check_device_and_dtype("attention_distill", t, name, ref);
   TORCH_CHECK(t.dim() == dim, "attention_distill: ", name, " must have ", dim, " dims, got ", t.sizes());
   TORCH_CHECK(t.size(0) == ref.size(0) && t.size(1) == ref.size(1), "attention_distill: ", name,
               " has (N, T) = ", t.sizes().slice(0, 2), ", expected ", ref.sizes().slice(0, 2));
@@ -91,24 +73,12 @@ cuda::OuterStrides outer_strides(const at::Tensor& t) {
   return {t.stride(0), t.stride(1), t.dim() == 6 ? t.stride(2) : 0};
 }
 
-template <typename T>
-const T* const_ptr(const at::Tensor& t) {
-  return static_cast<const T*>(t.const_data_ptr());
-}
-
-template <typename T>
-T* mut_ptr(const at::Tensor& t) {
-  return static_cast<T*>(t.data_ptr());
-}
-
 void attention_distill_fwd(const at::Tensor& feats, const at::Tensor& mask_logits, const at::Tensor& messages,
                            at::Tensor& out) {
   const cuda::DistillShape shape =
       check_call({{&feats, "feats"}, {&out, "out"}}, {{&mask_logits, "mask_logits"}, {&messages, "messages"}});
   if (shape.n * shape.t * shape.p == 0) return;
-  const c10::cuda::CUDAGuard guard(feats.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_dtype(feats.scalar_type(), [&](auto tag) {
+  dispatch("attention_distill", feats, [&](auto tag, cudaStream_t stream) {
     using T = decltype(tag);
     C10_CUDA_CHECK(cuda::attention_distill_fwd<T>(
         shape, const_ptr<T>(feats), outer_strides(feats), const_ptr<T>(mask_logits), outer_strides(mask_logits),
@@ -123,9 +93,7 @@ void attention_distill_bwd(const at::Tensor& grad_out, const at::Tensor& mask_lo
       {{&mask_logits, "mask_logits"}, {&messages, "messages"}, {&grad_mask_logits, "grad_mask_logits"},
        {&grad_messages, "grad_messages"}});
   if (shape.n * shape.t * shape.s * shape.p == 0) return;
-  const c10::cuda::CUDAGuard guard(grad_out.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_dtype(grad_out.scalar_type(), [&](auto tag) {
+  dispatch("attention_distill", grad_out, [&](auto tag, cudaStream_t stream) {
     using T = decltype(tag);
     C10_CUDA_CHECK(cuda::attention_distill_bwd<T>(
         shape, const_ptr<T>(grad_out), outer_strides(grad_out), const_ptr<T>(mask_logits), outer_strides(mask_logits),

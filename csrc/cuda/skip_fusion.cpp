@@ -1,9 +1,7 @@
 // CUDA backend of mtlfast_C::skip_fusion_{fwd,bwd}: checks the layout contract of
 // csrc/skip_fusion.cpp, then runs the launchers of kernels/skip_fusion.cu on the current stream.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <climits>
@@ -11,31 +9,17 @@
 #include <string>
 #include <vector>
 
+#include "common.h"
 #include "skip_fusion.cuh"
 
 namespace mtlfast {
 namespace {
 
-// Runs fn(T{}) with T the CUDA element type of dtype.
-template <typename Fn>
-void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
-  switch (dtype) {
-    case at::kFloat:
-      return fn(float{});
-    case at::kHalf:
-      return fn(__half{});
-    case at::kBFloat16:
-      return fn(__nv_bfloat16{});
-    default:
-      TORCH_CHECK(false, "skip_fusion (CUDA): unsupported dtype ", dtype, "; expected float32, float16 or bfloat16");
-  }
-}
+using namespace cuda::detail;
 
 void check_tensor(const at::Tensor& t, const std::string& name, at::IntArrayRef sizes, const at::Tensor& ref) {
   TORCH_CHECK(t.is_cuda(), "skip_fusion: ", name, " must be a CUDA tensor");
-  TORCH_CHECK(t.device() == ref.device(), "skip_fusion: ", name, " is on ", t.device(), ", expected ", ref.device());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "skip_fusion: ", name, " has dtype ", t.scalar_type(),
-              ", expected ", ref.scalar_type());
+  check_device_and_dtype("skip_fusion", t, name, ref);
   TORCH_CHECK(t.sizes() == sizes, "skip_fusion: ", name, " must have shape ", sizes, ", got ", t.sizes());
   TORCH_CHECK(t.is_contiguous(), "skip_fusion: ", name, " must be contiguous, got strides ", t.strides());
 }
@@ -68,16 +52,6 @@ cuda::SkipFusionShape check_scores(at::TensorList scores, int64_t h, int64_t w) 
 }
 
 template <typename T>
-const T* const_ptr(const at::Tensor& t) {
-  return static_cast<const T*>(t.const_data_ptr());
-}
-
-template <typename T>
-T* mut_ptr(const at::Tensor& t) {
-  return static_cast<T*>(t.data_ptr());
-}
-
-template <typename T>
 std::vector<const T*> const_ptrs(at::TensorList ts) {
   std::vector<const T*> ptrs;
   for (const at::Tensor& t : ts) ptrs.push_back(const_ptr<T>(t));
@@ -93,13 +67,11 @@ void skip_fusion_fwd(at::TensorList scores, const at::Tensor& weight,
   check_tensor(weight, "weight", {shape.k, shape.c}, ref);
   if (bias) check_tensor(*bias, "bias", {shape.c}, ref);
   if (out.numel() == 0) return;
-  const c10::cuda::CUDAGuard guard(ref.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_dtype(ref.scalar_type(), [&](auto tag) {
+  dispatch("skip_fusion", ref, [&](auto tag, cudaStream_t stream) {
     using T = decltype(tag);
     const std::vector<const T*> score_ptrs = const_ptrs<T>(scores);
     C10_CUDA_CHECK(cuda::skip_fusion_fwd<T>(shape, score_ptrs.data(), const_ptr<T>(weight),
-                                            bias ? const_ptr<T>(*bias) : nullptr, mut_ptr<T>(out), stream));
+                                            const_ptr<T>(bias), mut_ptr<T>(out), stream));
   });
 }
 
@@ -118,9 +90,7 @@ void skip_fusion_bwd(const at::Tensor& grad_out, at::TensorList scores, const at
   }
   check_tensor(grad_weight, "grad_weight", {shape.k, shape.c}, ref);
   if (grad_bias) check_tensor(*grad_bias, "grad_bias", {shape.c}, ref);
-  const c10::cuda::CUDAGuard guard(ref.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_dtype(ref.scalar_type(), [&](auto tag) {
+  dispatch("skip_fusion", ref, [&](auto tag, cudaStream_t stream) {
     using T = decltype(tag);
     // Reduced-precision gradients accumulate in float scratch, cast into them at the end.
     const int64_t n_floats = cuda::skip_fusion_bwd_workspace<T>(shape, grad_bias.has_value());
@@ -129,8 +99,7 @@ void skip_fusion_bwd(const at::Tensor& grad_out, at::TensorList scores, const at
     std::vector<T*> grad_ptrs;
     for (const at::Tensor& g : grad_scores) grad_ptrs.push_back(mut_ptr<T>(g));
     C10_CUDA_CHECK(cuda::skip_fusion_bwd<T>(shape, const_ptr<T>(grad_out), score_ptrs.data(), const_ptr<T>(weight),
-                                            grad_ptrs.data(), mut_ptr<T>(grad_weight),
-                                            grad_bias ? mut_ptr<T>(*grad_bias) : nullptr,
+                                            grad_ptrs.data(), mut_ptr<T>(grad_weight), mut_ptr<T>(grad_bias),
                                             n_floats ? mut_ptr<float>(workspace) : nullptr, stream));
   });
 }

@@ -2,33 +2,19 @@
 // contract of csrc/task_se.cpp, then runs the launchers of kernels/task_se.cu on the current stream.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <initializer_list>
 #include <optional>
 #include <utility>
 
+#include "common.h"
 #include "task_se.cuh"
 
 namespace mtlfast {
 namespace {
 
-// Runs fn(T{}) with T the CUDA element type of dtype.
-template <typename Fn>
-void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
-  switch (dtype) {
-    case at::kFloat:
-      return fn(float{});
-    case at::kHalf:
-      return fn(__half{});
-    case at::kBFloat16:
-      return fn(__nv_bfloat16{});
-    default:
-      TORCH_CHECK(false, "task_se (CUDA): unsupported dtype ", dtype, "; expected float32, float16 or bfloat16");
-  }
-}
+using namespace cuda::detail;
 
 // The memory order of a call's (N,C,H,W) operands, taken from x: NCHW or NHWC, dense.
 at::MemoryFormat feature_format(const at::Tensor& x) {
@@ -42,9 +28,7 @@ at::MemoryFormat feature_format(const at::Tensor& x) {
 }
 
 void check_feature(const at::Tensor& t, const char* name, const at::Tensor& x, at::MemoryFormat format) {
-  TORCH_CHECK(t.device() == x.device(), "task_se: ", name, " is on ", t.device(), ", expected ", x.device());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "task_se: ", name, " has dtype ", t.scalar_type(), ", expected ",
-              x.scalar_type());
+  check_device_and_dtype("task_se", t, name, x);
   TORCH_CHECK(t.sizes() == x.sizes(), "task_se: ", name, " must have the sizes of x ", x.sizes(), ", got ",
               t.sizes());
   TORCH_CHECK(t.is_contiguous(format), "task_se: ", name, " must be ",
@@ -72,33 +56,11 @@ cuda::SeShape check_features(const at::Tensor& x,
   return {x.size(0), x.size(1), x.size(2) * x.size(3), format == at::MemoryFormat::ChannelsLast};
 }
 
-template <typename T>
-const T* const_ptr(const at::Tensor& t) {
-  return static_cast<const T*>(t.const_data_ptr());
-}
-
-template <typename T>
-const T* const_ptr(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? const_ptr<T>(*t) : nullptr;
-}
-
-template <typename T>
-T* mut_ptr(const at::Tensor& t) {
-  return static_cast<T*>(t.data_ptr());
-}
-
-template <typename T>
-T* mut_ptr(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? mut_ptr<T>(*t) : nullptr;
-}
-
 void task_se_pool(const at::Tensor& x, at::Tensor& pooled) {
   const cuda::SeShape shape = check_features(x, {});
   check_per_channel(pooled, "pooled", x);
   if (shape.n * shape.c == 0) return;
-  const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+  dispatch("task_se", x, [&](auto tag, cudaStream_t stream) {
     using T = decltype(tag);
     C10_CUDA_CHECK(cuda::task_se_pool<T>(shape, const_ptr<T>(x), mut_ptr<float>(pooled), stream));
   });
@@ -109,9 +71,7 @@ void task_se_scale(const at::Tensor& x, const at::Tensor& gate, const std::optio
   const cuda::SeShape shape = check_features(x, {{maybe(residual), "residual"}, {&out, "out"}});
   check_per_channel(gate, "gate", x);
   if (x.numel() == 0) return;
-  const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+  dispatch("task_se", x, [&](auto tag, cudaStream_t stream) {
     using T = decltype(tag);
     C10_CUDA_CHECK(cuda::task_se_scale<T>(shape, const_ptr<T>(x), const_ptr<float>(gate), const_ptr<T>(residual),
                                           relu, mut_ptr<T>(out), stream));
@@ -126,9 +86,7 @@ void task_se_backward_gate(const at::Tensor& grad_out, const at::Tensor& x, cons
   check_per_channel(gate, "gate", x);
   check_per_channel(grad_gate, "grad_gate", x);
   if (shape.n * shape.c == 0) return;
-  const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+  dispatch("task_se", x, [&](auto tag, cudaStream_t stream) {
     using T = decltype(tag);
     C10_CUDA_CHECK(cuda::task_se_backward_gate<T>(shape, const_ptr<T>(grad_out), const_ptr<T>(x),
                                                   const_ptr<float>(gate), const_ptr<T>(residual), relu,
@@ -144,9 +102,7 @@ void task_se_backward_input(const at::Tensor& grad_out, const at::Tensor& x, con
   check_per_channel(gate, "gate", x);
   check_per_channel(grad_pooled, "grad_pooled", x);
   if (x.numel() == 0) return;
-  const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+  dispatch("task_se", x, [&](auto tag, cudaStream_t stream) {
     using T = decltype(tag);
     C10_CUDA_CHECK(cuda::task_se_backward_input<T>(shape, const_ptr<T>(grad_out), const_ptr<T>(x),
                                                    const_ptr<float>(gate), const_ptr<T>(residual), relu,
