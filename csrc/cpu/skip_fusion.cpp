@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <numeric>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -60,7 +61,11 @@ template <typename Acc>
 class Table {
  public:
   Table(int64_t taps, int64_t len, int64_t pad_index)
-      : taps_(taps), len_(len), index_(taps * padded(len), pad_index), weight_(taps * padded(len), Acc(0)) {}
+      : taps_(taps),
+        len_(len),
+        pad_index_(pad_index),
+        index_(taps * padded(len), pad_index),
+        weight_(taps * padded(len), Acc(0)) {}
 
   void set(int64_t m, int64_t i, int64_t index, Acc weight) {
     index_[m * padded(len_) + i] = static_cast<IndexOf<Acc>>(index);
@@ -70,10 +75,58 @@ class Table {
   Acc weight(int64_t m, int64_t i) const { return weight_[m * padded(len_) + i]; }
   int64_t taps() const { return taps_; }
   int64_t len() const { return len_; }
-  Taps view() const { return {index_.data(), weight_.data(), taps_, len_, padded(len_)}; }
+  Taps view() const {
+    return {index_.data(), weight_.data(), taps_, len_, padded(len_), period_, step_, lo_, hi_, periodic_taps_};
+  }
+
+  // Finds the periodic interior that Taps describes, for a table reading in_size positions.
+  void find_period(int64_t in_size) {
+    const int64_t g = std::gcd(len_, in_size);
+    const int64_t P = len_ / g, Q = in_size / g;
+    const int64_t t0 = len_ / 2 / P;  // the reference period, mid-table, far from the clamped ends
+    if ((P & (P - 1)) != 0 || (Q & (Q - 1)) != 0 || P * t0 + P > len_) {
+      return;
+    }
+    const auto is_pad = [&](int64_t m, int64_t i) { return index(m, i) == pad_index_ && weight(m, i) == Acc(0); };
+    int64_t live = 0;
+    for (int64_t p = P * t0; p < P * t0 + P; ++p) {
+      for (int64_t m = 0; m < taps_; ++m) {
+        if (!is_pad(m, p)) {
+          live = std::max(live, m + 1);
+          const int64_t d = index(m, p) - Q * t0;
+          if (d < -Q || d >= 2 * Q) {  // floor(d / Q) outside [-1, 1]
+            return;
+          }
+        }
+      }
+    }
+    const auto matches = [&](int64_t i) {
+      const int64_t ref = P * t0 + i % P;
+      for (int64_t m = 0; m < taps_; ++m) {
+        const bool same = m < live ? index(m, i) - Q * (i / P) == index(m, ref) - Q * t0 && weight(m, i) == weight(m, ref)
+                                   : is_pad(m, i);
+        if (!same) {
+          return false;
+        }
+      }
+      return true;
+    };
+    lo_ = P * t0;
+    while (lo_ > 0 && matches(lo_ - 1)) {
+      --lo_;
+    }
+    hi_ = P * t0 + P;
+    while (hi_ < len_ && matches(hi_)) {
+      ++hi_;
+    }
+    period_ = P;
+    step_ = Q;
+    periodic_taps_ = live;
+  }
 
  private:
-  int64_t taps_, len_;
+  int64_t taps_, len_, pad_index_;
+  int64_t period_ = 0, step_ = 0, lo_ = 0, hi_ = 0, periodic_taps_ = 0;
   std::vector<IndexOf<Acc>> index_;
   std::vector<Acc> weight_;
 };
@@ -131,6 +184,8 @@ Tables<Acc> make_tables(const std::vector<at::Tensor>& scores, int64_t H, int64_
     const int64_t h = s.size(2), w = s.size(3);
     Table<Acc> cols = sampling<Acc>(w, W);
     Table<Acc> cols_adjoint = adjoint(cols, w, W);
+    cols.find_period(w);
+    cols_adjoint.find_period(W);
     t.storage.push_back(sampling<Acc>(h, H));
     t.storage.push_back(std::move(cols));
     t.storage.push_back(std::move(cols_adjoint));

@@ -23,14 +23,21 @@ inline int64_t padded(int64_t n) {
 template <typename Acc>
 using IndexOf = std::conditional_t<sizeof(Acc) == 8, int64_t, int32_t>;
 
-// Linear resampling along one axis, as gathers:
+// Linear resampling along one axis:
 //   out[i] = sum_{m < taps} weight[m * stride + i] * in[index[m * stride + i]],  i < len.
 // stride = padded(len); the padding has weight 0 and a valid index. index holds IndexOf<Acc>,
 // weight holds Acc.
+//
+// Sizes in a power-of-two ratio make the table periodic away from the clamped ends, which lets the
+// kernel use contiguous loads and shuffles instead of gathers. period > 0 says so: for i in
+// [lo, hi) and m < periodic_taps, index[m][i] = step * (i / period) + d[m][i % period] and
+// weight[m][i] depends on i % period only; the taps past periodic_taps are padding there. period and
+// step are powers of two, one of them 1, and |floor(d / step)| <= 1.
 struct Taps {
   const void* index;
   const void* weight;
   int64_t taps, len, stride;
+  int64_t period, step, lo, hi, periodic_taps;
 };
 
 // One layer of the fusion: scores[k] is (N, C, H, W), planes of H * W elements.
