@@ -63,20 +63,22 @@ class Table {
   Table(int64_t taps, int64_t len, int64_t pad_index)
       : taps_(taps),
         len_(len),
-        pad_index_(pad_index),
         index_(taps * padded(len), pad_index),
-        weight_(taps * padded(len), Acc(0)) {}
+        weight_(taps * padded(len), Acc(0)),
+        real_(len, 0) {}
 
+  // Sets tap m of position i; the taps of a position are set in order, the rest stay padding.
   void set(int64_t m, int64_t i, int64_t index, Acc weight) {
     index_[m * padded(len_) + i] = static_cast<IndexOf<Acc>>(index);
     weight_[m * padded(len_) + i] = weight;
+    real_[i] = m + 1;
   }
   int64_t index(int64_t m, int64_t i) const { return index_[m * padded(len_) + i]; }
   Acc weight(int64_t m, int64_t i) const { return weight_[m * padded(len_) + i]; }
   int64_t taps() const { return taps_; }
   int64_t len() const { return len_; }
   Taps view() const {
-    return {index_.data(), weight_.data(), taps_, len_, padded(len_), period_, step_, lo_, hi_, periodic_taps_};
+    return {index_.data(), weight_.data(), taps_, len_, padded(len_), period_, step_, lo_, hi_, phase_taps_.data()};
   }
 
   // Finds the periodic interior that Taps describes, for a table reading in_size positions.
@@ -87,25 +89,21 @@ class Table {
     if ((P & (P - 1)) != 0 || (Q & (Q - 1)) != 0 || P * t0 + P > len_) {
       return;
     }
-    const auto is_pad = [&](int64_t m, int64_t i) { return index(m, i) == pad_index_ && weight(m, i) == Acc(0); };
-    int64_t live = 0;
-    for (int64_t p = P * t0; p < P * t0 + P; ++p) {
-      for (int64_t m = 0; m < taps_; ++m) {
-        if (!is_pad(m, p)) {
-          live = std::max(live, m + 1);
-          const int64_t d = index(m, p) - Q * t0;
-          if (d < -Q || d >= 2 * Q) {  // floor(d / Q) outside [-1, 1]
-            return;
-          }
+    for (int64_t i = P * t0; i < P * t0 + P; ++i) {
+      for (int64_t m = 0; m < real_[i]; ++m) {
+        const int64_t d = index(m, i) - Q * t0;
+        if (d < -Q || d >= 2 * Q) {  // floor(d / Q) outside [-1, 1]
+          return;
         }
       }
     }
     const auto matches = [&](int64_t i) {
       const int64_t ref = P * t0 + i % P;
-      for (int64_t m = 0; m < taps_; ++m) {
-        const bool same = m < live ? index(m, i) - Q * (i / P) == index(m, ref) - Q * t0 && weight(m, i) == weight(m, ref)
-                                   : is_pad(m, i);
-        if (!same) {
+      if (real_[i] != real_[ref]) {
+        return false;
+      }
+      for (int64_t m = 0; m < real_[i]; ++m) {
+        if (index(m, i) - Q * (i / P) != index(m, ref) - Q * t0 || weight(m, i) != weight(m, ref)) {
           return false;
         }
       }
@@ -121,14 +119,16 @@ class Table {
     }
     period_ = P;
     step_ = Q;
-    periodic_taps_ = live;
+    phase_taps_.assign(real_.begin() + P * t0, real_.begin() + P * t0 + P);
   }
 
  private:
-  int64_t taps_, len_, pad_index_;
-  int64_t period_ = 0, step_ = 0, lo_ = 0, hi_ = 0, periodic_taps_ = 0;
+  int64_t taps_, len_;
+  int64_t period_ = 0, step_ = 0, lo_ = 0, hi_ = 0;
   std::vector<IndexOf<Acc>> index_;
   std::vector<Acc> weight_;
+  std::vector<int64_t> real_;  // per position, the taps that are not padding
+  std::vector<int64_t> phase_taps_;
 };
 
 // Bilinear sampling of in_size source positions at out_size output positions, computed by

@@ -30,14 +30,15 @@ using IndexOf = std::conditional_t<sizeof(Acc) == 8, int64_t, int32_t>;
 //
 // Sizes in a power-of-two ratio make the table periodic away from the clamped ends, which lets the
 // kernel use contiguous loads and shuffles instead of gathers. period > 0 says so: for i in
-// [lo, hi) and m < periodic_taps, index[m][i] = step * (i / period) + d[m][i % period] and
-// weight[m][i] depends on i % period only; the taps past periodic_taps are padding there. period and
-// step are powers of two, one of them 1, and |floor(d / step)| <= 1.
+// [lo, hi), the first phase_taps[i % period] taps are index[m][i] = step * (i / period) +
+// d[m][i % period] with weight[m][i] depending on i % period only, the others are padding. period
+// and step are powers of two, one of them 1, and |floor(d / step)| <= 1.
 struct Taps {
   const void* index;
   const void* weight;
   int64_t taps, len, stride;
-  int64_t period, step, lo, hi, periodic_taps;
+  int64_t period, step, lo, hi;
+  const int64_t* phase_taps;
 };
 
 // One layer of the fusion: scores[k] is (N, C, H, W), planes of H * W elements.

@@ -215,13 +215,14 @@ class Resampler {
     n_ = (longest + 2 + V::size() - 1) / V::size() * V::size();
     const int64_t t0 = (taps.lo + P - 1) / P;  // a whole period inside [lo, hi)
     for (int64_t p = 0; p < P; ++p) {
-      for (int64_t m = 0; m < taps.periodic_taps; ++m) {
+      for (int64_t m = 0; m < taps.phase_taps[p]; ++m) {
         const int64_t tap = m * taps.stride + P * t0 + p;
         const int64_t d = index_[tap] - Q * t0;
         const int64_t e = d < 0 ? -1 : d / Q;  // floor(d / Q), within [-1, 1]
         phase_src_.push_back(bit_reversed(d - e * Q, Q) * n_ + 1 + e);
         phase_weight_.push_back(weight_[tap]);
       }
+      phase_end_.push_back(static_cast<int64_t>(phase_src_.size()));
     }
   }
 
@@ -265,7 +266,7 @@ class Resampler {
   }
 
   void periodic(const Acc* in, Acc* out, Scratch<Acc>& s) const {
-    const int64_t P = taps_.period, Q = taps_.step, live = taps_.periodic_taps;
+    const int64_t P = taps_.period, Q = taps_.step;
     Acc* cur = s.a.data();
     Acc* spare = s.b.data();
     // One period of zeros in front: input phase row c holds in[Q * (u - 1) + c] at u.
@@ -277,12 +278,14 @@ class Resampler {
       std::swap(cur, spare);
     }
     for (int64_t p = 0; p < P; ++p) {
-      const int64_t* src = phase_src_.data() + p * live;
-      const Acc* w = phase_weight_.data() + p * live;
+      const int64_t begin = p == 0 ? 0 : phase_end_[p - 1], taps = phase_end_[p] - begin;
+      const int64_t* src = phase_src_.data() + begin;
+      const Acc* w = phase_weight_.data() + begin;
       Acc* dst = (P == 1 ? out : spare) + bit_reversed(p, P) * n_;
       for (int64_t i = 0; i < n_; i += V::size()) {
-        V acc = V(w[0]) * V::loadu(cur + src[0] + i);
-        for (int64_t m = 1; m < live; ++m) {
+        // A phase without taps (downsampling skips source positions) is zero, as its padding adds.
+        V acc = taps == 0 ? V(Acc(0)) : V(w[0]) * V::loadu(cur + src[0] + i);
+        for (int64_t m = 1; m < taps; ++m) {
           acc = at::vec::fmadd(V(w[m]), V::loadu(cur + src[m] + i), acc);
         }
         acc.store(dst + i);
@@ -318,6 +321,7 @@ class Resampler {
   int64_t n_ = 0;                    // length of a phase row; 0: not periodic
   std::vector<int64_t> phase_src_;   // per output phase and tap: where its input starts in the split rows
   std::vector<Acc> phase_weight_;
+  std::vector<int64_t> phase_end_;   // per output phase: the end of its taps in the two above
 };
 
 // A row of T as accumulation-type values: the row itself when T is the accumulation type, else
