@@ -150,12 +150,12 @@ void run_reduction(PassFn pass, CombineFn combine, Args args, const at::Tensor& 
     run_items(pass, args);
     return;
   }
-  const at::Tensor partials = at::empty({w.N, w.chunks, w.C}, sums.options());
+  const at::Tensor partials = at::empty({w.N * w.C * w.chunks}, sums.options());
   args.partials = partials.mutable_data_ptr();
   args.divisor = 1;
   run_items(pass, args);
-  const Combine c{w.C, w.chunks, partials.const_data_ptr(), sums.mutable_data_ptr(), divisor};
-  at::parallel_for(0, w.N, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, w.chunks * w.C)),
+  const Combine c{w.C, w.chunks, w.channels_last, partials.const_data_ptr(), sums.mutable_data_ptr(), divisor};
+  at::parallel_for(0, w.N * w.C, std::max<int64_t>(1, kGrain / w.chunks),
                    [&](int64_t begin, int64_t end) { combine(c, begin, end); });
 }
 

@@ -19,8 +19,9 @@ struct Work {
   int64_t chunk, chunks;
 };
 
-// One pass. x, residual, grad_out and out have x's dtype T; gate, grad_pooled and partials have
-// its accumulation type Acc (float, or double for T = double), laid out (N, C) and (N, chunks, C).
+// One pass. x, residual, grad_out and out have x's dtype T; gate and grad_pooled (N, C) and
+// partials have its accumulation type Acc (float, or double for T = double). partials is laid out
+// (N, C, chunks) for NCHW, (N, chunks, C) for NHWC: indexed by item, like the work.
 struct Args {
   Work work;
   const void* x;
@@ -34,9 +35,10 @@ struct Args {
   bool relu;
 };
 
-// sums (N, C) = (sum over k of partials (N, chunks, C)) / divisor, for samples [begin, end).
+// sums (N, C) = (sum over the chunks of partials) / divisor, for the sums [begin, end) of N * C.
 struct Combine {
   int64_t C, chunks;
+  bool channels_last;
   const void* partials;
   void* sums;
   double divisor;

@@ -101,16 +101,25 @@ inline std::tuple<Vectorized<Acc>, Vectorized<Acc>> coef(Tag, const Acc* p, int6
   }
 }
 
-// The pixel range of one item: its plane (NCHW) or sample (NHWC), and pixels [first, first + len).
+// One item: its plane (NCHW) or sample (NHWC), and its pixels [first, first + len) there.
 struct Span {
-  int64_t outer, k, first, len;
+  int64_t item, outer, first, len;
 };
 
-inline Span span_of(const Work& w, int64_t item) {
-  const int64_t outer = item / w.chunks;
-  const int64_t k = item - outer * w.chunks;
-  const int64_t first = k * w.chunk;
-  return {outer, k, first, std::min(w.chunk, w.HW - first)};
+// Calls f(span) for the items [begin, end) in order. Counting planes and chunks along, rather than
+// dividing per item, matters when NCHW planes are small (7x7: a few steps each).
+template <typename F>
+inline void for_each_span(const Work& w, int64_t begin, int64_t end, const F& f) {
+  int64_t outer = begin / w.chunks;
+  int64_t k = begin - outer * w.chunks;
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t first = k * w.chunk;
+    f(Span{item, outer, first, std::min(w.chunk, w.HW - first)});
+    if (++k == w.chunks) {
+      k = 0;
+      ++outer;
+    }
+  }
 }
 
 // Calls op(tag, offset of the step in x, count, offset of its coefficients in (N, C)) for every
@@ -118,8 +127,7 @@ inline Span span_of(const Work& w, int64_t item) {
 template <typename T, typename Op>
 void for_each_item_step(const Work& w, int64_t begin, int64_t end, const Op& op) {
   constexpr int64_t K = Step<T>::kStep;
-  for (int64_t item = begin; item < end; ++item) {
-    const Span s = span_of(w, item);
+  for_each_span(w, begin, end, [&](const Span& s) {
     if (w.channels_last) {
       for (int64_t row = s.first; row < s.first + s.len; ++row) {
         const int64_t off = (s.outer * w.HW + row) * w.C;
@@ -129,13 +137,13 @@ void for_each_item_step(const Work& w, int64_t begin, int64_t end, const Op& op)
       const int64_t off = s.outer * w.HW + s.first;
       for_each_step<K>(s.len, [&](int64_t p, int64_t count) { op(PlaneStep{}, off + p, count, s.outer); });
     }
-  }
+  });
 }
 
 // Sums term(tag, offset, count, coefficient offset) -> (V, V) over the pixels of each item of
-// [begin, end) into its row (n, k) of partials, divided by a.divisor. NCHW sums in registers and
-// adds the lanes at the end of the item; NHWC sums each row into the item's C partial sums (one
-// row of Acc, which stays in L1).
+// [begin, end), divided by a.divisor, into partials: (N, C, chunks) for NCHW, which sums in
+// registers and adds the lanes at the end of the item; (N, chunks, C) for NHWC, which sums each
+// row into the item's C partial sums (one row of Acc, which stays in L1).
 template <typename T, typename Term>
 void reduce_items(const Args& a, int64_t begin, int64_t end, const Term& term) {
   using Acc = at::opmath_type<T>;
@@ -145,10 +153,9 @@ void reduce_items(const Args& a, int64_t begin, int64_t end, const Term& term) {
   const Work& w = a.work;
   Acc* partials = static_cast<Acc*>(a.partials);
   const Acc divisor = Acc(a.divisor);
-  for (int64_t item = begin; item < end; ++item) {
-    const Span s = span_of(w, item);
+  for_each_span(w, begin, end, [&](const Span& s) {
     if (w.channels_last) {
-      Acc* sums = partials + item * w.C;
+      Acc* sums = partials + s.item * w.C;
       std::fill(sums, sums + w.C, Acc(0));
       for (int64_t row = s.first; row < s.first + s.len; ++row) {
         const int64_t off = (s.outer * w.HW + row) * w.C;
@@ -170,12 +177,10 @@ void reduce_items(const Args& a, int64_t begin, int64_t end, const Term& term) {
         s0 = s0 + t0;
         s1 = s1 + t1;
       });
-      const int64_t n = s.outer / w.C;
-      const int64_t c = s.outer - n * w.C;
       const Acc sum = at::vec::vec_reduce_all<Acc>([](const V& u, const V& v) { return u + v; }, s0 + s1);
-      partials[(n * w.chunks + s.k) * w.C + c] = sum / divisor;
+      partials[s.item] = sum / divisor;
     }
-  }
+  });
 }
 
 // The pointers of a pass, typed.
@@ -298,24 +303,20 @@ void backward_input(const Args& a, int64_t begin, int64_t end) {
   });
 }
 
+// Scalar: the partial sums are a small fraction of x, read once.
 template <typename Acc>
 void combine(const Combine& a, int64_t begin, int64_t end) {
-  using V = Vectorized<Acc>;
-  using St = Step<Acc>;
   const Acc* partials = static_cast<const Acc*>(a.partials);
   Acc* sums = static_cast<Acc*>(a.sums);
-  const V divisor(Acc(a.divisor));
-  for (int64_t n = begin; n < end; ++n) {
-    for_each_step<St::kStep>(a.C, [&](int64_t c, int64_t count) {
-      V s0(Acc(0));
-      V s1(Acc(0));
-      for (int64_t k = 0; k < a.chunks; ++k) {
-        const auto [p0, p1] = St::load(partials + (n * a.chunks + k) * a.C + c, count);
-        s0 = s0 + p0;
-        s1 = s1 + p1;
-      }
-      St::store(sums + n * a.C + c, s0 / divisor, s1 / divisor, count);
-    });
+  for (int64_t j = begin; j < end; ++j) {
+    const int64_t n = j / a.C;
+    const Acc* p = a.channels_last ? partials + n * a.chunks * a.C + (j - n * a.C) : partials + j * a.chunks;
+    const int64_t stride = a.channels_last ? a.C : 1;
+    Acc sum(0);
+    for (int64_t k = 0; k < a.chunks; ++k) {
+      sum += p[k * stride];
+    }
+    sums[j] = sum / Acc(a.divisor);
   }
 }
 
