@@ -218,18 +218,14 @@ inline std::tuple<V, V> pre_activation(const Ptrs<T>& p, Tag tag, int64_t off, i
   return {y0, y1};
 }
 
-// g' = grad_out, zeroed where the ReLU was off (y <= 0, or NaN), for a step whose x is loaded.
-template <bool kResidual, bool kRelu, typename T, typename Tag, typename V>
-inline std::tuple<V, V> active_grad(const Ptrs<T>& p, Tag tag, int64_t off, int64_t count, int64_t ci,
-                                    const V& x0, const V& x1) {
-  auto [g0, g1] = Step<T>::load(p.grad_out + off, count);
-  if constexpr (kRelu) {
-    const auto [y0, y1] = pre_activation<kResidual>(p, tag, off, count, ci, x0, x1);
-    const V zero(0);
-    g0 = g0 & (y0 > zero);
-    g1 = g1 & (y1 > zero);
-  }
-  return {g0, g1};
+// g' = grad_out (g0, g1), zeroed where the ReLU was off (y <= 0, or NaN), for a step whose x is
+// loaded.
+template <bool kResidual, typename T, typename Tag, typename V>
+inline std::tuple<V, V> mask_inactive(const Ptrs<T>& p, Tag tag, int64_t off, int64_t count, int64_t ci,
+                                      const V& x0, const V& x1, const V& g0, const V& g1) {
+  const auto [y0, y1] = pre_activation<kResidual>(p, tag, off, count, ci, x0, x1);
+  const V zero(0);
+  return {g0 & (y0 > zero), g1 & (y1 > zero)};
 }
 
 // Runs f(residual, relu) with both flags as compile-time constants, so that each combination gets
@@ -276,7 +272,10 @@ void backward_gate(const Args& a, int64_t begin, int64_t end) {
   with_flags(a, [&](auto residual, auto relu) {
     reduce_items<T>(a, begin, end, [&](auto tag, int64_t off, int64_t count, int64_t ci) {
       const auto [x0, x1] = Step<T>::load(p.x + off, count);
-      const auto [g0, g1] = active_grad<residual(), relu()>(p, tag, off, count, ci, x0, x1);
+      auto [g0, g1] = Step<T>::load(p.grad_out + off, count);
+      if constexpr (relu()) {
+        std::tie(g0, g1) = mask_inactive<residual()>(p, tag, off, count, ci, x0, x1, g0, g1);
+      }
       if (p.out != nullptr) {
         Step<T>::store(p.out + off, g0, g1, count);
       }
@@ -285,6 +284,7 @@ void backward_gate(const Args& a, int64_t begin, int64_t end) {
   });
 }
 
+// Without ReLU, x and residual are not read: grad_x = grad_out * gate + grad_pooled / HW.
 template <typename T>
 void backward_input(const Args& a, int64_t begin, int64_t end) {
   using Acc = at::opmath_type<T>;
@@ -294,8 +294,11 @@ void backward_input(const Args& a, int64_t begin, int64_t end) {
   const Vectorized<Acc> inv(Acc(1) / Acc(a.divisor));
   with_flags(a, [&](auto residual, auto relu) {
     for_each_item_step<T>(a.work, begin, end, [&](auto tag, int64_t off, int64_t count, int64_t ci) {
-      const auto [x0, x1] = Step<T>::load(p.x + off, count);
-      const auto [g0, g1] = active_grad<residual(), relu()>(p, tag, off, count, ci, x0, x1);
+      auto [g0, g1] = Step<T>::load(p.grad_out + off, count);
+      if constexpr (relu()) {
+        const auto [x0, x1] = Step<T>::load(p.x + off, count);
+        std::tie(g0, g1) = mask_inactive<residual()>(p, tag, off, count, ci, x0, x1, g0, g1);
+      }
       const auto [k0, k1] = coef(tag, p.gate + ci, count);
       const auto [b0, b1] = coef(tag, p.grad_pooled + ci, count);
       Step<T>::store(p.out + off, g0 * k0 + b0 * inv, g1 * k1 + b1 * inv, count);
