@@ -27,6 +27,16 @@ constexpr int64_t kChunk = 65536;
 // Elements of x per parallel task below which starting threads costs more than it saves.
 constexpr int64_t kGrain = 32768;
 
+// Output size from which its stores bypass the caches (measured 20-40% faster passes at 32 MiB,
+// mixed at 16 MiB, slower where the tensors fit in a 32 MiB L3): the pass's three or four tensors
+// of that size overflow the last-level cache, so the output reaches memory before anything reads
+// it, and a normal store would first read every line of it in.
+constexpr int64_t kStreamBytes = 24 << 20;
+
+bool stream(const at::Tensor& out) {
+  return static_cast<int64_t>(out.nbytes()) >= kStreamBytes;
+}
+
 const Kernels& isa_kernels() {
   static const Kernels table = [] {
     switch (isa()) {
@@ -198,6 +208,7 @@ void scale(const at::Tensor& x, const at::Tensor& gate, const std::optional<at::
   args.gate = gate.const_data_ptr();
   args.out = out.mutable_data_ptr();
   args.relu = relu;
+  args.stream = stream(out);
   run_items(k.scale, args);
 }
 
@@ -230,6 +241,7 @@ void backward_gate(const at::Tensor& grad_out, const at::Tensor& x, const at::Te
   args.gate = gate.const_data_ptr();
   args.out = grad_res.defined() ? grad_res.mutable_data_ptr() : nullptr;
   args.relu = relu;
+  args.stream = grad_res.defined() && stream(grad_res);
   run_reduction(k.backward_gate, k.combine, args, grad_gate, 1.0);
 }
 
@@ -259,6 +271,7 @@ void backward_input(const at::Tensor& grad_out, const at::Tensor& x, const at::T
   args.out = grad_x.mutable_data_ptr();
   args.divisor = static_cast<double>(args.work.HW);
   args.relu = relu;
+  args.stream = stream(grad_x);
   run_items(k.backward_input, args);
 }
 

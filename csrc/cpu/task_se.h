@@ -33,6 +33,7 @@ struct Args {
   void* partials;  // a reducing pass writes each item's sums here ...
   double divisor;  // ... divided by this; backward_input divides grad_pooled by it
   bool relu;
+  bool stream;  // write out with non-temporal stores
 };
 
 // sums (N, C) = (sum over the chunks of partials) / divisor, for the sums [begin, end) of N * C.

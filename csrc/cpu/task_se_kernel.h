@@ -20,6 +20,8 @@
 #pragma GCC diagnostic pop
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <tuple>
 #include <type_traits>
 
@@ -33,6 +35,31 @@ namespace mtlfast::cpu::task_se::CPU_CAPABILITY {
 namespace {
 
 using at::vec::Vectorized;
+
+// Non-temporal store of the bytes of one vector at p, aligned to their size.
+template <typename Vec>
+inline void stream_store(void* p, const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512i bits;
+  static_assert(sizeof(Vec) == sizeof(bits));
+  std::memcpy(&bits, &v, sizeof(bits));
+  _mm512_stream_si512(static_cast<__m512i*>(p), bits);
+#elif defined(CPU_CAPABILITY_AVX2)
+  __m256i bits;
+  static_assert(sizeof(Vec) == sizeof(bits));
+  std::memcpy(&bits, &v, sizeof(bits));
+  _mm256_stream_si256(static_cast<__m256i*>(p), bits);
+#else
+  v.store(p);
+#endif
+}
+
+// Orders this thread's non-temporal stores before whatever the caller does next.
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
 
 // Loads and stores of one step: two compute vectors, i.e. one full Vectorized<T> for fp16/bf16,
 // converted to and from fp32. count < kStep only on a tail, whose unused lanes load as zeros.
@@ -68,6 +95,20 @@ struct Step {
     } else {
       a.store(p);
       b.store(p + V::size(), count - V::size());
+    }
+  }
+
+  // A full step at an address aligned to a vector can bypass the caches.
+  static bool can_stream(const T* p, int64_t count) {
+    return count == kStep && reinterpret_cast<std::uintptr_t>(p) % sizeof(V) == 0;
+  }
+
+  static void stream(T* p, const V& a, const V& b) {
+    if constexpr (at::vec::is_reduced_floating_point_v<T>) {
+      stream_store(p, at::vec::convert_from_float<T>(a, b));
+    } else {
+      stream_store(p, a);
+      stream_store(p + V::size(), b);
     }
   }
 };
@@ -193,6 +234,7 @@ struct Ptrs {
   const Acc* gate;
   const Acc* grad_pooled;
   T* out;
+  bool stream;
 
   explicit Ptrs(const Args& a)
       : x(static_cast<const T*>(a.x)),
@@ -200,7 +242,19 @@ struct Ptrs {
         grad_out(static_cast<const T*>(a.grad_out)),
         gate(static_cast<const Acc*>(a.gate)),
         grad_pooled(static_cast<const Acc*>(a.grad_pooled)),
-        out(static_cast<T*>(a.out)) {}
+        out(static_cast<T*>(a.out)),
+        stream(a.stream) {}
+
+  // Writes the step at off of out.
+  template <typename V>
+  void put(int64_t off, const V& a, const V& b, int64_t count) const {
+    T* q = out + off;
+    if (stream && Step<T>::can_stream(q, count)) {
+      Step<T>::stream(q, a, b);
+    } else {
+      Step<T>::store(q, a, b, count);
+    }
+  }
 };
 
 // y = x * gate (+ residual) for a step whose x is already loaded.
@@ -261,9 +315,12 @@ void scale(const Args& a, int64_t begin, int64_t end) {
         y0 = at::vec::maximum(y0, V(0));
         y1 = at::vec::maximum(y1, V(0));
       }
-      Step<T>::store(p.out + off, y0, y1, count);
+      p.put(off, y0, y1, count);
     });
   });
+  if (a.stream) {
+    stream_fence();
+  }
 }
 
 template <typename T>
@@ -277,11 +334,14 @@ void backward_gate(const Args& a, int64_t begin, int64_t end) {
         std::tie(g0, g1) = mask_inactive<residual()>(p, tag, off, count, ci, x0, x1, g0, g1);
       }
       if (p.out != nullptr) {
-        Step<T>::store(p.out + off, g0, g1, count);
+        p.put(off, g0, g1, count);
       }
       return std::make_tuple(g0 * x0, g1 * x1);
     });
   });
+  if (a.stream) {
+    stream_fence();
+  }
 }
 
 // Without ReLU, x and residual are not read: grad_x = grad_out * gate + grad_pooled / HW.
@@ -301,9 +361,12 @@ void backward_input(const Args& a, int64_t begin, int64_t end) {
       }
       const auto [k0, k1] = coef(tag, p.gate + ci, count);
       const auto [b0, b1] = coef(tag, p.grad_pooled + ci, count);
-      Step<T>::store(p.out + off, g0 * k0 + b0 * inv, g1 * k1 + b1 * inv, count);
+      p.put(off, g0 * k0 + b0 * inv, g1 * k1 + b1 * inv, count);
     });
   });
+  if (a.stream) {
+    stream_fence();
+  }
 }
 
 // Scalar: the partial sums are a small fraction of x, read once.
