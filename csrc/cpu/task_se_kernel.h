@@ -1,0 +1,401 @@
+// The task_se passes, compiled once per instruction set: included by exactly one translation unit
+// per ISA (task_se_default.cpp, isa/task_se_<isa>.cpp), which first defines CPU_CAPABILITY (the
+// namespace of its copy) and CPU_CAPABILITY_<ISA> the way ATen does, so that at::vec below
+// resolves to that instruction set's Vectorized specialisations.
+//
+// All arithmetic runs in Acc registers (fp32, fp64 for double) and follows the pure-torch
+// passes of mtlfast/ops/task_se.py: y = x * gate (+ residual) is recomputed by the same code in
+// the forward and the backward, so the backward's ReLU mask is exactly the forward's.
+#pragma once
+
+// at::vec's headers trip GCC warnings that are noise here: the AVX512 intrinsics' self-initialised
+// placeholder vectors read as maybe uninitialised, and -Wpsabi flags lambda thunks (compiled
+// without the target pragma) of operators this file never uses.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wpsabi"
+#include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#pragma GCC diagnostic pop
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <type_traits>
+
+#include "cpu/task_se.h"
+
+#ifndef CPU_CAPABILITY
+#error "define CPU_CAPABILITY (and CPU_CAPABILITY_<ISA>) before including task_se_kernel.h"
+#endif
+
+namespace mtlfast::cpu::task_se::CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+// Non-temporal store of the bytes of one vector at p, aligned to their size.
+template <typename Vec>
+inline void stream_store(void* p, const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512i bits;
+  static_assert(sizeof(Vec) == sizeof(bits));
+  std::memcpy(&bits, &v, sizeof(bits));
+  _mm512_stream_si512(static_cast<__m512i*>(p), bits);
+#elif defined(CPU_CAPABILITY_AVX2)
+  __m256i bits;
+  static_assert(sizeof(Vec) == sizeof(bits));
+  std::memcpy(&bits, &v, sizeof(bits));
+  _mm256_stream_si256(static_cast<__m256i*>(p), bits);
+#else
+  v.store(p);
+#endif
+}
+
+// Orders this thread's non-temporal stores before whatever the caller does next.
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
+// Loads and stores of one step: two compute vectors, i.e. one full Vectorized<T> for fp16/bf16,
+// converted to and from fp32. count < kStep only on a tail, whose unused lanes load as zeros.
+template <typename T>
+struct Step {
+  using Acc = at::opmath_type<T>;
+  using V = Vectorized<Acc>;
+  static constexpr int64_t kStep = 2 * V::size();
+
+  static std::tuple<V, V> load(const T* p, int64_t count) {
+    if constexpr (at::vec::is_reduced_floating_point_v<T>) {
+      return at::vec::convert_to_float<T>(count >= kStep ? Vectorized<T>::loadu(p) : Vectorized<T>::loadu(p, count));
+    } else {
+      if (count >= kStep) {
+        return {V::loadu(p), V::loadu(p + V::size())};
+      }
+      if (count <= V::size()) {
+        return {V::loadu(p, count), V(Acc(0))};
+      }
+      return {V::loadu(p), V::loadu(p + V::size(), count - V::size())};
+    }
+  }
+
+  static void store(T* p, const V& a, const V& b, int64_t count) {
+    if constexpr (at::vec::is_reduced_floating_point_v<T>) {
+      const Vectorized<T> r = at::vec::convert_from_float<T>(a, b);
+      count >= kStep ? r.store(p) : r.store(p, count);
+    } else if (count >= kStep) {
+      a.store(p);
+      b.store(p + V::size());
+    } else if (count <= V::size()) {
+      a.store(p, count);
+    } else {
+      a.store(p);
+      b.store(p + V::size(), count - V::size());
+    }
+  }
+
+  // A full step at an address aligned to a vector can bypass the caches.
+  static bool can_stream(const T* p, int64_t count) {
+    return count == kStep && reinterpret_cast<std::uintptr_t>(p) % sizeof(V) == 0;
+  }
+
+  static void stream(T* p, const V& a, const V& b) {
+    if constexpr (at::vec::is_reduced_floating_point_v<T>) {
+      stream_store(p, at::vec::convert_from_float<T>(a, b));
+    } else {
+      stream_store(p, a);
+      stream_store(p + V::size(), b);
+    }
+  }
+};
+
+// Calls step(p, count) over [0, len): full steps, then one partial step. Once step is inlined,
+// count is a constant in the main loop and the tail branches of Step fold away there.
+template <int64_t K, typename F>
+inline void for_each_step(int64_t len, const F& step) {
+  int64_t p = 0;
+  for (; p + K <= len; p += K) {
+    step(p, K);
+  }
+  if (p < len) {
+    step(p, len - p);
+  }
+}
+
+// Which layout a step belongs to: a step of an NCHW plane has one gate value, a step of an NHWC
+// row a run of channels.
+using RowStep = std::true_type;
+using PlaneStep = std::false_type;
+
+// The (N, C) coefficients (gate, grad_pooled) of a step whose first channel is at p.
+template <typename Tag, typename Acc>
+inline std::tuple<Vectorized<Acc>, Vectorized<Acc>> coef(Tag, const Acc* p, int64_t count) {
+  if constexpr (Tag::value) {
+    return Step<Acc>::load(p, count);
+  } else {
+    const Vectorized<Acc> v(*p);
+    return {v, v};
+  }
+}
+
+// One item: its plane (NCHW) or sample (NHWC), and its pixels [first, first + len) there.
+struct Span {
+  int64_t item, outer, first, len;
+};
+
+// Calls f(span) for the items [begin, end) in order. Counting planes and chunks along, rather than
+// dividing per item, matters when NCHW planes are small (7x7: a few steps each).
+template <typename F>
+inline void for_each_span(const Work& w, int64_t begin, int64_t end, const F& f) {
+  int64_t outer = begin / w.chunks;
+  int64_t k = begin - outer * w.chunks;
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t first = k * w.chunk;
+    f(Span{item, outer, first, std::min(w.chunk, w.HW - first)});
+    if (++k == w.chunks) {
+      k = 0;
+      ++outer;
+    }
+  }
+}
+
+// Calls op(tag, offset of the step in x, count, offset of its coefficients in (N, C)) for every
+// step of the items [begin, end).
+template <typename T, typename Op>
+void for_each_item_step(const Work& w, int64_t begin, int64_t end, const Op& op) {
+  constexpr int64_t K = Step<T>::kStep;
+  for_each_span(w, begin, end, [&](const Span& s) {
+    if (w.channels_last) {
+      for (int64_t row = s.first; row < s.first + s.len; ++row) {
+        const int64_t off = (s.outer * w.HW + row) * w.C;
+        for_each_step<K>(w.C, [&](int64_t c, int64_t count) { op(RowStep{}, off + c, count, s.outer * w.C + c); });
+      }
+    } else {
+      const int64_t off = s.outer * w.HW + s.first;
+      for_each_step<K>(s.len, [&](int64_t p, int64_t count) { op(PlaneStep{}, off + p, count, s.outer); });
+    }
+  });
+}
+
+// Sums term(tag, offset, count, coefficient offset) -> (V, V) over the pixels of each item of
+// [begin, end), divided by a.divisor, into partials: (N, C, chunks) for NCHW, which sums in
+// registers and adds the lanes at the end of the item; (N, chunks, C) for NHWC, which sums each
+// row into the item's C partial sums (one row of Acc, which stays in L1).
+template <typename T, typename Term>
+void reduce_items(const Args& a, int64_t begin, int64_t end, const Term& term) {
+  using Acc = at::opmath_type<T>;
+  using V = Vectorized<Acc>;
+  using St = Step<Acc>;
+  constexpr int64_t K = Step<T>::kStep;
+  const Work& w = a.work;
+  Acc* partials = static_cast<Acc*>(a.partials);
+  const Acc divisor = Acc(a.divisor);
+  for_each_span(w, begin, end, [&](const Span& s) {
+    if (w.channels_last) {
+      Acc* sums = partials + s.item * w.C;
+      std::fill(sums, sums + w.C, Acc(0));
+      for (int64_t row = s.first; row < s.first + s.len; ++row) {
+        const int64_t off = (s.outer * w.HW + row) * w.C;
+        for_each_step<K>(w.C, [&](int64_t c, int64_t count) {
+          const auto [t0, t1] = term(RowStep{}, off + c, count, s.outer * w.C + c);
+          const auto [s0, s1] = St::load(sums + c, count);
+          St::store(sums + c, s0 + t0, s1 + t1, count);
+        });
+      }
+      if (divisor != Acc(1)) {
+        std::for_each(sums, sums + w.C, [&](Acc& v) { v /= divisor; });
+      }
+    } else {
+      V s0(Acc(0));
+      V s1(Acc(0));
+      const int64_t off = s.outer * w.HW + s.first;
+      for_each_step<K>(s.len, [&](int64_t p, int64_t count) {
+        const auto [t0, t1] = term(PlaneStep{}, off + p, count, s.outer);
+        s0 = s0 + t0;
+        s1 = s1 + t1;
+      });
+      const Acc sum = at::vec::vec_reduce_all<Acc>([](const V& u, const V& v) { return u + v; }, s0 + s1);
+      partials[s.item] = sum / divisor;
+    }
+  });
+}
+
+// The pointers of a pass, typed.
+template <typename T>
+struct Ptrs {
+  using Acc = at::opmath_type<T>;
+  const T* x;
+  const T* residual;
+  const T* grad_out;
+  const Acc* gate;
+  const Acc* grad_pooled;
+  T* out;
+  bool stream;
+
+  explicit Ptrs(const Args& a)
+      : x(static_cast<const T*>(a.x)),
+        residual(static_cast<const T*>(a.residual)),
+        grad_out(static_cast<const T*>(a.grad_out)),
+        gate(static_cast<const Acc*>(a.gate)),
+        grad_pooled(static_cast<const Acc*>(a.grad_pooled)),
+        out(static_cast<T*>(a.out)),
+        stream(a.stream) {}
+
+  // Writes the step at off of out.
+  template <typename V>
+  void put(int64_t off, const V& a, const V& b, int64_t count) const {
+    T* q = out + off;
+    if (stream && Step<T>::can_stream(q, count)) {
+      Step<T>::stream(q, a, b);
+    } else {
+      Step<T>::store(q, a, b, count);
+    }
+  }
+};
+
+// y = x * gate (+ residual) for a step whose x is already loaded.
+template <bool kResidual, typename T, typename Tag, typename V>
+inline std::tuple<V, V> pre_activation(const Ptrs<T>& p, Tag tag, int64_t off, int64_t count, int64_t ci,
+                                       const V& x0, const V& x1) {
+  const auto [k0, k1] = coef(tag, p.gate + ci, count);
+  V y0 = x0 * k0;
+  V y1 = x1 * k1;
+  if constexpr (kResidual) {
+    const auto [r0, r1] = Step<T>::load(p.residual + off, count);
+    y0 = y0 + r0;
+    y1 = y1 + r1;
+  }
+  return {y0, y1};
+}
+
+// g' = grad_out (g0, g1), zeroed where the ReLU was off (y <= 0, or NaN), for a step whose x is
+// loaded.
+template <bool kResidual, typename T, typename Tag, typename V>
+inline std::tuple<V, V> mask_inactive(const Ptrs<T>& p, Tag tag, int64_t off, int64_t count, int64_t ci,
+                                      const V& x0, const V& x1, const V& g0, const V& g1) {
+  const auto [y0, y1] = pre_activation<kResidual>(p, tag, off, count, ci, x0, x1);
+  const V zero(0);
+  return {g0 & (y0 > zero), g1 & (y1 > zero)};
+}
+
+// Runs f(residual, relu) with both flags as compile-time constants, so that each combination gets
+// its own loop free of per-step branches.
+template <typename F>
+inline void with_flags(const Args& a, const F& f) {
+  using Yes = std::true_type;
+  using No = std::false_type;
+  if (a.residual != nullptr) {
+    a.relu ? f(Yes{}, Yes{}) : f(Yes{}, No{});
+  } else {
+    a.relu ? f(No{}, Yes{}) : f(No{}, No{});
+  }
+}
+
+template <typename T>
+void pool(const Args& a, int64_t begin, int64_t end) {
+  const T* x = static_cast<const T*>(a.x);
+  reduce_items<T>(a, begin, end,
+                  [&](auto, int64_t off, int64_t count, int64_t) { return Step<T>::load(x + off, count); });
+}
+
+template <typename T>
+void scale(const Args& a, int64_t begin, int64_t end) {
+  using V = Vectorized<at::opmath_type<T>>;
+  const Ptrs<T> p(a);
+  with_flags(a, [&](auto residual, auto relu) {
+    for_each_item_step<T>(a.work, begin, end, [&](auto tag, int64_t off, int64_t count, int64_t ci) {
+      const auto [x0, x1] = Step<T>::load(p.x + off, count);
+      auto [y0, y1] = pre_activation<residual()>(p, tag, off, count, ci, x0, x1);
+      if constexpr (relu()) {
+        // maximum, unlike a bare max instruction, keeps NaN as torch.relu does.
+        y0 = at::vec::maximum(y0, V(0));
+        y1 = at::vec::maximum(y1, V(0));
+      }
+      p.put(off, y0, y1, count);
+    });
+  });
+  if (a.stream) {
+    stream_fence();
+  }
+}
+
+template <typename T>
+void backward_gate(const Args& a, int64_t begin, int64_t end) {
+  const Ptrs<T> p(a);
+  with_flags(a, [&](auto residual, auto relu) {
+    reduce_items<T>(a, begin, end, [&](auto tag, int64_t off, int64_t count, int64_t ci) {
+      const auto [x0, x1] = Step<T>::load(p.x + off, count);
+      auto [g0, g1] = Step<T>::load(p.grad_out + off, count);
+      if constexpr (relu()) {
+        std::tie(g0, g1) = mask_inactive<residual()>(p, tag, off, count, ci, x0, x1, g0, g1);
+      }
+      if (p.out != nullptr) {
+        p.put(off, g0, g1, count);
+      }
+      return std::make_tuple(g0 * x0, g1 * x1);
+    });
+  });
+  if (a.stream) {
+    stream_fence();
+  }
+}
+
+// Without ReLU, x and residual are not read: grad_x = grad_out * gate + grad_pooled / HW.
+template <typename T>
+void backward_input(const Args& a, int64_t begin, int64_t end) {
+  using Acc = at::opmath_type<T>;
+  const Ptrs<T> p(a);
+  // A product keeps the divider out of the loop; the mean's gradient is then within an ulp of
+  // grad_pooled / HW.
+  const Vectorized<Acc> inv(Acc(1) / Acc(a.divisor));
+  with_flags(a, [&](auto residual, auto relu) {
+    for_each_item_step<T>(a.work, begin, end, [&](auto tag, int64_t off, int64_t count, int64_t ci) {
+      auto [g0, g1] = Step<T>::load(p.grad_out + off, count);
+      if constexpr (relu()) {
+        const auto [x0, x1] = Step<T>::load(p.x + off, count);
+        std::tie(g0, g1) = mask_inactive<residual()>(p, tag, off, count, ci, x0, x1, g0, g1);
+      }
+      const auto [k0, k1] = coef(tag, p.gate + ci, count);
+      const auto [b0, b1] = coef(tag, p.grad_pooled + ci, count);
+      p.put(off, g0 * k0 + b0 * inv, g1 * k1 + b1 * inv, count);
+    });
+  });
+  if (a.stream) {
+    stream_fence();
+  }
+}
+
+// Scalar: the partial sums are a small fraction of x, read once.
+template <typename Acc>
+void combine(const Combine& a, int64_t begin, int64_t end) {
+  const Acc* partials = static_cast<const Acc*>(a.partials);
+  Acc* sums = static_cast<Acc*>(a.sums);
+  for (int64_t j = begin; j < end; ++j) {
+    const int64_t n = j / a.C;
+    const Acc* p = a.channels_last ? partials + n * a.chunks * a.C + (j - n * a.C) : partials + j * a.chunks;
+    const int64_t stride = a.channels_last ? a.C : 1;
+    Acc sum(0);
+    for (int64_t k = 0; k < a.chunks; ++k) {
+      sum += p[k * stride];
+    }
+    sums[j] = sum / Acc(a.divisor);
+  }
+}
+
+template <typename T>
+DtypeKernels dtype_kernels() {
+  return {pool<T>, scale<T>, backward_gate<T>, backward_input<T>, combine<at::opmath_type<T>>};
+}
+
+}  // namespace
+
+Kernels kernels() {
+  return {dtype_kernels<float>(), dtype_kernels<double>(), dtype_kernels<c10::Half>(),
+          dtype_kernels<c10::BFloat16>()};
+}
+
+}  // namespace mtlfast::cpu::task_se::CPU_CAPABILITY
