@@ -1,24 +1,5 @@
-// AVX2 copy of the kernels. setup.py has global compiler flags only, so the instruction set is
-// switched on here, before any header: AVX2 with FMA and F16C (fp16 conversion), which every
-// AVX2 CPU that ATen dispatches to has.
+// AVX2 copy of the skip_fusion kernels (see target_avx2.h).
 #if defined(__x86_64__)
-#if !defined(__GNUC__) || defined(__clang__)
-#error "csrc/cpu/isa relies on GCC's #pragma GCC target"
-#endif
-#pragma GCC target("avx2,fma,f16c")
-// In C++ (unlike C) g++ does not update the feature macros for #pragma GCC target, yet at::vec,
-// Sleef and GCC's intrinsic headers choose their code from them: define what
-// -mavx2 -mfma -mf16c would.
-#define __SSE3__ 1
-#define __SSSE3__ 1
-#define __SSE4_1__ 1
-#define __SSE4_2__ 1
-#define __POPCNT__ 1
-#define __AVX__ 1
-#define __AVX2__ 1
-#define __FMA__ 1
-#define __F16C__ 1
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
+#include "cpu/isa/target_avx2.h"
 #include "cpu/skip_fusion_kernel.h"
 #endif

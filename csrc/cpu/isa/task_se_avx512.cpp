@@ -1,28 +1,5 @@
-// AVX512 copy of the task_se kernels. setup.py has global compiler flags only, so the
-// instruction set is switched on here, before any header, with the features ATen compiles its
-// AVX512 kernels for (-mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma), plus F16C for fp16
-// conversion.
+// AVX512 copy of the task_se kernels (see target_avx512.h).
 #if defined(__x86_64__)
-#if !defined(__GNUC__) || defined(__clang__)
-#error "csrc/cpu/isa relies on GCC's #pragma GCC target"
-#endif
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
-// In C++ (unlike C) g++ does not update the feature macros for #pragma GCC target, yet at::vec,
-// Sleef and GCC's intrinsic headers choose their code from them: define what those flags would.
-#define __SSE3__ 1
-#define __SSSE3__ 1
-#define __SSE4_1__ 1
-#define __SSE4_2__ 1
-#define __POPCNT__ 1
-#define __AVX__ 1
-#define __AVX2__ 1
-#define __FMA__ 1
-#define __F16C__ 1
-#define __AVX512F__ 1
-#define __AVX512BW__ 1
-#define __AVX512VL__ 1
-#define __AVX512DQ__ 1
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
+#include "cpu/isa/target_avx512.h"
 #include "cpu/task_se_kernel.h"
 #endif
