@@ -198,7 +198,7 @@ void attention_distill_bwd(const at::Tensor& grad_out, const at::Tensor& mask_lo
   }
   const BwdArgs args{work_of(grad_out), input(grad_out), input(mask_logits), input(messages),
                      output(grad_mask_logits), output(grad_messages)};
-  run(kernel, args, grad_out.size(0), 3 * args.work.S + 1);
+  run(kernel, args, grad_out.size(0), 4 * args.work.S + 1);
 }
 
 }  // namespace
