@@ -294,8 +294,9 @@ void bwd(BwdFn kernel, const at::Tensor& grad_out, const std::vector<at::Tensor>
     tables.layers[k].grad_scores = grad_scores[k].mutable_data_ptr();
   }
   const bool want_bias = grad_bias.has_value() && grad_bias->defined();
-  const at::Tensor weight_part = at::empty({N, C, K}, grad_weight.options().dtype(c10::CppTypeToScalarType<Acc>::value));
-  const at::Tensor bias_part = want_bias ? at::empty({N, C}, weight_part.options()) : at::Tensor();
+  const auto acc_options = grad_weight.options().dtype(c10::CppTypeToScalarType<Acc>::value);
+  const at::Tensor weight_part = at::empty({N, C, K}, acc_options);
+  const at::Tensor bias_part = want_bias ? at::empty({N, C}, acc_options) : at::Tensor();
   const Plan plan{tables.layers.data(), K, C, H, W, weight.const_data_ptr()};
   const BwdArgs args{plan, grad_out.const_data_ptr(), weight_part.mutable_data_ptr(),
                      want_bias ? bias_part.mutable_data_ptr() : nullptr};
