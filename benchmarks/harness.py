@@ -12,7 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+
+from mtlfast import profiling
 
 __all__ = [
     "Budget", "FULL", "QUICK", "is_quick", "CpuTimes", "devices", "fused_backends",
@@ -153,26 +154,13 @@ def copy_gbps(device: str, nbytes: int, budget: Budget) -> float:
 
 
 def peak_mem_bytes(fn: Callable[[], object], device: str) -> int:
-    """Peak memory allocated during one call of ``fn`` beyond what was allocated before it.
-
-    CUDA: the caching allocator's peak statistic. CPU: the peak of the running sum of the
-    allocation (+) and free (-) events the profiler records over the call.
-    """
-    if torch.device(device).type == "cuda":
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
+    """Peak memory allocated during one call of ``fn`` beyond what was allocated before it:
+    ``peak_extra_bytes`` of :func:`mtlfast.profiling.memory` (CUDA: the caching allocator's peak
+    statistic; CPU: the peak of the running sum of the allocation and free events the profiler
+    records over the call)."""
+    with profiling.memory(device, saved_tensors=False) as stats:
         fn()
-        synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    running = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        running += event.nbytes()
-        peak = max(peak, running)
-    return peak
+    return stats.peak_extra_bytes
 
 
 def measure(
