@@ -2,13 +2,14 @@
 #   make demo   install everything, then run the main job (today: the op benchmark report)
 #   make test   install everything, then run the whole test suite
 #   make bench  install everything, then run the full benchmark suites and save their JSON
+#               (and the engine's memory_vs_tasks.{json,png} next to it)
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch==2.13.0 is the CPU wheel here; installing the project without build isolation keeps
 # pip from ever pulling another (CUDA) torch to build against.
-DEPS := torch==2.13.0 numpy ninja "setuptools>=64" wheel triton pytest pytest-benchmark
+DEPS := torch==2.13.0 numpy ninja "setuptools>=64" wheel triton pytest pytest-benchmark matplotlib
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*/*.cpp csrc/*/*.h kernels/*.cu kernels/*.cuh)
 BENCH_JSON ?= /tmp/mtlfast-bench.json
 
@@ -36,6 +37,7 @@ demo: install
 bench: install
 	$(PY) -m pytest benchmarks -q --benchmark-json=$(BENCH_JSON)
 	$(PY) benchmarks/report.py $(BENCH_JSON)
+	$(PY) benchmarks/bench_engine.py --plot $(BENCH_JSON)
 
 clean:
 	rm -rf build *.egg-info mtlfast/_C*.so $(VENV)

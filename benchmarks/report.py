@@ -16,6 +16,16 @@ speed-up over each baseline of the group (``eager_loop``, ``naive_head``, ``eage
 * CUDA: >= 80% of copy bandwidth and >= 1.3x ``compile``;
 * ``skip_fusion`` at K=6 layers, forward_backward: peak extra memory <= 1/4 of ``naive_head``'s.
 
+Then the engine benchmarks (``benchmarks/bench_engine.py``): peak memory and step time of each
+strategy against the number of tasks T, the partially labelled case, and their targets
+(``engine_figures``):
+
+* recompute's peak memory at the largest T (16 in a full run) <= 1.15x its peak at T=1, while
+  naive's grows with T;
+* recompute's step time <= 1.35x naive's, at every T;
+* partial labels (each sample labelled for one of 7 tasks): recompute (lazy) >= 2x faster than
+  naive (every head on every sample).
+
 It is a report: the exit status is 0 whatever the targets say (2 for unusable arguments).
 Only the standard library is used, so it runs anywhere the JSON is.
 """
@@ -206,8 +216,9 @@ def _header(machine_info: dict) -> list[str]:
     return lines + [""]
 
 
-def render(machine_info: dict, groups: dict[Group, list[Row]], markdown: bool) -> list[str]:
-    """The report's lines."""
+def render(machine_info: dict, groups: dict[Group, list[Row]], markdown: bool,
+           engine: dict | None = None) -> list[str]:
+    """The report's lines; ``engine``: :func:`engine_figures` of the same JSON."""
     lines = _header(machine_info)
     checked: list[tuple[str, bool]] = []
     for group, rows in groups.items():
@@ -228,6 +239,10 @@ def render(machine_info: dict, groups: dict[Group, list[Row]], markdown: bool) -
             detail = "; ".join(t.describe(figures[t.figure]) for t in targets) or "none here"
             lines.append(f"targets {r.impl}: {'PASS' if passed else 'FAIL'}: {detail}")
         lines.append("")
+    if engine is not None and engine["peak_extra_bytes"]:
+        engine_lines, engine_checked = render_engine(engine, markdown)
+        lines += engine_lines
+        checked += engine_checked
     failed = [name for name, ok in checked if not ok]
     if checked:
         lines.append(f"Targets: {len(checked) - len(failed)}/{len(checked)} passed.")
@@ -237,13 +252,153 @@ def render(machine_info: dict, groups: dict[Group, list[Row]], markdown: bool) -
     return lines
 
 
+# --- The engine benchmarks (benchmarks/bench_engine.py) ---
+
+ENGINE_STRATEGIES = ("naive", "recompute", "checkpoint")
+RECOMPUTE_GROWTH = 1.15  # recompute's peak at the largest T over its peak at T=1, at most
+RECOMPUTE_TIME = 1.35  # recompute's step time over naive's, at most
+PARTIAL_SPEEDUP = 2.0  # naive's step time over recompute's with one label per sample, at least
+
+
+def engine_figures(data: dict) -> dict:
+    """The engine benchmarks of a pytest-benchmark JSON (``data``, parsed) as one figures dict:
+    setup, machine, per strategy and T (keys are strings, as in JSON) the peak extra memory,
+    saved bytes and median step time, the partially labelled cases, and the targets,
+    each ``{"name", "value", "bound", "upper", "met"}`` (``value`` None when not measured)."""
+    machine = data.get("machine_info", {})
+    figures: dict = {
+        "machine": machine.get("node"), "torch": machine.get("torch"),
+        "other_cpu_fraction": machine.get("other_cpu_fraction"), "device_name": None,
+        "setup": {}, "peak_extra_bytes": {}, "saved_bytes": {},
+        "step_s": {}, "other_cpu_fraction_by_case": {}, "param_bytes": {}, "partial": {},
+        "targets": [],
+    }
+    for bench in data.get("benchmarks", []):
+        info = bench.get("extra_info", {})
+        if info.get("suite") != "engine":
+            continue
+        median = (bench.get("stats") or {}).get("median")
+        figures["device_name"] = info.get("device_name")
+        figures["setup"] = {k: info.get(k) for k in ("n", "size", "output_stride", "segments")}
+        strategy, t = info["strategy"], str(info["T"])
+        if info["labels"] != "all":
+            figures["partial"][strategy] = {
+                "T": info["T"], "labels": info["labels"], "step_s": median,
+                "peak_extra_bytes": info.get("peak_extra_bytes"),
+                "saved_bytes": info.get("saved_bytes"),
+                "other_cpu_fraction": info.get("other_cpu_fraction"),
+            }
+            continue
+        for key in ("peak_extra_bytes", "saved_bytes", "other_cpu_fraction"):
+            name = "other_cpu_fraction_by_case" if key == "other_cpu_fraction" else key
+            figures[name].setdefault(strategy, {})[t] = info.get(key)
+        figures["step_s"].setdefault(strategy, {})[t] = median
+        figures["param_bytes"][t] = info.get("param_bytes")
+    figures["targets"] = _engine_targets(figures)
+    return figures
+
+
+def _engine_targets(figures: dict) -> list[dict]:
+    peaks, times = figures["peak_extra_bytes"], figures["step_s"]
+
+    def target(name, value, bound, upper, met=None):
+        if met is None:
+            met = value is not None and (value <= bound if upper else value >= bound)
+        return {"name": name, "value": value, "bound": bound, "upper": upper, "met": met}
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    out = []
+    recompute = peaks.get("recompute", {})
+    top = max(recompute, key=int, default="?")
+    growth = ratio(recompute.get(top), recompute.get("1"))
+    out.append(target(f"recompute peak T={top} / T=1", growth, RECOMPUTE_GROWTH, True))
+    # naive grows with T: its peak strictly increases from each T measured to the next; the
+    # value shown is the last over the first
+    naive = peaks.get("naive", {})
+    ts = sorted(naive, key=int)
+    grows = len(ts) > 1 and all(naive[b] > naive[a] for a, b in zip(ts, ts[1:]))
+    growth = ratio(naive.get(ts[-1]), naive.get(ts[0])) if ts else None
+    name = f"naive peak T={ts[-1] if ts else '?'} / T=1, increasing in T"
+    out.append(target(name, growth, 1.0, False, met=grows))
+    for t in sorted(times.get("recompute", {}), key=int):
+        value = ratio(times["recompute"].get(t), times.get("naive", {}).get(t))
+        out.append(target(f"recompute / naive time T={t}", value, RECOMPUTE_TIME, True))
+    partial = figures["partial"]
+    speedup = ratio(partial.get("naive", {}).get("step_s"),
+                    partial.get("recompute", {}).get("step_s"))
+    t = partial.get("recompute", {}).get("T", "?")
+    out.append(target(f"partial labels T={t}: naive / recompute (lazy) time", speedup,
+                      PARTIAL_SPEEDUP, False))
+    return out
+
+
+def render_engine(figures: dict, markdown: bool) -> tuple[list[str], list[tuple[str, bool]]]:
+    """The engine section's lines, and (target, passed) for each target."""
+    setup = figures["setup"]
+    size = "x".join(map(str, setup.get("size") or ()))
+    where = f"cpu ({figures['device_name']})"
+    title = (f"engine · {where} · batch {setup.get('n')} at {size} · ResNet-50 trunk, output "
+             f"stride {setup.get('output_stride')}, {setup.get('segments')} segments")
+    lines = [f"### {title}" if markdown else f"== {title}", ""]
+    strategies = [s for s in ENGINE_STRATEGIES if s in figures["peak_extra_bytes"]]
+    ts = sorted({t for by_t in figures["peak_extra_bytes"].values() for t in by_t}, key=int)
+
+    def mib(value):
+        return "-" if value is None else f"{value / 2**20:.0f}"
+
+    def sec(value):
+        return "-" if value is None else f"{value:.2f}"
+
+    header = ["T", *(f"{s} peak MiB" for s in strategies), *(f"{s} s" for s in strategies),
+              "recompute/naive time", "params MiB"]
+    table = []
+    for t in ts:
+        naive_s = figures["step_s"].get("naive", {}).get(t)
+        recompute_s = figures["step_s"].get("recompute", {}).get(t)
+        ratio = f"{recompute_s / naive_s:.2f}x" if naive_s and recompute_s else "-"
+        table.append([t, *(mib(figures["peak_extra_bytes"][s].get(t)) for s in strategies),
+                      *(sec(figures["step_s"].get(s, {}).get(t)) for s in strategies), ratio,
+                      mib(figures["param_bytes"].get(t))])
+    lines += ["every sample labelled for every task; peak: above the model and its .grad", ""]
+    lines += _table(header, table, markdown) + [""]
+    partial = figures["partial"]
+    if partial:
+        t = next(iter(partial.values()))["T"]
+        lines += [f"partial labels: T={t}, each sample labelled for one task", ""]
+        rows = [[s, sec(p["step_s"]), mib(p["peak_extra_bytes"])] for s, p in partial.items()]
+        lines += _table(["strategy", "step s", "peak MiB"], rows, markdown) + [""]
+        lazy, eager = (partial.get(name, {}).get("step_s")
+                       for name in ("recompute", "recompute_all_rows"))
+        if lazy and eager:
+            lines += [f"lazy evaluation alone (recompute_all_rows / recompute time): "
+                      f"{eager / lazy:.2f}x", ""]
+    checked = []
+    for target in figures["targets"]:
+        relation = "<=" if target["upper"] else ">="
+        value = "not measured" if target["value"] is None else f"{target['value']:.2f}"
+        verdict = "PASS" if target["met"] else "FAIL"
+        bound = f"{target['bound']:.2f}"
+        lines.append(f"targets engine: {verdict}: {target['name']} {value} ({relation} {bound})")
+        checked.append((f"engine: {target['name']}", target["met"]))
+    lines.append("")
+    return lines, checked
+
+
+def load_engine(path: str) -> dict:
+    """:func:`engine_figures` of the pytest-benchmark JSON at ``path``."""
+    with open(path) as f:
+        return engine_figures(json.load(f))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("json", help="pytest-benchmark JSON (--benchmark-json=...)")
     parser.add_argument("--markdown", action="store_true", help="GitHub-flavoured markdown tables")
     args = parser.parse_args(argv)
     machine_info, groups = load(args.json)
-    print("\n".join(render(machine_info, groups, args.markdown)))
+    print("\n".join(render(machine_info, groups, args.markdown, load_engine(args.json))))
     return 0
 
 

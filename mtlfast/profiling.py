@@ -41,9 +41,14 @@ What each figure means, and how it is measured:
 ``rss_peak_extra_bytes``
     CPU on Linux only (else ``None``): the peak resident set size of the whole process during the
     block above its resident size at the start (``VmHWM`` of /proc/self/status, reset through
-    /proc/self/clear_refs). A coarse cross-check of ``peak_extra_bytes``: it sees every thread
-    and allocator, but also pages that malloc keeps after a free, and not the untouched pages of a
-    tensor allocated with ``torch.empty``.
+    /proc/self/clear_refs). It sees every thread and allocator, but it is a cross-check, not a
+    measure of what torch allocated: malloc hands out pages that earlier frees left resident
+    without growing the RSS (after a warm-up run it can read near 0), and the untouched pages of a
+    tensor from ``torch.empty`` are not resident. It becomes a tight check in a process started
+    with ``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0``, where glibc maps every block of
+    64 KiB or more on its own and unmaps it when freed: there, for training steps of the ResNet-50
+    network of benchmarks/bench_engine.py (250 to 570 MiB), it exceeded ``peak_extra_bytes`` by
+    less than 3 MiB (the profiler's own buffers, small blocks, and all that the profiler misses).
 
 ``saved_bytes``, ``saved_tensors``
     The bytes and number of the distinct storages that autograd packed for backward during the
