@@ -112,8 +112,8 @@ class StepPlan:
                 raise TypeError(f"heads[{name!r}] must be a module (callable), got {type(head).__name__}")
             tasks = getattr(head, "tasks", None)
             if tasks is not None:
-                if isinstance(tasks, str) or not all(isinstance(t, str) for t in tasks) or not tasks:
-                    raise TypeError(f"heads[{name!r}].tasks must be a non-empty sequence of task names, got {tasks!r}")
+                if not isinstance(tasks, (list, tuple)) or not tasks or not all(isinstance(t, str) for t in tasks):
+                    raise TypeError(f"heads[{name!r}].tasks must be a non-empty list or tuple of task names, got {tasks!r}")
                 tasks, joint = tuple(tasks), True
             elif name in self.loss_fns:
                 tasks, joint = (name,), False

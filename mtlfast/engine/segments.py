@@ -161,7 +161,9 @@ class CheckpointedTrunk:
                     for o, g in zip(out_leaves, grads)
                     if g is not None and isinstance(o, torch.Tensor) and o.requires_grad
                 ]
+                # drop the caller's references too: each gradient dies once its segment is done
                 del out, out_leaves
+                grads.clear()
                 if pairs:
                     torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
                 del pairs

@@ -81,6 +81,9 @@ def multi_branch_step(
     (None on a fresh model). A joint decoder (a head returning a dict) runs, in recompute mode, on
     the union of its tasks' labelled samples, and each task's loss uses the rows labelled for it.
 
+    Heads must not modify their input in place: other heads share it (in recompute mode autograd
+    refuses it on the full batch; in naive mode later heads would silently see the change).
+
     Equality with naive under partial labels holds for heads whose per-sample outputs do not
     depend on the other samples of the batch: batch-statistics BatchNorm (or dropout) in a head
     sees different batches (or draws different masks) when the head runs on fewer samples. In the
@@ -240,7 +243,7 @@ def _recompute(modules, bounds, plan, images, result, terms, keep_task_grads) ->
         _recompute_branch(plan, branch, reps, spec, result, terms, keep_task_grads, device_types)
     grads = [t.grad if _is_float_tensor(t) else None for t in reps]
     del reps
-    trunk.backward(grads, spec)
+    trunk.backward(grads, spec)  # empties `grads` as it goes
 
 
 def _recompute_branch(plan, branch, reps, spec, result, terms, keep_task_grads, device_types) -> None:
