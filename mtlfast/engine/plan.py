@@ -113,7 +113,9 @@ class StepPlan:
             tasks = getattr(head, "tasks", None)
             if tasks is not None:
                 if not isinstance(tasks, (list, tuple)) or not tasks or not all(isinstance(t, str) for t in tasks):
-                    raise TypeError(f"heads[{name!r}].tasks must be a non-empty list or tuple of task names, got {tasks!r}")
+                    raise TypeError(
+                        f"heads[{name!r}].tasks must be a non-empty list or tuple of task names, got {tasks!r}"
+                    )
                 tasks, joint = tuple(tasks), True
             elif name in self.loss_fns:
                 tasks, joint = (name,), False
@@ -266,7 +268,9 @@ class StepPlan:
             got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(f"loss_fns[{task!r}] must return a scalar tensor, got {got}")
         if not loss.requires_grad:
-            raise ValueError(f"the loss of task {task!r} does not require grad: loss_fns[{task!r}] ignores the prediction")
+            raise ValueError(
+                f"the loss of task {task!r} does not require grad: loss_fns[{task!r}] ignores the prediction"
+            )
         return loss.reshape(())
 
     def weight(self, task: str) -> Any:

@@ -35,6 +35,8 @@ class StepResult:
             samples not labelled for the task and on outputs the task does not use (None for
             non-floating outputs). Their sum is the gradient the trunk's backward starts from.
             None without ``keep_task_grads``.
+
+    Shapes: losses[t] and total 0-dim; task_grads[t] like the trunk output, (N, ...) each.
     """
 
     losses: dict[str, torch.Tensor]

@@ -125,11 +125,13 @@ def test_target_batch_size(setup):
 
 def test_labeled_batch_size(setup):
     labeled = {"seg": torch.ones(N - 2, dtype=torch.bool)}
-    raises_before_running(setup, ValueError, rf"labeled\['seg'\] has shape \({N - 2},\), but images have batch size {N}",
-                          labeled=labeled)
+    match = rf"labeled\['seg'\] has shape \({N - 2},\), but images have batch size {N}"
+    raises_before_running(setup, ValueError, match, labeled=labeled)
 
 
-@pytest.mark.parametrize("flags", [torch.ones(N), [True] * N, torch.ones(N, dtype=torch.long)], ids=["float", "list", "long"])
+@pytest.mark.parametrize(
+    "flags", [torch.ones(N), [True] * N, torch.ones(N, dtype=torch.long)], ids=["float", "list", "long"]
+)
 def test_labeled_not_bool(setup, flags):
     raises_before_running(setup, TypeError, r"labeled\['depth'\] must be a bool tensor", labeled={"depth": flags})
 
@@ -144,7 +146,8 @@ def test_weights_for_unknown_task(setup):
 @pytest.mark.parametrize("head", [Constant, ParameterOnly])
 def test_prediction_not_depending_on_the_representation(setup, strategy, head):
     heads = nn.ModuleDict({"seg": Head(3), "depth": head()})
-    with pytest.raises(ValueError, match="prediction of head 'depth' for task 'depth' does not depend on the trunk output"):
+    match = "prediction of head 'depth' for task 'depth' does not depend on the trunk output"
+    with pytest.raises(ValueError, match=match):
         step(setup, heads=heads, strategy=strategy)
     # found before that head's backward: its parameters have no gradient
     assert all(p.grad is None for p in heads["depth"].parameters())

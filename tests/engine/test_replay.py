@@ -34,7 +34,8 @@ def assert_same_buffers(out):
 
 
 def test_batch_norm_in_trunk_updates_running_statistics_once():
-    trunk = conv_trunk(2, (nn.BatchNorm2d(C), nn.ReLU(), nn.Conv2d(C, C, 3, padding=1), nn.BatchNorm2d(C, momentum=None))).double()
+    extra = (nn.BatchNorm2d(C), nn.ReLU(), nn.Conv2d(C, C, 3, padding=1), nn.BatchNorm2d(C, momentum=None))
+    trunk = conv_trunk(2, extra).double()
     heads = nn.ModuleDict({t: Head(o) for t, o in OUTS.items()}).double()
     before = buffers(trunk)
     labeled = {"depth": torch.tensor([1, 0, 1, 0, 1, 1], dtype=torch.bool)}
@@ -118,7 +119,9 @@ def test_recomputation_restores_autocast_state_of_the_forward():
     trunk = conv_trunk(4)
     heads = nn.ModuleDict({"depth": Head(1)})
     dtypes = []
-    trunk[2].register_forward_pre_hook(lambda m, args: dtypes.append((torch.is_autocast_enabled("cpu"), torch.is_grad_enabled())))
+    trunk[2].register_forward_pre_hook(
+        lambda m, args: dtypes.append((torch.is_autocast_enabled("cpu"), torch.is_grad_enabled()))
+    )
     targets = {"depth": torch.randn(N, 1, H, H)}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         multi_branch_step(trunk, heads, torch.randn(N, 3, H, H), targets, loss_fns_for({"depth": 1}), segments=2)
