@@ -5,8 +5,7 @@ forward and backward, each on the samples labelled for it, then one recomputing 
 See :func:`multi_branch_step`.
 """
 
-from .replay import SegmentReplay
 from .segments import split_segments
 from .step import StepResult, multi_branch_step
 
-__all__ = ["SegmentReplay", "StepResult", "multi_branch_step", "split_segments"]
+__all__ = ["StepResult", "multi_branch_step", "split_segments"]

@@ -112,8 +112,10 @@ class StepPlan:
                 raise TypeError(f"heads[{name!r}] must be a module (callable), got {type(head).__name__}")
             tasks = getattr(head, "tasks", None)
             if tasks is not None:
-                if isinstance(tasks, str) or not all(isinstance(t, str) for t in tasks) or not tasks:
-                    raise TypeError(f"heads[{name!r}].tasks must be a non-empty sequence of task names, got {tasks!r}")
+                if not isinstance(tasks, (list, tuple)) or not tasks or not all(isinstance(t, str) for t in tasks):
+                    raise TypeError(
+                        f"heads[{name!r}].tasks must be a non-empty list or tuple of task names, got {tasks!r}"
+                    )
                 tasks, joint = tuple(tasks), True
             elif name in self.loss_fns:
                 tasks, joint = (name,), False
@@ -266,7 +268,9 @@ class StepPlan:
             got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(f"loss_fns[{task!r}] must return a scalar tensor, got {got}")
         if not loss.requires_grad:
-            raise ValueError(f"the loss of task {task!r} does not require grad: loss_fns[{task!r}] ignores the prediction")
+            raise ValueError(
+                f"the loss of task {task!r} does not require grad: loss_fns[{task!r}] ignores the prediction"
+            )
         return loss.reshape(())
 
     def weight(self, task: str) -> Any:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parameter import is_lazy
 from torch.utils._pytree import tree_flatten
 
 __all__ = ["SegmentReplay", "device_types_of", "no_autocast"]
@@ -78,7 +79,8 @@ class SegmentReplay:
       swapped in for the recomputation (which therefore sees the same state as the first forward)
       and the post-forward ones swapped back once the segment's backward is done. Copies of
       modules the forward left alone are dropped at once. Writes that bypass the version counter
-      (``.data`` writes, or kernels that mutate an argument they do not declare) go unnoticed.
+      (``.data`` writes, or kernels that mutate an argument they do not declare) go unnoticed, as
+      do the buffers of a lazy module on the step that materialises them (run one forward first).
     """
 
     def __init__(self, modules: Sequence[nn.Module], inputs: Any) -> None:
@@ -109,7 +111,7 @@ class SegmentReplay:
                 if isinstance(m, _BatchNorm):
                     continue  # train mode: handled by the flag; eval mode: not updated
                 for name, b in m._buffers.items():
-                    if b is not None:
+                    if b is not None and not is_lazy(b):  # a lazy module's buffer has no value yet
                         self.buffers.append((m, name, b, b._version, b.detach().clone()))
 
     @classmethod

@@ -124,8 +124,17 @@ class CheckpointedTrunk:
         """Backpropagates ``grads`` (the representation's flattened gradient, ``spec`` its structure).
 
         Accumulates into the trunk's parameters (and into ``images`` when it requires grad), as
-        ``loss.backward()`` does.
+        ``loss.backward()`` does. Runs with autocast off, like every backward of the engine: each
+        recomputed forward re-enters the autocast state its first forward had, so the caller's
+        context at this point does not matter.
         """
+        device_types = set().union(*(r.device_types for r in self.replays))
+        with no_autocast(device_types):
+            self._backward(grads, spec)
+        self.anchors.clear()
+        self.replays.clear()
+
+    def _backward(self, grads: list[torch.Tensor | None], spec: Any) -> None:
         for s in reversed(range(len(self.segments))):
             if not self.needs_grad[s] or all(g is None for g in grads):
                 break
@@ -152,15 +161,14 @@ class CheckpointedTrunk:
                     for o, g in zip(out_leaves, grads)
                     if g is not None and isinstance(o, torch.Tensor) and o.requires_grad
                 ]
+                # drop the caller's references too: each gradient dies once its segment is done
                 del out, out_leaves
+                grads.clear()
                 if pairs:
-                    with no_autocast(replay.device_types):
-                        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+                    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
                 del pairs
             if s == 0:
                 break
             grads = [a.grad if isinstance(a, torch.Tensor) and a.requires_grad else None for a in leaves]
             spec = anchor_spec
             del x, leaves, anchor
-        self.anchors.clear()
-        self.replays.clear()

@@ -35,6 +35,8 @@ class StepResult:
             samples not labelled for the task and on outputs the task does not use (None for
             non-floating outputs). Their sum is the gradient the trunk's backward starts from.
             None without ``keep_task_grads``.
+
+    Shapes: losses[t] and total 0-dim; task_grads[t] like the trunk output, (N, ...) each.
     """
 
     losses: dict[str, torch.Tensor]
@@ -80,6 +82,9 @@ def multi_branch_step(
     tasks has a labelled sample, in both strategies, so a skipped head's ``.grad`` stays as it was
     (None on a fresh model). A joint decoder (a head returning a dict) runs, in recompute mode, on
     the union of its tasks' labelled samples, and each task's loss uses the rows labelled for it.
+
+    Heads must not modify their input in place: other heads share it (in recompute mode autograd
+    refuses it on the full batch; in naive mode later heads would silently see the change).
 
     Equality with naive under partial labels holds for heads whose per-sample outputs do not
     depend on the other samples of the batch: batch-statistics BatchNorm (or dropout) in a head
@@ -240,7 +245,7 @@ def _recompute(modules, bounds, plan, images, result, terms, keep_task_grads) ->
         _recompute_branch(plan, branch, reps, spec, result, terms, keep_task_grads, device_types)
     grads = [t.grad if _is_float_tensor(t) else None for t in reps]
     del reps
-    trunk.backward(grads, spec)
+    trunk.backward(grads, spec)  # empties `grads` as it goes
 
 
 def _recompute_branch(plan, branch, reps, spec, result, terms, keep_task_grads, device_types) -> None:
