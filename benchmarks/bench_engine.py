@@ -249,11 +249,11 @@ def plot(figures: dict, path: str) -> None:
     ax.set_xticks(ts, [str(t) for t in ts])
     ax.set_ylim(bottom=0)
     ax.set_xlabel("tasks T")
-    ax.set_ylabel("peak memory of a step (MiB, above the model and its .grad)")
+    ax.set_ylabel("peak memory of a training step (MiB)")
     setup = figures.get("setup", {})
-    ax.set_title(f"ResNet-50 trunk (os {setup.get('output_stride')}), 3-layer heads, "
-                 f"batch {setup.get('n')} at {'x'.join(map(str, setup.get('size', [])))}",
-                 fontsize=9)
+    ax.set_title(f"ResNet-50 trunk (output stride {setup.get('output_stride')}), 3-layer heads, "
+                 f"batch {setup.get('n')} at {'x'.join(map(str, setup.get('size', [])))}\n"
+                 "peak allocated above the model and its .grad, CPU, float32", fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.text(0.01, 0.01, f"{figures.get('device_name', '')}; torch {figures.get('torch', '?')}",

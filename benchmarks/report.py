@@ -348,8 +348,18 @@ def render_engine(figures: dict, markdown: bool) -> tuple[list[str], list[tuple[
     def mib(value):
         return "-" if value is None else f"{value / 2**20:.0f}"
 
-    def sec(value):
-        return "-" if value is None else f"{value:.2f}"
+    busy = []
+
+    def sec(value, other=None):
+        if value is None:
+            return "-"
+        if other is not None and other >= BUSY_FRACTION:
+            busy.append(other)
+            return f"{value:.2f}*"
+        return f"{value:.2f}"
+
+    def other(strategy, t):
+        return figures["other_cpu_fraction_by_case"].get(strategy, {}).get(t)
 
     header = ["T", *(f"{s} peak MiB" for s in strategies), *(f"{s} s" for s in strategies),
               "recompute/naive time", "params MiB"]
@@ -359,7 +369,8 @@ def render_engine(figures: dict, markdown: bool) -> tuple[list[str], list[tuple[
         recompute_s = figures["step_s"].get("recompute", {}).get(t)
         ratio = f"{recompute_s / naive_s:.2f}x" if naive_s and recompute_s else "-"
         table.append([t, *(mib(figures["peak_extra_bytes"][s].get(t)) for s in strategies),
-                      *(sec(figures["step_s"].get(s, {}).get(t)) for s in strategies), ratio,
+                      *(sec(figures["step_s"].get(s, {}).get(t), other(s, t)) for s in strategies),
+                      ratio,
                       mib(figures["param_bytes"].get(t))])
     lines += ["every sample labelled for every task; peak: above the model and its .grad", ""]
     lines += _table(header, table, markdown) + [""]
@@ -367,13 +378,17 @@ def render_engine(figures: dict, markdown: bool) -> tuple[list[str], list[tuple[
     if partial:
         t = next(iter(partial.values()))["T"]
         lines += [f"partial labels: T={t}, each sample labelled for one task", ""]
-        rows = [[s, sec(p["step_s"]), mib(p["peak_extra_bytes"])] for s, p in partial.items()]
+        rows = [[s, sec(p["step_s"], p.get("other_cpu_fraction")), mib(p["peak_extra_bytes"])]
+                for s, p in partial.items()]
         lines += _table(["strategy", "step s", "peak MiB"], rows, markdown) + [""]
         lazy, eager = (partial.get(name, {}).get("step_s")
                        for name in ("recompute", "recompute_all_rows"))
         if lazy and eager:
             lines += [f"lazy evaluation alone (recompute_all_rows / recompute time): "
                       f"{eager / lazy:.2f}x", ""]
+    if busy:
+        lines += [f"* other work took {BUSY_FRACTION:.0%} or more of the CPU during these rounds "
+                  f"(up to {max(busy):.0%}): unreliable timings.", ""]
     checked = []
     for target in figures["targets"]:
         relation = "<=" if target["upper"] else ">="
