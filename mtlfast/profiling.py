@@ -145,26 +145,36 @@ class _Measurement:
             raise RuntimeError("mtlfast.profiling.memory: a measurement can be entered only once")
         self._entered = True
         device = self.stats.device
-        if device.type == "cuda":
-            self._peaks.append(_PeakWatch(_CudaCounter.get(device)))
-        else:
-            self._allocations = _CPU_EVENTS.enter()
-            rss = _RssCounter.get()
-            if rss is not None:
-                self._peaks.append(_PeakWatch(rss))
-        for watch in self._peaks:
-            watch.start()
-        if self._count_saved:
-            self._saved = _SAVED.enter()
-            self._hooks = torch.autograd.graph.saved_tensors_hooks(_SAVED.pack, _unpack)
-            self._hooks.__enter__()
+        try:
+            if device.type == "cuda":
+                counters: list[_Counter | None] = [_CudaCounter.get(device)]
+            else:
+                self._allocations = _CPU_EVENTS.enter()
+                counters = [_RssCounter.get()]
+            for counter in counters:
+                if counter is not None:
+                    watch = _PeakWatch(counter)
+                    watch.start()
+                    self._peaks.append(watch)
+            if self._count_saved:
+                hooks = torch.autograd.graph.saved_tensors_hooks(_SAVED.pack, _unpack)
+                hooks.__enter__()
+                self._hooks, self._saved = hooks, _SAVED.enter()
+        except BaseException:
+            self._close(None, None, None)  # undo what was started, then let the error out
+            raise
         return self.stats
 
     def __exit__(self, *exc_info) -> None:
+        self._close(*exc_info)
+
+    def _close(self, *exc_info) -> None:
+        """Ends what the block started, and fills in the figures."""
         stats = self.stats
         if self._hooks is not None:
             self._hooks.__exit__(*exc_info)
             stats.saved_bytes, stats.saved_tensors = _SAVED.exit(self._saved)
+            self._hooks = None
         # The RSS first: reading the profiler's events takes memory of its own.
         for watch in self._peaks:
             start, peak, end = watch.stop()
@@ -173,10 +183,12 @@ class _Measurement:
             else:
                 stats.start_bytes, stats.peak_bytes, stats.end_bytes = start, peak, end
                 stats.peak_extra_bytes, stats.end_extra_bytes = peak - start, end - start
+        self._peaks = []
         if self._allocations is not None:
             _CPU_EVENTS.exit(self._allocations)
             stats.peak_extra_bytes = self._allocations.peak
             stats.end_extra_bytes = self._allocations.current
+            self._allocations = None
 
 
 # --- Peaks of process-wide counters that can be reset (CUDA's allocator, the process's RSS) ---

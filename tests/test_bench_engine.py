@@ -51,21 +51,21 @@ def test_cases():
     quick = bench_engine.cases(quick=True)
     assert {c.tasks for c in quick if c.labels == "all"} == set(bench_engine.QUICK_TASKS)
     full = bench_engine.cases(quick=False)
-    assert len(full) == 3 * 5 + 3 and full[0].strategy == "naive"
+    assert len(full) == 3 * 5 + 4 and full[0].strategy == "naive"
 
 
 def _fake_results():
     benchmarks = []
     for labels, strategies, ts in (("all", bench_engine.STRATEGIES, (1, 2, 4)),
-                                   ("one_per_sample", ("naive", "recompute", "recompute_all_rows"),
-                                    (7,))):
+                                   ("one_per_sample", bench_engine.PARTIAL_STRATEGIES, (7,))):
         for t in ts:
             for strategy in strategies:
                 peak = {"naive": 100 + 10 * t, "recompute": 50, "checkpoint": 60 + 10 * t,
-                        "recompute_all_rows": 50}
+                        "naive_all_rows": 100, "recompute_all_rows": 50}
                 seconds = {"naive": 1.0, "recompute": 1.3, "checkpoint": 1.25}
                 if labels != "all":
-                    seconds = {"naive": 2.0, "recompute": 1.0, "recompute_all_rows": 1.5}
+                    seconds = {"naive_all_rows": 2.5, "naive": 2.0, "recompute": 1.0,
+                               "recompute_all_rows": 1.5}
                 info = {"suite": "engine", "strategy": strategy, "T": t, "labels": labels,
                         "n": 4, "size": [256, 256], "output_stride": 16, "segments": 4,
                         "device_name": "test CPU", "param_bytes": 1000 * t,
@@ -84,7 +84,7 @@ def test_report_and_figures(tmp_path):
     assert all(met.values()), met
     lines = report.render({}, {}, False, figures)
     assert any("targets engine: PASS: partial labels T=7" in line for line in lines)
-    assert "lazy evaluation alone (recompute_all_rows / recompute time): 1.50x" in lines
+    assert "every head on every sample (naive_all_rows) / recompute (lazy) time: 2.50x" in lines
     assert lines[-1].startswith("Targets: ")
     path = tmp_path / "results.json"
     path.write_text(json.dumps(data))

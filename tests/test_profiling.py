@@ -156,6 +156,18 @@ def test_refuses_while_another_profiler_runs():
     assert m.peak_extra_bytes == 32
 
 
+def test_failed_entry_leaves_nothing_running():
+    """Saved-tensors hooks disabled: entering fails, and the profiler it started is stopped."""
+    with torch.autograd.graph.disable_saved_tensors_hooks("no hooks here"):
+        with pytest.raises(RuntimeError, match="no hooks here"):
+            with profiling.memory("cpu"):
+                pass
+        with profiling.memory("cpu", saved_tensors=False) as m:
+            torch.empty(8)
+    assert m.peak_extra_bytes == 32
+    assert not torch._C._autograd._profiler_enabled()
+
+
 def test_enter_once():
     measurement = profiling.memory("cpu")
     with measurement:
