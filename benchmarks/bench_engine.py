@@ -32,9 +32,10 @@ Cases, all in one session so that their ratios are fair:
 
 Each case: one untimed step (it also allocates every ``.grad``), one untimed step measured with
 :func:`mtlfast.profiling.memory` (the profiler slows it: memory and time never come from the
-same step), then pytest-benchmark's rounds (full: 1 warm-up and 3 rounds; quick mode, ``--quick``
-or ``MTLFAST_BENCH_QUICK=1``: T in {1, 2} and the partial cases, no warm-up, 1 round). A step is
-the forward, the backward, and the gradients accumulated into ``.grad`` (no optimizer).
+same step), then pytest-benchmark's rounds (full: 1 warm-up and 3 rounds). Quick mode
+(``--quick`` or ``MTLFAST_BENCH_QUICK=1``), a smoke test of the pipeline and not a measurement:
+128x128 images, T in {1, 2} and the partial cases, no warm-up, 1 round. A step is the forward,
+the backward, and the gradients accumulated into ``.grad`` (no optimizer).
 
 Figures in each benchmark's ``extra_info`` (``benchmarks/report.py`` prints them and checks the
 targets; ``python benchmarks/bench_engine.py --plot RESULTS.json`` writes them as
@@ -87,6 +88,7 @@ from mtlfast import profiling
 
 N = 4
 SIZE = (256, 256)
+QUICK_SIZE = (128, 128)
 OUTPUT_STRIDE = 16
 TASKS = (1, 2, 4, 8, 16)
 QUICK_TASKS = (1, 2)
@@ -125,8 +127,9 @@ class Case:
 def cases(quick: bool) -> list[Case]:
     """Every benchmark of the session: naive first for each T (the ratios' reference), T=1 first
     for each strategy."""
-    full = [Case(s, t) for t in (QUICK_TASKS if quick else TASKS) for s in STRATEGIES]
-    partial = [Case(s, PARTIAL_TASKS, "one_per_sample") for s in PARTIAL_STRATEGIES]
+    size = QUICK_SIZE if quick else SIZE
+    full = [Case(s, t, size=size) for t in (QUICK_TASKS if quick else TASKS) for s in STRATEGIES]
+    partial = [Case(s, PARTIAL_TASKS, "one_per_sample", size=size) for s in PARTIAL_STRATEGIES]
     return full + partial
 
 

@@ -50,6 +50,7 @@ def test_trunk_shape():
 def test_cases():
     quick = bench_engine.cases(quick=True)
     assert {c.tasks for c in quick if c.labels == "all"} == set(bench_engine.QUICK_TASKS)
+    assert {c.size for c in quick} == {bench_engine.QUICK_SIZE}
     full = bench_engine.cases(quick=False)
     assert len(full) == 3 * 5 + 4 and full[0].strategy == "naive"
 
