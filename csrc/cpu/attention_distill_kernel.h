@@ -28,6 +28,7 @@
 #include <type_traits>
 
 #include "cpu/attention_distill.h"
+#include "cpu/vec_sigmoid.h"
 
 #ifndef CPU_CAPABILITY
 #error "define CPU_CAPABILITY (and CPU_CAPABILITY_<ISA>) before including attention_distill_kernel.h"
@@ -37,21 +38,6 @@ namespace mtlfast::cpu::CPU_CAPABILITY {
 namespace {
 
 using at::vec::Vectorized;
-
-// exp_u20 (a short polynomial, about 20 ulp) keeps sigmoid within 5e-7 relative of torch.sigmoid
-// at a fraction of Sleef's cost; fexp_u20 is cheaper still but 1e-5 off. It clamps its input, which turns NaN into a
-// finite value, so NaN logits are passed through explicitly, as torch.sigmoid does.
-inline Vectorized<float> sigmoid(const Vectorized<float>& x) {
-  const Vectorized<float> one(1.f);
-  const Vectorized<float> sig = one / (one + x.neg().exp_u20());
-  return Vectorized<float>::blendv(sig, x, x.isnan());
-}
-
-// double only serves gradcheck, so exactness matters more than speed here.
-inline Vectorized<double> sigmoid(const Vectorized<double>& x) {
-  const Vectorized<double> one(1.);
-  return one / (one + x.neg().map(std::exp));
-}
 
 // Loads and stores of one step: two compute vectors, i.e. one full Vectorized<T> for fp16/bf16,
 // converted to and from fp32. count < kStep only on the tail of a chunk.

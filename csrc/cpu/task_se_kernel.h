@@ -20,12 +20,14 @@
 #pragma GCC diagnostic pop
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <tuple>
 #include <type_traits>
 
 #include "cpu/task_se.h"
+#include "cpu/vec_sigmoid.h"
 
 #ifndef CPU_CAPABILITY
 #error "define CPU_CAPABILITY (and CPU_CAPABILITY_<ISA>) before including task_se_kernel.h"
@@ -35,6 +37,7 @@ namespace mtlfast::cpu::task_se::CPU_CAPABILITY {
 namespace {
 
 using at::vec::Vectorized;
+using mtlfast::cpu::CPU_CAPABILITY::sigmoid;
 
 // Non-temporal store of the bytes of one vector at p, aligned to their size.
 template <typename Vec>
@@ -386,9 +389,164 @@ void combine(const Combine& a, int64_t begin, int64_t end) {
   }
 }
 
+// ---- the per-task linear layers (Mlp in task_se.h) ------------------------------------------
+// They read the weights of the group's tasks once per group (rows hot in L1 while the samples of
+// one task use them); the arithmetic is a few dot products and row updates per weight row.
+
+// sum_i a[i] * b[i] over [0, n).
+template <typename Acc>
+inline Acc dot(const Acc* a, const Acc* b, int64_t n) {
+  using V = Vectorized<Acc>;
+  constexpr int64_t L = V::size();
+  V s0(Acc(0));
+  V s1(Acc(0));
+  int64_t i = 0;
+  for (; i + 2 * L <= n; i += 2 * L) {
+    s0 = at::vec::fmadd(V::loadu(a + i), V::loadu(b + i), s0);
+    s1 = at::vec::fmadd(V::loadu(a + i + L), V::loadu(b + i + L), s1);
+  }
+  for (; i < n; i += L) {
+    const int64_t k = std::min(L, n - i);
+    s0 = at::vec::fmadd(V::loadu(a + i, k), V::loadu(b + i, k), s0);
+  }
+  return at::vec::vec_reduce_all<Acc>([](const V& u, const V& v) { return u + v; }, s0 + s1);
+}
+
+// y[i] += s * x[i] over [0, n).
+template <typename Acc>
+inline void axpy(Acc* y, Acc s, const Acc* x, int64_t n) {
+  using V = Vectorized<Acc>;
+  constexpr int64_t L = V::size();
+  const V sv(s);
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    at::vec::fmadd(sv, V::loadu(x + i), V::loadu(y + i)).store(y + i);
+  }
+  if (i < n) {
+    at::vec::fmadd(sv, V::loadu(x + i, n - i), V::loadu(y + i, n - i)).store(y + i, n - i);
+  }
+}
+
+template <typename Acc>
+struct MlpPtrs {
+  const int64_t* task;
+  const Acc *w1, *b1, *w2, *b2, *pooled, *grad_gate;
+  Acc *hidden, *gate, *dz, *dh, *grad_pooled, *grad_w1, *grad_b1, *grad_w2, *grad_b2;
+
+  explicit MlpPtrs(const Mlp& m)
+      : task(m.task),
+        w1(static_cast<const Acc*>(m.w1)),
+        b1(static_cast<const Acc*>(m.b1)),
+        w2(static_cast<const Acc*>(m.w2)),
+        b2(static_cast<const Acc*>(m.b2)),
+        pooled(static_cast<const Acc*>(m.pooled)),
+        grad_gate(static_cast<const Acc*>(m.grad_gate)),
+        hidden(static_cast<Acc*>(m.hidden)),
+        gate(static_cast<Acc*>(m.gate)),
+        dz(static_cast<Acc*>(m.dz)),
+        dh(static_cast<Acc*>(m.dh)),
+        grad_pooled(static_cast<Acc*>(m.grad_pooled)),
+        grad_w1(static_cast<Acc*>(m.grad_w1)),
+        grad_b1(static_cast<Acc*>(m.grad_b1)),
+        grad_w2(static_cast<Acc*>(m.grad_w2)),
+        grad_b2(static_cast<Acc*>(m.grad_b2)) {}
+};
+
+// hidden[:, r] for r in [begin, end). relu keeps NaN, as torch.relu does.
+template <typename Acc>
+void squeeze(const Mlp& m, int64_t begin, int64_t end) {
+  const MlpPtrs<Acc> p(m);
+  for (int64_t r = begin; r < end; ++r) {
+    for (int64_t n = 0; n < m.N; ++n) {
+      const int64_t row = p.task[n] * m.R + r;
+      const Acc z = p.b1[row] + dot(p.w1 + row * m.C, p.pooled + n * m.C, m.C);
+      p.hidden[n * m.R + r] = z > Acc(0) || std::isnan(z) ? z : Acc(0);
+    }
+  }
+}
+
+// gate[:, c] for c in [begin, end): the pre-activations row by row of w2 (so that a row serves
+// all samples while in L1), then the sigmoid vectorised along each sample's channels.
+template <typename Acc>
+void excite(const Mlp& m, int64_t begin, int64_t end) {
+  using V = Vectorized<Acc>;
+  const MlpPtrs<Acc> p(m);
+  for (int64_t c = begin; c < end; ++c) {
+    for (int64_t n = 0; n < m.N; ++n) {
+      const int64_t row = p.task[n] * m.C + c;
+      p.gate[n * m.C + c] = p.b2[row] + dot(p.w2 + row * m.R, p.hidden + n * m.R, m.R);
+    }
+  }
+  for (int64_t n = 0; n < m.N; ++n) {
+    Acc* g = p.gate + n * m.C;
+    for (int64_t c = begin; c < end; c += V::size()) {
+      const int64_t k = std::min<int64_t>(V::size(), end - c);
+      sigmoid(V::loadu(g + c, k)).store(g + c, k);
+    }
+  }
+}
+
+// For the samples [begin, end): dz = grad_gate * gate * (1 - gate), dh = (dz @ w2[t]) * (hidden > 0)
+// and grad_pooled = dh @ w1[t]. One sample's sums run in one fixed order whatever the threads.
+template <typename Acc>
+void backward_sample(const Mlp& m, int64_t begin, int64_t end) {
+  const MlpPtrs<Acc> p(m);
+  for (int64_t n = begin; n < end; ++n) {
+    const int64_t t = p.task[n];
+    Acc* dz = p.dz + n * m.C;
+    Acc* dh = p.dh + n * m.R;
+    std::fill(dh, dh + m.R, Acc(0));
+    for (int64_t c = 0; c < m.C; ++c) {
+      const Acc g = p.gate[n * m.C + c];
+      dz[c] = p.grad_gate[n * m.C + c] * g * (Acc(1) - g);
+      axpy(dh, dz[c], p.w2 + (t * m.C + c) * m.R, m.R);
+    }
+    const Acc* h = p.hidden + n * m.R;
+    Acc* gp = p.grad_pooled + n * m.C;
+    std::fill(gp, gp + m.C, Acc(0));
+    for (int64_t r = 0; r < m.R; ++r) {
+      // A product, not a select, so that a NaN gradient propagates as in the reference.
+      dh[r] *= Acc(h[r] > Acc(0));
+      axpy(gp, dh[r], p.w1 + (t * m.R + r) * m.C, m.C);
+    }
+  }
+}
+
+// grad_w2[t, c] = sum over the samples n of task t of dz[n, c] * hidden[n], grad_b2[t, c] the sum of
+// dz[n, c], for c in [begin, end) and every task, added to the (zeroed) gradients.
+template <typename Acc>
+void grad_excite(const Mlp& m, int64_t begin, int64_t end) {
+  const MlpPtrs<Acc> p(m);
+  for (int64_t c = begin; c < end; ++c) {
+    for (int64_t n = 0; n < m.N; ++n) {
+      const int64_t row = p.task[n] * m.C + c;
+      const Acc d = p.dz[n * m.C + c];
+      p.grad_b2[row] += d;
+      axpy(p.grad_w2 + row * m.R, d, p.hidden + n * m.R, m.R);
+    }
+  }
+}
+
+// grad_w1[t, r] = sum over the samples n of task t of dh[n, r] * pooled[n], grad_b1[t, r] the sum of
+// dh[n, r], for r in [begin, end) and every task, added to the (zeroed) gradients.
+template <typename Acc>
+void grad_squeeze(const Mlp& m, int64_t begin, int64_t end) {
+  const MlpPtrs<Acc> p(m);
+  for (int64_t r = begin; r < end; ++r) {
+    for (int64_t n = 0; n < m.N; ++n) {
+      const int64_t row = p.task[n] * m.R + r;
+      const Acc d = p.dh[n * m.R + r];
+      p.grad_b1[row] += d;
+      axpy(p.grad_w1 + row * m.C, d, p.pooled + n * m.C, m.C);
+    }
+  }
+}
+
 template <typename T>
 DtypeKernels dtype_kernels() {
-  return {pool<T>, scale<T>, backward_gate<T>, backward_input<T>, combine<at::opmath_type<T>>};
+  using Acc = at::opmath_type<T>;
+  return {pool<T>, scale<T>, backward_gate<T>, backward_input<T>, combine<Acc>,
+          {squeeze<Acc>, excite<Acc>, backward_sample<Acc>, grad_excite<Acc>, grad_squeeze<Acc>}};
 }
 
 }  // namespace
