@@ -15,7 +15,7 @@
 #include <utility>
 #include <vector>
 
-#include "cpu/isa.h"
+#include "cpu/dispatch.h"
 #include "cpu/task_se.h"
 
 namespace mtlfast::cpu::task_se {
@@ -39,36 +39,9 @@ bool stream(const at::Tensor& out) {
   return static_cast<int64_t>(out.nbytes()) >= kStreamBytes;
 }
 
-const Kernels& isa_kernels() {
-  static const Kernels table = [] {
-    switch (isa()) {
-#if defined(__x86_64__)
-      case Isa::AVX512:
-        return AVX512::kernels();
-      case Isa::AVX2:
-        return AVX2::kernels();
-#endif
-      default:
-        return DEFAULT::kernels();
-    }
-  }();
-  return table;
-}
-
 const DtypeKernels& dtype_kernels(const char* op, at::ScalarType dtype) {
-  const Kernels& k = isa_kernels();
-  switch (dtype) {
-    case at::kFloat:
-      return k.f32;
-    case at::kDouble:
-      return k.f64;
-    case at::kHalf:
-      return k.f16;
-    case at::kBFloat16:
-      return k.bf16;
-    default:
-      TORCH_CHECK(false, op, ": unsupported dtype ", dtype, " (expected float32, float64, float16 or bfloat16)");
-  }
+  static const Kernels table = MTLFAST_ISA_TABLE(kernels);
+  return for_dtype(table, op, dtype);
 }
 
 using Named = std::pair<const char*, const at::Tensor*>;
