@@ -109,7 +109,7 @@ def _gate_backward(grad_gate, pooled, hidden, gate, task, w1, w2):
 
 def _acc_params(acc: torch.dtype, *params: torch.Tensor) -> list[torch.Tensor]:
     """The weights as the whole-op kernels take them: contiguous, in the accumulation dtype."""
-    return [p.to(acc).contiguous() for p in params]
+    return [p if p.dtype == acc and p.is_contiguous() else p.to(acc).contiguous() for p in params]
 
 
 # ---- the op ---------------------------------------------------------------------------------
