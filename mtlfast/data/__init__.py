@@ -1,0 +1,6 @@
+"""Datasets, joint transforms and batching for multi-task dense prediction."""
+
+from .synthetic import SyntheticScenes
+from .tasks import IGNORE_INDEX, TASKS, ignore_target, label_boundaries
+
+__all__ = ["SyntheticScenes", "TASKS", "IGNORE_INDEX", "ignore_target", "label_boundaries"]
