@@ -29,7 +29,9 @@ def collate(samples: Sequence[dict]) -> dict:
     batch = {}
     shapes = {tuple(s["image"].shape[-2:]) for s in samples}
     if len(shapes) != 1:
-        raise ValueError(f"collate: images of different sizes {sorted(shapes)}; crop or resize them first")
+        raise ValueError(
+            f"collate: images of different sizes {sorted(shapes)}; crop or resize them first"
+        )
     height, width = shapes.pop()
     labeled = {t: [] for t in tasks}
     for s in samples:

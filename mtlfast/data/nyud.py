@@ -19,7 +19,8 @@ TASKS = ("semseg", "normals", "edge", "depth")
 NYUD_LAYOUTS = {
     # MTI-Net's NYUD_MT: everything but images and labels as NumPy arrays.
     "mtinet": {"image": ("images", (".jpg", ".png")), "semseg": ("segmentation", ".png"),
-               "depth": ("depth", ".npy"), "normals": ("normals", ".npy"), "edge": ("edge", ".npy")},
+               "depth": ("depth", ".npy"), "normals": ("normals", ".npy"),
+               "edge": ("edge", ".npy")},
     # ATRC (and the repositories built on it): PNG images and labels, depth as NumPy.
     "atrc": {"image": ("images", (".png", ".jpg")), "semseg": ("segmentation", ".png"),
              "depth": ("depth", ".npy"), "normals": ("normals", ".png"), "edge": ("edge", ".png")},
@@ -75,7 +76,9 @@ class NYUD(torch.utils.data.Dataset):
         if not self.ids:
             raise ValueError(f"split list {split_file} is empty")
         if layout is not None and layout not in NYUD_LAYOUTS:
-            raise ValueError(f"unknown NYUD layout {layout!r}; expected one of {tuple(NYUD_LAYOUTS)}")
+            raise ValueError(
+                f"unknown NYUD layout {layout!r}; expected one of {tuple(NYUD_LAYOUTS)}"
+            )
         self.layout = layout or self._detect_layout(self.ids[0])
 
     def _candidates(self, layout: str, key: str, name: str) -> list[str]:
@@ -89,7 +92,11 @@ class NYUD(torch.utils.data.Dataset):
 
         missing, complete = {}, []
         for layout in NYUD_LAYOUTS:
-            lacks = [self._candidates(layout, k, name)[0] for k in ("image", *self.tasks) if not has(layout, k)]
+            lacks = [
+                self._candidates(layout, k, name)[0]
+                for k in ("image", *self.tasks)
+                if not has(layout, k)
+            ]
             if lacks:
                 missing[layout] = lacks
             else:
@@ -99,7 +106,9 @@ class NYUD(torch.utils.data.Dataset):
         if complete:
             return max(complete, key=lambda c: c[0])[1]
         detail = "; ".join(f"{k} lacks {', '.join(v)}" for k, v in missing.items())
-        raise FileNotFoundError(f"NYUD at {self.root}: no known layout has the files for {name!r} ({detail})")
+        raise FileNotFoundError(
+            f"NYUD at {self.root}: no known layout has the files for {name!r} ({detail})"
+        )
 
     def _file(self, key: str, name: str) -> str:
         paths = self._candidates(self.layout, key, name)
@@ -120,7 +129,10 @@ class NYUD(torch.utils.data.Dataset):
             path = self._file(task, name)
             raw[task] = _DECODE[task](self._read(task, path), path)
             if raw[task].shape[:2] != size:
-                raise DataFileError(f"{path}: size {raw[task].shape[:2]} differs from the image's {size} ({image_path})")
+                raise DataFileError(
+                    f"{path}: size {raw[task].shape[:2]} differs from the image's {size}"
+                    f" ({image_path})"
+                )
         sample = ToTensor()(raw)
         sample["labeled"] = {t: True for t in self.tasks}
         sample["name"] = name

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ._io import DataFileError, read_mat, read_png, read_rgb, require_file
-from .tasks import IGNORE_INDEX, ignore_target
+from .tasks import IGNORE_INDEX
 from .transforms import ToTensor
 
 __all__ = ["PascalContext", "HUMAN_PART_GROUPS"]
@@ -74,7 +74,8 @@ class PascalContext(torch.utils.data.Dataset):
             if t not in TASKS:
                 raise ValueError(f"PascalContext has no task {t!r}; expected some of {TASKS}")
         self.transform = transform
-        split_file = require_file(os.path.join(self.root, "ImageSets", "Context", f"{split}.txt"), "split list")
+        split_file = os.path.join(self.root, "ImageSets", "Context", f"{split}.txt")
+        require_file(split_file, "split list")
         with open(split_file) as f:
             self.ids = [line.strip() for line in f if line.strip()]
         self._normals_classes = None
@@ -85,7 +86,9 @@ class PascalContext(torch.utils.data.Dataset):
             )
 
     def _nyu_compatible_classes(self) -> np.ndarray:
-        files = [os.path.join(self.root, "json", n) for n in ("nyu_classes.json", "context_classes.json")]
+        files = [
+            os.path.join(self.root, "json", n) for n in ("nyu_classes.json", "context_classes.json")
+        ]
         loaded = []
         for path in files:
             require_file(path, "class list for the normals mask")
@@ -153,7 +156,9 @@ class PascalContext(torch.utils.data.Dataset):
         path = self._semseg_path(name)
         label = read_png(path, "semantic label image")
         if label.ndim != 2:
-            raise DataFileError(f"semantic label image {path} is not single-channel (shape {label.shape})")
+            raise DataFileError(
+                f"semantic label image {path} is not single-channel (shape {label.shape})"
+            )
         return label
 
     def _label_map(self, name: str, size) -> np.ndarray:
@@ -178,18 +183,23 @@ class PascalContext(torch.utils.data.Dataset):
                 for part in (parts[0] if parts.size else []):
                     part_name = str(np.asarray(_field(part, "part_name", 0)).squeeze())
                     if part_name not in HUMAN_PART_GROUPS:
-                        raise DataFileError(f"PASCAL-Part annotation {path}: unknown person part {part_name!r}")
+                        raise DataFileError(
+                            f"PASCAL-Part annotation {path}: unknown person part {part_name!r}"
+                        )
                     mask = np.asarray(_field(part, "mask", 1)).astype(bool)
                     _check_size(mask, size, path)
                     target[mask] = HUMAN_PART_GROUPS[part_name]
         except DataFileError:
             raise
         except (IndexError, KeyError, ValueError, TypeError) as exc:
-            raise DataFileError(f"PASCAL-Part annotation {path} does not have the anno.objects.parts layout: {exc}") from exc
+            raise DataFileError(
+                f"PASCAL-Part annotation {path} does not have the anno.objects.parts layout: {exc}"
+            ) from exc
         return target
 
     def _saliency(self, name: str) -> np.ndarray:
-        sal = read_png(self._path("sal_distill", f"{name}.png"), "saliency image").astype(np.float32)
+        sal = read_png(self._path("sal_distill", f"{name}.png"), "saliency image")
+        sal = sal.astype(np.float32)
         if sal.ndim == 3:
             sal = sal[..., 0]
         return (sal / 255.0 > 0.5).astype(np.float32)
@@ -212,7 +222,9 @@ def _field(record, name: str, position: int):
 
 def _check_size(array: np.ndarray, size, path: str) -> None:
     if tuple(np.shape(array)[:2]) != tuple(size):
-        raise DataFileError(f"{path}: size {tuple(np.shape(array)[:2])} differs from the image's {tuple(size)}")
+        raise DataFileError(
+            f"{path}: size {tuple(np.shape(array)[:2])} differs from the image's {tuple(size)}"
+        )
 
 
 def _thin_boundaries(label_map: np.ndarray) -> np.ndarray:

@@ -41,7 +41,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .tasks import IGNORE_INDEX, TASKS, ignore_target, label_boundaries
+from .tasks import TASKS, ignore_target, label_boundaries
 
 __all__ = ["SyntheticScenes"]
 
@@ -99,7 +99,8 @@ class SyntheticScenes(torch.utils.data.Dataset):
             if t not in TASKS:
                 raise ValueError(f"unknown task {t!r}; expected some of {TASKS}")
         self.shapes = tuple(shapes)
-        if not self.shapes or any(s not in SHAPES for s in self.shapes) or len(set(self.shapes)) != len(self.shapes):
+        distinct = len(set(self.shapes)) == len(self.shapes)
+        if not self.shapes or not distinct or any(s not in SHAPES for s in self.shapes):
             raise ValueError(f"shapes must be distinct entries of {SHAPES}, got {shapes!r}")
         if not 0 <= objects[0] <= objects[1]:
             raise ValueError(f"objects must be (min, max) with 0 <= min <= max, got {objects!r}")
@@ -112,7 +113,9 @@ class SyntheticScenes(torch.utils.data.Dataset):
             for src in labels:
                 for t in src:
                     if t not in self.tasks:
-                        raise ValueError(f"labels: source {src!r} names task {t!r} not in tasks {self.tasks}")
+                        raise ValueError(
+                            f"labels: source {src!r} names task {t!r} not in tasks {self.tasks}"
+                        )
         self.labels = labels
         self.label_prob = float(label_prob)
         self.transform = transform
@@ -158,7 +161,10 @@ class SyntheticScenes(torch.utils.data.Dataset):
         labeled = self.labeled(index)
         sample = {"image": torch.from_numpy(scene["image"])}
         for task in self.tasks:
-            sample[task] = torch.from_numpy(scene[task]) if labeled[task] else ignore_target(task, height, width)
+            if labeled[task]:
+                sample[task] = torch.from_numpy(scene[task])
+            else:
+                sample[task] = ignore_target(task, height, width)
         sample["labeled"] = labeled
         if self.transform is not None:
             sample = self.transform(sample)
@@ -189,7 +195,7 @@ class SyntheticScenes(torch.utils.data.Dataset):
             axes = np.array([1, 1, 2, 0, 0])
             coords = np.array([cam_h, cam_h - room_h, back, -half_w, half_w])
             plane_normals = np.array(
-                [[0.0, -1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]]
+                [[0, -1, 0], [0, 1, 0], [0, 0, -1], [1, 0, 0], [-1, 0, 0]], dtype=np.float64
             )
             t_planes = coords / d[:, axes]
             t_planes[~(t_planes > 0)] = np.inf
@@ -259,7 +265,8 @@ class SyntheticScenes(torch.utils.data.Dataset):
                 reach = min(half_w - 0.6, 0.85 * z * tan_half)
                 x = rng.uniform(-reach, reach)
                 radius = rng.uniform(0.25, 0.55)
-                if all((x - o["x"]) ** 2 + (z - o["z"]) ** 2 > (radius + o["radius"]) ** 2 for o in placed):
+                apart = ((x - o["x"]) ** 2 + (z - o["z"]) ** 2 for o in placed)
+                if all(d2 > (radius + o["radius"]) ** 2 for d2, o in zip(apart, placed)):
                     break
             obj.update(x=x, z=z, radius=radius)
             if shape == "sphere":
@@ -277,7 +284,8 @@ class SyntheticScenes(torch.utils.data.Dataset):
                 obj["bottom"] = cam_h
                 half_h = 0.5 * (obj["bottom"] - obj["top"])
                 obj["bound"] = (np.array([x, cam_h - half_h, z]), math.hypot(radius, half_h))
-            obj["albedo"] = np.clip(np.array(_SHAPE_COLOURS[shape]) + rng.normal(0, 0.08, 3), 0.05, 1.0)
+            jitter = rng.normal(0, 0.08, 3)
+            obj["albedo"] = np.clip(np.array(_SHAPE_COLOURS[shape]) + jitter, 0.05, 1.0)
             obj["stripes"] = rng.uniform(4.0, 12.0)
             placed.append(obj)
         return placed

@@ -54,7 +54,9 @@ def _uniform(generator, low: float, high: float) -> float:
     elif isinstance(generator, np.random.Generator):
         u = float(generator.random())
     else:
-        raise TypeError(f"generator must be a torch.Generator or numpy.random.Generator, got {type(generator)}")
+        raise TypeError(
+            f"generator must be a torch.Generator or numpy.random.Generator, got {type(generator)}"
+        )
     return low + (high - low) * u
 
 
@@ -95,13 +97,16 @@ class ToTensor:
             x = np.asarray(x)
             if k == "image":
                 scale = 1.0 / 255.0 if x.dtype == np.uint8 else 1.0
-                out[k] = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32) * scale)
+                chw = np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
+                out[k] = torch.from_numpy(chw * scale)
             elif k in _LABELS:
                 out[k] = torch.from_numpy(np.ascontiguousarray(x.squeeze()).astype(np.int64))
             elif k == "normals":
-                out[k] = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32))
+                chw = np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
+                out[k] = torch.from_numpy(chw)
             else:
-                out[k] = torch.from_numpy(np.ascontiguousarray(x.reshape(1, *x.shape[:2]), dtype=np.float32))
+                plane = np.ascontiguousarray(x.reshape(1, *x.shape[:2]), dtype=np.float32)
+                out[k] = torch.from_numpy(plane)
         return out
 
 
@@ -127,7 +132,8 @@ def _resize(sample: dict, size: tuple[int, int]) -> dict:
             y = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False,
                               antialias=size[0] < height or size[1] < width)[0]
         else:
-            y = F.interpolate(x[None].to(torch.float32), size=size, mode="nearest-exact")[0].to(x.dtype)
+            y = F.interpolate(x[None].to(torch.float32), size=size, mode="nearest-exact")
+            y = y[0].to(x.dtype)
         out[k] = y[0] if squeezed else y
     return out
 
@@ -154,7 +160,8 @@ class RandomScale:
         if len(self.scales) == 2:
             s = _uniform(self.generator, *self.scales)
         else:
-            s = self.scales[min(int(_uniform(self.generator, 0, len(self.scales))), len(self.scales) - 1)]
+            pick = int(_uniform(self.generator, 0, len(self.scales)))
+            s = self.scales[min(pick, len(self.scales) - 1)]
         height, width = sample["image"].shape[-2:]
         return _resize(sample, (max(1, round(height * s)), max(1, round(width * s))))
 
@@ -238,7 +245,8 @@ def rotate(sample: dict, degrees: float) -> dict:
 
 
 class RandomRotation:
-    """Rotate by an angle drawn uniformly from ``degrees`` = (low, high), or (-d, d) for a number."""
+    """Rotate by an angle drawn uniformly from ``degrees`` = (low, high), or (-d, d) for a
+    number ``d``."""
 
     def __init__(self, degrees: float | Sequence[float] = 10.0, generator=None):
         self.degrees = (-float(degrees), float(degrees)) if np.isscalar(degrees) else tuple(degrees)

@@ -26,7 +26,8 @@ def _anno(objects):
                 arr[0, i] = (name, pmask.astype(np.uint8))
         else:
             arr = np.zeros((0, 0))
-        objs[0, j] = ("person" if cls == 15 else "other", np.array([[cls]], dtype=np.uint8), mask.astype(np.uint8), arr)
+        label = "person" if cls == 15 else "other"
+        objs[0, j] = (label, np.array([[cls]], dtype=np.uint8), mask.astype(np.uint8), arr)
     anno = np.zeros((1, 1), dtype=[("imname", "O"), ("objects", "O")])
     anno[0, 0] = ("img", objs)
     return anno
@@ -35,19 +36,21 @@ def _anno(objects):
 @pytest.fixture
 def root(tmp_path):
     rng = np.random.default_rng(0)
-    for d in ("JPEGImages", "ImageSets/Context", "semseg/pascal-context", "semseg/VOC12", "human_parts",
-              "normals_distill", "sal_distill", "pascal-context/trainval", "json"):
+    for d in ("JPEGImages", "ImageSets/Context", "semseg/pascal-context", "semseg/VOC12",
+              "human_parts", "normals_distill", "sal_distill", "pascal-context/trainval", "json"):
         (tmp_path / d).mkdir(parents=True)
     (tmp_path / "ImageSets/Context/train.txt").write_text("a\nb\n")
     (tmp_path / "json/nyu_classes.json").write_text(json.dumps(["wall", "floor", "unknown", "sky"]))
-    (tmp_path / "json/context_classes.json").write_text(json.dumps({"wall": 7, "floor": 9, "tvmonitor": 11, "unknown": 3}))
+    context = {"wall": 7, "floor": 9, "tvmonitor": 11, "unknown": 3}
+    (tmp_path / "json/context_classes.json").write_text(json.dumps(context))
     label_map = np.zeros((H, W), dtype=np.uint16)
     label_map[:, 8:] = 7
     label_map[8:, :] = 9
     label_map[:4, :4] = 11
     label_map[4:8, :4] = 5  # not NYU-compatible: normals invalid there
     for name in ("a", "b"):
-        Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)).save(tmp_path / f"JPEGImages/{name}.jpg")
+        image = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+        Image.fromarray(image).save(tmp_path / f"JPEGImages/{name}.jpg")
         seg = np.zeros((H, W), dtype=np.uint8)
         seg[2:6, 3:9] = 15
         seg[0, :] = 255
@@ -86,7 +89,8 @@ def test_reads_every_task_with_documented_mappings(root):
     assert s["labeled"] == {t: True for t in ("semseg", "parts", "saliency", "normals", "edge")}
     parts = s["parts"]
     assert parts.dtype == torch.int64
-    assert (parts[2:4, 4:8] == 1).all() and (parts[4:6, 4:8] == 2).all() and (parts[6:8, 3] == 4).all()
+    assert (parts[2:4, 4:8] == 1).all() and (parts[4:6, 4:8] == 2).all()
+    assert (parts[6:8, 3] == 4).all()
     assert parts[0, 0] == 0 and set(parts.unique().tolist()) == {0, 1, 2, 4}
     assert s["saliency"].shape == (1, H, W)
     assert (s["saliency"][0, :, :5] == 1).all() and (s["saliency"][0, :, 5:] == 0).all()
@@ -140,7 +144,8 @@ def test_missing_and_corrupt_files_are_named(root):
 
 def test_errors_name_the_file_through_a_worker(root):
     (root / "normals_distill/b.png").write_bytes(b"garbage")
-    loader = DataLoader(PascalContext(root, "train"), batch_size=1, num_workers=1, collate_fn=collate)
+    ds = PascalContext(root, "train")
+    loader = DataLoader(ds, batch_size=1, num_workers=1, collate_fn=collate)
     with pytest.raises(DataFileError, match=r"normals_distill/b\.png"):
         list(loader)
 

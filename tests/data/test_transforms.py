@@ -87,7 +87,8 @@ def test_rotation_keeps_normals_consistent_with_depth(scenes):
     nn = r["normals"].permute(1, 2, 0).numpy()
     for dy in (-step, 0, step):
         for dx in (-step, 0, step):
-            same &= np.einsum("hwc,hwc->hw", np.roll(nn, (dy, dx), (0, 1))[step:-step, step:-step], n) > 0.999
+            shifted = np.roll(nn, (dy, dx), (0, 1))[step:-step, step:-step]
+            same &= np.einsum("hwc,hwc->hw", shifted, n) > 0.999
     valid &= same
     cos = np.einsum("hwc,hwc->hw", n_fd, n)[valid]
     assert valid.sum() > 500
@@ -96,7 +97,8 @@ def test_rotation_keeps_normals_consistent_with_depth(scenes):
     for turn in (-30.0, 0.0):
         c, sn = np.cos(np.radians(turn - 30.0)), np.sin(np.radians(turn - 30.0))
         wrong = n.copy()
-        wrong[..., 0], wrong[..., 1] = c * n[..., 0] + sn * n[..., 1], -sn * n[..., 0] + c * n[..., 1]
+        wrong[..., 0] = c * n[..., 0] + sn * n[..., 1]
+        wrong[..., 1] = -sn * n[..., 0] + c * n[..., 1]
         assert np.median(np.einsum("hwc,hwc->hw", n_fd, wrong)[valid]) < 0.95, turn
 
 
@@ -166,7 +168,8 @@ def test_to_tensor_and_normalize():
     }
     s = T.ToTensor()(raw)
     assert s["image"].shape == (3, 5, 7) and s["image"].dtype == torch.float32
-    assert torch.allclose(s["image"][:, 1, 2] * 255, torch.tensor(raw["image"][1, 2], dtype=torch.float32))
+    pixel = torch.tensor(raw["image"][1, 2], dtype=torch.float32)
+    assert torch.allclose(s["image"][:, 1, 2] * 255, pixel)
     assert s["semseg"].dtype == torch.int64 and s["semseg"].shape == (5, 7)
     assert s["edge"].shape == (1, 5, 7) and s["depth"].shape == (1, 5, 7)
     assert s["normals"].shape == (3, 5, 7) and s["name"] == "x"
