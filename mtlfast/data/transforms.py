@@ -15,7 +15,9 @@ All transforms take and return a sample dict in the layout of ``mtlfast.data`` (
 
 Random transforms draw from ``generator`` (a ``torch.Generator`` or ``numpy.random.Generator``)
 and, without one, from torch's global generator (seeded per DataLoader worker), so a given
-generator state gives the same output.
+generator state gives the same output. A generator passed here is copied into every DataLoader
+worker with the same state, so with workers leave it out (or reseed it in ``worker_init_fn``)
+unless identical augmentations across workers are wanted.
 """
 
 from __future__ import annotations
