@@ -133,6 +133,8 @@ class SyntheticScenes(torch.utils.data.Dataset):
         # Horizontal field of view of about 64 degrees whatever the resolution.
         self.focal = 0.8 * width
         self.principal_point = ((width - 1) / 2.0, (height - 1) / 2.0)
+        self._rays = None  # (H*W, 3) camera rays, built on first render (once per worker)
+        self._rays_sq = None
 
     def __len__(self) -> int:
         return self.num_samples
@@ -179,7 +181,7 @@ class SyntheticScenes(torch.utils.data.Dataset):
         ``instance`` (H,W) int64: 0 floor, 1 ceiling, 2-4 walls, 5 + j the j-th object."""
         rng = np.random.default_rng([self.seed, index])
         height, width = self.size
-        if getattr(self, "_rays", None) is None:
+        if self._rays is None:
             self._rays = self.rays().reshape(-1, 3)
             self._rays_sq = np.einsum("pi,pi->p", self._rays, self._rays)
         d_cam = self._rays
