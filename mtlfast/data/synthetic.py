@@ -24,10 +24,10 @@ the same geometry:
 
 A sample is a pure function of ``(seed, index)``. Throughput with all six tasks, measured with
 ``OMP_NUM_THREADS=1 python -m mtlfast.data --size 128 --count 300`` (and ``--size 256
---count 100``) on a shared 2-core AMD EPYC whose load average was about 4 from other jobs
-(so this process had roughly half a core): 141 images/s at 128x128, 32 images/s at 256x256;
-``--workers 2`` gave 144 and 30 on the same saturated machine. A 256x256 image costs about
-28 ms of one loaded core: 9 ms shading, the rest ray casting and target assembly.
+--count 100``) on a shared 2-core AMD EPYC whose load average was about 4.4 from other jobs
+(so this process had roughly half a core): 125-164 images/s at 128x128 and 38-40 images/s at
+256x256 over three runs; ``--workers 2`` gave 154 and 31 on the same saturated machine. A
+256x256 image costs about 25 ms of one loaded core, a third of it shading.
 
 Partial labels (``labels``): ``None`` labels every task; ``"random"`` labels each task with
 probability ``label_prob`` (at least one per sample); a list of task tuples makes sample ``i``
@@ -182,13 +182,15 @@ class SyntheticScenes(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, index])
         height, width = self.size
         if self._rays is None:
-            self._rays = self.rays().reshape(-1, 3)
+            # float32 casting is accurate to far below a pixel at room scale and halves the
+            # memory traffic of every pass.
+            self._rays = self.rays().reshape(-1, 3).astype(np.float32)
             self._rays_sq = np.einsum("pi,pi->p", self._rays, self._rays)
         d_cam = self._rays
         pitch = rng.uniform(0.12, 0.35)
         c, s = math.cos(pitch), math.sin(pitch)
         # Columns are the camera axes in the world frame (world y points down, like the camera's).
-        cam_to_world = np.array([[1.0, 0.0, 0.0], [0.0, c, s], [0.0, -s, c]])
+        cam_to_world = np.array([[1.0, 0.0, 0.0], [0.0, c, s], [0.0, -s, c]], dtype=np.float32)
         d = d_cam @ cam_to_world.T
         cam_h = rng.uniform(1.2, 1.8)
         room_h = rng.uniform(2.6, 3.2)
@@ -199,9 +201,9 @@ class SyntheticScenes(torch.utils.data.Dataset):
             # Room planes (floor, ceiling, back, left, right wall): the camera is inside the
             # room, so the nearest positive hit of the five is the room surface of every pixel.
             axes = np.array([1, 1, 2, 0, 0])
-            coords = np.array([cam_h, cam_h - room_h, back, -half_w, half_w])
+            coords = np.array([cam_h, cam_h - room_h, back, -half_w, half_w], dtype=np.float32)
             plane_normals = np.array(
-                [[0, -1, 0], [0, 1, 0], [0, 0, -1], [1, 0, 0], [-1, 0, 0]], dtype=np.float64
+                [[0, -1, 0], [0, 1, 0], [0, 0, -1], [1, 0, 0], [-1, 0, 0]], dtype=np.float32
             )
             t_planes = coords / d[:, axes]
             t_planes[~(t_planes > 0)] = np.inf
@@ -216,6 +218,7 @@ class SyntheticScenes(torch.utils.data.Dataset):
                 # Cast only the rays that meet the object's bounding sphere: objects cover a
                 # small part of the image, and this test is as cheap as one sphere test.
                 centre, bound = obj["bound"]
+                centre = centre.astype(d.dtype)
                 dc = d @ centre
                 idx = np.flatnonzero(dc * dc - d_sq * (centre @ centre - bound * bound) >= 0)
                 if idx.size == 0:
@@ -233,6 +236,8 @@ class SyntheticScenes(torch.utils.data.Dataset):
         n_cam = normal @ cam_to_world  # world -> camera is the transpose
         facing = np.einsum("pi,pi->p", n_cam, d_cam) > 0
         n_cam[facing] *= -1
+        # Hit points carry float32 rounding; renormalise so normals are unit to float precision.
+        n_cam /= np.sqrt(np.einsum("pi,pi->p", n_cam, n_cam))[:, None]
 
         semseg = np.where(inst == 0, 0, 1)
         obj_ids = inst - 5
@@ -332,7 +337,7 @@ class SyntheticScenes(torch.utils.data.Dataset):
 
 
 def _sphere(d, obj):
-    centre, r = obj["center"], obj["radius"]
+    centre, r = obj["center"].astype(d.dtype), obj["radius"]
     a = np.einsum("pi,pi->p", d, d)
     b = -2.0 * d @ centre
     c = centre @ centre - r * r
@@ -348,10 +353,10 @@ def _sphere(d, obj):
 
 def _box(d, obj):
     c, s = math.cos(obj["yaw"]), math.sin(obj["yaw"])
-    rot = np.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])  # local -> world
-    o_l = rot.T @ (-obj["center"])
+    rot = np.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]], dtype=d.dtype)  # local -> world
+    o_l = rot.T @ (-obj["center"].astype(d.dtype))
     d_l = d @ rot  # rot.T applied to each row
-    half = obj["half"]
+    half = obj["half"].astype(d.dtype)
     t1 = (-half - o_l) / d_l
     t2 = (half - o_l) / d_l
     near = np.minimum(t1, t2)
