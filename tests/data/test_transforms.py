@@ -176,3 +176,14 @@ def test_to_tensor_and_normalize():
     n = T.Normalize(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))(s)
     assert torch.allclose(n["image"], s["image"] * 2 - 1)
     assert torch.equal(n["semseg"], s["semseg"])
+
+
+def test_rotation_on_a_non_square_image_turns_about_the_centre():
+    h, w = 41, 65  # centre (row 20, column 32)
+    semseg = torch.zeros(h, w, dtype=torch.int64)
+    semseg[20, 42] = 7  # 10 pixels right of the centre
+    sample = {"image": torch.zeros(3, h, w), "semseg": semseg}
+    out = T.rotate(sample, 90.0)
+    assert out["semseg"].shape == (h, w)
+    assert (out["semseg"] == 7).nonzero().tolist() == [[10, 32]]  # now 10 pixels above it
+    assert out["semseg"][0, 0] == 255 and out["semseg"][20, 32] == 0
