@@ -38,6 +38,10 @@ class Backbone(nn.Module):
         """Maps the stage features to the returned ones (identity; FPN overrides it)."""
         return features
 
+    def neck_module(self) -> nn.Module | None:
+        """The module holding the neck's parameters (None when the neck has none)."""
+        return None
+
     def forward(self, x: torch.Tensor, task: int | torch.Tensor | None = None) -> list[torch.Tensor]:
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__

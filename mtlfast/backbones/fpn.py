@@ -9,7 +9,7 @@ from torch.nn import functional as F
 from .base import Backbone
 from .resnet import ResNet
 
-__all__ = ["FPN"]
+__all__ = ["FPN", "TopDown"]
 
 
 class FPN(Backbone):
@@ -32,14 +32,7 @@ class FPN(Backbone):
         if not isinstance(body, ResNet):
             raise TypeError(f"FPN: body must be a ResNet, got {type(body).__name__}")
         self.body = body
-        self.fpn = nn.Module()
-        self.fpn.inner_blocks = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in body.channels)
-        self.fpn.layer_blocks = nn.ModuleList(nn.Conv2d(out_channels, out_channels, 3, padding=1)
-                                              for _ in body.channels)
-        for m in self.fpn.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_uniform_(m.weight, a=1)
-                nn.init.zeros_(m.bias)
+        self.fpn = TopDown(body.channels, out_channels)
         self.channels = [out_channels] * len(body.channels)
         self.strides = list(body.strides)
         self.feature_stages = body.feature_stages
@@ -48,10 +41,32 @@ class FPN(Backbone):
         return self.body.stages()
 
     def neck(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        inner = self.fpn.inner_blocks[-1](features[-1])
-        out = [self.fpn.layer_blocks[-1](inner)]
+        return self.fpn(features)
+
+    def neck_module(self) -> nn.Module:
+        return self.fpn
+
+
+class TopDown(nn.Module):
+    """FPN's lateral and output convolutions and its top-down pathway.
+
+    Shapes: features [(N, C_k, H_k, W_k)] finest first -> [(N, out_channels, H_k, W_k)].
+    """
+
+    def __init__(self, in_channels: list[int], out_channels: int = 256) -> None:
+        super().__init__()
+        self.inner_blocks = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in in_channels)
+        self.layer_blocks = nn.ModuleList(nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in in_channels)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_uniform_(m.weight, a=1)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        inner = self.inner_blocks[-1](features[-1])
+        out = [self.layer_blocks[-1](inner)]
         for k in range(len(features) - 2, -1, -1):
-            lateral = self.fpn.inner_blocks[k](features[k])
+            lateral = self.inner_blocks[k](features[k])
             inner = lateral + F.interpolate(inner, size=lateral.shape[-2:], mode="nearest")
-            out.insert(0, self.fpn.layer_blocks[k](inner))
+            out.insert(0, self.layer_blocks[k](inner))
         return out
