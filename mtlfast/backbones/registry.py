@@ -35,8 +35,9 @@ def create_backbone(name: str, **options) -> Backbone:
     return _REGISTRY[name](**options)
 
 
-def _fpn(depth: int, out_channels: int = 256, **options) -> FPN:
-    return FPN(ResNet(depth, **options), out_channels)
+def _fpn(depth: int, fpn_channels: int = 256, **options) -> FPN:
+    """FPN over ResNet-``depth``; ``fpn_channels`` (256) is FPN's width, other options go to the ResNet."""
+    return FPN(ResNet(depth, **options), fpn_channels)
 
 
 for _d in (18, 26, 50, 101):

@@ -16,7 +16,7 @@ def small(name, **options):
     else:
         options.setdefault("width", 1 / 32)
     if name.startswith("fpn"):
-        options.setdefault("out_channels", 8)
+        options.setdefault("fpn_channels", 8)
     return create_backbone(name, **options)
 
 
