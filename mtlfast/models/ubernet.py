@@ -34,12 +34,12 @@ class UberNetTaskHead(nn.Module):
     :func:`mtlfast.ops.skip_fusion`: the paper's "concatenation of the scores followed by a linear
     operation", restricted to one weight per scale and channel (no mixing across channels).
 
-    In training mode with S > 1 it returns a dict: ``task`` the fused prediction and
+    It returns a dict (a "joint" head for :func:`mtlfast.engine.multi_branch_step`, whose keys
+    ``tasks`` lists): ``task`` the fused prediction and, in training mode with S > 1,
     ``scale_key(task, s)`` each scale's prediction, for UberNet's losses "at the outputs of the
-    individual scales and the final responses"; ``tasks`` lists those keys. In eval mode (or
-    with one scale) it returns the fused prediction.
+    individual scales and the final responses".
 
-    Shapes: rep (image (N, 3, H, W), f[0][0..K-1], ..., f[S-1][K-1]) -> (N, C, H, W) or a dict of them.
+    Shapes: rep (image (N, 3, H, W), f[0][0..K-1], ..., f[S-1][K-1]) -> {key: (N, C, H, W)}.
     """
 
     def __init__(self, task: str, in_channels: Sequence[int], out_channels: int, scales: Sequence[float]) -> None:
@@ -56,13 +56,13 @@ class UberNetTaskHead(nn.Module):
             return (self.task, *(scale_key(self.task, s) for s in self.scales))
         return (self.task,)
 
-    def forward(self, rep: Sequence[torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]:
+    def forward(self, rep: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         image, per_scale = split_scales(rep, len(self.scales))
         size = tuple(image.shape[-2:])
         scores = [self.fusion(features, size) for features in per_scale]
         fused = skip_fusion(scores, self.scale_weight, self.scale_bias, size)
         if not (self.training and len(self.scales) > 1):
-            return fused
+            return {self.task: fused}
         return {self.task: fused, **{scale_key(self.task, s): p for s, p in zip(self.scales, scores)}}
 
 

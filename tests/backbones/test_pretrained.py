@@ -53,8 +53,8 @@ def test_classifier_and_vgg_fc_are_reported(tmp_path):
     assert result.ignored == ["fc.weight", "fc.bias"] and not result.missing
     vgg = VGG16(width=1 / 16)
     state = to_torchvision(vgg)
-    state["fc6.weight"] = torch.zeros(4096, 512, 7, 7)  # a layer of the wrong shape: not loaded
-    state["classifier.0.weight"] = torch.zeros(4096, 25088)
+    state["fc6.weight"] = torch.zeros(8, 16, 7, 7)  # a layer of the wrong shape: not loaded
+    state["classifier.0.weight"] = torch.zeros(10, 49)
     with pytest.warns(UserWarning, match="1 mismatched"):
         result = load_pretrained(vgg, _save(tmp_path, state))
     assert result.mismatched == ["fc6.weight"] and result.ignored == ["classifier.0.weight"]
