@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._blocks import TaskSequential, call, make_norm, make_se, run_se
+from ._blocks import TaskSequential, make_norm, make_se, run_se
 from .base import Backbone
 
 __all__ = ["InvertedResidual", "MobileNetV2"]
@@ -43,6 +43,7 @@ class InvertedResidual(nn.Module):
                  num_tasks: int = 1, task_se: bool = False, task_bn: bool = False) -> None:
         super().__init__()
         hidden = int(round(cin * expand))
+        self.out_channels = cout
         self.use_residual = stride == 1 and cin == cout
         layers: list[nn.Module] = []
         if expand != 1:
@@ -91,7 +92,7 @@ class MobileNetV2(Backbone):
         cin = _divisible(32 * width)
         layers: list[nn.Module] = [_conv_bn_act(3, cin, 3, 2, num_tasks=num_tasks, task_bn=task_bn)]
         stride_now, nominal, dilation = 2, 2, 1
-        self.channels, self.strides, ends = [], [], []
+        ends: list[int] = []
         for t, c, n, s in SETTING:
             cout = _divisible(c * width)
             for i in range(n):
@@ -100,12 +101,12 @@ class MobileNetV2(Backbone):
                     nominal *= stride
                     if nominal > 4:
                         ends.append(len(layers) - 1)  # the last block before a stride ends a stage
-                first = dilation
+                first = dilation  # the block that loses its stride keeps the previous rate
                 if stride > 1 and stride_now >= output_stride:
                     dilation *= stride
                     stride = 1
                 stride_now *= stride
-                layers.append(InvertedResidual(cin, cout, stride, t, first if i == 0 else dilation, **opts))
+                layers.append(InvertedResidual(cin, cout, stride, t, first, **opts))
                 cin = cout
         ends.append(len(layers) - 1)
         self.features = nn.Sequential(*layers)
@@ -114,16 +115,10 @@ class MobileNetV2(Backbone):
         for end in ends:  # features.3, .6, .13, .17 at width 1
             self._bounds.append((start, end + 1))
             start = end + 1
-        # strides and channels of the stage ends, recomputed from the layers themselves
-        for _, stop in self._bounds:
-            self.channels.append(self._out_channels(self.features[stop - 1]))
+        self.channels = [self.features[stop - 1].out_channels for _, stop in self._bounds]
         self.strides = [min(4 * 2**k, output_stride) for k in range(4)]
         self.feature_stages = (0, 1, 2, 3)
         self.reset_parameters()
-
-    @staticmethod
-    def _out_channels(block: nn.Module) -> int:
-        return block.conv[-1].num_features if hasattr(block.conv[-1], "num_features") else block.conv[-1].channels
 
     def reset_parameters(self) -> None:
         """torchvision's initialisation: He (fan-out) convolutions."""

@@ -128,3 +128,13 @@ def test_errors(tmp_path):
         load_pretrained(model, _save(tmp_path, [torch.zeros(1)]))
     with pytest.raises(TypeError, match="nn.Module"):
         load_pretrained("resnet18", bad)
+
+
+def test_a_model_loads_into_its_backbone(tmp_path):
+    from mtlfast.models import create
+
+    model = create("ubernet", ["edge"], backbone="resnet18", width=0.125, scales=(1.0,))
+    state = _randomised(to_torchvision(ResNet(18, width=0.125)))
+    result = load_pretrained(model, _save(tmp_path, state))
+    assert not result.missing and not result.unexpected
+    torch.testing.assert_close(model.backbone.layer1[0].conv1.weight, state["layer1.0.conv1.weight"])

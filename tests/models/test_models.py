@@ -83,3 +83,20 @@ def test_ubernet_fused_starts_as_the_scale_average():
     out = model(torch.randn(2, 3, H, W))
     mean = (out[scale_key("normals", 1.0)] + out[scale_key("normals", 0.5)]) / 2
     torch.testing.assert_close(out["normals"], mean, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, backbone, options", [
+    ("mtl_baseline", "resnet18", {"width": 0.125, "head_channels": 16}),
+    ("ubernet", "resnet18", {"width": 0.125, "scales": (1.0, 0.5)}),
+])
+def test_heads_learn_from_their_task_only(name, backbone, options):
+    model = build(name, backbone, options)
+    out = model(torch.randn(2, 3, H, W))
+    out["normals"].square().mean().backward()
+    for task, head in model.heads.items():
+        grads = [p.grad for p in head.parameters()]
+        if task == "normals":
+            assert all(g is not None for g in grads)
+        else:
+            assert all(g is None for g in grads), task
+    assert all(p.grad is not None for p in model.backbone.parameters())
