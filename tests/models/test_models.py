@@ -65,6 +65,8 @@ def test_defaults_are_the_papers():
     aspp = astmt.decoder.aspp
     assert [b[0].dilation[0] for b in aspp.branches[1:]] == [6, 12, 18]
     assert astmt.decoder.reduce[0].out_channels == 48
+    astmt = create("astmt", ["semseg", "edge"], width=0.125, output_stride=8)
+    assert [b[0].dilation[0] for b in astmt.decoder.aspp.branches[1:]] == [12, 24, 36]
 
 
 def test_ubernet_skip_layers_and_trunk():
