@@ -102,3 +102,16 @@ def test_heads_learn_from_their_task_only(name, backbone, options):
         else:
             assert all(g is None for g in grads), task
     assert all(p.grad is not None for p in model.backbone.parameters())
+
+
+@pytest.mark.parametrize("name, backbone, options", [
+    ("ubernet", "resnet18", {"width": 0.125, "scales": (1.0, 0.5)}),
+    ("astmt", "se_resnet26", {"width": 0.125, "head_channels": 16, "adapters": True}),
+])
+def test_channels_last_input(name, backbone, options):
+    model = build(name, backbone, options).eval()
+    x = torch.randn(2, 3, H, W)
+    with torch.no_grad():
+        plain, last = model(x), model(x.to(memory_format=torch.channels_last))
+    for task in plain:
+        torch.testing.assert_close(last[task], plain[task], rtol=1e-4, atol=1e-4)
