@@ -58,7 +58,8 @@ class MTLBaseline(MultiTaskModel):
     12/24/36 at 8, image pooling, 48-channel low-level skip, two 3x3 convolutions) and 1x1
     classifier, or a light ``head="simple"`` (conv3x3-BN-ReLU, 1x1 on the coarsest features).
     Predictions are bilinearly upsampled to the input. No deep supervision: the training output
-    is the eval output.
+    is the eval output. Deviations: ASTMT's baseline uses its SE-ResNet encoder, here any backbone
+    (default plain ResNet-50); the DeepLab heads have no ASPP dropout (as in the ASTMT release).
 
     Args:
         tasks: task names; out_channels from ``dataset`` ("pascal" or "nyud") unless overridden.

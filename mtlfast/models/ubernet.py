@@ -88,7 +88,9 @@ class UberNet(MultiTaskModel):
     after a shared normalisation spans the same linear functions (the task's projection absorbs
     it), batch statistics are the same in training, and in eval the norms fold into the
     projections; keeping them per task makes every task an independent branch for the engine.
-    Running statistics move once per scale per step. Object detection and the paper's
+    Running statistics move once per scale per step. Under the engine with partial labels a
+    head's batch norms see only the samples labelled for its task, since a branch runs on those
+    alone (the engine's lazy evaluation, UberNet Sec. 3-4). Object detection and the paper's
     task-specific deviations (Sec. 2, e.g. extra layers for some tasks) are left out.
 
     Args:
