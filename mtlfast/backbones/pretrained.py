@@ -107,7 +107,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, strict: bool =
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"load_pretrained: model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(model, Backbone) and isinstance(getattr(model, "backbone", None), Backbone):
+    if not isinstance(model, Backbone) and isinstance(getattr(model, "backbone", None), nn.Module):
         model = model.backbone
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -170,7 +170,7 @@ def to_torchvision(model: nn.Module) -> dict[str, torch.Tensor]:
     Adapters' shared convolutions go back to ``<p>.weight``, adapters themselves, SE blocks and
     FPN's own layers are left out (torchvision has none), task-specific tensors give task 0's row.
     """
-    if not isinstance(model, Backbone) and isinstance(getattr(model, "backbone", None), Backbone):
+    if not isinstance(model, Backbone) and isinstance(getattr(model, "backbone", None), nn.Module):
         model = model.backbone
     adapters = set(_adapter_prefixes(model))
     out = {}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..backbones import Backbone
 from .trunk import build_trunk
 
 __all__ = ["MultiTaskModel"]
@@ -27,7 +26,7 @@ class MultiTaskModel(nn.Module):
     Shapes: x (N, 3, H, W) -> {task: (N, C_t, H, W), ...}.
     """
 
-    backbone: Backbone
+    backbone: nn.Module
     heads: nn.ModuleDict
     scales: tuple[float, ...] = (1.0,)
 

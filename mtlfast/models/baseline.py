@@ -7,7 +7,6 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..backbones import Backbone
 from ._build import aspp_rates, make_backbone
 from .base import MultiTaskModel
 from .heads import DeepLabV3PlusDecoder, SimpleHead, resize
@@ -63,22 +62,27 @@ class MTLBaseline(MultiTaskModel):
 
     Args:
         tasks: task names; out_channels from ``dataset`` ("pascal" or "nyud") unless overridden.
-        backbone: a registry name (default "resnet50") or a Backbone instance.
+        backbone: a registry name (default "resnet50") or a backbone module (see
+            :func:`mtlfast.models._build.make_backbone`).
         head: "deeplab" or "simple"; head_channels: 256 (DeepLab's width).
-        output_stride: the backbone's (16 by default, as DeepLab-v3+ trains).
+        output_stride: passed to the backbone; None: 16 for ResNets and MobileNets (as DeepLab-v3+
+            trains), the backbone's own otherwise (VGG-16: 8).
         **backbone_options: passed to the backbone (e.g. width, se).
 
     Shapes: x (N, 3, H, W) -> {task: (N, C_t, H, W)}.
     """
 
-    def __init__(self, tasks: Sequence[str], backbone: str | Backbone = "resnet50", *, dataset: str = "pascal",
+    def __init__(self, tasks: Sequence[str], backbone: str | nn.Module = "resnet50", *, dataset: str = "pascal",
                  out_channels: Mapping[str, int] | None = None, head: str = "deeplab", head_channels: int = 256,
-                 output_stride: int | None = 16, **backbone_options) -> None:
+                 output_stride: int | None = None, **backbone_options) -> None:
         super().__init__()
         self.out_channels = resolve_tasks(tasks, dataset, out_channels)
         self.tasks = list(self.out_channels)
-        if not isinstance(backbone, Backbone) and output_stride is not None and not backbone.startswith("vgg"):
-            backbone_options["output_stride"] = output_stride
+        if isinstance(backbone, str):
+            if output_stride is not None:
+                backbone_options["output_stride"] = output_stride
+            elif "resnet" in backbone or "mobilenet" in backbone:
+                backbone_options["output_stride"] = 16  # DeepLab-v3+'s training stride
         self.backbone = make_backbone(backbone, **backbone_options)
         if head not in ("deeplab", "simple"):
             raise ValueError(f"head must be 'deeplab' or 'simple', got {head!r}")
@@ -98,7 +102,7 @@ class SingleTask(MTLBaseline):
     Shapes: x (N, 3, H, W) -> {task: (N, C_t, H, W)}.
     """
 
-    def __init__(self, tasks: Sequence[str] | str, backbone: str | Backbone = "resnet50", **options) -> None:
+    def __init__(self, tasks: Sequence[str] | str, backbone: str | nn.Module = "resnet50", **options) -> None:
         tasks = [tasks] if isinstance(tasks, str) else list(tasks)
         if len(tasks) != 1:
             raise ValueError(f"single_task takes exactly one task, got {tasks!r}")

@@ -11,6 +11,9 @@ scale (shared weights) and collects its outputs when the stage is a feature stag
     (image, f[0][0], ..., f[0][K-1], f[1][0], ..., f[S-1][K-1])
 
 The image (full resolution) stays in the output so that heads know the size to predict at.
+A backbone that is not an :class:`mtlfast.backbones.Backbone` (any module mapping an image to
+a list of features, with ``channels`` and ``strides``, e.g. a multi-branch HRNet) runs whole,
+as one ``WholeBackbone`` module, with the same output.
 The modules hold the backbone's own layers: the chain is a view, never registered as a
 submodule, so parameters and state-dict keys exist once, under ``backbone``.
 """
@@ -25,7 +28,7 @@ from torch.nn import functional as F
 
 from ..backbones import Backbone
 
-__all__ = ["PyramidInput", "PyramidOutput", "PyramidStage", "build_trunk", "split_scales"]
+__all__ = ["PyramidInput", "PyramidOutput", "PyramidStage", "WholeBackbone", "build_trunk", "split_scales"]
 
 
 class PyramidInput(nn.Module):
@@ -76,10 +79,27 @@ class PyramidOutput(nn.Module):
         return tuple(out)
 
 
-def build_trunk(backbone: Backbone, scales: Sequence[float] = (1.0,)) -> nn.Sequential:
-    """The chain of modules (see the module docstring); ``len(stages) + 2`` modules."""
+class WholeBackbone(nn.Module):
+    """(image, x_1, ..., x_S) -> (image, f[0][0..K-1], ..., f[S-1][0..K-1]): the backbone once per scale."""
+
+    def __init__(self, backbone: nn.Module, num_scales: int) -> None:
+        super().__init__()
+        self.backbone, self.num_scales = backbone, num_scales
+
+    def forward(self, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        out = [state[0]]
+        for x in state[1:1 + self.num_scales]:
+            out += list(self.backbone(x))
+        return tuple(out)
+
+
+def build_trunk(backbone: nn.Module, scales: Sequence[float] = (1.0,)) -> nn.Sequential:
+    """The chain of modules (see the module docstring): ``len(stages) + 2`` modules for a
+    :class:`Backbone`, two for any other backbone module."""
     scales = tuple(scales)
     mods: list[nn.Module] = [PyramidInput(scales)]
+    if not isinstance(backbone, Backbone):
+        return nn.Sequential(*mods, WholeBackbone(backbone, len(scales)))
     for i, stage in enumerate(backbone.stages()):
         mods.append(PyramidStage(stage, len(scales), i in backbone.feature_stages))
     mods.append(PyramidOutput(backbone.neck_module(), len(scales)))

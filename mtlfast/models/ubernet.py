@@ -7,7 +7,6 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..backbones import Backbone
 from ..nn import SkipScoreFusion
 from ..ops import skip_fusion
 from ._build import make_backbone
@@ -95,14 +94,15 @@ class UberNet(MultiTaskModel):
 
     Args:
         tasks: task names; out_channels from ``dataset`` unless overridden.
-        backbone: "vgg16" (the paper's), a ResNet name, or a Backbone instance.
+        backbone: "vgg16" (the paper's), another registry name (ResNets get output stride 8),
+            or a backbone module with ``channels`` and ``strides``.
         scales: the pyramid's scale factors, the first the full image.
         **backbone_options: passed to the backbone (width, output_stride for a ResNet, ...).
 
     Shapes: x (N, 3, H, W) -> {task: (N, C_t, H, W)} (plus per-scale keys in training).
     """
 
-    def __init__(self, tasks: Sequence[str], backbone: str | Backbone = "vgg16", *, dataset: str = "pascal",
+    def __init__(self, tasks: Sequence[str], backbone: str | nn.Module = "vgg16", *, dataset: str = "pascal",
                  out_channels: Mapping[str, int] | None = None, scales: Sequence[float] = (1.0, 0.75, 0.5),
                  **backbone_options) -> None:
         super().__init__()

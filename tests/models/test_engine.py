@@ -54,3 +54,38 @@ def test_lazy_task_skips_its_head():
     assert result.skipped == ["edge"]
     assert all(p.grad is None for p in model.heads["edge"].parameters())
     assert all(p.grad is not None for p in model.heads["semseg"].parameters())
+
+
+class _TwoScaleNet(torch.nn.Module):
+    """Not a mtlfast Backbone: any module returning a list of features with channels and strides
+    (the shape of a multi-branch backbone such as HRNet) runs whole in the trunk."""
+
+    channels, strides = [4, 6], [2, 4]
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.b = torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3, stride=2, padding=1), torch.nn.BatchNorm2d(6))
+
+    def forward(self, x):
+        f = torch.relu(self.a(x))
+        return [f, self.b(f)]
+
+
+@pytest.mark.parametrize("name, options", [("ubernet", {"scales": (1.0, 0.5)}), ("mtl_baseline", {"head_channels": 8})])
+def test_any_backbone_module(name, options):
+    from mtlfast.models import create
+
+    model = create(name, ["semseg", "edge"], backbone=_TwoScaleNet(), **options)
+    assert len(model.trunk) == 2
+    x = torch.randn(2, 3, H, W)
+    keys = list(model(x))
+    targets = {k: torch.randn(2, model.out_channels[k.split("/")[0]], H, W) for k in keys}
+    loss_fns = {k: F.mse_loss for k in keys}
+    naive, recompute = copy.deepcopy(model), copy.deepcopy(model)
+    multi_branch_step(naive.trunk, naive.heads, x, targets, loss_fns, strategy="naive")
+    multi_branch_step(recompute.trunk, recompute.heads, x, targets, loss_fns, strategy="recompute")
+    for (n, a), b in zip(naive.named_parameters(), recompute.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=n)
+    with pytest.raises(TypeError, match="channels"):
+        create(name, ["edge"], backbone=torch.nn.Conv2d(3, 3, 1))
