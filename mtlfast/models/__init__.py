@@ -1,0 +1,18 @@
+"""Multi-task dense-prediction models: UberNet, ASTMT, the shared-encoder and single-task baselines.
+
+``create(name, tasks, backbone=..., **options)`` builds one by name (``list_models()``);
+``summary(model, input_size)`` counts its parameters (shared / per task) and multiply-adds.
+"""
+
+from .astmt import ASTMT, GradientDiscriminator
+from .base import MultiTaskModel
+from .baseline import MTLBaseline, SingleTask
+from .registry import create, list_models, register
+from .summary import ModelSummary, summary
+from .tasks import DEFAULT_OUT_CHANNELS, resolve_tasks
+from .ubernet import UberNet, scale_key
+
+__all__ = [
+    "ASTMT", "DEFAULT_OUT_CHANNELS", "GradientDiscriminator", "ModelSummary", "MTLBaseline", "MultiTaskModel",
+    "SingleTask", "UberNet", "create", "list_models", "register", "resolve_tasks", "scale_key", "summary",
+]
