@@ -1,5 +1,6 @@
 """Multi-task dense-prediction models."""
 
 from .mtinet import MTINet
+from .padnet import PADNet
 
-__all__ = ["MTINet"]
+__all__ = ["MTINet", "PADNet"]
