@@ -7,7 +7,6 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..backbones.hrnet import HRNet
 from ..nn import MultiModalDistillation, TaskSE
 from ._common import (
     backbone_segments,
@@ -246,7 +245,12 @@ class MTINet(nn.Module):
     ) -> None:
         super().__init__()
         task_list, outputs = task_outputs(tasks, dataset, num_outputs)
-        self.backbone = HRNet() if backbone is None else backbone
+        if backbone is None:
+            # imported here: mtlfast.backbones builds on mtlfast.models.blocks
+            from ..backbones.hrnet import HRNet
+
+            backbone = HRNet()
+        self.backbone = backbone
         channels, strides = list(self.backbone.channels), list(self.backbone.strides)
         if len(channels) != 4 or len(strides) != 4:
             raise ValueError(f"MTINet: the backbone must give 4 scales, got channels {channels}, strides {strides}")

@@ -7,7 +7,6 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..backbones.hrnet import HRNet
 from ..nn import MultiModalDistillation
 from ._common import (
     backbone_segments,
@@ -147,7 +146,12 @@ class PADNet(nn.Module):
     ) -> None:
         super().__init__()
         task_list, outputs = task_outputs(tasks, dataset, num_outputs)
-        self.backbone = HRNet() if backbone is None else backbone
+        if backbone is None:
+            # imported here: mtlfast.backbones builds on mtlfast.models.blocks
+            from ..backbones.hrnet import HRNet
+
+            backbone = HRNet()
+        self.backbone = backbone
         channels, strides = list(self.backbone.channels), list(self.backbone.strides)
         self.fuse = ScaleFusion(channels)
         self.decoder = PADNetDecoder(self.fuse.channels, task_list, outputs, width, strides[0], deep_supervision)
