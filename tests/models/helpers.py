@@ -1,0 +1,45 @@
+"""Losses, targets and gradient probes shared by the model tests."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+N, H, W = 2, 37, 45  # odd sizes: every stride-2 step rounds up
+
+
+def targets_for(outputs: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Random targets at (H, W): class maps for semseg/parts, dense maps otherwise."""
+    out = {}
+    for task, k in outputs.items():
+        if task in ("semseg", "parts"):
+            out[task] = torch.randint(0, k, (N, H, W))
+        else:
+            out[task] = torch.randn(N, k, H, W)
+    return out
+
+
+def loss_fns_for(tasks) -> dict:
+    def ce(p, t):
+        return F.cross_entropy(p, t)
+
+    def l1(p, t):
+        return (p - t).abs().mean()
+
+    return {t: ce if t in ("semseg", "parts") else l1 for t in tasks}
+
+
+def grads_of(loss: torch.Tensor, module: torch.nn.Module) -> dict[str, torch.Tensor | None]:
+    """name -> d loss / d parameter (None where the loss does not depend on it)."""
+    names, params = zip(*module.named_parameters())
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return dict(zip(names, grads))
+
+
+def touched(grads: dict, prefix: str) -> list[str]:
+    """Parameters under ``prefix`` with a nonzero gradient."""
+    return [n for n, g in grads.items() if n.startswith(prefix) and g is not None and bool(g.abs().sum() > 0)]
+
+
+def all_params(module: torch.nn.Module, prefix: str) -> list[str]:
+    return [n for n, _ in module.named_parameters() if n.startswith(prefix)]
