@@ -59,7 +59,9 @@ class HighResolutionModule(nn.Module):
             row: list[nn.Module | None] = []
             for j, cj in enumerate(channels):
                 if j > i:
-                    row.append(nn.Sequential(nn.Conv2d(cj, ci, 1, bias=False), nn.BatchNorm2d(ci, momentum=momentum)))
+                    row.append(
+                        nn.Sequential(nn.Conv2d(cj, ci, 1, bias=False), nn.BatchNorm2d(ci, momentum=momentum))
+                    )
                 elif j == i:
                     row.append(None)
                 else:
@@ -175,7 +177,8 @@ class HRNet(nn.Module):
         for stage, count in zip((2, 3, 4), modules):
             widths = self.channels[:stage]
             setattr(self, f"transition{stage - 1}", Transition(prev, widths))
-            setattr(self, f"stage{stage}", nn.Sequential(*(HighResolutionModule(widths, blocks) for _ in range(count))))
+            exchange = [HighResolutionModule(widths, blocks) for _ in range(count)]
+            setattr(self, f"stage{stage}", nn.Sequential(*exchange))
             prev = widths
         self.reset_parameters()
 
@@ -246,7 +249,10 @@ def load_hrnet_pretrained(model: nn.Module, path: str) -> LoadResult:
     """
     net = model if isinstance(model, HRNet) else getattr(model, "backbone", None)
     if not isinstance(net, HRNet):
-        raise TypeError(f"load_hrnet_pretrained: expected an HRNet or a model with an HRNet backbone, got {type(model).__name__}")
+        raise TypeError(
+            "load_hrnet_pretrained: expected an HRNet or a model with an HRNet backbone, "
+            f"got {type(model).__name__}"
+        )
     state = torch.load(path, map_location="cpu", weights_only=True)
     result = net.load_state_dict(hrnet_state_dict_from_release(state), strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]

@@ -40,7 +40,8 @@ def task_outputs(
     outputs = dict(DATASET_OUTPUTS[dataset])
     outputs.update(num_outputs or {})
     if tasks is None:
-        tasks = list(DATASET_OUTPUTS[dataset]) + [t for t in (num_outputs or {}) if t not in DATASET_OUTPUTS[dataset]]
+        defaults = DATASET_OUTPUTS[dataset]
+        tasks = list(defaults) + [t for t in (num_outputs or {}) if t not in defaults]
     tasks = list(tasks)
     if len(tasks) < 2 or len(set(tasks)) != len(tasks):
         raise ValueError(f"expected at least two distinct tasks, got {tasks}")

@@ -83,7 +83,9 @@ class FeaturePropagation(nn.Module):
         self.channels = channels
         shared = num_tasks * channels
         self.non_linear = nn.Sequential(
-            BasicBlock(shared, shared // 4), BasicBlock(shared // 4, shared // 4), nn.Conv2d(shared // 4, shared, 1)
+            BasicBlock(shared, shared // 4),
+            BasicBlock(shared // 4, shared // 4),
+            nn.Conv2d(shared // 4, shared, 1),
         )
         self.dimensionality_reduction = BasicBlock(shared, channels)
         self.se = TaskSE(channels, num_tasks, reduction=16)
@@ -169,7 +171,9 @@ class MTINetDecoder(nn.Module):
             keys += [deep_supervision_key(s, t) for s in range(4) for t in self.task_names]
         return keys
 
-    def forward(self, features: Sequence[torch.Tensor], size: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, features: Sequence[torch.Tensor], size: Sequence[int] | None = None
+    ) -> dict[str, torch.Tensor]:
         scales, size = split_size(features, size)
         if len(scales) != 4:
             raise ValueError(f"MTINetDecoder: expected 4 backbone features, got {len(scales)}")

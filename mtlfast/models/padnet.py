@@ -81,7 +81,10 @@ class PADNetDecoder(nn.Module):
         self.initial_out = nn.ModuleDict({t: nn.Conv2d(width, self.num_outputs[t], 1) for t in self.task_names})
         self.distillation = MultiModalDistillation(len(self.task_names), width)
         self.final = nn.ModuleDict(
-            {t: nn.Sequential(*_bottlenecks(width, width), nn.Conv2d(width, self.num_outputs[t], 1)) for t in self.task_names}
+            {
+                t: nn.Sequential(*_bottlenecks(width, width), nn.Conv2d(width, self.num_outputs[t], 1))
+                for t in self.task_names
+            }
         )
 
     @property

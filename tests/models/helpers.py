@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 N, H, W = 2, 37, 45  # odd sizes: every stride-2 step rounds up
@@ -43,3 +44,25 @@ def touched(grads: dict, prefix: str) -> list[str]:
 
 def all_params(module: torch.nn.Module, prefix: str) -> list[str]:
     return [n for n, _ in module.named_parameters() if n.startswith(prefix)]
+
+
+class TinyBackbone(nn.Module):
+    """Any 4-scale backbone with channels/strides plugs in (no segments(): one trunk module)."""
+
+    channels = [4, 8, 8, 16]
+    strides = [4, 8, 16, 32]
+
+    def __init__(self):
+        super().__init__()
+        convs, cin = [], 3
+        for i, c in enumerate(self.channels):
+            convs.append(nn.Conv2d(cin, c, 3, stride=4 if i == 0 else 2, padding=1))
+            cin = c
+        self.convs = nn.ModuleList(convs)
+
+    def forward(self, x):
+        out = []
+        for conv in self.convs:
+            x = torch.relu(conv(x))
+            out.append(x)
+        return tuple(out)

@@ -8,7 +8,7 @@ from mtlfast.engine import multi_branch_step
 from mtlfast.models import MTINet
 from mtlfast.models.mtinet import FeaturePropagation
 
-from .helpers import H, N, W, all_params, grads_of, loss_fns_for, targets_for, touched
+from .helpers import H, N, W, TinyBackbone, all_params, grads_of, loss_fns_for, targets_for, touched
 
 TASKS = ["semseg", "normals"]
 DS = [f"deep_supervision/scale_{s}/{t}" for s in range(4) for t in TASKS]
@@ -60,28 +60,6 @@ def test_dataset_defaults_and_overrides():
         MTINet(tasks=["semseg", "albedo"])
     with pytest.raises(ValueError, match="two distinct tasks"):
         MTINet(tasks=["semseg"])
-
-
-class TinyBackbone(nn.Module):
-    """Any 4-scale backbone with channels/strides plugs in (no segments(): one trunk module)."""
-
-    channels = [4, 8, 8, 16]
-    strides = [4, 8, 16, 32]
-
-    def __init__(self):
-        super().__init__()
-        convs, cin = [], 3
-        for i, c in enumerate(self.channels):
-            convs.append(nn.Conv2d(cin, c, 3, stride=4 if i == 0 else 2, padding=1))
-            cin = c
-        self.convs = nn.ModuleList(convs)
-
-    def forward(self, x):
-        out = []
-        for conv in self.convs:
-            x = torch.relu(conv(x))
-            out.append(x)
-        return tuple(out)
 
 
 def test_other_backbone_three_tasks():
