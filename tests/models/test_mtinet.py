@@ -167,3 +167,14 @@ def test_multi_branch_step_matches_naive_and_plain_backward(model, train):
             continue
         torch.testing.assert_close(grads["recompute"][name], grads["naive"][name], rtol=1e-4, atol=1e-6, msg=name)
         torch.testing.assert_close(grads["naive"][name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_channels_last_input_gives_the_same_predictions(model):
+    model.eval()
+    x = torch.randn(1, 3, 31, 27)
+    with torch.no_grad():
+        ref = model(x)
+        out = model(x.to(memory_format=torch.channels_last))
+    model.train()
+    for t in TASKS:
+        torch.testing.assert_close(out[t], ref[t], rtol=1e-4, atol=1e-5)
