@@ -151,6 +151,11 @@ class HRNet(nn.Module):
     ``H_s = ceil(H / strides[s])`` (each stride-2 conv rounds up).
 
     Initialisation as the MTI-Net release: convolutions N(0, 0.001^2), batch norms weight 1, bias 0.
+
+    Deviation from the ImageNet release (kept from the MTI-Net release, models/seg_hrnet.py):
+    coarser branches are upsampled bilinearly to the finer branch's exact size, not with
+    ``nn.Upsample(scale_factor=2**(j-i), mode="nearest")``, which would miss odd sizes. The
+    upsampling has no parameters, so the checkpoints' names and shapes are unaffected.
     """
 
     def __init__(

@@ -34,7 +34,8 @@ class InitialTaskPrediction(nn.Module):
             propagated features). channels: task feature channels C. tasks, num_outputs: as MTINet.
 
     Shapes: x (N, cin_backbone, H, W); propagated None or T tensors (N, C', H', W');
-    returns (T task features (N, C, H, W), T predictions (N, num_outputs[t], H, W)).
+    returns (T task features (N, C, H, W), T predictions (N, num_outputs[t], H, W)), the
+    predictions an empty list when ``predict`` is False.
     """
 
     def __init__(self, cin: int, channels: int, tasks: Sequence[str], num_outputs: Mapping[str, int]) -> None:
@@ -46,14 +47,15 @@ class InitialTaskPrediction(nn.Module):
         self.decoders = nn.ModuleDict({t: nn.Conv2d(channels, num_outputs[t], 1) for t in self.tasks})
 
     def forward(
-        self, x: torch.Tensor, propagated: Sequence[torch.Tensor] | None = None
+        self, x: torch.Tensor, propagated: Sequence[torch.Tensor] | None = None, predict: bool = True
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         features, predictions = [], []
         for i, t in enumerate(self.tasks):
             inp = x if propagated is None else torch.cat((x, resize(propagated[i], x.shape[-2:])), 1)
             f = self.refinement[t](inp)
             features.append(f)
-            predictions.append(self.decoders[t](f))
+            if predict:
+                predictions.append(self.decoders[t](f))
         return features, predictions
 
 
@@ -181,11 +183,12 @@ class MTINetDecoder(nn.Module):
             size = tuple(self.stride * d for d in scales[0].shape[-2:])
 
         # initial task predictions, coarsest scale first, each fed by the propagated coarser scale
+        supervise = self.training and self.deep_supervision  # the predictions only feed the losses
         task_features: list[Any] = [None] * 4
         initial: list[Any] = [None] * 4
         propagated = None
         for s in (3, 2, 1, 0):
-            task_features[s], initial[s] = self.initial[s](scales[s], propagated)
+            task_features[s], initial[s] = self.initial[s](scales[s], propagated, predict=supervise)
             if s > 0:
                 propagated = self.propagation[s - 1](task_features[s])
 
@@ -198,7 +201,7 @@ class MTINetDecoder(nn.Module):
         for i, task in enumerate(self.task_names):
             stacked = torch.cat([resize(distilled[s][i], finest) for s in range(4)], 1)
             out[task] = resize(self.aggregation[task](stacked), size)
-        if self.training and self.deep_supervision:
+        if supervise:
             for s in range(4):
                 for i, task in enumerate(self.task_names):
                     out[deep_supervision_key(s, task)] = resize(initial[s][i], size)
