@@ -91,3 +91,8 @@ def test_multi_branch_step_matches_naive_and_plain_backward(model):
         torch.testing.assert_close(grads["recompute"][name], grads["naive"][name], rtol=1e-4, atol=1e-6, msg=name)
         torch.testing.assert_close(grads["naive"][name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
     model.zero_grad(set_to_none=True)
+
+
+def test_width_must_split_into_bottlenecks():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        PADNet(tasks=TASKS, backbone=TinyBackbone(), width=30)
