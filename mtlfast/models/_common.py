@@ -11,6 +11,7 @@ from torch.nn import functional as F
 __all__ = [
     "DATASET_OUTPUTS",
     "SizeCarry",
+    "backbone_segments",
     "deep_supervision_key",
     "expand_deep_supervision",
     "resize",

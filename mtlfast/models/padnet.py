@@ -73,6 +73,8 @@ class PADNetDecoder(nn.Module):
         deep_supervision: bool = True,
     ) -> None:
         super().__init__()
+        if width < 4 or width % 4:
+            raise ValueError(f"PADNetDecoder: width must be a positive multiple of 4, got {width}")
         self.task_names = list(tasks)
         self.num_outputs = dict(num_outputs)
         self.stride = stride
@@ -134,8 +136,7 @@ class PADNet(nn.Module):
     MTI-Net's comparison, the backbone is multi-scale (HRNet-18) with its scales fused at 1/4,
     instead of PAD-Net's single-scale encoder with deconvolutions; distillation is the spatial
     attention variant only; every task is final (no front-end-only auxiliary tasks); upsampling
-    uses exact sizes, so odd image sizes work. The initial heads' last Bottleneck and the 1x1
-    convs follow the release.
+    uses exact sizes, so odd image sizes work.
     """
 
     def __init__(
