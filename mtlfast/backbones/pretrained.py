@@ -14,6 +14,7 @@ from torch import nn
 from ..nn import ResidualAdapter, TaskBatchNorm2d
 from .base import Backbone
 from .fpn import FPN
+from .hrnet import HRNet, hrnet_state_dict_from_release
 
 __all__ = ["LoadResult", "CONVERTERS", "load_pretrained", "register_converter", "to_torchvision"]
 
@@ -74,6 +75,8 @@ def _fpn_converter(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str
 
 
 register_converter(FPN, _fpn_converter)
+# HRNet's names are the official HRNet-ImageNet release's; its converter drops the classifier.
+register_converter(HRNet, lambda state, model: dict(hrnet_state_dict_from_release(state)))
 
 
 def _converter(model: nn.Module):

@@ -7,6 +7,7 @@ from functools import partial
 
 from .base import Backbone
 from .fpn import FPN
+from .hrnet import hrnet_w18_small_v2
 from .mobilenet import MobileNetV2
 from .resnet import ResNet
 from .vgg import VGG16
@@ -47,3 +48,5 @@ for _d in (18, 26, 50, 101):
 register_backbone("mobilenet_v2", MobileNetV2)
 register_backbone("se_mobilenet_v2", partial(MobileNetV2, se=True))
 register_backbone("vgg16", VGG16)
+register_backbone("hrnet18", hrnet_w18_small_v2)
+register_backbone("hrnet_w18_small_v2", hrnet_w18_small_v2)

@@ -6,8 +6,11 @@ from collections.abc import Callable, Sequence
 
 from torch import nn
 
+from ._build import make_backbone
 from .astmt import ASTMT
 from .baseline import MTLBaseline, SingleTask
+from .mtinet import MTINet
+from .padnet import PADNet
 from .ubernet import UberNet
 
 __all__ = ["create", "list_models", "register"]
@@ -41,3 +44,17 @@ register("mtl_baseline", MTLBaseline)
 register("single_task", SingleTask)
 register("ubernet", UberNet)
 register("astmt", ASTMT)
+
+
+def _cross_task(cls: type[nn.Module]) -> Callable[..., nn.Module]:
+    """MTI-Net / PAD-Net from a backbone name (default HRNet-18) or instance."""
+
+    def factory(tasks: Sequence[str], backbone: str | nn.Module = "hrnet18", **options) -> nn.Module:
+        return cls(tasks, backbone=make_backbone(backbone), **options)
+
+    factory.__doc__ = cls.__doc__
+    return factory
+
+
+register("mtinet", _cross_task(MTINet))
+register("padnet", _cross_task(PADNet))
