@@ -1,7 +1,7 @@
 """mtlfast: fast, memory-lean multi-task dense prediction for PyTorch."""
 
-from . import engine, nn, ops
+from . import engine, losses, metrics, nn, ops
 
 __version__ = "0.1.0"
 
-__all__ = ["engine", "ops", "nn", "__version__"]
+__all__ = ["engine", "ops", "nn", "losses", "metrics", "__version__"]

@@ -39,7 +39,8 @@ def balanced_bce_loss(
     valid = target != ignore_index
     positive = (target >= 0.5) & valid
     negative = valid & ~positive
-    bce = F.binary_cross_entropy_with_logits(prediction, positive.to(prediction.dtype), reduction="none")
+    labels = positive.to(prediction.dtype)
+    bce = F.binary_cross_entropy_with_logits(prediction, labels, reduction="none")
     loss_pos = torch.where(positive, bce, 0.0).sum()
     loss_neg = torch.where(negative, bce, 0.0).sum()
     if pos_weight is None:

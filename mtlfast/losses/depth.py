@@ -11,7 +11,10 @@ __all__ = ["depth_loss", "depth_gradient_loss"]
 
 
 def _sobel(x: torch.Tensor) -> torch.Tensor:
-    """Sobel responses (ASTMT ``ImGrad``): (N, 1, H, W) -> (N, 2, H-2, W-2), y then x, no padding."""
+    """Sobel responses (ASTMT ``ImGrad``), y then x, without padding.
+
+    Shapes: x (N, 1, H, W) -> (N, 2, H-2, W-2).
+    """
     fx = torch.tensor([[1, 0, -1], [2, 0, -2], [1, 0, -1]], dtype=x.dtype, device=x.device)
     fy = torch.tensor([[1, 2, 1], [0, 0, 0], [-1, -2, -1]], dtype=x.dtype, device=x.device)
     return F.conv2d(x, torch.stack([fy, fx])[:, None])
@@ -29,7 +32,8 @@ def depth_gradient_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch
     if target.shape[-1] < 3 or target.shape[-2] < 3:
         return zero_loss(prediction)
     full = F.avg_pool2d(valid, 3, stride=1) > 1 - 1e-6
-    diff = (_sobel(prediction) - _sobel(target.to(prediction.dtype) * valid)).abs().sum(1, keepdim=True)
+    target = target.to(prediction.dtype) * valid
+    diff = (_sobel(prediction) - _sobel(target)).abs().sum(1, keepdim=True)
     return safe_mean(torch.where(full, diff, 0.0).sum(), full.sum())
 
 

@@ -18,7 +18,9 @@ __all__ = ["PASCAL_WEIGHTS", "NYUD_WEIGHTS", "TASK_LOSSES", "for_task", "MultiTa
 LossFn = Callable[..., torch.Tensor]
 
 #: ASTMT (appendix; release ``LOSS_MULT``) and MTI-Net ``configs/pascal/*.yml``.
-PASCAL_WEIGHTS: dict[str, float] = {"edge": 50.0, "semseg": 1.0, "parts": 2.0, "normals": 10.0, "saliency": 5.0}
+PASCAL_WEIGHTS: dict[str, float] = {
+    "edge": 50.0, "semseg": 1.0, "parts": 2.0, "normals": 10.0, "saliency": 5.0
+}
 #: MTI-Net ``configs/nyud/hrnet18/mti_net+edges_normals.yml`` (semseg and depth alone: 1 and 1).
 NYUD_WEIGHTS: dict[str, float] = {"semseg": 1.0, "depth": 1.0, "normals": 10.0, "edge": 50.0}
 
@@ -84,7 +86,9 @@ class MultiTaskLoss(nn.Module):
         missing = [t for t in self.weights if t not in predictions or t not in targets]
         if missing:
             raise ValueError(f"tasks {missing} lack a prediction or a target")
-        losses = {t: self.losses[t](predictions[t], targets[t], labeled.get(t)) for t in self.weights}
+        losses = {
+            t: self.losses[t](predictions[t], targets[t], labeled.get(t)) for t in self.weights
+        }
         total = None
         for t, loss in losses.items():
             term = self.weights[t] * loss

@@ -1,4 +1,4 @@
-"""L1 loss between L2-normalised predicted normals and the label (``NormalsLoss`` of the releases)."""
+"""L1 loss between L2-normalised predicted normals and the label (the releases' ``NormalsLoss``)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,8 @@ DEFAULT_METRIC = {
 LOWER_IS_BETTER = frozenset({"mean", "median", "rmse", "log_rmse", "abs_rel", "mErr", "loss"})
 #: metric names where higher is better (l_i = 0).
 HIGHER_IS_BETTER = frozenset(
-    {"mIoU", "maxF", "odsF", "oisF", "AP", "pixel_acc", "delta1", "delta2", "delta3", "11.25", "22.5", "30"}
+    {"mIoU", "maxF", "odsF", "oisF", "AP", "pixel_acc"}
+    | {"delta1", "delta2", "delta3", "11.25", "22.5", "30"}
 )
 
 
@@ -60,7 +61,9 @@ def delta_m(
         elif name in HIGHER_IS_BETTER:
             lower = False
         else:
-            raise ValueError(f"direction of metric {name!r} (task {task!r}) unknown; pass lower_is_better")
+            raise ValueError(
+                f"direction of metric {name!r} (task {task!r}) unknown; pass lower_is_better"
+            )
         if b == 0:
             raise ValueError(f"baseline of task {task!r} ({name}) is 0")
         rel = (m - b) / b
@@ -71,6 +74,8 @@ def delta_m(
 def _pick(value, name: str, task: str, where: str) -> float:
     if isinstance(value, Mapping):
         if name not in value:
-            raise ValueError(f"{where}[{task!r}] has no metric {name!r}; pass metrics={{{task!r}: ...}}")
+            raise ValueError(
+                f"{where}[{task!r}] has no metric {name!r}; pass metrics={{{task!r}: ...}}"
+            )
         value = value[name]
     return float(value)

@@ -13,14 +13,12 @@ only the counts matter here. Small count differences from the MATLAB code are po
 from __future__ import annotations
 
 import numpy as np
-from scipy.sparse import csr_matrix
-from scipy.sparse.csgraph import maximum_bipartite_matching
-from scipy.spatial import cKDTree
-from skimage.morphology import thin as _thin
 
 from ._inputs import same_shape, single_channel, to_numpy
 
-__all__ = ["EdgeMeter", "MAX_DIST_PASCAL", "MAX_DIST_NYUD", "match_edges", "edge_counts", "edge_scores"]
+__all__ = [
+    "EdgeMeter", "MAX_DIST_PASCAL", "MAX_DIST_NYUD", "match_edges", "edge_counts", "edge_scores"
+]
 
 #: Maximum mis-localisation as a fraction of the image diagonal (ASTMT appendix, [10] there).
 MAX_DIST_PASCAL = 0.0075
@@ -33,6 +31,11 @@ def match_edges(pred: np.ndarray, gt: np.ndarray, radius: float) -> int:
 
     Shapes: pred, gt (H, W) bool; radius in pixels. Returns the number of matched pairs.
     """
+    # scipy / scikit-image are imported on first use: `import mtlfast` stays quick.
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import maximum_bipartite_matching
+    from scipy.spatial import cKDTree
+
     p = np.argwhere(pred)
     g = np.argwhere(gt)
     if len(p) == 0 or len(g) == 0:
@@ -41,7 +44,8 @@ def match_edges(pred: np.ndarray, gt: np.ndarray, radius: float) -> int:
     if len(pairs) == 0:
         return 0
     # Built from the index pairs, not the distances: a zero distance must stay an edge.
-    graph = csr_matrix((np.ones(len(pairs), dtype=np.int8), (pairs["i"], pairs["j"])), shape=(len(p), len(g)))
+    ones = np.ones(len(pairs), dtype=np.int8)
+    graph = csr_matrix((ones, (pairs["i"], pairs["j"])), shape=(len(p), len(g)))
     return int((maximum_bipartite_matching(graph, perm_type="column") >= 0).sum())
 
 
@@ -71,6 +75,8 @@ def edge_counts(
     Shapes: pred (H, W) in [0, 1]; target (H, W) with 1 = edge, 0 = not, ``ignore_index``;
     thresholds an int K (``linspace(1/(K+1), 1-1/(K+1), K)``) or a sequence. Returns (K, 4) int64.
     """
+    from skimage.morphology import thin as _thin
+
     ts = _thresholds(thresholds)
     keep = target != ignore_index
     gt = (target >= 0.5) & keep
@@ -165,7 +171,13 @@ class EdgeMeter:
     valid target pixel are skipped. ``compute()`` -> :func:`edge_scores`.
     """
 
-    def __init__(self, max_dist: float = MAX_DIST_PASCAL, thresholds=99, thin: bool = True, ignore_index: int = 255):
+    def __init__(
+        self,
+        max_dist: float = MAX_DIST_PASCAL,
+        thresholds=99,
+        thin: bool = True,
+        ignore_index: int = 255,
+    ) -> None:
         self.max_dist = float(max_dist)
         self.thresholds = _thresholds(thresholds)
         self.thin = thin
@@ -182,7 +194,9 @@ class EdgeMeter:
         for p, t in zip(pred, target):
             if not (t != self.ignore_index).any():
                 continue
-            self.counts.append(edge_counts(p, t, self.thresholds, self.max_dist, self.thin, self.ignore_index))
+            self.counts.append(
+                edge_counts(p, t, self.thresholds, self.max_dist, self.thin, self.ignore_index)
+            )
 
     def compute(self) -> dict:
         if not self.counts:

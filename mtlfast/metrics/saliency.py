@@ -25,7 +25,9 @@ class SaliencyMeter:
     ``compute()`` -> {"mIoU", "maxF": float, "mIoUs", "F", "precision", "recall": per threshold}.
     """
 
-    def __init__(self, thresholds=SALIENCY_THRESHOLDS, beta2: float = 1.0, ignore_index: int = 255) -> None:
+    def __init__(
+        self, thresholds=SALIENCY_THRESHOLDS, beta2: float = 1.0, ignore_index: int = 255
+    ) -> None:
         self.thresholds = np.asarray(thresholds, dtype=np.float64).ravel()
         self.beta2 = float(beta2)
         self.ignore_index = ignore_index

@@ -46,7 +46,9 @@ class SegmentationMeter:
         pred = pred.astype(np.int64).ravel()
         valid = target != self.ignore_index
         if ((target[valid] < 0) | (target[valid] >= self.num_classes)).any():
-            raise ValueError(f"target holds ids outside [0, {self.num_classes}) other than the ignore index")
+            raise ValueError(
+                f"target holds ids outside [0, {self.num_classes}) other than the ignore index"
+            )
         target, pred = target[valid], pred[valid]
         pred = np.where((pred >= 0) & (pred < self.num_classes), pred, self.num_classes)
         k = self.num_classes + 1

@@ -49,7 +49,8 @@ def test_custom_loss_and_errors():
     astmt_depth = for_task("depth", gradient_weight=1.0)
     crit = MultiTaskLoss({"depth": 1.0}, losses={"depth": astmt_depth})
     total, _ = crit(preds, targets)
-    torch.testing.assert_close(total, depth_loss(preds["depth"], targets["depth"], gradient_weight=1.0))
+    want = depth_loss(preds["depth"], targets["depth"], gradient_weight=1.0)
+    torch.testing.assert_close(total, want)
     with pytest.raises(ValueError, match="without a weight"):
         MultiTaskLoss({"depth": 1.0}, losses={"edge": astmt_depth})
     with pytest.raises(ValueError, match="lack"):

@@ -6,8 +6,10 @@ from mtlfast.metrics import delta_m
 
 
 def test_hand_computed():
-    results = {"semseg": {"mIoU": 0.5}, "depth": {"rmse": 0.5}, "normals": {"mean": 20.0}, "edge": {"odsF": 0.7}}
-    base = {"semseg": {"mIoU": 0.4}, "depth": {"rmse": 0.6}, "normals": {"mean": 16.0}, "edge": {"odsF": 0.7}}
+    results = {"semseg": {"mIoU": 0.5}, "depth": {"rmse": 0.5}}
+    results.update(normals={"mean": 20.0}, edge={"odsF": 0.7})
+    base = {"semseg": {"mIoU": 0.4}, "depth": {"rmse": 0.6}}
+    base.update(normals={"mean": 16.0}, edge={"odsF": 0.7})
     want = (0.25 + 1 / 6 - 0.25 + 0) / 4
     assert delta_m(results, base) == pytest.approx(want)
 

@@ -10,7 +10,10 @@ from mtlfast.metrics import EdgeMeter, edge_counts, edge_scores, match_edges
 
 def _brute_force(pred, gt, radius):
     p, g = np.argwhere(pred), np.argwhere(gt)
-    options = [[None] + [j for j in range(len(g)) if np.hypot(*(p[i] - g[j])) <= radius] for i in range(len(p))]
+    options = [
+        [None] + [j for j in range(len(g)) if np.hypot(*(p[i] - g[j])) <= radius]
+        for i in range(len(p))
+    ]
     best = 0
     for assignment in itertools.product(*options):
         used = [j for j in assignment if j is not None]
@@ -102,7 +105,8 @@ def test_scores_hand_computed():
     assert out["odsT"] == pytest.approx(0.75 * a[f.argmax()] + 0.5 * (1 - a[f.argmax()]))
     # AP: precision interpolated at recall 0.50, 0.51, ..., 1.00 (51 samples) / 100.
     grid = np.linspace(0, 1, 101)[50:]
-    assert out["AP"] == pytest.approx(np.interp(grid, [0.5, 0.75, 1.0], [1.0, 0.6, 0.4]).sum() / 100)
+    want = np.interp(grid, [0.5, 0.75, 1.0], [1.0, 0.6, 0.4]).sum() / 100
+    assert out["AP"] == pytest.approx(want)
 
 
 def test_default_thresholds_and_streaming():

@@ -9,7 +9,8 @@ from mtlfast.metrics import NormalsMeter
 def test_hand_computed():
     target = np.zeros((1, 3, 1, 5))
     pred = np.zeros((1, 3, 1, 5))
-    target[0, :, 0, :4] = [[1, 1, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0]]  # (1, 0, 0) x4, pixel 4 invalid
+    # (1, 0, 0) at pixels 0-3; pixel 4 invalid.
+    target[0, :, 0, :4] = [[1, 1, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0]]
     pred[0, :, 0, 0] = [3, 0, 0]                                      # 0 deg
     pred[0, :, 0, 1] = [1, 1, 0]                                      # 45 deg
     pred[0, :, 0, 2] = [0, 2, 0]                                      # 90 deg
