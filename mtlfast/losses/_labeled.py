@@ -12,6 +12,8 @@ def select_labeled(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of ``prediction`` and ``target`` whose ``labeled`` flag is set (all rows without one).
 
+    fp16 / bf16 predictions come back as float32.
+
     Shapes: prediction (N, ...), target (N, ...), labeled (N,) bool or None; returns (M, ...) each.
     """
     if prediction.dim() == 0 or target.dim() == 0 or prediction.shape[0] != target.shape[0]:
@@ -19,6 +21,10 @@ def select_labeled(
             f"prediction and target need the same batch size (N, ...), got prediction "
             f"{tuple(prediction.shape)} and target {tuple(target.shape)}"
         )
+    if prediction.dtype in (torch.float16, torch.bfloat16):
+        # Sums over whole batches of pixels lose too much in 16 bits; the gradient flows back
+        # in the prediction's own dtype.
+        prediction = prediction.float()
     if labeled is None:
         return prediction, target
     labeled = torch.as_tensor(labeled, device=prediction.device)

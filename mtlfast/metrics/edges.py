@@ -3,11 +3,12 @@
 Per threshold the prediction is binarised and thinned; predicted and ground-truth edge pixels
 are paired one-to-one within ``max_dist`` times the image diagonal by a maximum-cardinality
 bipartite matching (a unit-capacity max flow); matched / total counts on both sides give recall
-and precision. This follows the edges toolbox (``edgesEvalImg`` / ``edgesEvalDir``) except for the matching: BSDS's
-``correspondPixels`` solves a min-cost assignment with an outlier cost of 100 x the radius, on
-a sparse graph it builds itself. With that outlier cost, any augmenting path shorter than ~200
-edges lowers the cost, so it too returns (near-)maximum matchings, preferring shorter pairs;
-only the counts matter here. Small count differences from the MATLAB code are possible.
+and precision. This follows the edges toolbox (``edgesEvalImg`` / ``edgesEvalDir``) except for
+the matching: BSDS's ``correspondPixels`` solves a min-cost assignment with an outlier cost
+of 100 x the radius, on a sparse graph it builds itself. With that outlier cost, any augmenting
+path shorter than ~200 edges lowers the cost, so it too returns (near-)maximum matchings,
+preferring shorter pairs; only the counts matter here. Small count differences from the MATLAB
+code are possible.
 """
 
 from __future__ import annotations

@@ -179,3 +179,25 @@ def test_bad_shapes_raise():
         cross_entropy_loss(torch.zeros(2, 3, 3, 3), torch.zeros(2, 3, 3))
     with pytest.raises(ValueError, match="unknown task"):
         for_task("albedo")
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_accumulates_in_float32(task, dtype):
+    pred, target = _batch(task)
+    low = pred.detach().to(dtype).requires_grad_()
+    loss = for_task(task)(low, target)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, for_task(task)(low.detach().float(), target))
+    loss.backward()
+    assert low.grad.dtype == dtype and torch.isfinite(low.grad.float()).all()
+
+
+def test_channels_last_and_non_contiguous():
+    pred, target = _batch("normals", n=4)
+    want = normals_loss(pred, target)
+    last = pred.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(normals_loss(last, target), want)
+    wide = torch.randn(4, 6, 5, 6)
+    wide[:, ::2] = pred.detach()
+    torch.testing.assert_close(normals_loss(wide[:, ::2], target), want)
