@@ -1,7 +1,7 @@
 """mtlfast: fast, memory-lean multi-task dense prediction for PyTorch."""
 
-from . import backbones, data, engine, models, nn, ops
+from . import backbones, data, engine, losses, metrics, models, nn, ops
 
 __version__ = "0.1.0"
 
-__all__ = ["backbones", "data", "engine", "models", "ops", "nn", "__version__"]
+__all__ = ["backbones", "data", "engine", "losses", "metrics", "models", "ops", "nn", "__version__"]
