@@ -1,6 +1,7 @@
 // Kernel schemas of task_se (task-conditioned squeeze-and-excitation, one task per sample); the
 // public op is declared in mtlfast/ops/task_se.py, the kernels in csrc/cpu, csrc/cuda. The two
-// small per-task linear layers between the passes run in PyTorch.
+// small per-task linear layers between the passes run in PyTorch, except in the CPU backend's
+// whole-op calls.
 //
 // Layout contract (the Python caller guarantees it): x, residual, grad_out, out, grad_x and
 // grad_residual (N,C,H,W) are all contiguous or all channels-last, one dtype; pooled, gate,
@@ -11,6 +12,10 @@
 //   backward_gate:   g' = grad_out * (out > 0 if relu else 1), out recomputed from x, gate, residual;
 //                    grad_gate[n,c] = sum_hw g' * x;  grad_residual = g' (when given)
 //   backward_input:  grad_x = g' * gate[n,c] + grad_pooled[n,c] / (H*W)
+// The CPU backend also has the whole op as one call each way, the small layers included (weights
+// and their gradients contiguous in the accumulation dtype, task int64 (N,) in [0, T)):
+//   forward:   pooled and out of the op
+//   backward:  grad_x, the four weight gradients and grad_residual (when given) from grad_out
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(mtlfast_C, m) {
@@ -22,4 +27,11 @@ TORCH_LIBRARY_FRAGMENT(mtlfast_C, m) {
   m.def(
       "task_se_backward_input(Tensor grad_out, Tensor x, Tensor gate, Tensor? residual, bool relu, "
       "Tensor grad_pooled, Tensor(a!) grad_x) -> ()");
+  m.def(
+      "task_se_forward(Tensor x, Tensor task, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor? residual, "
+      "bool relu, Tensor(a!) out, Tensor(b!) pooled) -> ()");
+  m.def(
+      "task_se_backward(Tensor grad_out, Tensor x, Tensor pooled, Tensor task, Tensor w1, Tensor b1, Tensor w2, "
+      "Tensor b2, Tensor? residual, bool relu, Tensor(a!) grad_x, Tensor(b!) grad_w1, Tensor(c!) grad_b1, "
+      "Tensor(d!) grad_w2, Tensor(e!) grad_b2, Tensor(f!)? grad_residual) -> ()");
 }

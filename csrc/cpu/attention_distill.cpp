@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "cpu/attention_distill.h"
-#include "cpu/isa.h"
+#include "cpu/dispatch.h"
 
 namespace mtlfast::cpu {
 namespace {
@@ -24,36 +24,9 @@ constexpr int64_t kChunk = 2048;
 // Element reads + writes per parallel task below which starting threads costs more than it saves.
 constexpr int64_t kGrainTouched = 32768;
 
-const IsaKernels& isa_kernels() {
-  static const IsaKernels table = [] {
-    switch (isa()) {
-#if defined(__x86_64__)
-      case Isa::AVX512:
-        return AVX512::attention_distill_kernels();
-      case Isa::AVX2:
-        return AVX2::attention_distill_kernels();
-#endif
-      default:
-        return DEFAULT::attention_distill_kernels();
-    }
-  }();
-  return table;
-}
-
 const DtypeKernels& dtype_kernels(const char* op, at::ScalarType dtype) {
-  const IsaKernels& k = isa_kernels();
-  switch (dtype) {
-    case at::kFloat:
-      return k.f32;
-    case at::kDouble:
-      return k.f64;
-    case at::kHalf:
-      return k.f16;
-    case at::kBFloat16:
-      return k.bf16;
-    default:
-      TORCH_CHECK(false, op, ": unsupported dtype ", dtype, " (expected float32, float64, float16 or bfloat16)");
-  }
+  static const IsaKernels table = MTLFAST_ISA_TABLE(attention_distill_kernels);
+  return for_dtype(table, op, dtype);
 }
 
 using Named = std::pair<const char*, const at::Tensor*>;

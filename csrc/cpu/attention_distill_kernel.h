@@ -11,23 +11,13 @@
 // fp32 (fp64 for double) registers whatever the storage dtype.
 #pragma once
 
-// at::vec's headers trip GCC warnings that are noise here: the AVX512 intrinsics' self-initialised
-// placeholder vectors read as maybe uninitialised, and -Wpsabi flags lambda thunks (compiled
-// without the target pragma) of operators this file never uses.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wpsabi"
-#include <ATen/OpMathType.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#pragma GCC diagnostic pop
-
 #include <algorithm>
 #include <cmath>
 #include <tuple>
 #include <type_traits>
 
 #include "cpu/attention_distill.h"
+#include "cpu/vec_common.h"
 
 #ifndef CPU_CAPABILITY
 #error "define CPU_CAPABILITY (and CPU_CAPABILITY_<ISA>) before including attention_distill_kernel.h"
@@ -37,72 +27,6 @@ namespace mtlfast::cpu::CPU_CAPABILITY {
 namespace {
 
 using at::vec::Vectorized;
-
-// exp_u20 (a short polynomial, about 20 ulp) keeps sigmoid within 5e-7 relative of torch.sigmoid
-// at a fraction of Sleef's cost; fexp_u20 is cheaper still but 1e-5 off. It clamps its input, which turns NaN into a
-// finite value, so NaN logits are passed through explicitly, as torch.sigmoid does.
-inline Vectorized<float> sigmoid(const Vectorized<float>& x) {
-  const Vectorized<float> one(1.f);
-  const Vectorized<float> sig = one / (one + x.neg().exp_u20());
-  return Vectorized<float>::blendv(sig, x, x.isnan());
-}
-
-// double only serves gradcheck, so exactness matters more than speed here.
-inline Vectorized<double> sigmoid(const Vectorized<double>& x) {
-  const Vectorized<double> one(1.);
-  return one / (one + x.neg().map(std::exp));
-}
-
-// Loads and stores of one step: two compute vectors, i.e. one full Vectorized<T> for fp16/bf16,
-// converted to and from fp32. count < kStep only on the tail of a chunk.
-template <typename T>
-struct Step {
-  using Acc = at::opmath_type<T>;
-  using V = Vectorized<Acc>;
-  static constexpr int64_t kStep = 2 * V::size();
-
-  static std::tuple<V, V> load(const T* p, int64_t count) {
-    if constexpr (at::vec::is_reduced_floating_point_v<T>) {
-      return at::vec::convert_to_float<T>(count >= kStep ? Vectorized<T>::loadu(p) : Vectorized<T>::loadu(p, count));
-    } else {
-      if (count >= kStep) {
-        return {V::loadu(p), V::loadu(p + V::size())};
-      }
-      if (count <= V::size()) {
-        return {V::loadu(p, count), V(Acc(0))};
-      }
-      return {V::loadu(p), V::loadu(p + V::size(), count - V::size())};
-    }
-  }
-
-  static void store(T* p, const V& a, const V& b, int64_t count) {
-    if constexpr (at::vec::is_reduced_floating_point_v<T>) {
-      const Vectorized<T> r = at::vec::convert_from_float<T>(a, b);
-      count >= kStep ? r.store(p) : r.store(p, count);
-    } else if (count >= kStep) {
-      a.store(p);
-      b.store(p + V::size());
-    } else if (count <= V::size()) {
-      a.store(p, count);
-    } else {
-      a.store(p);
-      b.store(p + V::size(), count - V::size());
-    }
-  }
-};
-
-// Calls step(p, count) over [0, len): full steps, then one partial step. Once step is inlined,
-// count is a constant in the main loop and the tail branches of Step fold away there.
-template <int64_t K, typename F>
-inline void for_each_step(int64_t len, const F& step) {
-  int64_t p = 0;
-  for (; p + K <= len; p += K) {
-    step(p, K);
-  }
-  if (p < len) {
-    step(p, len - p);
-  }
-}
 
 // The (n, t) block and element range of one work item.
 struct Span {

@@ -15,7 +15,7 @@
 #include <utility>
 #include <vector>
 
-#include "cpu/isa.h"
+#include "cpu/dispatch.h"
 #include "cpu/skip_fusion.h"
 
 namespace mtlfast::cpu::skip_fusion {
@@ -24,36 +24,9 @@ namespace {
 // Multiply-adds per parallel task below which starting threads costs more than it saves.
 constexpr int64_t kGrainWork = 1 << 16;
 
-const IsaKernels& isa_kernels() {
-  static const IsaKernels table = [] {
-    switch (isa()) {
-#if defined(__x86_64__)
-      case Isa::AVX512:
-        return AVX512::kernels();
-      case Isa::AVX2:
-        return AVX2::kernels();
-#endif
-      default:
-        return DEFAULT::kernels();
-    }
-  }();
-  return table;
-}
-
 const DtypeKernels& dtype_kernels(const char* op, at::ScalarType dtype) {
-  const IsaKernels& k = isa_kernels();
-  switch (dtype) {
-    case at::kFloat:
-      return k.f32;
-    case at::kDouble:
-      return k.f64;
-    case at::kHalf:
-      return k.f16;
-    case at::kBFloat16:
-      return k.bf16;
-    default:
-      TORCH_CHECK(false, op, ": unsupported dtype ", dtype, " (expected float32, float64, float16 or bfloat16)");
-  }
+  static const IsaKernels table = MTLFAST_ISA_TABLE(kernels);
+  return for_dtype(table, op, dtype);
 }
 
 // A Taps table and its storage.

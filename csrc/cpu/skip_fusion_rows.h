@@ -3,17 +3,6 @@
 // row along x by a table (skip_fusion.h's Taps).
 #pragma once
 
-// at::vec's headers trip GCC warnings that are noise here: the AVX512 intrinsics' self-initialised
-// placeholder vectors read as maybe uninitialised, and -Wpsabi flags lambda thunks (compiled
-// without the target pragma) of operators this file never uses.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wpsabi"
-#include <ATen/OpMathType.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#pragma GCC diagnostic pop
-
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
@@ -22,6 +11,7 @@
 #include <vector>
 
 #include "cpu/skip_fusion.h"
+#include "cpu/vec_common.h"
 
 #ifndef CPU_CAPABILITY
 #error "define CPU_CAPABILITY (and CPU_CAPABILITY_<ISA>) before including skip_fusion_rows.h"
@@ -31,59 +21,10 @@ namespace mtlfast::cpu::skip_fusion::CPU_CAPABILITY {
 namespace {
 
 using at::vec::Vectorized;
-
-// Loads and stores of one step: two accumulation vectors, i.e. one full Vectorized<T> for
-// fp16/bf16, converted to and from fp32. count < kStep only on the tail of a row; partial loads
-// fill the missing lanes with zeros.
-template <typename T>
-struct Step {
-  using Acc = at::opmath_type<T>;
-  using V = Vectorized<Acc>;
-  static constexpr int64_t kStep = 2 * V::size();
-  static_assert(kPadElems % kStep == 0, "padded rows must hold whole steps");
-
-  static std::tuple<V, V> load(const T* p, int64_t count) {
-    if constexpr (at::vec::is_reduced_floating_point_v<T>) {
-      return at::vec::convert_to_float<T>(count >= kStep ? Vectorized<T>::loadu(p) : Vectorized<T>::loadu(p, count));
-    } else {
-      if (count >= kStep) {
-        return {V::loadu(p), V::loadu(p + V::size())};
-      }
-      if (count <= V::size()) {
-        return {V::loadu(p, count), V(Acc(0))};
-      }
-      return {V::loadu(p), V::loadu(p + V::size(), count - V::size())};
-    }
-  }
-
-  static void store(T* p, const V& a, const V& b, int64_t count) {
-    if constexpr (at::vec::is_reduced_floating_point_v<T>) {
-      const Vectorized<T> r = at::vec::convert_from_float<T>(a, b);
-      count >= kStep ? r.store(p) : r.store(p, count);
-    } else if (count >= kStep) {
-      a.store(p);
-      b.store(p + V::size());
-    } else if (count <= V::size()) {
-      a.store(p, count);
-    } else {
-      a.store(p);
-      b.store(p + V::size(), count - V::size());
-    }
-  }
-};
-
-// Calls step(p, count) over [0, len): full steps, then one partial step. Once step is inlined,
-// count is a constant in the main loop and the tail branches of Step fold away there.
-template <int64_t K, typename F>
-inline void for_each_step(int64_t len, const F& step) {
-  int64_t p = 0;
-  for (; p + K <= len; p += K) {
-    step(p, K);
-  }
-  if (p < len) {
-    step(p, len - p);
-  }
-}
+using mtlfast::cpu::CPU_CAPABILITY::for_each_step;
+using mtlfast::cpu::CPU_CAPABILITY::Step;
+static_assert(kPadElems % Step<float>::kStep == 0 && kPadElems % Step<double>::kStep == 0,
+              "padded rows must hold whole steps");
 
 // A zero-initialised array aligned to 64 bytes, the widest vector: whole-vector accesses at
 // multiples of the vector size then never straddle cache lines, which would also defeat store to

@@ -45,13 +45,49 @@ struct Combine {
   double divisor;
 };
 
-// A pass processes the items [begin, end).
+// The per-task linear layers between the passes, for N samples (the pointers start at the first),
+// all in Acc:
+//   hidden[n] = relu(w1[t] @ pooled[n] + b1[t]),  gate[n] = sigmoid(w2[t] @ hidden[n] + b2[t]),
+// t = task[n]. Weights are contiguous: w1 (T, R, C), b1 (T, R), w2 (T, C, R), b2 (T, C).
+struct Mlp {
+  int64_t N, C, R;
+  const int64_t* task;
+  const void* w1;
+  const void* b1;
+  const void* w2;
+  const void* b2;
+  const void* pooled;  // (N, C)
+  void* hidden;        // (N, R)
+  void* gate;          // (N, C)
+  // The backward's, from grad_gate (N, C): the gradients at the excite and squeeze layers'
+  // pre-activations dz (N, C) and dh (N, R), at the pooled means, and at the weights (shaped like
+  // them, zeroed by the caller and added to).
+  const void* grad_gate;
+  void* dz;
+  void* dh;
+  void* grad_pooled;
+  void* grad_w1;
+  void* grad_b1;
+  void* grad_w2;
+  void* grad_b2;
+};
+
+// A pass processes the items [begin, end). The Mlp steps: squeeze the rows [begin, end) of
+// hidden's R, excite those of gate's C; backward_sample the samples [begin, end) (dz, dh and
+// grad_pooled); grad_excite the rows [begin, end) of C of grad_w2 and grad_b2, grad_squeeze those
+// of R of grad_w1 and grad_b1, each a sum over all N samples.
 using PassFn = void (*)(const Args&, int64_t begin, int64_t end);
 using CombineFn = void (*)(const Combine&, int64_t begin, int64_t end);
+using MlpFn = void (*)(const Mlp&, int64_t begin, int64_t end);
+
+struct MlpKernels {
+  MlpFn squeeze, excite, backward_sample, grad_excite, grad_squeeze;
+};
 
 struct DtypeKernels {
   PassFn pool, scale, backward_gate, backward_input;
   CombineFn combine;
+  MlpKernels mlp;  // in the accumulation type
 };
 
 struct Kernels {

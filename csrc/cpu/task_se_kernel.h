@@ -8,24 +8,15 @@
 // the forward and the backward, so the backward's ReLU mask is exactly the forward's.
 #pragma once
 
-// at::vec's headers trip GCC warnings that are noise here: the AVX512 intrinsics' self-initialised
-// placeholder vectors read as maybe uninitialised, and -Wpsabi flags lambda thunks (compiled
-// without the target pragma) of operators this file never uses.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wpsabi"
-#include <ATen/OpMathType.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#pragma GCC diagnostic pop
-
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <tuple>
 #include <type_traits>
 
 #include "cpu/task_se.h"
+#include "cpu/vec_common.h"
 
 #ifndef CPU_CAPABILITY
 #error "define CPU_CAPABILITY (and CPU_CAPABILITY_<ISA>) before including task_se_kernel.h"
@@ -35,96 +26,10 @@ namespace mtlfast::cpu::task_se::CPU_CAPABILITY {
 namespace {
 
 using at::vec::Vectorized;
-
-// Non-temporal store of the bytes of one vector at p, aligned to their size.
-template <typename Vec>
-inline void stream_store(void* p, const Vec& v) {
-#if defined(CPU_CAPABILITY_AVX512)
-  __m512i bits;
-  static_assert(sizeof(Vec) == sizeof(bits));
-  std::memcpy(&bits, &v, sizeof(bits));
-  _mm512_stream_si512(static_cast<__m512i*>(p), bits);
-#elif defined(CPU_CAPABILITY_AVX2)
-  __m256i bits;
-  static_assert(sizeof(Vec) == sizeof(bits));
-  std::memcpy(&bits, &v, sizeof(bits));
-  _mm256_stream_si256(static_cast<__m256i*>(p), bits);
-#else
-  v.store(p);
-#endif
-}
-
-// Orders this thread's non-temporal stores before whatever the caller does next.
-inline void stream_fence() {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  _mm_sfence();
-#endif
-}
-
-// Loads and stores of one step: two compute vectors, i.e. one full Vectorized<T> for fp16/bf16,
-// converted to and from fp32. count < kStep only on a tail, whose unused lanes load as zeros.
-template <typename T>
-struct Step {
-  using Acc = at::opmath_type<T>;
-  using V = Vectorized<Acc>;
-  static constexpr int64_t kStep = 2 * V::size();
-
-  static std::tuple<V, V> load(const T* p, int64_t count) {
-    if constexpr (at::vec::is_reduced_floating_point_v<T>) {
-      return at::vec::convert_to_float<T>(count >= kStep ? Vectorized<T>::loadu(p) : Vectorized<T>::loadu(p, count));
-    } else {
-      if (count >= kStep) {
-        return {V::loadu(p), V::loadu(p + V::size())};
-      }
-      if (count <= V::size()) {
-        return {V::loadu(p, count), V(Acc(0))};
-      }
-      return {V::loadu(p), V::loadu(p + V::size(), count - V::size())};
-    }
-  }
-
-  static void store(T* p, const V& a, const V& b, int64_t count) {
-    if constexpr (at::vec::is_reduced_floating_point_v<T>) {
-      const Vectorized<T> r = at::vec::convert_from_float<T>(a, b);
-      count >= kStep ? r.store(p) : r.store(p, count);
-    } else if (count >= kStep) {
-      a.store(p);
-      b.store(p + V::size());
-    } else if (count <= V::size()) {
-      a.store(p, count);
-    } else {
-      a.store(p);
-      b.store(p + V::size(), count - V::size());
-    }
-  }
-
-  // A full step at an address aligned to a vector can bypass the caches.
-  static bool can_stream(const T* p, int64_t count) {
-    return count == kStep && reinterpret_cast<std::uintptr_t>(p) % sizeof(V) == 0;
-  }
-
-  static void stream(T* p, const V& a, const V& b) {
-    if constexpr (at::vec::is_reduced_floating_point_v<T>) {
-      stream_store(p, at::vec::convert_from_float<T>(a, b));
-    } else {
-      stream_store(p, a);
-      stream_store(p + V::size(), b);
-    }
-  }
-};
-
-// Calls step(p, count) over [0, len): full steps, then one partial step. Once step is inlined,
-// count is a constant in the main loop and the tail branches of Step fold away there.
-template <int64_t K, typename F>
-inline void for_each_step(int64_t len, const F& step) {
-  int64_t p = 0;
-  for (; p + K <= len; p += K) {
-    step(p, K);
-  }
-  if (p < len) {
-    step(p, len - p);
-  }
-}
+using mtlfast::cpu::CPU_CAPABILITY::for_each_step;
+using mtlfast::cpu::CPU_CAPABILITY::sigmoid;
+using mtlfast::cpu::CPU_CAPABILITY::Step;
+using mtlfast::cpu::CPU_CAPABILITY::stream_fence;
 
 // Which layout a step belongs to: a step of an NCHW plane has one gate value, a step of an NHWC
 // row a run of channels.
@@ -386,9 +291,164 @@ void combine(const Combine& a, int64_t begin, int64_t end) {
   }
 }
 
+// ---- the per-task linear layers (Mlp in task_se.h) ------------------------------------------
+// They read the weights of the group's tasks once per group (rows hot in L1 while the samples of
+// one task use them); the arithmetic is a few dot products and row updates per weight row.
+
+// sum_i a[i] * b[i] over [0, n).
+template <typename Acc>
+inline Acc dot(const Acc* a, const Acc* b, int64_t n) {
+  using V = Vectorized<Acc>;
+  constexpr int64_t L = V::size();
+  V s0(Acc(0));
+  V s1(Acc(0));
+  int64_t i = 0;
+  for (; i + 2 * L <= n; i += 2 * L) {
+    s0 = at::vec::fmadd(V::loadu(a + i), V::loadu(b + i), s0);
+    s1 = at::vec::fmadd(V::loadu(a + i + L), V::loadu(b + i + L), s1);
+  }
+  for (; i < n; i += L) {
+    const int64_t k = std::min(L, n - i);
+    s0 = at::vec::fmadd(V::loadu(a + i, k), V::loadu(b + i, k), s0);
+  }
+  return at::vec::vec_reduce_all<Acc>([](const V& u, const V& v) { return u + v; }, s0 + s1);
+}
+
+// y[i] += s * x[i] over [0, n).
+template <typename Acc>
+inline void axpy(Acc* y, Acc s, const Acc* x, int64_t n) {
+  using V = Vectorized<Acc>;
+  constexpr int64_t L = V::size();
+  const V sv(s);
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    at::vec::fmadd(sv, V::loadu(x + i), V::loadu(y + i)).store(y + i);
+  }
+  if (i < n) {
+    at::vec::fmadd(sv, V::loadu(x + i, n - i), V::loadu(y + i, n - i)).store(y + i, n - i);
+  }
+}
+
+template <typename Acc>
+struct MlpPtrs {
+  const int64_t* task;
+  const Acc *w1, *b1, *w2, *b2, *pooled, *grad_gate;
+  Acc *hidden, *gate, *dz, *dh, *grad_pooled, *grad_w1, *grad_b1, *grad_w2, *grad_b2;
+
+  explicit MlpPtrs(const Mlp& m)
+      : task(m.task),
+        w1(static_cast<const Acc*>(m.w1)),
+        b1(static_cast<const Acc*>(m.b1)),
+        w2(static_cast<const Acc*>(m.w2)),
+        b2(static_cast<const Acc*>(m.b2)),
+        pooled(static_cast<const Acc*>(m.pooled)),
+        grad_gate(static_cast<const Acc*>(m.grad_gate)),
+        hidden(static_cast<Acc*>(m.hidden)),
+        gate(static_cast<Acc*>(m.gate)),
+        dz(static_cast<Acc*>(m.dz)),
+        dh(static_cast<Acc*>(m.dh)),
+        grad_pooled(static_cast<Acc*>(m.grad_pooled)),
+        grad_w1(static_cast<Acc*>(m.grad_w1)),
+        grad_b1(static_cast<Acc*>(m.grad_b1)),
+        grad_w2(static_cast<Acc*>(m.grad_w2)),
+        grad_b2(static_cast<Acc*>(m.grad_b2)) {}
+};
+
+// hidden[:, r] for r in [begin, end). relu keeps NaN, as torch.relu does.
+template <typename Acc>
+void squeeze(const Mlp& m, int64_t begin, int64_t end) {
+  const MlpPtrs<Acc> p(m);
+  for (int64_t r = begin; r < end; ++r) {
+    for (int64_t n = 0; n < m.N; ++n) {
+      const int64_t row = p.task[n] * m.R + r;
+      const Acc z = p.b1[row] + dot(p.w1 + row * m.C, p.pooled + n * m.C, m.C);
+      p.hidden[n * m.R + r] = z > Acc(0) || std::isnan(z) ? z : Acc(0);
+    }
+  }
+}
+
+// gate[:, c] for c in [begin, end): the pre-activations row by row of w2 (so that a row serves
+// all samples while in L1), then the sigmoid vectorised along each sample's channels.
+template <typename Acc>
+void excite(const Mlp& m, int64_t begin, int64_t end) {
+  using V = Vectorized<Acc>;
+  const MlpPtrs<Acc> p(m);
+  for (int64_t c = begin; c < end; ++c) {
+    for (int64_t n = 0; n < m.N; ++n) {
+      const int64_t row = p.task[n] * m.C + c;
+      p.gate[n * m.C + c] = p.b2[row] + dot(p.w2 + row * m.R, p.hidden + n * m.R, m.R);
+    }
+  }
+  for (int64_t n = 0; n < m.N; ++n) {
+    Acc* g = p.gate + n * m.C;
+    for (int64_t c = begin; c < end; c += V::size()) {
+      const int64_t k = std::min<int64_t>(V::size(), end - c);
+      sigmoid(V::loadu(g + c, k)).store(g + c, k);
+    }
+  }
+}
+
+// For the samples [begin, end): dz = grad_gate * gate * (1 - gate), dh = (dz @ w2[t]) * (hidden > 0)
+// and grad_pooled = dh @ w1[t]. One sample's sums run in one fixed order whatever the threads.
+template <typename Acc>
+void backward_sample(const Mlp& m, int64_t begin, int64_t end) {
+  const MlpPtrs<Acc> p(m);
+  for (int64_t n = begin; n < end; ++n) {
+    const int64_t t = p.task[n];
+    Acc* dz = p.dz + n * m.C;
+    Acc* dh = p.dh + n * m.R;
+    std::fill(dh, dh + m.R, Acc(0));
+    for (int64_t c = 0; c < m.C; ++c) {
+      const Acc g = p.gate[n * m.C + c];
+      dz[c] = p.grad_gate[n * m.C + c] * g * (Acc(1) - g);
+      axpy(dh, dz[c], p.w2 + (t * m.C + c) * m.R, m.R);
+    }
+    const Acc* h = p.hidden + n * m.R;
+    Acc* gp = p.grad_pooled + n * m.C;
+    std::fill(gp, gp + m.C, Acc(0));
+    for (int64_t r = 0; r < m.R; ++r) {
+      // A product, not a select, so that a NaN gradient propagates as in the reference.
+      dh[r] *= Acc(h[r] > Acc(0));
+      axpy(gp, dh[r], p.w1 + (t * m.R + r) * m.C, m.C);
+    }
+  }
+}
+
+// grad_w2[t, c] = sum over the samples n of task t of dz[n, c] * hidden[n], grad_b2[t, c] the sum of
+// dz[n, c], for c in [begin, end) and every task, added to the (zeroed) gradients.
+template <typename Acc>
+void grad_excite(const Mlp& m, int64_t begin, int64_t end) {
+  const MlpPtrs<Acc> p(m);
+  for (int64_t c = begin; c < end; ++c) {
+    for (int64_t n = 0; n < m.N; ++n) {
+      const int64_t row = p.task[n] * m.C + c;
+      const Acc d = p.dz[n * m.C + c];
+      p.grad_b2[row] += d;
+      axpy(p.grad_w2 + row * m.R, d, p.hidden + n * m.R, m.R);
+    }
+  }
+}
+
+// grad_w1[t, r] = sum over the samples n of task t of dh[n, r] * pooled[n], grad_b1[t, r] the sum of
+// dh[n, r], for r in [begin, end) and every task, added to the (zeroed) gradients.
+template <typename Acc>
+void grad_squeeze(const Mlp& m, int64_t begin, int64_t end) {
+  const MlpPtrs<Acc> p(m);
+  for (int64_t r = begin; r < end; ++r) {
+    for (int64_t n = 0; n < m.N; ++n) {
+      const int64_t row = p.task[n] * m.R + r;
+      const Acc d = p.dh[n * m.R + r];
+      p.grad_b1[row] += d;
+      axpy(p.grad_w1 + row * m.C, d, p.pooled + n * m.C, m.C);
+    }
+  }
+}
+
 template <typename T>
 DtypeKernels dtype_kernels() {
-  return {pool<T>, scale<T>, backward_gate<T>, backward_input<T>, combine<at::opmath_type<T>>};
+  using Acc = at::opmath_type<T>;
+  return {pool<T>, scale<T>, backward_gate<T>, backward_input<T>, combine<Acc>,
+          {squeeze<Acc>, excite<Acc>, backward_sample<Acc>, grad_excite<Acc>, grad_squeeze<Acc>}};
 }
 
 }  // namespace

@@ -145,6 +145,19 @@ def kernel(op: str, device: torch.device, dtype: torch.dtype) -> Callable:
         if dtype not in dtypes:
             raise TypeError(f"mtlfast.{op}: backend {forced!r} does not support {dtype}")
         return fn
+    key = (op, device.type, dtype)
+    fn = _automatic.get(key)
+    if fn is None:
+        fn = _automatic[key] = _fastest(op, device, dtype)
+    return fn
+
+
+# The automatic choice per (op, device type, dtype): what can run is fixed once the process has
+# imported mtlfast (the extension loads once; TRITON_INTERPRET is read when Triton is imported).
+_automatic: dict[tuple[str, str, torch.dtype], Callable] = {}
+
+
+def _fastest(op: str, device: torch.device, dtype: torch.dtype) -> Callable:
     for backend in available_backends(device):
         fn, dtypes = _kernels.get((op, backend), (None, frozenset()))
         if fn is not None and dtype in dtypes:

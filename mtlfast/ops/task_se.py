@@ -2,7 +2,9 @@
 
 The two memory-heavy passes over x (the pooling and the gating with residual and ReLU) and the
 two of the backward are fused kernels; the tiny per-task linear layers between them run in
-PyTorch, grouped by task. The backward recomputes the gate and the ReLU mask; only the inputs and
+PyTorch, grouped by task, except on the cpu backend, whose kernels run the whole op (layers
+included) in one call each way, a cache-sized group of samples at a time so that x is read from
+memory once. The backward recomputes the gate and the ReLU mask; only the inputs and
 the pooled means (N, C) are saved for it.
 """
 
@@ -105,6 +107,11 @@ def _gate_backward(grad_gate, pooled, hidden, gate, task, w1, w2):
     return grad_pooled, gw1, gb1, gw2, gb2
 
 
+def _acc_params(acc: torch.dtype, *params: torch.Tensor) -> list[torch.Tensor]:
+    """The weights as the whole-op kernels take them: contiguous, in the accumulation dtype."""
+    return [p if p.dtype == acc and p.is_contiguous() else p.to(acc).contiguous() for p in params]
+
+
 # ---- the op ---------------------------------------------------------------------------------
 
 
@@ -130,7 +137,9 @@ def _task_se(
     residual = None if residual is None else residual.contiguous(memory_format=fmt)
     pooled = torch.empty(x.shape[:2], dtype=_acc_dtype(x), device=x.device)
     out = torch.empty_like(x, memory_format=fmt)
-    if x.numel():
+    if x.numel() and hasattr(k, "forward"):
+        k.forward(x, task, *_acc_params(pooled.dtype, w1, b1, w2, b2), residual, relu, out, pooled)
+    elif x.numel():
         k.pool(x, pooled)
         _, gate = _gate(pooled, task, w1, b1, w2, b2)
         k.scale(x, gate, residual, relu, out)
@@ -158,6 +167,11 @@ def _task_se_backward(
     grad_x = torch.empty_like(x, memory_format=fmt)
     # An empty tensor stands for "no residual" (an op cannot return None).
     grad_residual = torch.empty_like(x, memory_format=fmt) if residual is not None else x.new_empty(0)
+    if x.numel() and hasattr(k, "backward"):
+        grads = [torch.empty(p.shape, dtype=pooled.dtype, device=p.device) for p in (w1, b1, w2, b2)]
+        k.backward(grad_out, x, pooled, task, *_acc_params(pooled.dtype, w1, b1, w2, b2), residual, relu, grad_x,
+                   *grads, grad_residual if residual is not None else None)
+        return (grad_x, *(g.to(p.dtype) for g, p in zip(grads, (w1, b1, w2, b2))), grad_residual)
     hidden, gate = _gate(pooled, task, w1, b1, w2, b2)
     grad_gate = torch.empty_like(pooled)
     if x.numel():
@@ -270,14 +284,19 @@ def _reference_passes() -> SimpleNamespace:
     return SimpleNamespace(pool=pool, scale=scale, backward_gate=backward_gate, backward_input=backward_input)
 
 
-def _extension_passes() -> SimpleNamespace:
+def _extension_passes(whole_op: bool = False) -> SimpleNamespace:
     ops = torch.ops.mtlfast_C
-    return SimpleNamespace(
+    passes = SimpleNamespace(
         pool=lambda *a: ops.task_se_pool(*a),
         scale=lambda *a: ops.task_se_scale(*a),
         backward_gate=lambda *a: ops.task_se_backward_gate(*a),
         backward_input=lambda *a: ops.task_se_backward_input(*a),
     )
+    if whole_op:
+        # The CPU kernels also run the small layers, a cache-sized group of samples at a time.
+        passes.forward = lambda *a: ops.task_se_forward(*a)
+        passes.backward = lambda *a: ops.task_se_backward(*a)
+    return passes
 
 
 class _TritonPasses:
@@ -292,6 +311,6 @@ class _TritonPasses:
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _ALL = (*_FLOATS, torch.float64)
 register_kernel(OP, "reference", _ALL)(_reference_passes())
-register_kernel(OP, "cpu", _ALL)(_extension_passes())
+register_kernel(OP, "cpu", _ALL)(_extension_passes(whole_op=True))
 register_kernel(OP, "cuda", _FLOATS)(_extension_passes())
 register_kernel(OP, "triton", _ALL)(_TritonPasses())

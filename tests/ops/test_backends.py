@@ -62,6 +62,7 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(_extension, "has_extension", lambda: False)
     monkeypatch.setattr(_extension, "extension_error", lambda: "ImportError: simulated")
     monkeypatch.setattr(backends, "_warned_fallback", False)
+    monkeypatch.setattr(backends, "_automatic", {})  # the choice is made once per process
     assert available_backends("cpu")[0] == "reference"
     with pytest.warns(RuntimeWarning, match="simulated.*reference backend"):
         out = attention_distill(*small())

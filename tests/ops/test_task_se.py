@@ -69,6 +69,32 @@ def test_layouts(backend, layout, dtype):
     check(backend, *make_inputs(4, (16, 6, 5), 2, dtype, True, layout), True)
 
 
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
+@pytest.mark.parametrize("chw", ((8, 300, 301), (150, 3, 5)), ids=str)
+def test_cpu_schedules_and_chunks(layout, chw):
+    """The cpu kernels' cuts: the by-sample schedule with planes split into chunks (300x301), and
+    the by-pass one with channel counts off the vector width (150)."""
+    require_backend("cpu")
+    check("cpu", *make_inputs(3, chw, 2, torch.float32, True, layout, r=10), True)
+
+
+@pytest.mark.parametrize("chw", ((16, 30, 30), (512, 7, 7)), ids=("by_sample", "by_pass"))
+def test_cpu_same_bits_whatever_the_threads(chw):
+    require_backend("cpu")
+    x, task, params, res = make_inputs(5, chw, 3, torch.float32, r=8)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with use_backend("cpu"):
+                out = task_se(x, task, *params, residual=res, relu=True)
+                results.append([out, *torch.autograd.grad(out, [x, *params, res], torch.ones_like(out))])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_one_task_for_the_batch(backend):
     require_backend(backend)

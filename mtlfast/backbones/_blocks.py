@@ -1,0 +1,95 @@
+"""Building blocks shared by the backbones: task-aware containers, norms, SE, atrous adapters."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..nn import ResidualAdapter, TaskBatchNorm2d, TaskSE
+from ..nn._task import check_task
+
+__all__ = ["AtrousResidualAdapter", "TaskSequential", "call", "make_norm", "make_se", "run_se", "takes_task"]
+
+
+def takes_task(module: nn.Module) -> bool:
+    """Whether ``module``'s forward takes ``(x, task)``: the task-conditioned layers and containers."""
+    return isinstance(module, (TaskBatchNorm2d, TaskSE, ResidualAdapter)) or getattr(module, "takes_task", False)
+
+
+def call(module: nn.Module, x: torch.Tensor, task: int | torch.Tensor | None) -> torch.Tensor:
+    """``module(x, task)`` for a task-conditioned module (task None meaning task 0), else ``module(x)``."""
+    if takes_task(module):
+        return module(x, 0 if task is None else task)
+    return module(x)
+
+
+class TaskSequential(nn.Sequential):
+    """nn.Sequential whose forward passes an optional ``task`` to the children that take one.
+
+    Shapes: x (N, C, H, W); task None, an int or (N,) int64; output as the last child's.
+    """
+
+    takes_task = True
+
+    def forward(self, x: torch.Tensor, task: int | torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        for module in self:
+            x = call(module, x, task)
+        return x
+
+
+def make_norm(channels: int, num_tasks: int = 1, task_bn: bool = False) -> nn.Module:
+    """``nn.BatchNorm2d(channels)``, or a :class:`TaskBatchNorm2d` over ``num_tasks`` when ``task_bn``."""
+    return TaskBatchNorm2d(channels, num_tasks) if task_bn else nn.BatchNorm2d(channels)
+
+
+def make_se(channels: int, num_tasks: int = 1, task_se: bool = False, reduction: int = 16) -> TaskSE:
+    """A squeeze-and-excitation block: shared (one TaskSE task, used by every task) or one per task."""
+    return TaskSE(channels, num_tasks if task_se else 1, reduction)
+
+
+def run_se(se: TaskSE, x: torch.Tensor, task: int | torch.Tensor | None, residual: torch.Tensor,
+           relu: bool = True) -> torch.Tensor:
+    """``relu(se(x) + residual)`` with the SE of ``task`` (the shared one when the SE has one task)."""
+    if se.num_tasks == 1 or task is None:
+        task = 0
+    return se(x, task, residual=residual, relu=relu)
+
+
+class AtrousResidualAdapter(ResidualAdapter):
+    """:class:`mtlfast.nn.ResidualAdapter` on a dilated 3x3 convolution (padding = dilation).
+
+    With dilation 1 it is the parent layer. With dilation d the shared convolution is
+    ``conv3x3(x, dilation=d, padding=d)``; the adapter is still a 1x1 convolution, which reads the
+    same pixel as the centre tap, so an int task still folds it into the centre tap. DeepLab's
+    dilated stages have stride 1, the only case the per-sample path needs beyond the parent's.
+
+    Shapes: as :class:`mtlfast.nn.ResidualAdapter`.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, num_tasks: int, stride: int = 1,
+                 dilation: int = 1) -> None:
+        super().__init__(in_channels, out_channels, num_tasks, stride)
+        if dilation < 1:
+            raise ValueError(f"AtrousResidualAdapter: dilation must be >= 1, got {dilation}")
+        self.dilation = dilation
+        if dilation > 1:
+            self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=dilation,
+                                  dilation=dilation, bias=False)
+
+    def forward(self, x: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
+        if self.dilation == 1:
+            return super().forward(x, task)
+        task = check_task("AtrousResidualAdapter", task, x, self.num_tasks)
+        d = self.dilation
+        if isinstance(task, int):
+            weight = self.conv.weight + F.pad(self.adapter_weight[task], (1, 1, 1, 1))
+            return F.conv2d(x, weight, stride=self.stride, padding=d, dilation=d)
+        shared = F.conv2d(x, self.conv.weight, stride=self.stride, padding=d, dilation=d)
+        n, _, h, w = shared.shape
+        sampled = x[:, :, :: self.stride, :: self.stride].reshape(n, self.in_channels, h * w)
+        adapters = self.adapter_weight.flatten(2)[task]
+        return torch.baddbmm(shared.reshape(n, self.out_channels, h * w), adapters, sampled).view(shared.shape)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", dilation={self.dilation}"

@@ -1,0 +1,23 @@
+"""Datasets, joint transforms and batching for multi-task dense prediction."""
+
+from . import transforms
+from ._io import DataFileError
+from .collate import collate
+from .nyud import NYUD
+from .pascal_context import HUMAN_PART_GROUPS, PascalContext
+from .synthetic import SyntheticScenes
+from .tasks import IGNORE_INDEX, TASKS, ignore_target, label_boundaries
+
+__all__ = [
+    "SyntheticScenes",
+    "PascalContext",
+    "NYUD",
+    "collate",
+    "transforms",
+    "DataFileError",
+    "HUMAN_PART_GROUPS",
+    "TASKS",
+    "IGNORE_INDEX",
+    "ignore_target",
+    "label_boundaries",
+]

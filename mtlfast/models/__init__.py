@@ -1,0 +1,22 @@
+"""Multi-task dense-prediction models: UberNet, ASTMT, MTI-Net, PAD-Net, and the shared-encoder and
+single-task baselines.
+
+``create(name, tasks, backbone=..., **options)`` builds one by name (``list_models()``);
+``summary(model, input_size)`` counts its parameters (shared / per task) and multiply-adds.
+"""
+
+from .astmt import ASTMT, GradientDiscriminator
+from .base import MultiTaskModel
+from .baseline import MTLBaseline, SingleTask
+from .mtinet import MTINet
+from .padnet import PADNet
+from .registry import create, list_models, register
+from .summary import ModelSummary, summary
+from .tasks import DEFAULT_OUT_CHANNELS, resolve_tasks
+from .ubernet import UberNet, scale_key
+
+__all__ = [
+    "ASTMT", "DEFAULT_OUT_CHANNELS", "GradientDiscriminator", "MTINet", "ModelSummary", "MTLBaseline",
+    "MultiTaskModel", "PADNet", "SingleTask", "UberNet", "create", "list_models", "register", "resolve_tasks",
+    "scale_key", "summary",
+]

@@ -1,0 +1,125 @@
+"""What MTI-Net and PAD-Net share: task output sizes, deep-supervision keys, the trunk seen by the engine."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .tasks import DEFAULT_OUT_CHANNELS, resolve_tasks
+
+__all__ = [
+    "SizeCarry",
+    "backbone_segments",
+    "deep_supervision_key",
+    "expand_deep_supervision",
+    "resize",
+    "split_size",
+    "task_outputs",
+    "trunk_of",
+]
+
+# Output channels per task: PASCAL-Context (MTI-Net Table 1, 5 tasks) and NYUD-v2 (40 classes).
+
+DEEP_SUPERVISION = "deep_supervision"
+
+
+def task_outputs(
+    tasks: Sequence[str] | None, dataset: str, out_channels: Mapping[str, int] | None
+) -> tuple[list[str], dict[str, int]]:
+    """(tasks, task -> output channels): the dataset's defaults, overridden by ``out_channels``.
+
+    ``tasks`` None means every task of the dataset (plus any extra task named in ``out_channels``).
+    A cross-task decoder needs at least two tasks.
+    """
+    if dataset not in DEFAULT_OUT_CHANNELS:
+        raise ValueError(f"dataset must be one of {sorted(DEFAULT_OUT_CHANNELS)}, got {dataset!r}")
+    if tasks is None:
+        defaults = DEFAULT_OUT_CHANNELS[dataset]
+        tasks = list(defaults) + [t for t in (out_channels or {}) if t not in defaults]
+    outputs = resolve_tasks(tasks, dataset, out_channels)
+    if len(outputs) < 2:
+        raise ValueError(f"expected at least two distinct tasks, got {list(outputs)}")
+    return list(outputs), outputs
+
+
+def deep_supervision_key(level: int | str, task: str) -> str:
+    """Key of a deep-supervision prediction: ``"deep_supervision/scale_0/semseg"`` (int level) or
+    ``"deep_supervision/initial/semseg"`` (str level)."""
+    level = f"scale_{level}" if isinstance(level, int) else level
+    return f"{DEEP_SUPERVISION}/{level}/{task}"
+
+
+def expand_deep_supervision(mapping: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """``mapping`` (task -> value) extended to every output key: a deep-supervision key
+    ``deep_supervision/<level>/<task>`` gets ``mapping[task]``. Keys whose task is missing are left out."""
+    out = dict(mapping)
+    for key in keys:
+        if key.startswith(DEEP_SUPERVISION + "/") and key not in out:
+            task = key.rsplit("/", 1)[1]
+            if task in mapping:
+                out[key] = mapping[task]
+    return out
+
+
+def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bilinear resampling to ``size`` (align_corners=False), skipped when the size already matches."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def _is_size_token(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.dtype == torch.int64 and t.dim() == 4 and t.shape[1] == 0
+
+
+class SizeCarry(nn.Module):
+    """Runs one trunk module and carries the image size to the trunk's end, for the decoder.
+
+    A decoder run by :func:`mtlfast.engine.multi_branch_step` sees only the trunk output, yet must
+    predict at input resolution. The first trunk module appends a *size token* to its output: an
+    int64 tensor (N, 0, H, W) of the image's H, W. It holds no element, so it costs no memory,
+    indexes by rows like the features and, being an integer tensor, gets no gradient. Later
+    modules pass it along untouched.
+
+    Shapes: first: image (N, 3, H, W) in; otherwise (*inputs, token) in; (*outputs, token) out.
+    """
+
+    def __init__(self, module: nn.Module, first: bool) -> None:
+        super().__init__()
+        self.module = module
+        self.first = first
+
+    def forward(self, x: Any) -> tuple[torch.Tensor, ...]:
+        if self.first:
+            token = torch.empty((x.shape[0], 0, *x.shape[-2:]), dtype=torch.int64, device=x.device)
+            args = x
+        else:
+            *rest, token = x
+            args = rest[0] if len(rest) == 1 else tuple(rest)
+        out = self.module(args)
+        out = tuple(out) if isinstance(out, (tuple, list)) else (out,)
+        return (*out, token)
+
+
+def split_size(features: Sequence[torch.Tensor], size: Sequence[int] | None) -> tuple[list[torch.Tensor], Any]:
+    """Features without the size token, and the output size: ``size``, else the token's, else None."""
+    features = list(features) if isinstance(features, (tuple, list)) else [features]
+    if features and _is_size_token(features[-1]):
+        token = features.pop()
+        if size is None:
+            size = tuple(token.shape[-2:])
+    return features, (tuple(size) if size is not None else None)
+
+
+def trunk_of(modules: Sequence[nn.Module]) -> nn.Sequential:
+    """nn.Sequential of ``modules`` carrying the size token (see :class:`SizeCarry`)."""
+    return nn.Sequential(*(SizeCarry(m, first=i == 0) for i, m in enumerate(modules)))
+
+
+def backbone_segments(backbone: nn.Module) -> list[nn.Module]:
+    """The backbone's ``segments()`` when it has them (checkpoint boundaries), else the backbone."""
+    segments = getattr(backbone, "segments", None)
+    return list(segments()) if callable(segments) else [backbone]

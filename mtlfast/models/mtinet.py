@@ -1,0 +1,282 @@
+"""MTI-Net (Vandenhende et al., ECCV 2020): multi-scale task interaction network."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..nn import MultiModalDistillation, TaskSE
+from ._common import (
+    backbone_segments,
+    deep_supervision_key,
+    expand_deep_supervision,
+    resize,
+    split_size,
+    task_outputs,
+    trunk_of,
+)
+from ..backbones.hrnet import HRNet
+from ..backbones.residual import BasicBlock
+
+__all__ = ["FeaturePropagation", "InitialTaskPrediction", "MTINet", "MTINetDecoder"]
+
+
+class InitialTaskPrediction(nn.Module):
+    """Per-task heads at one scale: two BasicBlocks to task features, a 1x1 conv to a prediction.
+
+    Each task's input is the backbone feature at this scale, concatenated (from the second
+    coarsest scale on) with that task's propagated features from the coarser scale, bilinearly
+    upsampled to this scale's size.
+
+    Args:
+        cin: backbone channels at this scale (plus the coarser scale's channels when it receives
+            propagated features). channels: task feature channels C. tasks, out_channels: as MTINet.
+
+    Shapes: x (N, cin_backbone, H, W); propagated None or T tensors (N, C', H', W');
+    returns (T task features (N, C, H, W), T predictions (N, out_channels[t], H, W)), the
+    predictions an empty list when ``predict`` is False.
+    """
+
+    def __init__(self, cin: int, channels: int, tasks: Sequence[str], out_channels: Mapping[str, int]) -> None:
+        super().__init__()
+        self.tasks = list(tasks)
+        self.refinement = nn.ModuleDict(
+            {t: nn.Sequential(BasicBlock(cin, channels), BasicBlock(channels, channels)) for t in self.tasks}
+        )
+        self.decoders = nn.ModuleDict({t: nn.Conv2d(channels, out_channels[t], 1) for t in self.tasks})
+
+    def forward(
+        self, x: torch.Tensor, propagated: Sequence[torch.Tensor] | None = None, predict: bool = True
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        features, predictions = [], []
+        for i, t in enumerate(self.tasks):
+            inp = x if propagated is None else torch.cat((x, resize(propagated[i], x.shape[-2:])), 1)
+            f = self.refinement[t](inp)
+            features.append(f)
+            if predict:
+                predictions.append(self.decoders[t](f))
+        return features, predictions
+
+
+class FeaturePropagation(nn.Module):
+    """MTI-Net's feature propagation module (Sec. 2.4, Fig. 3), from one scale to the next finer.
+
+    Feature harmonisation: the T task features are concatenated (T*C channels) and passed through
+    ``non_linear`` (BasicBlock to T*C/4, BasicBlock, 1x1 conv back to T*C); its output, split into T
+    chunks of C, is softmaxed over the tasks and multiplies the concatenated features; a
+    ``dimensionality_reduction`` BasicBlock maps the T*C attended channels to a shared C-channel
+    representation. Refinement: each task gates the shared representation with its own
+    squeeze-and-excitation block (reduction 16) and adds it to its features as a residual.
+
+    The T SE blocks run as one :class:`mtlfast.nn.TaskSE` pass over the shared representation
+    repeated T times along the batch, residual added in the same kernel.
+
+    Deviation from the authors' release: the release views the (N, T*C, H, W) concatenation as
+    (N, C, T, H, W) for the softmax, which groups T *consecutive channels* (mostly of one task)
+    rather than the T tasks' chunks. We softmax over the tasks' chunks, as Sec. 2.4 describes.
+
+    Shapes: T tensors (N, C, H, W) in, T tensors (N, C, H, W) out.
+    """
+
+    def __init__(self, num_tasks: int, channels: int) -> None:
+        super().__init__()
+        self.num_tasks = num_tasks
+        self.channels = channels
+        shared = num_tasks * channels
+        self.non_linear = nn.Sequential(
+            BasicBlock(shared, shared // 4),
+            BasicBlock(shared // 4, shared // 4),
+            nn.Conv2d(shared // 4, shared, 1),
+        )
+        self.dimensionality_reduction = BasicBlock(shared, channels)
+        self.se = TaskSE(channels, num_tasks, reduction=16)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        t, c = self.num_tasks, self.channels
+        concat = torch.cat(list(features), 1)
+        n, _, h, w = concat.shape
+        # feature harmonisation: attention over tasks, per channel and pixel
+        mask = self.non_linear(concat).view(n, t, c, h, w).softmax(dim=1)
+        shared = self.dimensionality_reduction((mask * concat.view(n, t, c, h, w)).view(n, t * c, h, w))
+        # refinement: task k's SE gate on the shared representation, plus task k's features
+        repeated = shared.unsqueeze(0).expand(t, n, c, h, w).reshape(t * n, c, h, w)
+        task = torch.arange(t, device=shared.device).repeat_interleave(n)
+        refined = self.se(repeated, task, residual=torch.cat(list(features), 0))
+        return list(refined.split(n, 0))
+
+
+class MTINetDecoder(nn.Module):
+    """Everything of MTI-Net after the backbone: a joint decoder returning every task's prediction.
+
+    Forward, as Fig. 1 (right): for scales s = 3 (1/32) down to 0 (1/4), initial task predictions
+    from the backbone feature of scale s and the propagated task features of scale s+1; feature
+    propagation (FPM) from scale s to s-1; multi-modal distillation (Eq. 1) of the initial task
+    features at every scale; feature aggregation per task (features of all scales upsampled to
+    scale 0, concatenated, 1x1 conv + BN + ReLU + 1x1 conv) and bilinear upsampling to the image.
+
+    Args:
+        channels: backbone channels per scale, finest first (4 scales). stride: of the finest scale.
+        tasks, out_channels, deep_supervision: as :class:`MTINet`.
+
+    Attributes:
+        tasks: the keys the forward returns (in training mode with deep supervision, the
+            deep-supervision keys too), for :func:`mtlfast.engine.multi_branch_step`.
+
+    Shapes: features: 4 tensors (N, channels[s], H_s, W_s), optionally followed by the size token
+    of :class:`mtlfast.models._common.SizeCarry`; size: output (H, W), default the token's, else
+    ``stride`` times scale 0's. Returns task -> (N, out_channels[t], H, W).
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[int],
+        tasks: Sequence[str],
+        out_channels: Mapping[str, int],
+        stride: int = 4,
+        deep_supervision: bool = True,
+    ) -> None:
+        super().__init__()
+        if len(channels) != 4:
+            raise ValueError(f"MTINetDecoder: expected 4 scales of backbone channels, got {list(channels)}")
+        self.channels = list(channels)
+        self.task_names = list(tasks)
+        self.out_channels = dict(out_channels)
+        self.stride = stride
+        self.deep_supervision = deep_supervision
+        c, t = self.channels, len(self.task_names)
+        # scale s receives scale s+1's propagated features, except the coarsest
+        self.initial = nn.ModuleList(
+            InitialTaskPrediction(c[s] + (c[s + 1] if s < 3 else 0), c[s], self.task_names, self.out_channels)
+            for s in range(4)
+        )
+        # propagation[s - 1] carries scale s to scale s - 1 (s = 1, 2, 3)
+        self.propagation = nn.ModuleList(FeaturePropagation(t, c[s]) for s in range(1, 4))
+        self.distillation = nn.ModuleList(MultiModalDistillation(t, c[s]) for s in range(4))
+        total = sum(c)
+        self.aggregation = nn.ModuleDict(
+            {
+                task: nn.Sequential(
+                    nn.Conv2d(total, total, 1),
+                    nn.BatchNorm2d(total),
+                    nn.ReLU(),
+                    nn.Conv2d(total, self.out_channels[task], 1),
+                )
+                for task in self.task_names
+            }
+        )
+
+    @property
+    def tasks(self) -> list[str]:
+        keys = list(self.task_names)
+        if self.training and self.deep_supervision:
+            keys += [deep_supervision_key(s, t) for s in range(4) for t in self.task_names]
+        return keys
+
+    def forward(
+        self, features: Sequence[torch.Tensor], size: Sequence[int] | None = None
+    ) -> dict[str, torch.Tensor]:
+        scales, size = split_size(features, size)
+        if len(scales) != 4:
+            raise ValueError(f"MTINetDecoder: expected 4 backbone features, got {len(scales)}")
+        if size is None:
+            size = tuple(self.stride * d for d in scales[0].shape[-2:])
+
+        # initial task predictions, coarsest scale first, each fed by the propagated coarser scale
+        supervise = self.training and self.deep_supervision  # the predictions only feed the losses
+        task_features: list[Any] = [None] * 4
+        initial: list[Any] = [None] * 4
+        propagated = None
+        for s in (3, 2, 1, 0):
+            task_features[s], initial[s] = self.initial[s](scales[s], propagated, predict=supervise)
+            if s > 0:
+                propagated = self.propagation[s - 1](task_features[s])
+
+        # multi-modal distillation at every scale
+        distilled = [self.distillation[s](task_features[s]) for s in range(4)]
+
+        # feature aggregation
+        out = {}
+        finest = scales[0].shape[-2:]
+        for i, task in enumerate(self.task_names):
+            stacked = torch.cat([resize(distilled[s][i], finest) for s in range(4)], 1)
+            out[task] = resize(self.aggregation[task](stacked), size)
+        if supervise:
+            for s in range(4):
+                for i, task in enumerate(self.task_names):
+                    out[deep_supervision_key(s, task)] = resize(initial[s][i], size)
+        return out
+
+
+class MTINet(nn.Module):
+    """MTI-Net: a multi-scale backbone and :class:`MTINetDecoder`.
+
+    Args:
+        tasks: task names; default every task of ``dataset``.
+        dataset: "pascal" (semseg 21, parts 7, saliency 1, normals 3, edge 1) or "nyud"
+            (semseg 40, depth 1, normals 3, edge 1): the default output channels.
+        out_channels: task -> output channels, overriding the dataset's.
+        backbone: a module returning 4 features finest first, with ``channels`` and ``strides``
+            attributes (optionally ``segments()``, its forward as a chain of modules, which become
+            the trunk's checkpoint boundaries); default :class:`mtlfast.backbones.HRNet`
+            (HRNet-W18-small-v2, randomly initialised: see ``load_hrnet_pretrained``).
+        deep_supervision: return the initial predictions in training mode.
+
+    Forward: image (N, 3, H, W) -> dict task -> (N, out_channels[task], H, W), bilinearly
+    upsampled. In training mode (and ``deep_supervision``) also the initial prediction of every
+    task at every scale s (0 = 1/4, ..., 3 = 1/32), upsampled to (H, W), under
+    ``"deep_supervision/scale_<s>/<task>"``; :meth:`expand` maps targets and loss functions to them
+    (the paper weighs them like the final predictions).
+
+    For :func:`mtlfast.engine.multi_branch_step`: ``trunk`` (the backbone as an nn.Sequential; its
+    output carries a size token, see :class:`mtlfast.models._common.SizeCarry`) and ``heads``
+    (``{"decoder": self.decoder}``, a joint decoder with a ``tasks`` attribute).
+
+    Deviations from the paper and the authors' release (models/mti_net.py):
+    - features are upsampled to the finer scale's exact size rather than by a factor 2 (the
+      release), so odd image sizes work; predictions are resized to the image with bilinear
+      interpolation, align_corners=False (the release leaves it to torch's default, the same);
+    - the FPM softmax runs over the tasks' chunks, as the paper says (see :class:`FeaturePropagation`);
+    - every task is predicted at every stage: the release's auxiliary tasks (predicted only in
+      the front-end, e.g. edges and normals on NYUD) are not separated;
+    - the SE hidden width is ``max(C // 16, 1)`` (:class:`mtlfast.nn.TaskSE`); equal for C >= 16.
+    """
+
+    def __init__(
+        self,
+        tasks: Sequence[str] | None = None,
+        dataset: str = "pascal",
+        out_channels: Mapping[str, int] | None = None,
+        backbone: nn.Module | None = None,
+        deep_supervision: bool = True,
+    ) -> None:
+        super().__init__()
+        task_list, outputs = task_outputs(tasks, dataset, out_channels)
+        if backbone is None:
+            backbone = HRNet()
+        self.backbone = backbone
+        channels, strides = list(self.backbone.channels), list(self.backbone.strides)
+        if len(channels) != 4 or len(strides) != 4:
+            raise ValueError(f"MTINet: the backbone must give 4 scales, got channels {channels}, strides {strides}")
+        self.decoder = MTINetDecoder(channels, task_list, outputs, strides[0], deep_supervision)
+
+    @property
+    def tasks(self) -> list[str]:
+        """The final tasks (without deep-supervision keys)."""
+        return list(self.decoder.task_names)
+
+    @property
+    def trunk(self) -> nn.Sequential:
+        return trunk_of(backbone_segments(self.backbone))
+
+    @property
+    def heads(self) -> dict[str, nn.Module]:
+        return {"decoder": self.decoder}
+
+    def expand(self, mapping: Mapping[str, Any]) -> dict[str, Any]:
+        """task -> value (targets, loss functions, weights, labels) extended to the deep-supervision keys."""
+        return expand_deep_supervision(mapping, self.decoder.tasks)
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.decoder(self.backbone(image), size=image.shape[-2:])

@@ -1,0 +1,103 @@
+"""Every backbone: feature shapes, channels and strides on odd-sized inputs, dilation, sizes, registry."""
+
+import math
+
+import pytest
+import torch
+
+from mtlfast.backbones import FPN, MobileNetV2, ResNet, VGG16, create_backbone, list_backbones
+
+H, W = 33, 47
+
+
+def small(name, **options):
+    if name.startswith("hrnet"):  # HRNet-W18-small-v2 is one fixed configuration, small already
+        return create_backbone(name, **options)
+    if name != "vgg16":
+        options.setdefault("width", 0.125)
+    else:
+        options.setdefault("width", 1 / 32)
+    if name.startswith("fpn"):
+        options.setdefault("fpn_channels", 8)
+    return create_backbone(name, **options)
+
+
+@pytest.mark.parametrize("name", list_backbones())
+def test_features_match_channels_and_strides(name):
+    model = small(name)
+    x = torch.randn(2, 3, H, W, requires_grad=True)
+    feats = model(x)
+    assert isinstance(feats, (list, tuple)) and len(feats) == len(model.channels) == len(model.strides)
+    for f, c, s in zip(feats, model.channels, model.strides):
+        assert f.shape == (2, c, math.ceil(H / s), math.ceil(W / s))
+    assert model.strides == sorted(model.strides)  # finest first
+    sum(f.square().mean() for f in feats).backward()
+    assert x.grad is not None and all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "se_resnet26", "resnet50", "mobilenet_v2", "fpn_resnet18"])
+@pytest.mark.parametrize("output_stride", [8, 16])
+def test_output_stride_by_dilation(name, output_stride):
+    model = small(name, output_stride=output_stride).eval()
+    feats = model(torch.randn(1, 3, H, W))
+    assert model.strides[-1] == output_stride
+    assert feats[-1].shape[-2:] == (math.ceil(H / output_stride), math.ceil(W / output_stride))
+
+
+def test_dilated_stages_keep_the_parameter_count():
+    assert sum(p.numel() for p in ResNet(50, output_stride=8).parameters()) == 23_508_032
+
+
+@pytest.mark.parametrize("factory, params", [
+    (lambda: ResNet(18), 11_176_512),          # torchvision resnet18 without fc: 11.69M - 0.51M
+    (lambda: ResNet(50), 23_508_032),          # 25.56M - 2.05M
+    (lambda: ResNet(101), 42_500_160),         # 44.55M - 2.05M
+    (lambda: MobileNetV2(), 1_811_712),        # 3.50M - features.18 - classifier
+])
+def test_parameter_counts_match_torchvision(factory, params):
+    assert sum(p.numel() for p in factory().parameters()) == params
+
+
+def test_vgg16_is_deeplab_largefov():
+    model = VGG16()
+    assert model.channels == [64, 128, 256, 512, 512, 1024] and model.strides == [1, 2, 4, 8, 8, 8]
+    assert model.fc6.dilation == (12, 12) and model.fc6.out_channels == 1024
+    assert model.features[24].dilation == (2, 2) and model.features[23].stride == 1
+    # conv1..conv5 parameters are torchvision's VGG-16 features (14.71M)
+    assert sum(p.numel() for p in model.features.parameters()) == 14_714_688
+
+
+def test_se_blocks_everywhere():
+    model = create_backbone("se_resnet26", width=0.125)
+    blocks = [b for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for b in layer]
+    assert len(blocks) == 8 and all(b.se is not None and b.se.num_tasks == 1 for b in blocks)
+    assert blocks[-1].se.reduction == 16
+
+
+def test_task_conditioned_backbone_runs_per_sample():
+    model = ResNet(26, output_stride=16, width=0.125, se=True, num_tasks=3, task_se=True, adapters=True,
+                   task_bn=True).eval()
+    for p in model.parameters():  # non-trivial adapters and per-task rows
+        p.data.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(3, 3, H, W)
+    mixed = model(x, torch.tensor([2, 0, 1]))
+    for row, t in enumerate([2, 0, 1]):
+        alone = model(x[row:row + 1], t)
+        for a, b in zip(alone, mixed):
+            torch.testing.assert_close(a[0], b[row], rtol=1e-4, atol=1e-4)
+
+
+def test_fpn_outputs_p2_to_p5():
+    model = FPN(ResNet(18, width=0.125))
+    assert model.channels == [256] * 4 and model.strides == [4, 8, 16, 32]
+
+
+def test_registry_errors():
+    with pytest.raises(ValueError, match="unknown backbone"):
+        create_backbone("resnet7")
+    with pytest.raises(ValueError, match="output_stride"):
+        ResNet(18, output_stride=4)
+    with pytest.raises(ValueError, match="depth"):
+        ResNet(34)
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        ResNet(18, width=0.125)(torch.randn(3, H, W))

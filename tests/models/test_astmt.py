@@ -1,0 +1,107 @@
+"""ASTMT: the task-batched pass equals the per-task loop; task-specific parameters learn from their task only."""
+
+import pytest
+import torch
+
+from mtlfast.models import ASTMT, GradientDiscriminator
+from mtlfast.nn import ResidualAdapter, TaskBatchNorm2d, TaskSE
+
+from .helpers import H, TASKS, W
+
+
+def _model(backbone="se_resnet26", **options):
+    width = 0.25 if "mobilenet" in backbone else 0.125
+    model = ASTMT(TASKS, backbone, width=width, head_channels=16, **options)
+    with torch.no_grad():  # non-trivial adapters and per-task rows (they start at zero / equal)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+CONFIGS = [
+    ("se_resnet26", dict(adapters=True)),
+    ("se_resnet26", dict(se_encoder=False, se_decoder=True)),
+    ("se_mobilenet_v2", dict()),
+]
+
+
+@pytest.mark.parametrize("backbone, options", CONFIGS, ids=["r26-se-adapters", "r26-se-dec", "mobilenet"])
+@pytest.mark.parametrize("training", [False, True])
+def test_forward_all_equals_per_task_loop(backbone, options, training):
+    model = _model(backbone, **options).train(training)
+    if training and not any(isinstance(m, TaskBatchNorm2d) for m in model.backbone.modules()):
+        pytest.skip("with a shared encoder batch norm the stacked batch has other statistics in training")
+    x = torch.randn(2, 3, H, W)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    together = model.forward_all(x)
+    model.load_state_dict(state)  # the same running statistics for the loop
+    for i, task in enumerate(TASKS):
+        alone = model(x, i)
+        torch.testing.assert_close(together[task], alone, rtol=1e-4, atol=1e-4)
+        assert alone.shape == (2, model.out_channels[task], H, W)
+    assert model(x, "edge").shape == (2, 1, H, W)
+
+
+def test_per_sample_tasks():
+    model = _model(adapters=True).eval()
+    x = torch.randn(3, 3, H, W)
+    out = model(x, torch.tensor([2, 0, 2]))
+    assert set(out) == {"semseg", "edge"}
+    torch.testing.assert_close(out["semseg"], model(x[1:2], 0), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out["edge"], model(x[[0, 2]], 2), rtol=1e-4, atol=1e-4)
+
+
+def _task_rows(model):
+    """(name, parameter) of every stacked per-task tensor: rows are tasks."""
+    for name, m in model.named_modules():
+        if isinstance(m, (TaskSE, TaskBatchNorm2d)) and m.num_tasks == len(TASKS):
+            yield from ((f"{name}.{k}", p) for k, p in m.named_parameters(recurse=False))
+        if isinstance(m, ResidualAdapter):
+            yield f"{name}.adapter_weight", m.adapter_weight
+
+
+@pytest.mark.parametrize("backbone, options", CONFIGS, ids=["r26-se-adapters", "r26-se-dec", "mobilenet"])
+def test_task_parameters_learn_from_their_task_only(backbone, options):
+    model = _model(backbone, **options)
+    out = model(torch.randn(2, 3, H, W), 1)  # task 1: normals
+    out.square().mean().backward()
+    rows = list(_task_rows(model))
+    assert rows
+    own: dict[str, float] = {}
+    for name, p in rows:
+        assert p.grad[0].abs().sum() == 0 and p.grad[2].abs().sum() == 0, name
+        module = name.rsplit(".", 1)[0]  # an SE's w1 may get none through a dead ReLU: judge per module
+        own[module] = own.get(module, 0.0) + float(p.grad[1].abs().sum())
+    assert all(v > 0 for v in own.values()), [m for m, v in own.items() if v == 0]
+    assert model.heads["normals"].weight.grad is not None
+    assert model.heads["semseg"].weight.grad is None and model.heads["edge"].weight.grad is None
+
+
+def test_modulation_options():
+    plain = ASTMT(TASKS, width=0.125, head_channels=16, se_encoder=False, se_decoder=False)
+    assert not any(isinstance(m, TaskBatchNorm2d) for m in plain.modules())
+    assert all(m.num_tasks == 1 for m in plain.modules() if isinstance(m, TaskSE))
+    dec = ASTMT(TASKS, width=0.125, head_channels=16, se_encoder=False, se_decoder=True)
+    assert not any(isinstance(m, TaskBatchNorm2d) for m in dec.backbone.modules())
+    assert dec.decoder.se1.num_tasks == 3 and isinstance(dec.decoder.fuse1[1], TaskBatchNorm2d)
+    full = ASTMT(TASKS, width=0.125, head_channels=16, adapters=True)
+    assert isinstance(full.backbone.layer1[0].conv2, ResidualAdapter)
+    assert all(m.adapter_weight.abs().sum() == 0 for m in full.modules() if isinstance(m, ResidualAdapter))
+    shared, per_task = full.parameter_split()
+    assert shared + sum(per_task.values()) == sum(p.numel() for p in full.parameters())
+    with pytest.raises(ValueError, match="ResNet backbones only"):
+        ASTMT(TASKS, "se_mobilenet_v2", adapters=True, width=0.25)
+    with pytest.raises(ValueError, match="unknown task"):
+        plain(torch.randn(1, 3, H, W), "depth")
+
+
+def test_discriminator():
+    model = ASTMT(TASKS, width=0.125, head_channels=16)
+    disc = model.discriminator()
+    assert isinstance(disc, GradientDiscriminator)
+    convs = [m for m in disc.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.kernel_size for c in convs] == [(1, 1), (1, 1)] and convs[-1].out_channels == 3
+    g = torch.randn(2, model.backbone.channels[-1], 3, 4)
+    logits = disc(g)
+    assert logits.shape == (2, 3, 3, 4)
+    torch.testing.assert_close(disc(g * 7.0), logits)  # normalised gradients: the scale does not matter
