@@ -25,6 +25,23 @@ def _seed():
     torch.manual_seed(0)
 
 
+# Test directories whose small networks on tiny inputs gain nothing from an intra-op thread pool:
+# on a loaded 2-core machine each op's OpenMP fork/join took ~10 ms there, 100x the work itself.
+# Other directories keep the default count, so that the kernels' parallel paths stay exercised.
+ONE_THREAD_DIRS = {"engine", "models", "backbones"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_for_small_networks(request):
+    if request.node.path.parent.name not in ONE_THREAD_DIRS:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def require_backend(backend: str, device: str = "cpu") -> None:
     """Skip unless ``backend`` runs on ``device``; fail instead when MTLFAST_REQUIRE_BACKENDS
     (comma-separated, set by CI and `make test`) names it, so a broken build cannot pass as skips."""
