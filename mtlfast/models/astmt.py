@@ -20,6 +20,17 @@ _BACKBONES = {"se_resnet26": (ResNet, 26), "se_resnet50": (ResNet, 50), "se_resn
               "se_mobilenet_v2": (MobileNetV2, None)}
 
 
+class _SingleTaskPass(nn.Module):
+    """One task's whole pass through an ASTMT model (a branch of :meth:`ASTMT.engine_branches`)."""
+
+    def __init__(self, model: ASTMT, task: int) -> None:
+        super().__init__()
+        self.model, self.task = model, task
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x, self.task)
+
+
 class GradientDiscriminator(nn.Module):
     """ASTMT's gradient discriminator (Sec. 4, appendix): 1x1 conv, ReLU, 1x1 conv to T logits per pixel.
 
@@ -88,6 +99,11 @@ class ASTMT(MultiTaskModel):
         output_stride: 16 (DeepLab-v3+ training); head_channels: 256; width: backbone width
             multiplier (1.0 is the paper's; smaller only for tests).
 
+    Under :func:`mtlfast.engine.multi_branch_step`, ``multi_branch_step(*model.engine_branches(),
+    ...)`` runs ASTMT's T single-task passes one after another, each on the samples labelled for
+    its task and freed before the next: the modulated encoder has no task-independent trunk, so
+    the "trunk" is the identity and each branch is a whole single-task pass.
+
     Shapes: x (N, 3, H, W); task int or (N,); outputs (N, C_t, H, W).
     """
 
@@ -125,7 +141,18 @@ class ASTMT(MultiTaskModel):
 
     @property
     def trunk(self):  # type: ignore[override]
-        raise AttributeError("ASTMT runs one task per sample through the whole network: it has no shared trunk")
+        raise AttributeError(
+            "ASTMT runs one task per sample through the whole network: it has no shared trunk; "
+            "use multi_branch_step(*model.engine_branches(), ...)"
+        )
+
+    def engine_branches(self) -> tuple[nn.Sequential, dict[str, nn.Module]]:
+        """(trunk, heads) for :func:`mtlfast.engine.multi_branch_step`: the identity as the trunk and
+        one branch per task, each the whole single-task pass ``self(x, task)``.
+
+        Shapes: each branch (K, 3, H, W) -> (K, C_t, H, W) for the K samples labelled for its task.
+        """
+        return nn.Sequential(nn.Identity()), {name: _SingleTaskPass(self, i) for i, name in enumerate(self.tasks)}
 
     def _task_index(self, task: int | str) -> int:
         if isinstance(task, str):

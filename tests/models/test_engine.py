@@ -89,3 +89,26 @@ def test_any_backbone_module(name, options):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=n)
     with pytest.raises(TypeError, match="channels"):
         create(name, ["edge"], backbone=torch.nn.Conv2d(3, 3, 1))
+
+
+@pytest.mark.parametrize("options", [{"adapters": True}, {"se_encoder": False}], ids=("adapters", "se_decoder"))
+def test_astmt_single_task_passes_under_the_engine(options):
+    """ASTMT's T single-task passes as the engine's branches: naive's gradients, lazy tasks skipped."""
+    model = build("astmt", "se_resnet26", {"width": 0.125, "head_channels": 16, **options})
+    x = torch.randn(4, 3, H, W)
+    targets = {t: torch.randn(4, model.out_channels[t], H, W) for t in model.tasks}
+    loss_fns = {t: F.mse_loss for t in model.tasks}
+    labeled = {model.tasks[-1]: torch.zeros(4, dtype=torch.bool)}  # the last task: no label here
+    models = [copy.deepcopy(model) for _ in range(3)]
+    for m, strategy in zip(models[:2], ("naive", "recompute")):
+        result = multi_branch_step(*m.engine_branches(), x, targets, loss_fns, labeled=labeled, strategy=strategy)
+        assert result.skipped == [model.tasks[-1]]
+    sum(F.mse_loss(models[2](x, t), targets[t]) for t in model.tasks[:-1]).backward()
+
+    naive, recompute, plain = (_grads(m) for m in models)
+    assert set(naive) == set(recompute) == set(plain)
+    assert not any(n.startswith(f"heads.{model.tasks[-1]}.") for n in naive)
+    for n in naive:
+        torch.testing.assert_close(recompute[n], naive[n], rtol=1e-4, atol=1e-5, msg=n)
+        torch.testing.assert_close(plain[n], naive[n], rtol=1e-4, atol=1e-5, msg=n)
+    assert not hasattr(model, "trunk")  # no shared trunk: the branches are whole passes
