@@ -1,7 +1,7 @@
 // Kernel schemas of task_se (task-conditioned squeeze-and-excitation, one task per sample); the
-// public op is declared in mtlfast/ops/task_se.py, the kernels in csrc/cpu, csrc/cuda. The two
-// small per-task linear layers between the passes run in PyTorch, except in the CPU backend's
-// whole-op calls.
+// public op is declared in mtlfast/ops/task_se.py, the kernels in csrc/cpu, csrc/cuda. The CUDA
+// backend implements the four passes over the activations, with the two small per-task linear
+// layers between them in PyTorch; the CPU backend implements the whole op, one call each way.
 //
 // Layout contract (the Python caller guarantees it): x, residual, grad_out, out, grad_x and
 // grad_residual (N,C,H,W) are all contiguous or all channels-last, one dtype; pooled, gate,
@@ -12,8 +12,8 @@
 //   backward_gate:   g' = grad_out * (out > 0 if relu else 1), out recomputed from x, gate, residual;
 //                    grad_gate[n,c] = sum_hw g' * x;  grad_residual = g' (when given)
 //   backward_input:  grad_x = g' * gate[n,c] + grad_pooled[n,c] / (H*W)
-// The CPU backend also has the whole op as one call each way, the small layers included (weights
-// and their gradients contiguous in the accumulation dtype, task int64 (N,) in [0, T)):
+// The whole op, the small layers included (weights and their gradients contiguous in the
+// accumulation dtype, task int64 (N,) in [0, T)):
 //   forward:   pooled and out of the op
 //   backward:  grad_x, the four weight gradients and grad_residual (when given) from grad_out
 #include <torch/library.h>

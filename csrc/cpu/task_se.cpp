@@ -1,6 +1,6 @@
-// CPU entry points of the task_se passes (schemas and formulas in csrc/task_se.cpp): argument
-// checks (a second line of defence behind the Python layer), choice of instruction set and dtype,
-// the cut into work items and threading. The arithmetic lives in task_se_kernel.h, compiled once
+// CPU entry points of task_se, the whole op each way (schemas and formulas in csrc/task_se.cpp):
+// argument checks (a second line of defence behind the Python layer), choice of instruction set
+// and dtype, the cut into work items, the schedule and threading. The arithmetic lives in task_se_kernel.h, compiled once
 // per instruction set.
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
@@ -145,111 +145,8 @@ void run_reduction(PassFn pass, CombineFn combine, Args args, void* sums, const 
                    [&](int64_t begin, int64_t end) { combine(c, begin, end); });
 }
 
-const void* data_or_null(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->const_data_ptr() : nullptr;
-}
-
 at::Tensor or_undefined(const std::optional<at::Tensor>& t) {
   return t.value_or(at::Tensor());
-}
-
-void pool(const at::Tensor& x, const at::Tensor& pooled) {
-  constexpr const char* op = "mtlfast_C::task_se_pool";
-  const at::MemoryFormat format = check_x(op, x);
-  const DtypeKernels& k = dtype_kernels(op, x.scalar_type());
-  check_per_channel(op, {"pooled", &pooled}, x);
-  check_output(op, {"pooled", &pooled}, {{"x", &x}});
-  Args args{};
-  args.work = work_of(x, format);
-  args.x = x.const_data_ptr();
-  run_reduction(k.pool, k.combine, args, pooled.mutable_data_ptr(), pooled.options(),
-                static_cast<double>(args.work.HW));
-}
-
-void scale(const at::Tensor& x, const at::Tensor& gate, const std::optional<at::Tensor>& residual, bool relu,
-           const at::Tensor& out) {
-  constexpr const char* op = "mtlfast_C::task_se_scale";
-  const at::MemoryFormat format = check_x(op, x);
-  const DtypeKernels& k = dtype_kernels(op, x.scalar_type());
-  check_per_channel(op, {"gate", &gate}, x);
-  const at::Tensor res = or_undefined(residual);
-  if (res.defined()) {
-    check_like_x(op, {"residual", &res}, x, format);
-  }
-  check_like_x(op, {"out", &out}, x, format);
-  check_output(op, {"out", &out}, {{"x", &x}, {"gate", &gate}, {"residual", &res}});
-  Args args{};
-  args.work = work_of(x, format);
-  args.x = x.const_data_ptr();
-  args.residual = data_or_null(residual);
-  args.gate = gate.const_data_ptr();
-  args.out = out.mutable_data_ptr();
-  args.relu = relu;
-  args.stream = stream(out);
-  run_items(k.scale, args);
-}
-
-void backward_gate(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& gate,
-                   const std::optional<at::Tensor>& residual, bool relu, const at::Tensor& grad_gate,
-                   const std::optional<at::Tensor>& grad_residual) {
-  constexpr const char* op = "mtlfast_C::task_se_backward_gate";
-  const at::MemoryFormat format = check_x(op, x);
-  const DtypeKernels& k = dtype_kernels(op, x.scalar_type());
-  check_like_x(op, {"grad_out", &grad_out}, x, format);
-  check_per_channel(op, {"gate", &gate}, x);
-  const at::Tensor res = or_undefined(residual);
-  if (res.defined()) {
-    check_like_x(op, {"residual", &res}, x, format);
-  }
-  check_per_channel(op, {"grad_gate", &grad_gate}, x);
-  const at::Tensor grad_res = or_undefined(grad_residual);
-  const std::initializer_list<Named> inputs{{"grad_out", &grad_out}, {"x", &x}, {"gate", &gate}, {"residual", &res}};
-  check_output(op, {"grad_gate", &grad_gate}, inputs);
-  if (grad_res.defined()) {
-    check_like_x(op, {"grad_residual", &grad_res}, x, format);
-    check_output(op, {"grad_residual", &grad_res}, inputs);
-    check_output(op, {"grad_residual", &grad_res}, {{"grad_gate", &grad_gate}});
-  }
-  Args args{};
-  args.work = work_of(x, format);
-  args.x = x.const_data_ptr();
-  args.residual = data_or_null(residual);
-  args.grad_out = grad_out.const_data_ptr();
-  args.gate = gate.const_data_ptr();
-  args.out = grad_res.defined() ? grad_res.mutable_data_ptr() : nullptr;
-  args.relu = relu;
-  args.stream = grad_res.defined() && stream(grad_res);
-  run_reduction(k.backward_gate, k.combine, args, grad_gate.mutable_data_ptr(), grad_gate.options(), 1.0);
-}
-
-void backward_input(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& gate,
-                    const std::optional<at::Tensor>& residual, bool relu, const at::Tensor& grad_pooled,
-                    const at::Tensor& grad_x) {
-  constexpr const char* op = "mtlfast_C::task_se_backward_input";
-  const at::MemoryFormat format = check_x(op, x);
-  const DtypeKernels& k = dtype_kernels(op, x.scalar_type());
-  check_like_x(op, {"grad_out", &grad_out}, x, format);
-  check_per_channel(op, {"gate", &gate}, x);
-  const at::Tensor res = or_undefined(residual);
-  if (res.defined()) {
-    check_like_x(op, {"residual", &res}, x, format);
-  }
-  check_per_channel(op, {"grad_pooled", &grad_pooled}, x);
-  check_like_x(op, {"grad_x", &grad_x}, x, format);
-  check_output(op, {"grad_x", &grad_x},
-               {{"grad_out", &grad_out}, {"x", &x}, {"gate", &gate}, {"residual", &res}, {"grad_pooled", &grad_pooled}});
-  Args args{};
-  args.work = work_of(x, format);
-  args.x = x.const_data_ptr();
-  args.residual = data_or_null(residual);
-  args.grad_out = grad_out.const_data_ptr();
-  args.gate = gate.const_data_ptr();
-  args.grad_pooled = grad_pooled.const_data_ptr();
-  args.out = grad_x.mutable_data_ptr();
-  args.divisor = static_cast<double>(args.work.HW);
-  args.relu = relu;
-  args.stream = stream(grad_x);
-  run_items(k.backward_input, args);
 }
 
 // ---- the whole op: passes and linear layers in one call --------------------------------------
@@ -481,10 +378,6 @@ void backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor&
 }  // namespace mtlfast::cpu::task_se
 
 TORCH_LIBRARY_IMPL(mtlfast_C, CPU, m) {
-  m.impl("task_se_pool", &mtlfast::cpu::task_se::pool);
-  m.impl("task_se_scale", &mtlfast::cpu::task_se::scale);
-  m.impl("task_se_backward_gate", &mtlfast::cpu::task_se::backward_gate);
-  m.impl("task_se_backward_input", &mtlfast::cpu::task_se::backward_input);
   m.impl("task_se_forward", &mtlfast::cpu::task_se::forward);
   m.impl("task_se_backward", &mtlfast::cpu::task_se::backward);
 }

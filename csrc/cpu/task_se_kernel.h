@@ -414,34 +414,34 @@ void backward_sample(const Mlp& m, int64_t begin, int64_t end) {
   }
 }
 
-// grad_w2[t, c] = sum over the samples n of task t of dz[n, c] * hidden[n], grad_b2[t, c] the sum of
-// dz[n, c], for c in [begin, end) and every task, added to the (zeroed) gradients.
+// The weight gradients of one linear layer with per-task weights w (T, J, K) and bias b (T, J),
+// for its rows j in [begin, end): grad_w[t, j] += sum over the samples n of task t of
+// d[n, j] * input[n], grad_b[t, j] += the sum of d[n, j]. d (N, J) is the gradient at the
+// layer's pre-activation and input (N, K) what the layer read; samples add in order.
 template <typename Acc>
-void grad_excite(const Mlp& m, int64_t begin, int64_t end) {
-  const MlpPtrs<Acc> p(m);
-  for (int64_t c = begin; c < end; ++c) {
-    for (int64_t n = 0; n < m.N; ++n) {
-      const int64_t row = p.task[n] * m.C + c;
-      const Acc d = p.dz[n * m.C + c];
-      p.grad_b2[row] += d;
-      axpy(p.grad_w2 + row * m.R, d, p.hidden + n * m.R, m.R);
+void layer_grads(const int64_t* task, int64_t N, int64_t J, int64_t K, const Acc* d, const Acc* input, Acc* grad_w,
+                 Acc* grad_b, int64_t begin, int64_t end) {
+  for (int64_t j = begin; j < end; ++j) {
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t row = task[n] * J + j;
+      grad_b[row] += d[n * J + j];
+      axpy(grad_w + row * K, d[n * J + j], input + n * K, K);
     }
   }
 }
 
-// grad_w1[t, r] = sum over the samples n of task t of dh[n, r] * pooled[n], grad_b1[t, r] the sum of
-// dh[n, r], for r in [begin, end) and every task, added to the (zeroed) gradients.
+// grad_w2, grad_b2 (the excite layer: rows c of C, reading hidden) for c in [begin, end).
+template <typename Acc>
+void grad_excite(const Mlp& m, int64_t begin, int64_t end) {
+  const MlpPtrs<Acc> p(m);
+  layer_grads(p.task, m.N, m.C, m.R, p.dz, p.hidden, p.grad_w2, p.grad_b2, begin, end);
+}
+
+// grad_w1, grad_b1 (the squeeze layer: rows r of R, reading pooled) for r in [begin, end).
 template <typename Acc>
 void grad_squeeze(const Mlp& m, int64_t begin, int64_t end) {
   const MlpPtrs<Acc> p(m);
-  for (int64_t r = begin; r < end; ++r) {
-    for (int64_t n = 0; n < m.N; ++n) {
-      const int64_t row = p.task[n] * m.R + r;
-      const Acc d = p.dh[n * m.R + r];
-      p.grad_b1[row] += d;
-      axpy(p.grad_w1 + row * m.C, d, p.pooled + n * m.C, m.C);
-    }
-  }
+  layer_grads(p.task, m.N, m.R, m.C, p.dh, p.pooled, p.grad_w1, p.grad_b1, begin, end);
 }
 
 template <typename T>

@@ -249,7 +249,7 @@ def task_se(
     return _task_se(x, task, w1, b1, w2, b2, residual, bool(relu))[0]
 
 
-# ---- backends: the four passes over x (csrc/task_se.cpp) ------------------------------------
+# ---- backends: the four passes over x, or the whole op (cpu; csrc/task_se.cpp) -----------
 
 
 def _reference_passes() -> SimpleNamespace:
@@ -284,19 +284,23 @@ def _reference_passes() -> SimpleNamespace:
     return SimpleNamespace(pool=pool, scale=scale, backward_gate=backward_gate, backward_input=backward_input)
 
 
-def _extension_passes(whole_op: bool = False) -> SimpleNamespace:
+def _extension_passes() -> SimpleNamespace:
     ops = torch.ops.mtlfast_C
-    passes = SimpleNamespace(
+    return SimpleNamespace(
         pool=lambda *a: ops.task_se_pool(*a),
         scale=lambda *a: ops.task_se_scale(*a),
         backward_gate=lambda *a: ops.task_se_backward_gate(*a),
         backward_input=lambda *a: ops.task_se_backward_input(*a),
     )
-    if whole_op:
-        # The CPU kernels also run the small layers, a cache-sized group of samples at a time.
-        passes.forward = lambda *a: ops.task_se_forward(*a)
-        passes.backward = lambda *a: ops.task_se_backward(*a)
-    return passes
+
+
+def _extension_whole_op() -> SimpleNamespace:
+    """The CPU kernels run the whole op, small layers included, in one call each way."""
+    ops = torch.ops.mtlfast_C
+    return SimpleNamespace(
+        forward=lambda *a: ops.task_se_forward(*a),
+        backward=lambda *a: ops.task_se_backward(*a),
+    )
 
 
 class _TritonPasses:
@@ -311,6 +315,6 @@ class _TritonPasses:
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _ALL = (*_FLOATS, torch.float64)
 register_kernel(OP, "reference", _ALL)(_reference_passes())
-register_kernel(OP, "cpu", _ALL)(_extension_passes(whole_op=True))
+register_kernel(OP, "cpu", _ALL)(_extension_whole_op())
 register_kernel(OP, "cuda", _FLOATS)(_extension_passes())
 register_kernel(OP, "triton", _ALL)(_TritonPasses())
