@@ -8,9 +8,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..backbones.hrnet import HRNet
 from .tasks import DEFAULT_OUT_CHANNELS, resolve_tasks
 
 __all__ = [
+    "JointDecoderModel",
     "SizeCarry",
     "backbone_segments",
     "deep_supervision_key",
@@ -20,8 +22,6 @@ __all__ = [
     "task_outputs",
     "trunk_of",
 ]
-
-# Output channels per task: PASCAL-Context (MTI-Net Table 1, 5 tasks) and NYUD-v2 (40 classes).
 
 DEEP_SUPERVISION = "deep_supervision"
 
@@ -123,3 +123,31 @@ def backbone_segments(backbone: nn.Module) -> list[nn.Module]:
     """The backbone's ``segments()`` when it has them (checkpoint boundaries), else the backbone."""
     segments = getattr(backbone, "segments", None)
     return list(segments()) if callable(segments) else [backbone]
+
+
+class JointDecoderModel(nn.Module):
+    """A backbone (HRNet-18 unless given) and one cross-task decoder (MTI-Net, PAD-Net), which the
+    memory engine runs as its single branch.
+
+    Subclasses build ``decoder`` (with ``task_names``, the final tasks, and ``tasks``, every key its
+    forward returns in the current mode) and define ``trunk`` and ``forward``.
+    """
+
+    decoder: nn.Module
+
+    def __init__(self, backbone: nn.Module | None) -> None:
+        super().__init__()
+        self.backbone = HRNet() if backbone is None else backbone
+
+    @property
+    def tasks(self) -> list[str]:
+        """The final tasks (without deep-supervision keys)."""
+        return list(self.decoder.task_names)
+
+    @property
+    def heads(self) -> dict[str, nn.Module]:
+        return {"decoder": self.decoder}
+
+    def expand(self, mapping: Mapping[str, Any]) -> dict[str, Any]:
+        """task -> value (targets, loss functions, weights, labels) extended to the deep-supervision keys."""
+        return expand_deep_supervision(mapping, self.decoder.tasks)

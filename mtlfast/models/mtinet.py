@@ -9,15 +9,14 @@ from torch import nn
 
 from ..nn import MultiModalDistillation, TaskSE
 from ._common import (
+    JointDecoderModel,
     backbone_segments,
     deep_supervision_key,
-    expand_deep_supervision,
     resize,
     split_size,
     task_outputs,
     trunk_of,
 )
-from ..backbones.hrnet import HRNet
 from ..backbones.residual import BasicBlock
 
 __all__ = ["FeaturePropagation", "InitialTaskPrediction", "MTINet", "MTINetDecoder"]
@@ -209,7 +208,7 @@ class MTINetDecoder(nn.Module):
         return out
 
 
-class MTINet(nn.Module):
+class MTINet(JointDecoderModel):
     """MTI-Net: a multi-scale backbone and :class:`MTINetDecoder`.
 
     Args:
@@ -251,32 +250,16 @@ class MTINet(nn.Module):
         backbone: nn.Module | None = None,
         deep_supervision: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(backbone)
         task_list, outputs = task_outputs(tasks, dataset, out_channels)
-        if backbone is None:
-            backbone = HRNet()
-        self.backbone = backbone
         channels, strides = list(self.backbone.channels), list(self.backbone.strides)
         if len(channels) != 4 or len(strides) != 4:
             raise ValueError(f"MTINet: the backbone must give 4 scales, got channels {channels}, strides {strides}")
         self.decoder = MTINetDecoder(channels, task_list, outputs, strides[0], deep_supervision)
 
     @property
-    def tasks(self) -> list[str]:
-        """The final tasks (without deep-supervision keys)."""
-        return list(self.decoder.task_names)
-
-    @property
     def trunk(self) -> nn.Sequential:
         return trunk_of(backbone_segments(self.backbone))
-
-    @property
-    def heads(self) -> dict[str, nn.Module]:
-        return {"decoder": self.decoder}
-
-    def expand(self, mapping: Mapping[str, Any]) -> dict[str, Any]:
-        """task -> value (targets, loss functions, weights, labels) extended to the deep-supervision keys."""
-        return expand_deep_supervision(mapping, self.decoder.tasks)
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.decoder(self.backbone(image), size=image.shape[-2:])

@@ -9,15 +9,14 @@ from torch import nn
 
 from ..nn import MultiModalDistillation
 from ._common import (
+    JointDecoderModel,
     backbone_segments,
     deep_supervision_key,
-    expand_deep_supervision,
     resize,
     split_size,
     task_outputs,
     trunk_of,
 )
-from ..backbones.hrnet import HRNet
 from ..backbones.residual import Bottleneck
 
 __all__ = ["PADNet", "PADNetDecoder", "ScaleFusion"]
@@ -119,7 +118,7 @@ class PADNetDecoder(nn.Module):
         return out
 
 
-class PADNet(nn.Module):
+class PADNet(JointDecoderModel):
     """PAD-Net on a multi-scale backbone: :class:`ScaleFusion` at 1/4 and :class:`PADNetDecoder`.
 
     Args: as :class:`mtlfast.models.MTINet`, plus ``width`` (task feature channels, 256).
@@ -149,31 +148,15 @@ class PADNet(nn.Module):
         deep_supervision: bool = True,
         width: int = 256,
     ) -> None:
-        super().__init__()
+        super().__init__(backbone)
         task_list, outputs = task_outputs(tasks, dataset, out_channels)
-        if backbone is None:
-            backbone = HRNet()
-        self.backbone = backbone
         channels, strides = list(self.backbone.channels), list(self.backbone.strides)
         self.fuse = ScaleFusion(channels)
         self.decoder = PADNetDecoder(self.fuse.channels, task_list, outputs, width, strides[0], deep_supervision)
 
     @property
-    def tasks(self) -> list[str]:
-        """The final tasks (without deep-supervision keys)."""
-        return list(self.decoder.task_names)
-
-    @property
     def trunk(self) -> nn.Sequential:
         return trunk_of([*backbone_segments(self.backbone), self.fuse])
-
-    @property
-    def heads(self) -> dict[str, nn.Module]:
-        return {"decoder": self.decoder}
-
-    def expand(self, mapping: Mapping[str, Any]) -> dict[str, Any]:
-        """task -> value (targets, loss functions, weights, labels) extended to the deep-supervision keys."""
-        return expand_deep_supervision(mapping, self.decoder.tasks)
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.decoder(self.fuse(self.backbone(image)), size=image.shape[-2:])
