@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .pretrained import LoadResult, load_pretrained, register_converter
 from .residual import BasicBlock, Bottleneck
 
 __all__ = [
     "HRNet",
     "HighResolutionModule",
-    "LoadResult",
     "Transition",
     "hrnet_state_dict_from_release",
     "hrnet_w18_small_v2",
@@ -237,20 +237,17 @@ def hrnet_state_dict_from_release(state_dict: dict[str, Any]) -> OrderedDict[str
     return out
 
 
-class LoadResult(NamedTuple):
-    """Keys of the model missing from the checkpoint, and checkpoint keys the model does not have."""
-
-    missing_keys: list[str]
-    unexpected_keys: list[str]
+# load_pretrained maps an HRNet's checkpoint with the release converter (the names agree already).
+register_converter(HRNet, lambda state, model: dict(hrnet_state_dict_from_release(state)))
 
 
 def load_hrnet_pretrained(model: nn.Module, path: str) -> LoadResult:
     """Loads release ImageNet weights (e.g. ``hrnet_w18_small_model_v2.pth``) into an HRNet.
 
-    ``model`` is an :class:`HRNet` or a model whose ``backbone`` is one. Reads the file with
-    ``torch.load(weights_only=True)``; never downloads. Loads non-strictly and returns what did
-    not match; ``num_batches_tracked`` buffers, absent from old checkpoints, are not reported
-    missing. Shape mismatches raise (RuntimeError from ``load_state_dict``).
+    ``model`` is an :class:`HRNet` or a model whose ``backbone`` is one. It is
+    :func:`mtlfast.backbones.load_pretrained` (``torch.load(weights_only=True)``, never a
+    download; non-strict, what did not match is reported in the result) with a type check, and
+    shape mismatches raise a RuntimeError rather than being reported.
     """
     net = model if isinstance(model, HRNet) else getattr(model, "backbone", None)
     if not isinstance(net, HRNet):
@@ -258,7 +255,7 @@ def load_hrnet_pretrained(model: nn.Module, path: str) -> LoadResult:
             "load_hrnet_pretrained: expected an HRNet or a model with an HRNet backbone, "
             f"got {type(model).__name__}"
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    result = net.load_state_dict(hrnet_state_dict_from_release(state), strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
-    return LoadResult(missing, list(result.unexpected_keys))
+    result = load_pretrained(net, path)
+    if result.mismatched:
+        raise RuntimeError(f"load_hrnet_pretrained: size mismatch for {result.mismatched} (a different HRNet width?)")
+    return result

@@ -14,7 +14,6 @@ from torch import nn
 from ..nn import ResidualAdapter, TaskBatchNorm2d
 from .base import Backbone
 from .fpn import FPN
-from .hrnet import HRNet, hrnet_state_dict_from_release
 
 __all__ = ["LoadResult", "CONVERTERS", "load_pretrained", "register_converter", "to_torchvision"]
 
@@ -75,8 +74,6 @@ def _fpn_converter(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str
 
 
 register_converter(FPN, _fpn_converter)
-# HRNet's names are the official HRNet-ImageNet release's; its converter drops the classifier.
-register_converter(HRNet, lambda state, model: dict(hrnet_state_dict_from_release(state)))
 
 
 def _converter(model: nn.Module):
@@ -151,7 +148,9 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, strict: bool =
         else:
             result.mismatched.append(k)
     done = set(result.loaded) | set(result.broadcast) | set(result.mismatched)
-    result.missing = [k for k in target if k not in done]
+    # Checkpoints older than torch 0.4 (torchvision's first zoo, HRNet's release) have no
+    # num_batches_tracked buffers; only the momentum-free BN mode reads them.
+    result.missing = [k for k in target if k not in done and not k.endswith("num_batches_tracked")]
     problems = {name: getattr(result, name) for name in ("missing", "unexpected", "mismatched")}
     if strict and any(problems.values()):
         raise RuntimeError(f"load_pretrained(strict=True) into {type(model).__name__}: "

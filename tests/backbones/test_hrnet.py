@@ -125,7 +125,7 @@ def test_load_pretrained(net, tmp_path):
     torch.save(_release_checkpoint(net), path)
     fresh = HRNet()
     result = load_hrnet_pretrained(fresh, str(path))
-    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert result.missing == [] and result.unexpected == []
     for (name, a), b in zip(net.state_dict().items(), fresh.state_dict().values()):
         if not name.endswith("num_batches_tracked"):
             assert torch.equal(a, b), name
@@ -135,7 +135,7 @@ def test_load_pretrained(net, tmp_path):
     partial["extra.weight"] = torch.zeros(1)
     torch.save(partial, path)
     result = load_hrnet_pretrained(HRNet(), str(path))
-    assert result.missing_keys == ["conv1.weight"] and result.unexpected_keys == ["extra.weight"]
+    assert result.missing == ["conv1.weight"] and result.unexpected == ["extra.weight"]
 
 
 def test_load_pretrained_into_a_model_with_hrnet_backbone_and_errors(net, tmp_path):
@@ -143,7 +143,7 @@ def test_load_pretrained_into_a_model_with_hrnet_backbone_and_errors(net, tmp_pa
     torch.save(_release_checkpoint(net), path)
     holder = nn.Module()
     holder.backbone = HRNet()
-    assert load_hrnet_pretrained(holder, str(path)).missing_keys == []
+    assert load_hrnet_pretrained(holder, str(path)).missing == []
     with pytest.raises(TypeError, match="HRNet"):
         load_hrnet_pretrained(nn.Linear(1, 1), str(path))
     wrong = HRNet(channels=(8, 16, 32, 64))
