@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["ModelSummary", "summary"]
 
@@ -63,6 +62,9 @@ def summary(model: nn.Module, input_size: Sequence[int]) -> ModelSummary:
     was_training = model.training
     model.eval()
     try:
+        # imported here: torch.utils.flop_counter imports Triton, 0.2 s that `import mtlfast` need not pay
+        from torch.utils.flop_counter import FlopCounterMode
+
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             getattr(model, "summary_forward", model)(x)
     finally:
