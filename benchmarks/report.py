@@ -390,6 +390,13 @@ def render_engine(figures: dict, markdown: bool) -> tuple[list[str], list[tuple[
             other = partial.get(name, {}).get("step_s")
             if lazy and other:
                 lines.append(f"{what} ({name}) / recompute (lazy) time: {other / lazy:.2f}x")
+        # Amdahl: a lazy step still runs the trunk forward and backward on every sample and one
+        # head per sample, the work of naive at T=1 with every sample labelled (same N and trunk)
+        floor = figures["step_s"].get("naive", {}).get("1")
+        every = partial.get("naive_all_rows", {}).get("step_s")
+        if floor and every:
+            lines.append(f"bound: no lazy step beats naive at T=1 ({floor:.2f} s: the trunk and one head "
+                         f"per sample), so naive_all_rows / lazy is at most {every / floor:.2f}x here")
         lines.append("")
     if busy:
         lines += [f"* other work took {BUSY_FRACTION:.0%} or more of the CPU during these rounds "

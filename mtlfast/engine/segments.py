@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .replay import SegmentReplay, no_autocast
+from .replay import SegmentReplay, device_types_of, no_autocast
 
 __all__ = ["CheckpointedTrunk", "run_modules", "split_segments", "trunk_modules"]
 
@@ -91,6 +91,12 @@ class CheckpointedTrunk:
     and backpropagates through it, so at most one segment's activations are alive at a time.
     Each anchor is released once its segment is done.
 
+    With two or more segments the last one is not recomputed: its forward runs with autograd and
+    its graph is kept until the backward, as ``torch.utils.checkpoint.checkpoint_sequential``
+    does. That saves its second forward (in a dilated ResNet the last stage is the costliest) at
+    the price of holding its activations while the heads run, which does not grow with the
+    number of tasks either.
+
     Shapes: images any (N, ...) tensor or tuple of tensors; the representation and anchors whatever
     the modules produce (tensors or tuples of tensors); gradients have the representation's structure.
     """
@@ -98,8 +104,11 @@ class CheckpointedTrunk:
     def __init__(self, modules: Sequence[nn.Module], bounds: Sequence[tuple[int, int]]) -> None:
         self.segments = [list(modules[a:b]) for a, b in bounds]
         self.anchors: list[Any] = []
-        self.replays: list[SegmentReplay] = []
+        self.replays: list[SegmentReplay | None] = []
         self.needs_grad: list[bool] = []
+        # the last segment run with autograd: (its input leaves, their structure, its output)
+        self.kept: list[Any] | None = None
+        self.kept_device_types: set[str] = set()
 
     def forward(self, images: Any) -> Any:
         """Trunk output without autograd; anchors, RNG, autocast and buffer states kept for the backward."""
@@ -111,14 +120,31 @@ class CheckpointedTrunk:
             below = below or any(p.requires_grad for m in seg for p in m.parameters())
             self.needs_grad.append(below)
         x = images
-        with torch.no_grad():
-            for seg in self.segments:
+        last = len(self.segments) - 1
+        for s, seg in enumerate(self.segments):
+            if s == last and s > 0 and self.needs_grad[s]:
+                return self._forward_kept(seg, x, self.needs_grad[s - 1])
+            with torch.no_grad():
                 replay = SegmentReplay.capture(seg, x)
                 self.anchors.append(x)
                 x = run_modules(seg, x)
                 replay.after_forward()
                 self.replays.append(replay)
         return x
+
+    def _forward_kept(self, seg: list[nn.Module], anchor: Any, wants: bool) -> Any:
+        """The last segment with autograd from its detached input; its graph kept, its output detached."""
+        leaves, anchor_spec = tree_flatten(anchor)
+        leaves = [a.detach().requires_grad_(wants) if _is_float_tensor(a) else a for a in leaves]
+        with torch.enable_grad():
+            out = run_modules(seg, tree_unflatten(leaves, anchor_spec))
+        self.anchors.append(None)
+        self.replays.append(None)
+        self.kept = [leaves, anchor_spec, out]
+        self.kept_device_types = device_types_of(anchor, out)
+        out_leaves, out_spec = tree_flatten(out)
+        del out
+        return tree_unflatten([o.detach() if isinstance(o, torch.Tensor) else o for o in out_leaves], out_spec)
 
     def backward(self, grads: list[torch.Tensor | None], spec: Any) -> None:
         """Backpropagates ``grads`` (the representation's flattened gradient, ``spec`` its structure).
@@ -128,47 +154,62 @@ class CheckpointedTrunk:
         recomputed forward re-enters the autocast state its first forward had, so the caller's
         context at this point does not matter.
         """
-        device_types = set().union(*(r.device_types for r in self.replays))
+        device_types = self.kept_device_types.union(*(r.device_types for r in self.replays if r is not None))
         with no_autocast(device_types):
             self._backward(grads, spec)
         self.anchors.clear()
         self.replays.clear()
+        self.kept = None
 
     def _backward(self, grads: list[torch.Tensor | None], spec: Any) -> None:
         for s in reversed(range(len(self.segments))):
             if not self.needs_grad[s] or all(g is None for g in grads):
                 break
-            anchor, self.anchors[s] = self.anchors[s], None
-            if s == 0:
-                # images as given: a gradient flows into them (or their graph) exactly as in naive
-                x = anchor
+            if self.kept is not None and s == len(self.segments) - 1:
+                kept, self.kept = self.kept, None
+                box = [kept.pop()]  # the output: no reference but the box's
+                leaves, anchor_spec = kept
+                _backprop(s, box, grads, spec)
             else:
-                wants = self.needs_grad[s - 1]
-                leaves, anchor_spec = tree_flatten(anchor)
-                leaves = [a.detach().requires_grad_(wants) if _is_float_tensor(a) else a for a in leaves]
-                x = tree_unflatten(leaves, anchor_spec)
-            replay = self.replays[s]
-            with replay.buffers_as_before_forward():
-                with torch.enable_grad(), replay.forward_state():
-                    out = run_modules(self.segments[s], x)
-                out_leaves, out_spec = tree_flatten(out)
-                if out_spec != spec or len(out_leaves) != len(grads):
-                    raise RuntimeError(
-                        f"trunk segment {s} produced a different structure on recomputation: {out_spec} vs {spec}"
-                    )
-                pairs = [
-                    (o, g)
-                    for o, g in zip(out_leaves, grads)
-                    if g is not None and isinstance(o, torch.Tensor) and o.requires_grad
-                ]
-                # drop the caller's references too: each gradient dies once its segment is done
-                del out, out_leaves
-                grads.clear()
-                if pairs:
-                    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-                del pairs
+                anchor, self.anchors[s] = self.anchors[s], None
+                if s == 0:
+                    # images as given: a gradient flows into them (or their graph) exactly as in naive
+                    x = anchor
+                else:
+                    wants = self.needs_grad[s - 1]
+                    leaves, anchor_spec = tree_flatten(anchor)
+                    leaves = [a.detach().requires_grad_(wants) if _is_float_tensor(a) else a for a in leaves]
+                    x = tree_unflatten(leaves, anchor_spec)
+                del anchor
+                replay = self.replays[s]
+                with replay.buffers_as_before_forward():
+                    with torch.enable_grad(), replay.forward_state():
+                        box = [run_modules(self.segments[s], x)]
+                    del x
+                    _backprop(s, box, grads, spec)
             if s == 0:
                 break
             grads = [a.grad if isinstance(a, torch.Tensor) and a.requires_grad else None for a in leaves]
             spec = anchor_spec
-            del x, leaves, anchor
+            del leaves
+
+
+def _backprop(s: int, box: list[Any], grads: list[torch.Tensor | None], spec: Any) -> None:
+    """Backward of segment ``s`` from its output, the one item of ``box`` (structure ``spec``).
+
+    Empties ``box`` and ``grads``: with the caller's references dropped, each output and gradient
+    can die during the backward once autograd is done with it.
+    """
+    out_leaves, out_spec = tree_flatten(box.pop())
+    if out_spec != spec or len(out_leaves) != len(grads):
+        raise RuntimeError(
+            f"trunk segment {s} produced a different structure on recomputation: {out_spec} vs {spec}"
+        )
+    pairs = [
+        (o, g) for o, g in zip(out_leaves, grads) if g is not None and isinstance(o, torch.Tensor) and o.requires_grad
+    ]
+    # drop the caller's references too: each gradient dies once its segment is done
+    del out_leaves
+    grads.clear()
+    if pairs:
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])

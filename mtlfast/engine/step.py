@@ -73,7 +73,10 @@ def multi_branch_step(
     forward on the samples labelled for it, its backward into its parameters and the branching
     point, and frees everything before the next one; finally the trunk runs backward once from
     the summed branch-point gradient, recomputing its segments from their anchors, last first.
-    Peak memory is the anchors plus one branch plus one segment, whatever the number of tasks.
+    The last of two or more segments is not recomputed: its graph is kept from the forward, as
+    ``torch.utils.checkpoint.checkpoint_sequential`` does. Peak memory is the anchors plus the
+    last segment's activations plus the larger of one branch and one recomputed segment,
+    whatever the number of tasks; ``segments=1`` recomputes the whole trunk (least memory).
     ``strategy="naive"``: plain autograd over the whole graph, every head on every sample, the
     baseline. Both leave the same ``.grad`` (to float rounding) and the same buffers and global
     RNG state; they accumulate into existing ``.grad`` like ``loss.backward()``.

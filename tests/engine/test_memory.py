@@ -34,8 +34,8 @@ class Spy(nn.Module):
         return out
 
 
-@pytest.mark.parametrize("strategy", ["naive", "recompute"])
-def test_branch_is_freed_before_the_next_runs(strategy):
+@pytest.mark.parametrize("strategy,segments", [("naive", None), ("recompute", None), ("recompute", 1)])
+def test_branch_is_freed_before_the_next_runs(strategy, segments):
     outs = {"seg": 3, "depth": 1, "normals": 3}
     log = {"refs": [], "alive_at_start": []}
     trunk = conv_trunk(4)
@@ -48,11 +48,15 @@ def test_branch_is_freed_before_the_next_runs(strategy):
         return box
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.t):
-        multi_branch_step(trunk, heads, torch.randn(N, 3, H, H), targets, loss_fns_for(outs), strategy=strategy)
+        multi_branch_step(trunk, heads, torch.randn(N, 3, H, H), targets, loss_fns_for(outs), strategy=strategy,
+                          segments=segments)
     if strategy == "recompute":
         # nothing of branches 1 and 2 (activations, predictions, saved tensors, loss graphs) is
-        # alive when branch 2 (3) starts; the trunk forward ran without saving anything
-        assert log["alive_at_start"] == [0, 0, 0]
+        # alive when branch 2 (3) starts: only what the trunk's forward saved, which is the kept
+        # last segment's graph with two segments and nothing with one (all recomputed)
+        alive = log["alive_at_start"]
+        assert alive == [alive[0]] * 3
+        assert (alive[0] == 0) == (segments == 1)
     else:
         # control: plain autograd keeps the trunk and every branch alive until the single backward
         first, second, third = log["alive_at_start"]

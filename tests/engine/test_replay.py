@@ -67,24 +67,27 @@ def test_other_stateful_buffers_are_replayed_from_their_state_before_the_forward
         nn.ReLU(),
     )).double()
     heads = nn.ModuleDict({t: Head(o) for t, o in OUTS.items()}).double()
+    # three segments: both stateful modules in the middle one, which is recomputed
     out = run_both(trunk, heads, torch.randn(N, 3, H, H, dtype=torch.float64), targets_for(OUTS),
-                   loss_fns_for(OUTS), segments=2)
+                   loss_fns_for(OUTS), segments=3)
     assert_same_grads(out, **TIGHT)
     assert_same_buffers(out)
 
 
 def test_dropout_in_trunk_draws_the_same_masks_and_rng_ends_in_the_same_state():
-    trunk = conv_trunk(2, (nn.Dropout(0.5), nn.Conv2d(C, C, 3, padding=1), nn.Dropout2d(0.3), nn.ReLU())).double()
+    trunk = conv_trunk(2, (nn.Dropout(0.5), nn.Conv2d(C, C, 3, padding=1), nn.Dropout2d(0.3), nn.ReLU(),
+                           nn.Conv2d(C, C, 1))).double()
     heads = nn.ModuleDict({t: Head(o) for t, o in OUTS.items()}).double()
     images = torch.randn(N, 3, H, H, dtype=torch.float64)
-    out = run_both(trunk, heads, images, targets_for(OUTS), loss_fns_for(OUTS), segments=3, seed=7)
+    # four segments: both dropouts recomputed (the last segment, the 1x1 conv, is kept)
+    out = run_both(trunk, heads, images, targets_for(OUTS), loss_fns_for(OUTS), segments=4, seed=7)
     assert_same_grads(out, **TIGHT)
     assert torch.equal(out["naive"][3], out["recompute"][3])
     # and the step did consume randomness (the masks are not a no-op)
     torch.manual_seed(7)
     assert not torch.equal(torch.get_rng_state(), out["recompute"][3])
     # a different seed gives a different gradient: the comparison above is not vacuous
-    other = run_both(trunk, heads, images, targets_for(OUTS), loss_fns_for(OUTS), segments=3, seed=8)
+    other = run_both(trunk, heads, images, targets_for(OUTS), loss_fns_for(OUTS), segments=4, seed=8)
     a = out["recompute"][0][0].weight.grad
     assert not torch.allclose(other["recompute"][0][0].weight.grad, a)
 
@@ -98,14 +101,15 @@ def test_dropout_in_heads_with_full_labels():
 
 
 def test_autocast_bf16_on_cpu():
-    trunk = conv_trunk(4, (nn.BatchNorm2d(C), nn.Dropout(0.2), nn.Conv2d(C, C, 1)))
+    trunk = conv_trunk(4, (nn.BatchNorm2d(C), nn.Dropout(0.2), nn.Conv2d(C, C, 1), nn.ReLU()))
     heads = nn.ModuleDict({t: Head(o) for t, o in OUTS.items()})
     images = torch.randn(N, 3, H, H)
     targets = {t: v.float() if v.is_floating_point() else v for t, v in targets_for(OUTS).items()}
     seen = []
-    trunk[-1].register_forward_hook(lambda m, i, o: seen.append((o.dtype, torch.is_grad_enabled())))
+    trunk[2].register_forward_hook(lambda m, i, o: seen.append((o.dtype, torch.is_grad_enabled())))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = run_both(trunk, heads, images, targets, loss_fns_for(OUTS), segments=2)
+        # segments [0, 3), [3, 6), [6, 8): the hooked conv, batch norm and dropout recomputed
+        out = run_both(trunk, heads, images, targets, loss_fns_for(OUTS), segments=3)
     # the recomputation ran in bf16 too (a float32 recompute would not match the forward)
     assert seen == [(torch.bfloat16, True), (torch.bfloat16, False), (torch.bfloat16, True)]
     assert_same_grads(out, rtol=2e-2, atol=2e-3)
@@ -119,7 +123,7 @@ def test_recomputation_restores_autocast_state_of_the_forward():
     trunk = conv_trunk(4)
     heads = nn.ModuleDict({"depth": Head(1)})
     dtypes = []
-    trunk[2].register_forward_pre_hook(
+    trunk[0].register_forward_pre_hook(  # in the first segment, which is recomputed
         lambda m, args: dtypes.append((torch.is_autocast_enabled("cpu"), torch.is_grad_enabled()))
     )
     targets = {"depth": torch.randn(N, 1, H, H)}

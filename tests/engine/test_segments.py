@@ -32,15 +32,19 @@ def test_split_segments_out_of_range(segments):
         split_segments(9, segments)
 
 
-def test_default_recomputes_three_segments_of_a_nine_module_trunk_last_first():
+@pytest.mark.parametrize("segments,recomputed", [
+    (None, [3, 4, 5, 0, 1, 2]),  # three segments: the last one's graph is kept, the others redone last first
+    (1, list(range(9))),  # one segment: everything recomputed from the images
+])
+def test_recomputation_order_of_a_nine_module_trunk(segments, recomputed):
     trunk = conv_trunk(9)
     heads = nn.ModuleDict({"depth": Head(1)})
     calls = []
     for i, m in enumerate(trunk):
         m.register_forward_hook(lambda m, args, out, i=i: calls.append(i))
     multi_branch_step(trunk, heads, torch.randn(N, 3, H, H), {"depth": torch.randn(N, 1, H, H)},
-                      loss_fns_for({"depth": 1}))
-    assert calls == [*range(9), 6, 7, 8, 3, 4, 5, 0, 1, 2]
+                      loss_fns_for({"depth": 1}), segments=segments)
+    assert calls == [*range(9), *recomputed]
 
 
 @pytest.mark.parametrize("segments", [1, 2, 7], ids=["one", "two", "L"])
