@@ -12,7 +12,7 @@ import torch
 from . import reference
 from ._checks import check_same, check_tensor, shape_str
 from ._layout import empty_in_order, inner_order, to_inner_order
-from .backends import kernel, register_kernel, remember_backend, remembered_backend
+from .backends import kernel, register_kernel, remember_backend, remembered_backend, runs_directly
 
 __all__ = ["attention_distill"]
 
@@ -47,10 +47,11 @@ def _order(*tensors: torch.Tensor) -> tuple[int, int, int]:
     return (0, 1, 2)
 
 
-@torch.library.custom_op("mtlfast::attention_distill", mutates_args=())
-def _attention_distill(feats: torch.Tensor, mask_logits: torch.Tensor, messages: torch.Tensor) -> torch.Tensor:
-    fn = kernel("attention_distill", feats.device, feats.dtype)
-    return fn(feats, mask_logits, messages)
+def _forward(feats: torch.Tensor, mask_logits: torch.Tensor, messages: torch.Tensor) -> torch.Tensor:
+    return kernel("attention_distill", feats.device, feats.dtype)(feats, mask_logits, messages)
+
+
+_attention_distill = torch.library.custom_op("mtlfast::attention_distill", _forward, mutates_args=())
 
 
 @_attention_distill.register_fake
@@ -107,7 +108,8 @@ def attention_distill(feats: torch.Tensor, mask_logits: torch.Tensor, messages: 
     device; any strides. Reduced precision accumulates in float32.
     """
     _check(feats, mask_logits, messages)
-    return _attention_distill(feats, mask_logits, messages)
+    op = _forward if runs_directly(feats, mask_logits, messages) else _attention_distill
+    return op(feats, mask_logits, messages)
 
 
 # ---- kernels -------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 
 from . import reference
 from ._checks import check_same, check_tensor, shape_str
-from .backends import kernel, register_kernel, remember_backend, remembered_backend
+from .backends import kernel, register_kernel, remember_backend, remembered_backend, runs_directly
 
 __all__ = ["skip_fusion"]
 
@@ -53,9 +53,11 @@ def _check(scores: object, weight: object, bias: object, size: object) -> tuple[
     return int(size[0]), int(size[1])
 
 
-@torch.library.custom_op("mtlfast::skip_fusion", mutates_args=())
-def _skip_fusion(scores: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None, size: list[int]) -> torch.Tensor:
+def _forward(scores: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None, size: list[int]) -> torch.Tensor:
     return kernel(OP, scores[0].device, scores[0].dtype)(scores, weight, bias, size)
+
+
+_skip_fusion = torch.library.custom_op("mtlfast::skip_fusion", _forward, mutates_args=())
 
 
 @_skip_fusion.register_fake
@@ -121,7 +123,8 @@ def skip_fusion(
     dtype = scores[0].dtype
     weight = weight.to(dtype)
     bias = bias.to(dtype) if bias is not None else None
-    return _skip_fusion(list(scores), weight, bias, list(size))
+    op = _forward if runs_directly(*scores, weight, bias) else _skip_fusion
+    return op(list(scores), weight, bias, list(size))
 
 
 # ---- kernels: every tensor contiguous (csrc/skip_fusion.cpp) --------------------------------

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import torch
 
 from ._checks import check_same, check_tensor, shape_str
-from .backends import kernel, register_kernel, remember_backend, remembered_backend
+from .backends import kernel, register_kernel, remember_backend, remembered_backend, runs_directly
 
 __all__ = ["task_se"]
 
@@ -125,8 +125,7 @@ def _format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-@torch.library.custom_op("mtlfast::task_se", mutates_args=())
-def _task_se(
+def _forward(
     x: torch.Tensor, task: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
     residual: torch.Tensor | None, relu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,6 +145,9 @@ def _task_se(
     else:
         pooled.zero_()
     return out, pooled
+
+
+_task_se = torch.library.custom_op("mtlfast::task_se", _forward, mutates_args=())
 
 
 @_task_se.register_fake
@@ -246,7 +248,8 @@ def task_se(
     Contiguous and channels-last inputs run in place; other strides are copied once.
     """
     _check(x, task, w1, b1, w2, b2, residual)
-    return _task_se(x, task, w1, b1, w2, b2, residual, bool(relu))[0]
+    op = _forward if runs_directly(x, task, w1, b1, w2, b2, residual) else _task_se
+    return op(x, task, w1, b1, w2, b2, residual, bool(relu))[0]
 
 
 # ---- backends: the four passes over x, or the whole op (cpu; csrc/task_se.cpp) -----------

@@ -1,6 +1,7 @@
 """Backend selection: automatic choice, overrides, fallback without the extension."""
 
 import os
+import sys
 import warnings
 
 import pytest
@@ -84,3 +85,48 @@ def test_backward_runs_on_the_backend_of_its_forward(monkeypatch):
         out = attention_distill(f, m, v)
     out.sum().backward()
     assert calls == [1]
+
+
+class _Mode(torch.utils._python_dispatch.TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class _FunctionMode(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_runs_directly_only_where_no_one_needs_the_op():
+    x, p = torch.randn(3), torch.nn.Parameter(torch.randn(3))
+    assert backends.runs_directly(x, None)
+    assert not backends.runs_directly(x, p)  # autograd must record the op
+    with torch.no_grad():
+        assert backends.runs_directly(x, p, None)
+        with _Mode():
+            assert not backends.runs_directly(x)  # a dispatch mode must see the op
+    with _FunctionMode():
+        assert not backends.runs_directly(x)
+    seen = []
+    torch.func.vmap(lambda t: seen.append(backends.runs_directly(t)) or t)(torch.randn(2, 3))
+    assert seen == [False]  # a functorch wrapper is no plain tensor
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert not backends.runs_directly(x.as_subclass(Sub))
+    assert not torch.compile(lambda t: t + backends.runs_directly(t), fullgraph=True)(x).ne(x).any()
+
+
+def test_inference_skips_the_custom_op_and_gives_its_result(monkeypatch):
+    module = sys.modules["mtlfast.ops.attention_distill"]  # the package exports the function by that name
+    calls = []
+    op = module._attention_distill
+    monkeypatch.setattr(module, "_attention_distill", lambda *a: calls.append(1) or op(*a))
+    f, m, v = small()
+    with torch.no_grad():
+        direct = attention_distill(f, m, v)
+    assert calls == []
+    through = attention_distill(f.requires_grad_(), m, v)
+    assert calls == [1]
+    torch.testing.assert_close(direct, through.detach(), rtol=0, atol=0)
