@@ -295,23 +295,50 @@ void combine(const Combine& a, int64_t begin, int64_t end) {
 // They read the weights of the group's tasks once per group (rows hot in L1 while the samples of
 // one task use them); the arithmetic is a few dot products and row updates per weight row.
 
-// sum_i a[i] * b[i] over [0, n).
-template <typename Acc>
-inline Acc dot(const Acc* a, const Acc* b, int64_t n) {
+// out[k * out_stride] = sum_i a[i] * b[k * b_stride + i] over [0, n), for k < K: K dot products
+// sharing one sweep over a (a weight row serving the samples of one task). Four accumulators per
+// product hide the FMA latency; every product is summed in the same order whatever K, so a sample
+// gets the same bits alone or with others.
+template <typename Acc, int K>
+inline void dots(const Acc* a, const Acc* b, int64_t b_stride, int64_t n, Acc* out, int64_t out_stride) {
   using V = Vectorized<Acc>;
   constexpr int64_t L = V::size();
-  V s0(Acc(0));
-  V s1(Acc(0));
+  V s[K][4];
+  for (int k = 0; k < K; ++k) {
+    for (int j = 0; j < 4; ++j) {
+      s[k][j] = V(Acc(0));
+    }
+  }
   int64_t i = 0;
-  for (; i + 2 * L <= n; i += 2 * L) {
-    s0 = at::vec::fmadd(V::loadu(a + i), V::loadu(b + i), s0);
-    s1 = at::vec::fmadd(V::loadu(a + i + L), V::loadu(b + i + L), s1);
+  for (; i + 4 * L <= n; i += 4 * L) {
+    for (int j = 0; j < 4; ++j) {
+      const V w = V::loadu(a + i + j * L);
+      for (int k = 0; k < K; ++k) {
+        s[k][j] = at::vec::fmadd(w, V::loadu(b + k * b_stride + i + j * L), s[k][j]);
+      }
+    }
   }
   for (; i < n; i += L) {
-    const int64_t k = std::min(L, n - i);
-    s0 = at::vec::fmadd(V::loadu(a + i, k), V::loadu(b + i, k), s0);
+    const int64_t c = std::min(L, n - i);
+    const V w = V::loadu(a + i, c);
+    for (int k = 0; k < K; ++k) {
+      s[k][0] = at::vec::fmadd(w, V::loadu(b + k * b_stride + i, c), s[k][0]);
+    }
   }
-  return at::vec::vec_reduce_all<Acc>([](const V& u, const V& v) { return u + v; }, s0 + s1);
+  for (int k = 0; k < K; ++k) {
+    out[k * out_stride] =
+        at::vec::vec_reduce_all<Acc>([](const V& u, const V& v) { return u + v; }, (s[k][0] + s[k][1]) + (s[k][2] + s[k][3]));
+  }
+}
+
+// The samples [n, end) in runs that share a task: f(n, k) for each run of k <= 2 samples.
+template <typename F>
+inline void task_runs(const int64_t* task, int64_t n, int64_t end, const F& f) {
+  while (n < end) {
+    const int64_t k = n + 1 < end && task[n + 1] == task[n] ? 2 : 1;
+    f(n, k);
+    n += k;
+  }
 }
 
 // y[i] += s * x[i] over [0, n).
@@ -359,11 +386,19 @@ template <typename Acc>
 void squeeze(const Mlp& m, int64_t begin, int64_t end) {
   const MlpPtrs<Acc> p(m);
   for (int64_t r = begin; r < end; ++r) {
-    for (int64_t n = 0; n < m.N; ++n) {
+    task_runs(p.task, 0, m.N, [&](int64_t n, int64_t k) {
       const int64_t row = p.task[n] * m.R + r;
-      const Acc z = p.b1[row] + dot(p.w1 + row * m.C, p.pooled + n * m.C, m.C);
-      p.hidden[n * m.R + r] = z > Acc(0) || std::isnan(z) ? z : Acc(0);
-    }
+      Acc* h = p.hidden + n * m.R + r;
+      if (k == 2) {
+        dots<Acc, 2>(p.w1 + row * m.C, p.pooled + n * m.C, m.C, m.C, h, m.R);
+      } else {
+        dots<Acc, 1>(p.w1 + row * m.C, p.pooled + n * m.C, m.C, m.C, h, m.R);
+      }
+      for (int64_t j = 0; j < k; ++j) {
+        const Acc z = p.b1[row] + h[j * m.R];
+        h[j * m.R] = z > Acc(0) || std::isnan(z) ? z : Acc(0);
+      }
+    });
   }
 }
 
@@ -374,10 +409,18 @@ void excite(const Mlp& m, int64_t begin, int64_t end) {
   using V = Vectorized<Acc>;
   const MlpPtrs<Acc> p(m);
   for (int64_t c = begin; c < end; ++c) {
-    for (int64_t n = 0; n < m.N; ++n) {
+    task_runs(p.task, 0, m.N, [&](int64_t n, int64_t k) {
       const int64_t row = p.task[n] * m.C + c;
-      p.gate[n * m.C + c] = p.b2[row] + dot(p.w2 + row * m.R, p.hidden + n * m.R, m.R);
-    }
+      Acc* g = p.gate + n * m.C + c;
+      if (k == 2) {
+        dots<Acc, 2>(p.w2 + row * m.R, p.hidden + n * m.R, m.R, m.R, g, m.C);
+      } else {
+        dots<Acc, 1>(p.w2 + row * m.R, p.hidden + n * m.R, m.R, m.R, g, m.C);
+      }
+      for (int64_t j = 0; j < k; ++j) {
+        g[j * m.C] += p.b2[row];
+      }
+    });
   }
   for (int64_t n = 0; n < m.N; ++n) {
     Acc* g = p.gate + n * m.C;
