@@ -59,12 +59,15 @@ def _(feats, mask_logits, messages):
     return empty_in_order(feats.shape, _order(messages, mask_logits, feats), feats)
 
 
-@torch.library.custom_op("mtlfast::attention_distill_backward", mutates_args=())
-def _attention_distill_backward(
+def _backward_kernel(
     grad_out: torch.Tensor, mask_logits: torch.Tensor, messages: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    fn = kernel("attention_distill_backward", grad_out.device, grad_out.dtype)
-    return fn(grad_out, mask_logits, messages)
+    return kernel("attention_distill_backward", grad_out.device, grad_out.dtype)(grad_out, mask_logits, messages)
+
+
+_attention_distill_backward = torch.library.custom_op(
+    "mtlfast::attention_distill_backward", _backward_kernel, mutates_args=()
+)
 
 
 @_attention_distill_backward.register_fake
@@ -85,7 +88,8 @@ def _backward(ctx, grad_out):
     grad_mask = grad_messages = None
     if need_mask or need_messages:
         with remembered_backend(ctx):
-            grad_mask, grad_messages = _attention_distill_backward(grad_out, mask_logits, messages)
+            op = _backward_kernel if runs_directly(grad_out, mask_logits, messages) else _attention_distill_backward
+            grad_mask, grad_messages = op(grad_out, mask_logits, messages)
     return grad_out, grad_mask if need_mask else None, grad_messages if need_messages else None
 
 

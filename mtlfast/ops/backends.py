@@ -176,10 +176,11 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)  # no __torch_function__ of their ow
 def runs_directly(*tensors: torch.Tensor | None) -> bool:
     """Whether an op may call its kernel without going through its ``torch.library`` op.
 
-    True in plain eager inference: plain tensors, none needing a gradient (or grad mode off), no
-    torch.compile, jit tracing, functorch transform, or dispatch or torch-function mode that must
-    see the op. The custom op's Python dispatch costs some 30 us a call, more than the kernel of
-    a small inference call; everywhere else the op goes through it as usual.
+    True in plain eager inference and in an ordinary backward (grad mode off): plain tensors, none
+    needing a gradient (or grad mode off), no torch.compile, jit tracing, functorch transform, or
+    dispatch or torch-function mode that must see the op. The custom op's Python dispatch costs
+    some 30 us a call, more than the kernel of a small call; everywhere else (autograd recording a
+    forward, a backward with ``create_graph=True``, tracing) the op goes through it as usual.
     """
     if torch.compiler.is_compiling() or torch.jit.is_tracing():  # first: dynamo stops here
         return False

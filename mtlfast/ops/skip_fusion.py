@@ -66,11 +66,13 @@ def _(scores, weight, bias, size):
     return scores[0].new_empty((n, c, size[0], size[1]))
 
 
-@torch.library.custom_op("mtlfast::skip_fusion_backward", mutates_args=())
-def _skip_fusion_backward(
+def _backward_kernel(
     grad_out: torch.Tensor, scores: list[torch.Tensor], weight: torch.Tensor
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     return kernel(OP + "_backward", grad_out.device, grad_out.dtype)(grad_out, scores, weight)
+
+
+_skip_fusion_backward = torch.library.custom_op("mtlfast::skip_fusion_backward", _backward_kernel, mutates_args=())
 
 
 @_skip_fusion_backward.register_fake
@@ -88,7 +90,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out):
     weight, *scores = ctx.saved_tensors
     with remembered_backend(ctx):
-        grad_scores, grad_weight, grad_bias = _skip_fusion_backward(grad_out, scores, weight)
+        op = _backward_kernel if runs_directly(grad_out, *scores, weight) else _skip_fusion_backward
+        grad_scores, grad_weight, grad_bias = op(grad_out, scores, weight)
     need_scores, need_weight, need_bias, _ = ctx.needs_input_grad
     return (
         grad_scores if need_scores else None,

@@ -156,8 +156,7 @@ def _(x, task, w1, b1, w2, b2, residual, relu):
     return out, x.new_empty(x.shape[:2], dtype=_acc_dtype(x))
 
 
-@torch.library.custom_op("mtlfast::task_se_backward", mutates_args=())
-def _task_se_backward(
+def _backward_kernel(
     grad_out: torch.Tensor, x: torch.Tensor, pooled: torch.Tensor, task: torch.Tensor, w1: torch.Tensor,
     b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, residual: torch.Tensor | None, relu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -186,6 +185,9 @@ def _task_se_backward(
     return (grad_x, gw1.to(w1.dtype), gb1.to(b1.dtype), gw2.to(w2.dtype), gb2.to(b2.dtype), grad_residual)
 
 
+_task_se_backward = torch.library.custom_op("mtlfast::task_se_backward", _backward_kernel, mutates_args=())
+
+
 @_task_se_backward.register_fake
 def _(grad_out, x, pooled, task, w1, b1, w2, b2, residual, relu):
     fmt = _format(x)
@@ -206,7 +208,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_pooled):
     x, pooled, task, w1, b1, w2, b2, residual = ctx.saved_tensors
     with remembered_backend(ctx):
-        grads = _task_se_backward(grad_out, x, pooled, task, w1, b1, w2, b2, residual, ctx.relu)
+        direct = runs_directly(grad_out, x, pooled, task, w1, b1, w2, b2, residual)
+        op = _backward_kernel if direct else _task_se_backward
+        grads = op(grad_out, x, pooled, task, w1, b1, w2, b2, residual, ctx.relu)
     grad_x, gw1, gb1, gw2, gb2, grad_residual = grads
     need = ctx.needs_input_grad
     return (

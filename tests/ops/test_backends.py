@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mtlfast import _extension
-from mtlfast.ops import available_backends, backends, current_backend, use_backend
+from mtlfast.ops import available_backends, backends, current_backend, reference, use_backend
 from mtlfast.ops.attention_distill import attention_distill
 
 
@@ -121,12 +121,17 @@ def test_runs_directly_only_where_no_one_needs_the_op():
 def test_inference_skips_the_custom_op_and_gives_its_result(monkeypatch):
     module = sys.modules["mtlfast.ops.attention_distill"]  # the package exports the function by that name
     calls = []
-    op = module._attention_distill
-    monkeypatch.setattr(module, "_attention_distill", lambda *a: calls.append(1) or op(*a))
+    op, backward_op = module._attention_distill, module._attention_distill_backward
+    monkeypatch.setattr(module, "_attention_distill", lambda *a: calls.append("forward") or op(*a))
+    monkeypatch.setattr(module, "_attention_distill_backward", lambda *a: calls.append("backward") or backward_op(*a))
     f, m, v = small()
     with torch.no_grad():
         direct = attention_distill(f, m, v)
     assert calls == []
-    through = attention_distill(f.requires_grad_(), m, v)
-    assert calls == [1]
+    through = attention_distill(f, m.requires_grad_(), v)
+    assert calls == ["forward"]  # autograd records the op...
+    through.sum().backward()
+    assert calls == ["forward"]  # ...whose backward, grad mode off, calls its kernel directly
     torch.testing.assert_close(direct, through.detach(), rtol=0, atol=0)
+    expected = torch.autograd.grad(reference.attention_distill(f, m, v).sum(), m)[0]
+    torch.testing.assert_close(m.grad, expected)
