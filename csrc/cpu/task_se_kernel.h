@@ -381,24 +381,36 @@ struct MlpPtrs {
         grad_b2(static_cast<Acc*>(m.grad_b2)) {}
 };
 
+// y[n, o] = b[t, o] + w[t, o, :] . x[n, :] for every sample n (t = task[n]): output o of a
+// per-task linear layer w (T, O, I), b (T, O) on x (N, I) into y (N, O). A weight row serves the
+// samples of a run of one task at once.
+template <typename Acc>
+inline void linear_output(const int64_t* task, int64_t N, int64_t O, int64_t I, int64_t o, const Acc* w,
+                          const Acc* b, const Acc* x, Acc* y) {
+  task_runs(task, 0, N, [&](int64_t n, int64_t k) {
+    const int64_t row = task[n] * O + o;
+    Acc* out = y + n * O + o;
+    if (k == 2) {
+      dots<Acc, 2>(w + row * I, x + n * I, I, I, out, O);
+    } else {
+      dots<Acc, 1>(w + row * I, x + n * I, I, I, out, O);
+    }
+    for (int64_t j = 0; j < k; ++j) {
+      out[j * O] += b[row];
+    }
+  });
+}
+
 // hidden[:, r] for r in [begin, end). relu keeps NaN, as torch.relu does.
 template <typename Acc>
 void squeeze(const Mlp& m, int64_t begin, int64_t end) {
   const MlpPtrs<Acc> p(m);
   for (int64_t r = begin; r < end; ++r) {
-    task_runs(p.task, 0, m.N, [&](int64_t n, int64_t k) {
-      const int64_t row = p.task[n] * m.R + r;
-      Acc* h = p.hidden + n * m.R + r;
-      if (k == 2) {
-        dots<Acc, 2>(p.w1 + row * m.C, p.pooled + n * m.C, m.C, m.C, h, m.R);
-      } else {
-        dots<Acc, 1>(p.w1 + row * m.C, p.pooled + n * m.C, m.C, m.C, h, m.R);
-      }
-      for (int64_t j = 0; j < k; ++j) {
-        const Acc z = p.b1[row] + h[j * m.R];
-        h[j * m.R] = z > Acc(0) || std::isnan(z) ? z : Acc(0);
-      }
-    });
+    linear_output(p.task, m.N, m.R, m.C, r, p.w1, p.b1, p.pooled, p.hidden);
+    for (int64_t n = 0; n < m.N; ++n) {
+      Acc& z = p.hidden[n * m.R + r];
+      z = z > Acc(0) || std::isnan(z) ? z : Acc(0);
+    }
   }
 }
 
@@ -409,18 +421,7 @@ void excite(const Mlp& m, int64_t begin, int64_t end) {
   using V = Vectorized<Acc>;
   const MlpPtrs<Acc> p(m);
   for (int64_t c = begin; c < end; ++c) {
-    task_runs(p.task, 0, m.N, [&](int64_t n, int64_t k) {
-      const int64_t row = p.task[n] * m.C + c;
-      Acc* g = p.gate + n * m.C + c;
-      if (k == 2) {
-        dots<Acc, 2>(p.w2 + row * m.R, p.hidden + n * m.R, m.R, m.R, g, m.C);
-      } else {
-        dots<Acc, 1>(p.w2 + row * m.R, p.hidden + n * m.R, m.R, m.R, g, m.C);
-      }
-      for (int64_t j = 0; j < k; ++j) {
-        g[j * m.C] += p.b2[row];
-      }
-    });
+    linear_output(p.task, m.N, m.C, m.R, c, p.w2, p.b2, p.hidden, p.gate);
   }
   for (int64_t n = 0; n < m.N; ++n) {
     Acc* g = p.gate + n * m.C;
