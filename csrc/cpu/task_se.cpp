@@ -226,7 +226,9 @@ int64_t check_mlp(const char* op, const at::Tensor& x, const at::Tensor& task, s
   }
   const int64_t* t = task.const_data_ptr<int64_t>();
   for (int64_t n = 0; n < N; ++n) {
-    TORCH_CHECK(t[n] >= 0 && t[n] < T, op, ": task[", n, "] = ", t[n], " is outside [0, ", T, ")");
+    // ValueError, as the Python wrapper's check, which it leaves to this one
+    TORCH_CHECK_VALUE(t[n] >= 0 && t[n] < T, "task_se: task indices must lie in [0, ", T, "), got task[", n,
+                      "] = ", t[n]);
   }
   return R;
 }
