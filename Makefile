@@ -12,6 +12,8 @@ PY := $(VENV)/bin/python
 DEPS := torch==2.13.0 numpy scipy pillow scikit-image ninja "setuptools>=64" wheel triton pytest pytest-benchmark matplotlib
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*/*.cpp csrc/*/*.h kernels/*.cu kernels/*.cuh)
 BENCH_JSON ?= /tmp/mtlfast-bench.json
+# glibc malloc pinned for the benchmarks: see MALLOC_ENV in benchmarks/harness.py
+MALLOC_ENV := MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296
 
 .PHONY: install demo test bench clean
 
@@ -31,11 +33,11 @@ test: install
 	MTLFAST_REQUIRE_BACKENDS=cpu,triton $(PY) -m pytest tests -q
 
 demo: install
-	MTLFAST_BENCH_QUICK=1 $(PY) -m pytest benchmarks -q --benchmark-json=/tmp/mtlfast-demo.json
+	$(MALLOC_ENV) MTLFAST_BENCH_QUICK=1 $(PY) -m pytest benchmarks -q --benchmark-json=/tmp/mtlfast-demo.json
 	$(PY) benchmarks/report.py /tmp/mtlfast-demo.json
 
 bench: install
-	$(PY) -m pytest benchmarks -q --benchmark-json=$(BENCH_JSON)
+	$(MALLOC_ENV) $(PY) -m pytest benchmarks -q --benchmark-json=$(BENCH_JSON)
 	$(PY) benchmarks/report.py $(BENCH_JSON)
 	$(PY) benchmarks/bench_engine.py --plot $(BENCH_JSON)
 

@@ -42,6 +42,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     start = config.stash.get(_CPU_AT_START, None)
     machine_info["other_cpu_fraction"] = start.other_fraction_since() if start else None
     machine_info["torch"] = torch.__version__
+    machine_info["malloc_env"] = harness.malloc_env()
     machine_info["cuda"] = torch.version.cuda
     machine_info["mtlfast_cpu_isa"] = _extension.cpu_isa()
     machine_info["mtlfast_extension_error"] = _extension.extension_error()

@@ -18,7 +18,23 @@ from mtlfast import profiling
 __all__ = [
     "Budget", "FULL", "QUICK", "is_quick", "CpuTimes", "devices", "fused_backends",
     "device_name", "synchronize", "time_once", "copy_gbps", "peak_mem_bytes", "measure",
+    "MALLOC_ENV", "malloc_env",
 ]
+
+# glibc's malloc settings the CPU benchmarks run under (set in the environment before Python
+# starts: `make bench`, `make demo`, benchmarks/results/README.md). By default glibc maps blocks
+# above a threshold that moves with what was last freed, and gives the top of its heap back to
+# the OS past another: tensors of a few MiB to hundreds of MiB, allocated and freed on every call,
+# are then either reused or faulted in afresh (the kernel zeroing every page), depending on the
+# heap's history. Identical runs of one attention_distill case measured 4 to 23 ms apart that
+# way; with these two settings every block is reused, and the timings measure the kernels (for
+# every implementation alike), as with the caching allocators PyTorch recommends for CPU work.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 32)}
+
+
+def malloc_env() -> dict[str, str | None]:
+    """The values of :data:`MALLOC_ENV`'s variables in this process's environment."""
+    return {name: os.environ.get(name) for name in MALLOC_ENV}
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 BASELINES = ("eager_loop", "naive_head", "eager", "compile")
+MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")  # benchmarks/harness.py pins them
 BUSY_FRACTION = 0.05  # share of the CPU taken by other work above which timings are suspect
 
 
@@ -213,6 +214,12 @@ def _header(machine_info: dict) -> list[str]:
     ]
     if other is not None and other >= BUSY_FRACTION:
         lines.append("WARNING: other work ran on the machine during the run: unreliable timings.")
+    malloc = machine_info.get("malloc_env") or {}
+    pinned = {k: v for k, v in malloc.items() if v is not None}
+    lines.append("glibc malloc: " + (", ".join(f"{k}={v}" for k, v in pinned.items()) or "defaults"))
+    if set(pinned) != set(MALLOC_ENV):
+        lines.append("WARNING: glibc malloc not pinned (benchmarks/harness.py MALLOC_ENV): large tensors may be "
+                     "faulted in afresh on some calls and not others; CPU timings of one case varied 4x.")
     return lines + [""]
 
 
