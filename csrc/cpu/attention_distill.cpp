@@ -13,6 +13,7 @@
 
 #include "cpu/attention_distill.h"
 #include "cpu/dispatch.h"
+#include "cpu/stream.h"
 
 namespace mtlfast::cpu {
 namespace {
@@ -23,6 +24,11 @@ constexpr int64_t kChunk = 2048;
 
 // Element reads + writes per parallel task below which starting threads costs more than it saves.
 constexpr int64_t kGrainTouched = 32768;
+
+// Size of each gradient from which the backward's stores may bypass the caches (cpu/stream.h):
+// two such outputs next to three inputs of which two are as large overflow a 32 MiB L3. Measured
+// with reused output memory: 20-25% faster at 12 and 24 MiB per output, unchanged at 6 MiB.
+constexpr int64_t kStreamBytes = 8 << 20;
 
 const DtypeKernels& dtype_kernels(const char* op, at::ScalarType dtype) {
   static const IsaKernels table = MTLFAST_ISA_TABLE(attention_distill_kernels);
@@ -169,8 +175,9 @@ void attention_distill_bwd(const at::Tensor& grad_out, const at::Tensor& mask_lo
   if (grad_out.numel() == 0) {
     return;
   }
+  const bool stream = stream_into(grad_mask_logits, kStreamBytes) && stream_into(grad_messages, kStreamBytes);
   const BwdArgs args{work_of(grad_out), input(grad_out), input(mask_logits), input(messages),
-                     output(grad_mask_logits), output(grad_messages)};
+                     output(grad_mask_logits), output(grad_messages), stream};
   run(kernel, args, grad_out.size(0), 4 * args.work.S + 1);
 }
 

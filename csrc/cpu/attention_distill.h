@@ -34,6 +34,7 @@ struct BwdArgs {
   Work work;
   Input grad_out, mask_logits, messages;
   Output grad_mask_logits, grad_messages;
+  bool stream;  // the gradients' stores bypass the caches
 };
 
 // A kernel processes the items [begin, end).

@@ -97,10 +97,20 @@ void bwd(const BwdArgs& a, int64_t begin, int64_t end) {
         const V sig1 = sigmoid(m1);
         const V gv0 = g0 * sig0;
         const V gv1 = g1 * sig1;
-        St::store(grad_msg + p, gv0, gv1, count);
-        St::store(grad_mask + p, gv0 * v0 * (one - sig0), gv1 * v1 * (one - sig1), count);
+        const V gm0 = gv0 * v0 * (one - sig0);
+        const V gm1 = gv1 * v1 * (one - sig1);
+        if (a.stream && St::can_stream(grad_msg + p, count) && St::can_stream(grad_mask + p, count)) {
+          St::stream(grad_msg + p, gv0, gv1);
+          St::stream(grad_mask + p, gm0, gm1);
+        } else {
+          St::store(grad_msg + p, gv0, gv1, count);
+          St::store(grad_mask + p, gm0, gm1, count);
+        }
       });
     }
+  }
+  if (a.stream) {
+    stream_fence();
   }
 }
 

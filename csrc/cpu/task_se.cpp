@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "cpu/dispatch.h"
+#include "cpu/stream.h"
 #include "cpu/task_se.h"
 
 namespace mtlfast::cpu::task_se {
@@ -29,14 +30,13 @@ constexpr int64_t kChunk = 65536;
 // Elements of x per parallel task below which starting threads costs more than it saves.
 constexpr int64_t kGrain = 32768;
 
-// Output size from which its stores bypass the caches (measured 20-40% faster passes at 32 MiB,
-// mixed at 16 MiB, slower where the tensors fit in a 32 MiB L3): the pass's three or four tensors
-// of that size overflow the last-level cache, so the output reaches memory before anything reads
-// it, and a normal store would first read every line of it in.
+// Output size from which its stores may bypass the caches (cpu/stream.h; measured 20-40% faster
+// passes at 32 MiB, mixed at 16 MiB, slower where the tensors fit in a 32 MiB L3): the pass's
+// three or four tensors of that size overflow the last-level cache.
 constexpr int64_t kStreamBytes = 24 << 20;
 
 bool stream(const at::Tensor& out) {
-  return static_cast<int64_t>(out.nbytes()) >= kStreamBytes;
+  return stream_into(out, kStreamBytes);
 }
 
 const DtypeKernels& dtype_kernels(const char* op, at::ScalarType dtype) {

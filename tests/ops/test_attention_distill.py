@@ -72,6 +72,16 @@ def test_large_block_and_batch(backend):
     check_forward_backward(backend, f, m, v)
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_cpu_backward_large_enough_to_stream(dtype):
+    # gradients of 8 MiB and more, in memory already mapped in from the calls before, are written
+    # with streaming stores (csrc/cpu/stream.h): the same values as ordinary ones, odd tail included
+    require_backend("cpu")
+    f, m, v = inputs(1, 2, (4, 1024, 1031), dtype, ("contiguous",) * 3, requires_grad=True)
+    for _ in range(3):
+        check_forward_backward("cpu", f, m, v)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_empty_batch(backend):
     require_backend(backend)
