@@ -13,7 +13,7 @@ DEPS := torch==2.13.0 numpy scipy pillow scikit-image ninja "setuptools>=64" whe
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*/*.cpp csrc/*/*.h kernels/*.cu kernels/*.cuh)
 BENCH_JSON ?= /tmp/mtlfast-bench.json
 # glibc malloc pinned for the benchmarks: see MALLOC_ENV in benchmarks/harness.py
-MALLOC_ENV := MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296
+MALLOC_ENV := MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296
 
 .PHONY: install demo test bench clean
 

@@ -22,14 +22,15 @@ __all__ = [
 ]
 
 # glibc's malloc settings the CPU benchmarks run under (set in the environment before Python
-# starts: `make bench`, `make demo`, benchmarks/results/README.md). By default glibc maps blocks
-# above a threshold that moves with what was last freed, and gives the top of its heap back to
-# the OS past another: tensors of a few MiB to hundreds of MiB, allocated and freed on every call,
-# are then either reused or faulted in afresh (the kernel zeroing every page), depending on the
-# heap's history. Identical runs of one attention_distill case measured 4 to 23 ms apart that
-# way; with these two settings every block is reused, and the timings measure the kernels (for
-# every implementation alike), as with the caching allocators PyTorch recommends for CPU work.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 32)}
+# starts: `make bench`, `make demo`, benchmarks/results/README.md). By default glibc maps a block
+# afresh above a threshold that moves with what was last freed (up to 32 MiB), and gives the top
+# of its heap back to the OS past another: a tensor of a few MiB allocated and freed on every
+# call is then either reused or faulted in anew (the kernel zeroing every page), depending on the
+# heap's history, and identical runs of one attention_distill case measured 4 to 23 ms apart.
+# These settings fix glibc at its own steady state: blocks under 32 MiB come from the heap and
+# are reused, larger ones are mapped afresh on every call, as they are by default; every
+# implementation runs under them alike.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 32)}
 
 
 def malloc_env() -> dict[str, str | None]:
