@@ -1,8 +1,9 @@
 # The README's commands. Each creates the virtual environment and builds mtlfast if needed.
 #   make demo   install everything, then run the main job (today: the op benchmark report)
 #   make test   install everything, then run the whole test suite
-#   make bench  install everything, then run the full benchmark suites and save their JSON
-#               (and the engine's memory_vs_tasks.{json,png} next to it)
+#   make bench  install everything, then run the full benchmark suites, each in its own process
+#               (one suite's heap slowed the next one's largest cases up to 2.8x), and save
+#               their JSON in BENCH_DIR (and the engine's memory_vs_tasks.{json,png} next to it)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +12,8 @@ PY := $(VENV)/bin/python
 # pip from ever pulling another (CUDA) torch to build against.
 DEPS := torch==2.13.0 numpy scipy pillow scikit-image ninja "setuptools>=64" wheel triton pytest pytest-benchmark matplotlib
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*/*.cpp csrc/*/*.h kernels/*.cu kernels/*.cuh)
-BENCH_JSON ?= /tmp/mtlfast-bench.json
+BENCH_DIR ?= /tmp/mtlfast-bench
+SUITES := $(wildcard benchmarks/bench_*.py)
 # glibc malloc pinned for the benchmarks: see MALLOC_ENV in benchmarks/harness.py
 MALLOC_ENV := MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296
 
@@ -37,9 +39,12 @@ demo: install
 	$(PY) benchmarks/report.py /tmp/mtlfast-demo.json
 
 bench: install
-	$(MALLOC_ENV) $(PY) -m pytest benchmarks -q --benchmark-json=$(BENCH_JSON)
-	$(PY) benchmarks/report.py $(BENCH_JSON)
-	$(PY) benchmarks/bench_engine.py --plot $(BENCH_JSON)
+	mkdir -p $(BENCH_DIR)
+	for suite in $(SUITES); do \
+	  $(MALLOC_ENV) $(PY) -m pytest $$suite -q --benchmark-json=$(BENCH_DIR)/$$(basename $$suite .py).json || exit 1; \
+	done
+	$(PY) benchmarks/report.py $(patsubst benchmarks/%.py,$(BENCH_DIR)/%.json,$(SUITES))
+	$(PY) benchmarks/bench_engine.py --plot $(BENCH_DIR)/bench_engine.json
 
 clean:
 	rm -rf build *.egg-info mtlfast/_C*.so $(VENV)

@@ -1,9 +1,11 @@
-"""Tables and target checks from a pytest-benchmark JSON of the op benchmarks.
+"""Tables and target checks from pytest-benchmark JSONs of the op and engine benchmarks.
 
-    python benchmarks/report.py RESULTS.json [--markdown]
-    python -m benchmarks.report RESULTS.json [--markdown]
+    python benchmarks/report.py RESULTS.json [MORE.json ...] [--markdown]
+    python -m benchmarks.report RESULTS.json [MORE.json ...] [--markdown]
 
-RESULTS.json comes from ``pytest benchmarks --benchmark-json=RESULTS.json``. For every
+Each RESULTS.json comes from ``pytest benchmarks/bench_<suite>.py --benchmark-json=RESULTS.json``
+(``make bench`` runs each suite in its own process and file; several files are reported as one
+run, ``read``). For every
 (op, device, dtype, shape, variant, mode) the report prints one row per impl: median time, GB/s
 of the ideal traffic, that bandwidth as a % of a plain device copy moving as many bytes,
 speed-up over each baseline of the group (``eager_loop``, ``naive_head``, ``eager``,
@@ -159,10 +161,24 @@ class Group:
                 self.mode)
 
 
-def load(path: str) -> tuple[dict, dict[Group, list[Row]]]:
-    """The JSON's machine_info, and its op benchmarks by group, groups in report order."""
-    with open(path) as f:
-        data = json.load(f)
+def read(paths: Sequence[str]) -> dict:
+    """The pytest-benchmark JSONs at ``paths`` as one: their benchmarks in order, and the first's
+    machine_info with the largest ``other_cpu_fraction`` of them all."""
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            runs.append(json.load(f))
+    machine_info = dict(runs[0].get("machine_info", {}))
+    others = [r.get("machine_info", {}).get("other_cpu_fraction") for r in runs]
+    others = [o for o in others if o is not None]
+    machine_info["other_cpu_fraction"] = max(others) if others else None
+    return {"machine_info": machine_info,
+            "benchmarks": [b for r in runs for b in r.get("benchmarks", [])]}
+
+
+def load(data: dict) -> tuple[dict, dict[Group, list[Row]]]:
+    """machine_info and the op benchmarks by group, groups in report order, of a pytest-benchmark
+    JSON (``data``, parsed)."""
     groups: dict[Group, list[Row]] = {}
     for bench in data.get("benchmarks", []):
         info = bench.get("extra_info", {})
@@ -420,19 +436,14 @@ def render_engine(figures: dict, markdown: bool) -> tuple[list[str], list[tuple[
     return lines, checked
 
 
-def load_engine(path: str) -> dict:
-    """:func:`engine_figures` of the pytest-benchmark JSON at ``path``."""
-    with open(path) as f:
-        return engine_figures(json.load(f))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("json", help="pytest-benchmark JSON (--benchmark-json=...)")
+    parser.add_argument("json", nargs="+", help="pytest-benchmark JSONs (--benchmark-json=...)")
     parser.add_argument("--markdown", action="store_true", help="GitHub-flavoured markdown tables")
     args = parser.parse_args(argv)
-    machine_info, groups = load(args.json)
-    print("\n".join(render(machine_info, groups, args.markdown, load_engine(args.json))))
+    data = read(args.json)
+    machine_info, groups = load(data)
+    print("\n".join(render(machine_info, groups, args.markdown, engine_figures(data))))
     return 0
 
 
