@@ -12,7 +12,8 @@ import torch
 from . import reference
 from ._checks import check_same, check_tensor, shape_str
 from ._layout import empty_in_order, inner_order, to_inner_order
-from .backends import kernel, register_kernel, remember_backend, remembered_backend, runs_directly
+from .backends import (autograd_function, choose, kernel, register_kernel, remember_backend, remembered_backend,
+                       runs_directly)
 
 __all__ = ["attention_distill"]
 
@@ -94,6 +95,7 @@ def _backward(ctx, grad_out):
 
 
 _attention_distill.register_autograd(_backward, setup_context=_setup_context)
+_AttentionDistill = autograd_function("_AttentionDistill", _forward, _setup_context, _backward)
 
 
 def attention_distill(feats: torch.Tensor, mask_logits: torch.Tensor, messages: torch.Tensor) -> torch.Tensor:
@@ -112,7 +114,7 @@ def attention_distill(feats: torch.Tensor, mask_logits: torch.Tensor, messages: 
     device; any strides. Reduced precision accumulates in float32.
     """
     _check(feats, mask_logits, messages)
-    op = _forward if runs_directly(feats, mask_logits, messages) else _attention_distill
+    op = choose(_forward, _AttentionDistill.apply, _attention_distill, feats, mask_logits, messages)
     return op(feats, mask_logits, messages)
 
 

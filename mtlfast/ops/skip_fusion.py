@@ -14,7 +14,8 @@ import torch
 
 from . import reference
 from ._checks import check_same, check_tensor, shape_str
-from .backends import kernel, register_kernel, remember_backend, remembered_backend, runs_directly
+from .backends import (autograd_function, choose, kernel, register_kernel, remember_backend, remembered_backend,
+                       runs_directly)
 
 __all__ = ["skip_fusion"]
 
@@ -87,11 +88,15 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(weight, *scores)
 
 
-def _backward(ctx, grad_out):
+def _grads(ctx, grad_out):
     weight, *scores = ctx.saved_tensors
     with remembered_backend(ctx):
         op = _backward_kernel if runs_directly(grad_out, *scores, weight) else _skip_fusion_backward
-        grad_scores, grad_weight, grad_bias = op(grad_out, scores, weight)
+        return op(grad_out, scores, weight)
+
+
+def _backward(ctx, grad_out):
+    grad_scores, grad_weight, grad_bias = _grads(ctx, grad_out)
     need_scores, need_weight, need_bias, _ = ctx.needs_input_grad
     return (
         grad_scores if need_scores else None,
@@ -102,6 +107,37 @@ def _backward(ctx, grad_out):
 
 
 _skip_fusion.register_autograd(_backward, setup_context=_setup_context)
+
+# The autograd.Function of plain eager autograd (backends.choose) takes the scores last, one
+# argument each: autograd sees no tensor inside a list.
+
+
+def _function_forward(weight, bias, size, *scores):
+    return _forward(list(scores), weight, bias, size)
+
+
+def _function_setup_context(ctx, inputs, output):
+    weight, bias, size, *scores = inputs
+    _setup_context(ctx, (scores, weight, bias, size), output)
+
+
+def _function_backward(ctx, grad_out):
+    grad_scores, grad_weight, grad_bias = _grads(ctx, grad_out)
+    need_weight, need_bias, _, *need_scores = ctx.needs_input_grad
+    return (
+        grad_weight if need_weight else None,
+        grad_bias if ctx.has_bias and need_bias else None,
+        None,
+        *(g if need else None for g, need in zip(grad_scores, need_scores)),
+    )
+
+
+_SkipFusion = autograd_function("_SkipFusion", _function_forward, _function_setup_context, _function_backward)
+
+
+def _skip_fusion_function(scores, weight, bias, size):
+    return _SkipFusion.apply(weight, bias, size, *scores)
+
 
 
 def skip_fusion(
@@ -126,7 +162,7 @@ def skip_fusion(
     dtype = scores[0].dtype
     weight = weight.to(dtype)
     bias = bias.to(dtype) if bias is not None else None
-    op = _forward if runs_directly(*scores, weight, bias) else _skip_fusion
+    op = choose(_forward, _skip_fusion_function, _skip_fusion, *scores, weight, bias)
     return op(list(scores), weight, bias, list(size))
 
 

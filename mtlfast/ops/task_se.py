@@ -15,7 +15,8 @@ from types import SimpleNamespace
 import torch
 
 from ._checks import check_same, check_tensor, shape_str
-from .backends import kernel, register_kernel, remember_backend, remembered_backend, runs_directly
+from .backends import (autograd_function, choose, kernel, register_kernel, remember_backend, remembered_backend,
+                       runs_directly)
 
 __all__ = ["task_se"]
 
@@ -243,6 +244,7 @@ def _backward(ctx, grad_out, _grad_pooled):
 
 
 _task_se.register_autograd(_backward, setup_context=_setup_context)
+_TaskSE = autograd_function("_TaskSE", _forward, _setup_context, _backward)
 
 
 def task_se(
@@ -274,7 +276,7 @@ def task_se(
     Contiguous and channels-last inputs run in place; other strides are copied once.
     """
     _check(x, task, w1, b1, w2, b2, residual)
-    op = _forward if runs_directly(x, task, w1, b1, w2, b2, residual) else _task_se
+    op = choose(_forward, _TaskSE.apply, _task_se, x, task, w1, b1, w2, b2, residual)
     return op(x, task, w1, b1, w2, b2, residual, bool(relu))[0]
 
 

@@ -1,5 +1,6 @@
 """Backend selection: automatic choice, overrides, fallback without the extension."""
 
+import contextlib
 import os
 import sys
 import warnings
@@ -9,6 +10,7 @@ import torch
 
 from mtlfast import _extension
 from mtlfast.ops import available_backends, backends, current_backend, reference, use_backend
+from mtlfast.ops import skip_fusion, task_se
 from mtlfast.ops.attention_distill import attention_distill
 
 
@@ -118,7 +120,24 @@ def test_runs_directly_only_where_no_one_needs_the_op():
     assert not torch.compile(lambda t: t + backends.runs_directly(t), fullgraph=True)(x).ne(x).any()
 
 
-def test_inference_skips_the_custom_op_and_gives_its_result(monkeypatch):
+def test_choose_routes_each_call_by_who_must_see_the_op():
+    x, p = torch.randn(3), torch.nn.Parameter(torch.randn(3))
+    route = lambda *t: backends.choose("kernel", "function", "op", *t)  # noqa: E731
+    assert route(x, None) == "kernel"
+    assert route(x, p) == "function"  # plain eager autograd
+    with torch.no_grad():
+        assert route(x, p) == "kernel"
+    with _FunctionMode():
+        assert route(x, p) == "op"
+    with _Mode():
+        assert route(x) == "op"
+    seen = []
+    torch.func.grad(lambda t: seen.append(route(t)) or t.sum())(torch.randn(3))
+    assert seen == ["op"]  # functorch transforms see the torch.library op
+    assert torch.compile(lambda t: t + (route(t) == "op"), fullgraph=True)(x).ne(x).all()
+
+
+def test_plain_eager_skips_the_custom_op_and_gives_its_results(monkeypatch):
     module = sys.modules["mtlfast.ops.attention_distill"]  # the package exports the function by that name
     calls = []
     op, backward_op = module._attention_distill, module._attention_distill_backward
@@ -128,10 +147,48 @@ def test_inference_skips_the_custom_op_and_gives_its_result(monkeypatch):
     with torch.no_grad():
         direct = attention_distill(f, m, v)
     assert calls == []
-    through = attention_distill(f, m.requires_grad_(), v)
-    assert calls == ["forward"]  # autograd records the op...
-    through.sum().backward()
-    assert calls == ["forward"]  # ...whose backward, grad mode off, calls its kernel directly
-    torch.testing.assert_close(direct, through.detach(), rtol=0, atol=0)
+    function = attention_distill(f, m.requires_grad_(), v)  # autograd records the Function
+    function.sum().backward()
+    assert calls == []
+    grad_function, m.grad = m.grad, None
+    with _FunctionMode():  # a mode must see the op: the custom op with its registered autograd
+        through_op = attention_distill(f, m, v)
+        through_op.sum().backward()
+    assert calls == ["forward"]  # its backward, grad mode off, calls the kernel directly
+    for out in (function, through_op):
+        torch.testing.assert_close(out.detach(), direct, rtol=0, atol=0)
+    torch.testing.assert_close(grad_function, m.grad, rtol=0, atol=0)
     expected = torch.autograd.grad(reference.attention_distill(f, m, v).sum(), m)[0]
     torch.testing.assert_close(m.grad, expected)
+
+
+def _task_se_case():
+    x, r = torch.randn(4, 6, 3, 5), torch.randn(4, 6, 3, 5)
+    task = torch.tensor([1, 0, 1, 1])
+    params = [torch.randn(2, 3, 6), torch.randn(2, 3), torch.randn(2, 6, 3), torch.randn(2, 6)]
+    leaves = [x, r, *params]
+    return leaves, lambda x, r, *p: task_se(x, task, *p, residual=r, relu=True)
+
+
+def _skip_fusion_case():
+    scores = [torch.randn(2, 3, 4, 5), torch.randn(2, 3, 7, 3), torch.randn(2, 3, 2, 2)]
+    weight = torch.randn(3, 3)
+    leaves = [scores[0], scores[2], weight]  # scores[1] needs no gradient, bias is None
+    return leaves, lambda s0, s2, w: skip_fusion([s0, scores[1], s2], w, None, (6, 9))
+
+
+@pytest.mark.parametrize("case", (_task_se_case, _skip_fusion_case), ids=("task_se", "skip_fusion"))
+def test_function_and_custom_op_give_the_same_results(case):
+    leaves, fn = case()
+    leaves = [t.requires_grad_() for t in leaves]
+    grad_out = None
+    results = []
+    for mode in (contextlib.nullcontext, _FunctionMode):  # the autograd.Function, then the op
+        with mode():
+            out = fn(*leaves)
+            grad_out = torch.randn_like(out) if grad_out is None else grad_out
+            results.append((out.detach(), torch.autograd.grad(out, leaves, grad_out)))
+    (out_f, grads_f), (out_op, grads_op) = results
+    torch.testing.assert_close(out_f, out_op, rtol=0, atol=0)
+    for g_f, g_op in zip(grads_f, grads_op):
+        torch.testing.assert_close(g_f, g_op, rtol=0, atol=0)
