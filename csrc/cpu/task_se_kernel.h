@@ -292,8 +292,8 @@ void combine(const Combine& a, int64_t begin, int64_t end) {
 }
 
 // ---- the per-task linear layers (Mlp in task_se.h) ------------------------------------------
-// They read the weights of the group's tasks once per group (rows hot in L1 while the samples of
-// one task use them); the arithmetic is a few dot products and row updates per weight row.
+// They read the weights of the tasks present once per call (rows hot in L1 or L2 while the samples
+// of one task use them); the arithmetic is a few dot products and row updates per weight row.
 
 // out[k * out_stride] = sum_i a[i] * b[k * b_stride + i] over [0, n), for k < K: K dot products
 // sharing one sweep over a (a weight row serving the samples of one task). Four accumulators per

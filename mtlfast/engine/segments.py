@@ -78,6 +78,13 @@ def _is_float_tensor(x: Any) -> bool:
     return isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())
 
 
+def _detached_leaves(anchor: Any, wants: bool) -> tuple[list[Any], Any]:
+    """A segment's input cut from the graph before it: the anchor's leaves (floating tensors detached,
+    requiring grad iff ``wants``) and their structure."""
+    leaves, spec = tree_flatten(anchor)
+    return [a.detach().requires_grad_(wants) if _is_float_tensor(a) else a for a in leaves], spec
+
+
 def _requires_grad(x: Any) -> bool:
     return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_flatten(x)[0])
 
@@ -134,8 +141,7 @@ class CheckpointedTrunk:
 
     def _forward_kept(self, seg: list[nn.Module], anchor: Any, wants: bool) -> Any:
         """The last segment with autograd from its detached input; its graph kept, its output detached."""
-        leaves, anchor_spec = tree_flatten(anchor)
-        leaves = [a.detach().requires_grad_(wants) if _is_float_tensor(a) else a for a in leaves]
+        leaves, anchor_spec = _detached_leaves(anchor, wants)
         with torch.enable_grad():
             out = run_modules(seg, tree_unflatten(leaves, anchor_spec))
         self.anchors.append(None)
@@ -176,9 +182,7 @@ class CheckpointedTrunk:
                     # images as given: a gradient flows into them (or their graph) exactly as in naive
                     x = anchor
                 else:
-                    wants = self.needs_grad[s - 1]
-                    leaves, anchor_spec = tree_flatten(anchor)
-                    leaves = [a.detach().requires_grad_(wants) if _is_float_tensor(a) else a for a in leaves]
+                    leaves, anchor_spec = _detached_leaves(anchor, self.needs_grad[s - 1])
                     x = tree_unflatten(leaves, anchor_spec)
                 del anchor
                 replay = self.replays[s]

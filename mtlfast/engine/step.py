@@ -11,7 +11,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .graph import reaches
 from .plan import Branch, StepPlan, index_rows
 from .replay import device_types_of, no_autocast
-from .segments import CheckpointedTrunk, run_modules, split_segments, trunk_modules
+from .segments import CheckpointedTrunk, _is_float_tensor, run_modules, split_segments, trunk_modules
 
 __all__ = ["StepResult", "multi_branch_step"]
 
@@ -44,10 +44,6 @@ class StepResult:
     ran: list[str]
     skipped: list[str]
     task_grads: dict[str, Any] | None = None
-
-
-def _is_float_tensor(x: Any) -> bool:
-    return isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())
 
 
 def multi_branch_step(

@@ -152,14 +152,15 @@ def _forward(
     residual: torch.Tensor | None, relu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     k = kernel(OP, x.device, x.dtype)
-    if not (x.numel() and hasattr(k, "forward")):  # the whole-op kernel checks the indices itself
+    whole_op = x.numel() > 0 and hasattr(k, "forward")
+    if not whole_op:  # the whole-op kernel checks the indices itself
         _check_task_range(task, w1.shape[0])
     fmt = _format(x)
     x = x.contiguous(memory_format=fmt)
     residual = None if residual is None else residual.contiguous(memory_format=fmt)
     pooled = x.new_empty(x.shape[:2], dtype=_acc_dtype(x))
     out = torch.empty_like(x, memory_format=fmt)
-    if x.numel() and hasattr(k, "forward"):
+    if whole_op:
         k.forward(x, task, *_acc_params(pooled.dtype, w1, b1, w2, b2), residual, relu, out, pooled)
     elif x.numel():
         k.pool(x, pooled)
