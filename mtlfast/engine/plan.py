@@ -174,10 +174,30 @@ class StepPlan:
                 f"but images have {self.batch_size}"
             )
 
+    def _label_source(self, task: str) -> str | None:
+        """The key of ``labeled`` that holds ``task``'s flags: ``task`` itself, else the one
+        '/'-separated component of ``task`` that is a key of ``labeled`` (a deep-supervision key
+        such as ``"deep_supervision/scale_0/semseg"`` or ``"semseg/scale_0.5"`` inherits the mask
+        of ``"semseg"``), else None (every sample is labelled)."""
+        if task in self.labeled:
+            return task
+        parents = [part for part in task.split("/") if part in self.labeled] if "/" in task else []
+        if len(parents) > 1:
+            raise ValueError(
+                f"task {task!r} is not in labeled and could inherit the flags of several of its "
+                f"components {parents}: give labeled[{task!r}] explicitly"
+            )
+        return parents[0] if parents else None
+
     def task_rows(self, task: str) -> TaskRows:
-        """The samples labelled for ``task``, from ``labeled[task]`` (absent or None: all)."""
+        """The samples labelled for ``task``, from ``labeled`` at :meth:`_label_source` (None: all)."""
         if task in self._rows:
             return self._rows[task]
+        source = self._label_source(task)
+        if source is not None and source != task:
+            rows = self.task_rows(source)  # shared: one host sync per mask, however many keys use it
+            self._rows[task] = rows
+            return rows
         n = self.batch_size
         mask = self.labeled.get(task)
         if mask is None:

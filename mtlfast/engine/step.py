@@ -105,7 +105,11 @@ def multi_branch_step(
         targets: task -> (N, ...) target (or a structure of such tensors).
         loss_fns: task -> ``fn(prediction, target) -> 0-dim tensor``, given labelled rows only.
         labeled: task -> (N,) bool, whether each sample carries the task's label; None, or a
-            task missing from it, means every sample does.
+            task missing from it, means every sample does. A task missing from it whose
+            '/'-separated components include one key of ``labeled`` takes that key's flags: a
+            deep-supervision prediction (``"deep_supervision/scale_0/semseg"``, UberNet's
+            ``"semseg/scale_0.5"``) is labelled where its task is, even when ``labeled`` is not
+            expanded with ``model.expand``. Several such components raise ValueError.
         weights: task -> float (or one-element tensor) w_t; 1 when missing.
         strategy: "recompute" or "naive".
         segments: the number of trunk segments (anchors) in recompute mode, in [1, L]; default
