@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ..backbones.hrnet import HRNet
+from .base import MultiTaskModel
 from .tasks import DEFAULT_OUT_CHANNELS, resolve_tasks
 
 __all__ = [
@@ -16,7 +18,6 @@ __all__ = [
     "SizeCarry",
     "backbone_segments",
     "deep_supervision_key",
-    "expand_deep_supervision",
     "resize",
     "split_size",
     "task_outputs",
@@ -50,18 +51,6 @@ def deep_supervision_key(level: int | str, task: str) -> str:
     ``"deep_supervision/initial/semseg"`` (str level)."""
     level = f"scale_{level}" if isinstance(level, int) else level
     return f"{DEEP_SUPERVISION}/{level}/{task}"
-
-
-def expand_deep_supervision(mapping: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
-    """``mapping`` (task -> value) extended to every output key: a deep-supervision key
-    ``deep_supervision/<level>/<task>`` gets ``mapping[task]``. Keys whose task is missing are left out."""
-    out = dict(mapping)
-    for key in keys:
-        if key.startswith(DEEP_SUPERVISION + "/") and key not in out:
-            task = key.rsplit("/", 1)[1]
-            if task in mapping:
-                out[key] = mapping[task]
-    return out
 
 
 def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -125,12 +114,16 @@ def backbone_segments(backbone: nn.Module) -> list[nn.Module]:
     return list(segments()) if callable(segments) else [backbone]
 
 
-class JointDecoderModel(nn.Module):
+class JointDecoderModel(MultiTaskModel):
     """A backbone (HRNet-18 unless given) and one cross-task decoder (MTI-Net, PAD-Net), which the
     memory engine runs as its single branch.
 
-    Subclasses build ``decoder`` (with ``task_names``, the final tasks, and ``tasks``, every key its
-    forward returns in the current mode) and define ``trunk`` and ``forward``.
+    Subclasses build ``decoder`` (with ``task_names``, the final tasks, ``out_channels`` and
+    ``tasks``, every key its forward returns in the current mode) and define ``trunk`` and
+    ``forward``. The protocol of :class:`MultiTaskModel` follows: ``heads`` is
+    ``{"decoder": decoder}``, :meth:`expand` maps each task's value onto its deep-supervision keys
+    ``"deep_supervision/<level>/<task>"`` (the decoder lists them in training mode), and
+    :meth:`parameter_split` gives each task the decoder's layers kept under its name.
     """
 
     decoder: nn.Module
@@ -140,14 +133,16 @@ class JointDecoderModel(nn.Module):
         self.backbone = HRNet() if backbone is None else backbone
 
     @property
-    def tasks(self) -> list[str]:
+    def tasks(self) -> list[str]:  # type: ignore[override]
         """The final tasks (without deep-supervision keys)."""
         return list(self.decoder.task_names)
 
     @property
-    def heads(self) -> dict[str, nn.Module]:
-        return {"decoder": self.decoder}
+    def out_channels(self) -> dict[str, int]:  # type: ignore[override]
+        """task -> output channels C_t."""
+        return dict(self.decoder.out_channels)
 
-    def expand(self, mapping: Mapping[str, Any]) -> dict[str, Any]:
-        """task -> value (targets, loss functions, weights, labels) extended to the deep-supervision keys."""
-        return expand_deep_supervision(mapping, self.decoder.tasks)
+    @property
+    def heads(self) -> dict[str, nn.Module]:  # type: ignore[override]
+        """``{"decoder": decoder}``: one joint head whose ``tasks`` lists every key it returns."""
+        return {"decoder": self.decoder}

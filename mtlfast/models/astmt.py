@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from ..backbones import Backbone, MobileNetV2, ResNet
-from ..nn import ResidualAdapter, TaskBatchNorm2d, TaskSE
 from ._build import aspp_rates
 from .base import MultiTaskModel
 from .heads import DeepLabV3PlusDecoder, resize
@@ -124,8 +123,8 @@ class ASTMT(MultiTaskModel):
             if backbone not in _BACKBONES:
                 raise ValueError(f"astmt backbone must be one of {sorted(_BACKBONES)} or an instance, got {backbone!r}")
             cls, depth = _BACKBONES[backbone]
-            opts = dict(output_stride=output_stride, width=width, se=True, num_tasks=t, task_se=se_encoder,
-                        task_bn=bn_encoder)
+            opts = {"output_stride": output_stride, "width": width, "se": True, "num_tasks": t,
+                    "task_se": se_encoder, "task_bn": bn_encoder}
             if cls is ResNet:
                 self.backbone = ResNet(depth, adapters=adapters, **opts)
             else:
@@ -140,11 +139,15 @@ class ASTMT(MultiTaskModel):
         self.heads = nn.ModuleDict({name: nn.Conv2d(head_channels, n, 1) for name, n in self.out_channels.items()})
 
     @property
-    def trunk(self):  # type: ignore[override]
-        raise AttributeError(
-            "ASTMT runs one task per sample through the whole network: it has no shared trunk; "
-            "use multi_branch_step(*model.engine_branches(), ...)"
-        )
+    def trunk(self) -> nn.Sequential:
+        """The identity, as an nn.Sequential: the trunk of :meth:`engine_branches`.
+
+        ASTMT modulates its encoder per task (task SE, task batch norm, adapters) from the first
+        block on, so its encoder computes something else for each task: the only representation
+        common to all tasks is the image itself, and each branch is a whole single-task pass. (A
+        model is built this way whatever its options, so that one trainer path serves them all.)
+        """
+        return nn.Sequential(nn.Identity())
 
     def engine_branches(self) -> tuple[nn.Sequential, dict[str, nn.Module]]:
         """(trunk, heads) for :func:`mtlfast.engine.multi_branch_step`: the identity as the trunk and
@@ -152,7 +155,7 @@ class ASTMT(MultiTaskModel):
 
         Shapes: each branch (K, 3, H, W) -> (K, C_t, H, W) for the K samples labelled for its task.
         """
-        return nn.Sequential(nn.Identity()), {name: _SingleTaskPass(self, i) for i, name in enumerate(self.tasks)}
+        return self.trunk, {name: _SingleTaskPass(self, i) for i, name in enumerate(self.tasks)}
 
     def _task_index(self, task: int | str) -> int:
         if isinstance(task, str):
@@ -197,24 +200,3 @@ class ASTMT(MultiTaskModel):
     def discriminator(self, num_tasks: int | None = None, hidden: int = 256) -> GradientDiscriminator:
         """A gradient discriminator on the encoder output's gradients ((N, channels[-1], h, w) -> (N, T, h, w))."""
         return GradientDiscriminator(self.backbone.channels[-1], num_tasks or len(self.tasks), hidden)
-
-    def parameter_split(self) -> tuple[int, dict[str, int]]:
-        """Heads per task; rows of stacked per-task tensors (task SE, task BN, adapters) 1/T each; the rest shared."""
-        t = len(self.tasks)
-        shared, per_task = 0, {name: 0 for name in self.tasks}
-        stacked = set()
-        for m in self.modules():
-            if isinstance(m, (TaskSE, TaskBatchNorm2d)) and m.num_tasks == t > 1:
-                stacked |= {id(p) for p in m.parameters(recurse=False)}
-            if isinstance(m, ResidualAdapter):
-                stacked.add(id(m.adapter_weight))
-        for name, p in self.named_parameters():
-            parts = name.split(".")
-            if parts[0] == "heads":
-                per_task[parts[1]] += p.numel()
-            elif id(p) in stacked:
-                for k in per_task:
-                    per_task[k] += p.numel() // t
-            else:
-                shared += p.numel()
-        return shared, per_task

@@ -41,7 +41,7 @@ class ASPP(nn.Module):
     def __init__(self, in_channels: int, channels: int = 256, rates: tuple[int, ...] = (6, 12, 18), *,
                  separable: bool = False, num_tasks: int = 1, task_bn: bool = False) -> None:
         super().__init__()
-        opts = dict(separable=separable, num_tasks=num_tasks, task_bn=task_bn)
+        opts = {"separable": separable, "num_tasks": num_tasks, "task_bn": task_bn}
         self.branches = nn.ModuleList([_conv_block(in_channels, channels, 1, **opts)]
                                       + [_conv_block(in_channels, channels, 3, r, **opts) for r in rates])
         self.pool = _conv_block(in_channels, channels, 1, **opts)
@@ -71,7 +71,7 @@ class DeepLabV3PlusDecoder(nn.Module):
                  rates: tuple[int, ...] = (6, 12, 18), *, separable: bool = False, se: bool = False,
                  num_tasks: int = 1, task_se: bool = False, task_bn: bool = False) -> None:
         super().__init__()
-        opts = dict(separable=separable, num_tasks=num_tasks, task_bn=task_bn)
+        opts = {"separable": separable, "num_tasks": num_tasks, "task_bn": task_bn}
         self.aspp = ASPP(high_channels, channels, rates, **opts)
         self.reduce = _conv_block(low_channels, low_reduced, 1, **opts)
         self.fuse1 = _conv_block(channels + low_reduced, channels, 3, **opts)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..backbones.residual import BasicBlock
 from ..nn import MultiModalDistillation, TaskSE
 from ._common import (
     JointDecoderModel,
@@ -17,7 +19,6 @@ from ._common import (
     task_outputs,
     trunk_of,
 )
-from ..backbones.residual import BasicBlock
 
 __all__ = ["FeaturePropagation", "InitialTaskPrediction", "MTINet", "MTINetDecoder"]
 
@@ -213,8 +214,9 @@ class MTINet(JointDecoderModel):
 
     Args:
         tasks: task names; default every task of ``dataset``.
-        dataset: "pascal" (semseg 21, parts 7, saliency 1, normals 3, edge 1) or "nyud"
-            (semseg 40, depth 1, normals 3, edge 1): the default output channels.
+        dataset: "pascal" (semseg 21, parts 7, saliency 1, normals 3, edge 1), "nyud"
+            (semseg 40, depth 1, normals 3, edge 1) or "synthetic" (semseg 5, parts 7, saliency 1,
+            normals 3, edge 1, depth 1): the default output channels.
         out_channels: task -> output channels, overriding the dataset's.
         backbone: a module returning 4 features finest first, with ``channels`` and ``strides``
             attributes (optionally ``segments()``, its forward as a chain of modules, which become
@@ -228,9 +230,13 @@ class MTINet(JointDecoderModel):
     ``"deep_supervision/scale_<s>/<task>"``; :meth:`expand` maps targets and loss functions to them
     (the paper weighs them like the final predictions).
 
-    For :func:`mtlfast.engine.multi_branch_step`: ``trunk`` (the backbone as an nn.Sequential; its
-    output carries a size token, see :class:`mtlfast.models._common.SizeCarry`) and ``heads``
-    (``{"decoder": self.decoder}``, a joint decoder with a ``tasks`` attribute).
+    For :func:`mtlfast.engine.multi_branch_step`, ``engine_branches()`` is ``(trunk, heads)``:
+    ``trunk`` the backbone as an nn.Sequential (its output carries a size token, see
+    :class:`mtlfast.models._common.SizeCarry`), ``heads`` ``{"decoder": self.decoder}``, a joint
+    decoder with a ``tasks`` attribute. :meth:`parameter_split` counts as task t's the decoder's
+    layers under t's name (initial[s].refinement[t], initial[s].decoders[t], aggregation[t]) and
+    1/T of the stacked per-task tensors (the propagation modules' task SE, the distillation
+    convolutions, whose row k is target task k's); the rest (backbone, harmonisation) is shared.
 
     Deviations from the paper and the authors' release (models/mti_net.py):
     - features are upsampled to the finer scale's exact size rather than by a factor 2 (the

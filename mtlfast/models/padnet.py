@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..backbones.residual import Bottleneck
 from ..nn import MultiModalDistillation
 from ._common import (
     JointDecoderModel,
@@ -17,7 +19,6 @@ from ._common import (
     task_outputs,
     trunk_of,
 )
-from ..backbones.residual import Bottleneck
 
 __all__ = ["PADNet", "PADNetDecoder", "ScaleFusion"]
 
@@ -130,7 +131,9 @@ class PADNet(JointDecoderModel):
 
     ``trunk`` is the backbone followed by the scale fusion (the release counts the fusion as part
     of the backbone), so the branching point is the fused (N, sum(channels), H/4, W/4) map;
-    ``heads`` is ``{"decoder": self.decoder}``.
+    ``heads`` is ``{"decoder": self.decoder}``. :meth:`parameter_split` counts as task t's the
+    decoder's ``initial[t]``, ``initial_out[t]``, ``final[t]`` and 1/T of the distillation
+    convolutions (row k is target task k's); the backbone and the fusion are shared.
 
     Deviations from the PAD-Net paper (Xu et al.) and MTI-Net's release (models/padnet.py): as in
     MTI-Net's comparison, the backbone is multi-scale (HRNet-18) with its scales fused at 1/4,

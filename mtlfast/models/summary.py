@@ -19,7 +19,9 @@ class ModelSummary:
         params_total: every parameter, counted once.
         params_shared: parameters used by every task.
         params_per_task: task -> its own parameters (``model.parameter_split()``: parameters
-            under ``heads.<task>``, and for ASTMT each task's row of the stacked per-task tensors).
+            under a module dict entry named for the task, e.g. ``heads.<task>`` or a joint
+            decoder's per-task layers, and 1/T of each stacked per-task tensor: task SE, task
+            batch norm, adapters, distillation).
             ``params_shared + sum(params_per_task.values()) == params_total``.
         macs: multiply-adds of one eval-mode forward pass over all tasks (FlopCounterMode's
             FLOPs / 2), for the batch in ``input_size``. The fused custom ops (task SE,
@@ -35,8 +37,8 @@ class ModelSummary:
     input_size: tuple[int, ...]
 
     def __str__(self) -> str:
-        rows = [f"input {self.input_size}: {self.params_total / 1e6:.2f}M parameters, "
-                f"{self.params_shared / 1e6:.2f}M shared, {self.macs / 1e9:.2f} GMACs"]
+        rows = [(f"input {self.input_size}: {self.params_total / 1e6:.2f}M parameters, "
+                 f"{self.params_shared / 1e6:.2f}M shared, {self.macs / 1e9:.2f} GMACs")]
         rows += [f"  {t}: {n / 1e6:.3f}M own parameters" for t, n in self.params_per_task.items()]
         return "\n".join(rows)
 

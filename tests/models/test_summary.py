@@ -1,7 +1,9 @@
 """summary: parameter attribution adds up, sizes match known networks."""
 
-from mtlfast.backbones import ResNet
-from mtlfast.models import create, summary
+from torch import nn
+
+from mtlfast.backbones import HRNet, ResNet
+from mtlfast.models import MTINet, PADNet, create, summary
 
 
 def test_resnet50_baseline_shares_the_encoder():
@@ -27,3 +29,37 @@ def test_astmt_counts_task_rows_and_all_tasks():
     assert all(s.params_per_task[t] > heads[t] for t in model.tasks)  # adapters, task SE and BN rows
     one = create("astmt", ["semseg"], width=0.125, head_channels=16, adapters=True)
     assert summary(one, (33, 47)).macs < s.macs  # forward_all runs every task
+
+
+def _count(*modules):
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
+def _tiny_hrnet():
+    return HRNet(channels=(4, 8, 8, 8), modules=(1, 1, 1), blocks=1, stem_blocks=1)
+
+
+def test_mtinet_counts_its_decoder_per_task():
+    model = MTINet(["semseg", "normals", "edge"], backbone=_tiny_hrnet())
+    s = summary(model, (33, 47))
+    assert s.params_shared + sum(s.params_per_task.values()) == s.params_total
+    d, t = model.decoder, 3
+    for task in model.tasks:
+        own = _count(*(d.initial[i].refinement[task] for i in range(4)), *(d.initial[i].decoders[task] for i in range(4)),
+                     d.aggregation[task])
+        rows = _count(*(p.se for p in d.propagation), *d.distillation)  # one row per task, stacked
+        assert rows % t == 0
+        assert s.params_per_task[task] == own + rows // t, task
+    harmonisation = _count(*(nn.ModuleList([p.non_linear, p.dimensionality_reduction]) for p in d.propagation))
+    assert s.params_shared == _count(model.backbone) + harmonisation
+
+
+def test_padnet_counts_its_decoder_per_task():
+    model = PADNet(["semseg", "depth"], dataset="nyud", backbone=_tiny_hrnet(), width=16)
+    s = summary(model, (33, 47))
+    assert s.params_shared + sum(s.params_per_task.values()) == s.params_total
+    d = model.decoder
+    for task in model.tasks:
+        own = _count(d.initial[task], d.initial_out[task], d.final[task])
+        assert s.params_per_task[task] == own + _count(d.distillation) // 2, task
+    assert s.params_shared == _count(model.backbone, model.fuse)
