@@ -61,7 +61,7 @@ class MTLBaseline(MultiTaskModel):
     (default plain ResNet-50); the DeepLab heads have no ASPP dropout (as in the ASTMT release).
 
     Args:
-        tasks: task names; out_channels from ``dataset`` ("pascal" or "nyud") unless overridden.
+        tasks: task names; out_channels from ``dataset`` ("pascal", "nyud" or "synthetic") unless overridden.
         backbone: a registry name (default "resnet50") or a backbone module (see
             :func:`mtlfast.models._build.make_backbone`).
         head: "deeplab" or "simple"; head_channels: 256 (DeepLab's width).

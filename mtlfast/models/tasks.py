@@ -7,10 +7,13 @@ from collections.abc import Mapping, Sequence
 __all__ = ["DEFAULT_OUT_CHANNELS", "resolve_tasks"]
 
 #: dataset -> task -> output channels: PASCAL-Context (21 classes, 7 parts incl. background,
-#: saliency, normals, edges) and NYUD-v2 (40 classes, depth, normals, edges).
+#: saliency, normals, edges), NYUD-v2 (40 classes, depth, normals, edges) and the embedded
+#: synthetic scenes with their default shapes (``mtlfast.data.SyntheticScenes()``: 5 classes
+#: floor, wall, sphere, box, cylinder; 7 parts, background and two per shape; all six tasks).
 DEFAULT_OUT_CHANNELS = {
     "pascal": {"semseg": 21, "parts": 7, "saliency": 1, "normals": 3, "edge": 1},
     "nyud": {"semseg": 40, "depth": 1, "normals": 3, "edge": 1},
+    "synthetic": {"semseg": 5, "parts": 7, "saliency": 1, "normals": 3, "edge": 1, "depth": 1},
 }
 
 
