@@ -1,7 +1,10 @@
 """Multi-task dense-prediction models: UberNet, ASTMT, MTI-Net, PAD-Net, and the shared-encoder and
 single-task baselines.
 
-``create(name, tasks, backbone=..., **options)`` builds one by name (``list_models()``);
+Every model is a :class:`MultiTaskModel` (``tasks``, ``out_channels``, ``trunk``, ``heads``,
+``expand``, ``engine_branches``), so a trainer, the engine and a user's own loop treat them alike.
+``create(name, tasks, backbone=..., **options)`` builds one by name (``list_models()``;
+``create("single_task", task, like=family)`` the single-task network of a family);
 ``summary(model, input_size)`` counts its parameters (shared / per task) and multiply-adds.
 """
 
@@ -11,12 +14,27 @@ from .baseline import MTLBaseline, SingleTask
 from .mtinet import MTINet
 from .padnet import PADNet
 from .registry import create, list_models, register
+from .single_task import HRNetSingleTask
 from .summary import ModelSummary, summary
 from .tasks import DEFAULT_OUT_CHANNELS, resolve_tasks
 from .ubernet import UberNet, scale_key
 
 __all__ = [
-    "ASTMT", "DEFAULT_OUT_CHANNELS", "GradientDiscriminator", "MTINet", "ModelSummary", "MTLBaseline",
-    "MultiTaskModel", "PADNet", "SingleTask", "UberNet", "create", "list_models", "register", "resolve_tasks",
-    "scale_key", "summary",
+    "ASTMT",
+    "DEFAULT_OUT_CHANNELS",
+    "GradientDiscriminator",
+    "HRNetSingleTask",
+    "MTINet",
+    "MTLBaseline",
+    "ModelSummary",
+    "MultiTaskModel",
+    "PADNet",
+    "SingleTask",
+    "UberNet",
+    "create",
+    "list_models",
+    "register",
+    "resolve_tasks",
+    "scale_key",
+    "summary",
 ]

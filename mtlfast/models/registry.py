@@ -1,4 +1,8 @@
-"""Models by name: ``create("astmt", ["semseg", "normals"], backbone="se_resnet26")``; one line per model."""
+"""Models by name: ``create("astmt", ["semseg", "normals"], backbone="se_resnet26")``; one line per model.
+
+``create("single_task", "semseg", like="mtinet")`` is the single-task network of a model family, the
+reference of its Delta_m (see :func:`mtlfast.models.single_task.single_task`).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,10 @@ from torch import nn
 
 from ._build import make_backbone
 from .astmt import ASTMT
-from .baseline import MTLBaseline, SingleTask
+from .baseline import MTLBaseline
 from .mtinet import MTINet
 from .padnet import PADNet
+from .single_task import single_task
 from .ubernet import UberNet
 
 __all__ = ["create", "list_models", "register"]
@@ -41,7 +46,7 @@ def create(name: str, tasks: Sequence[str], backbone=None, **options) -> nn.Modu
 
 
 register("mtl_baseline", MTLBaseline)
-register("single_task", SingleTask)
+register("single_task", single_task)
 register("ubernet", UberNet)
 register("astmt", ASTMT)
 
