@@ -10,21 +10,25 @@ from .edges import MAX_DIST_NYUD, MAX_DIST_PASCAL, EdgeMeter, edge_counts, edge_
 from .normals import NormalsMeter
 from .saliency import SALIENCY_THRESHOLDS, SaliencyMeter
 from .segmentation import SegmentationMeter
+from .tasks import NUM_CLASSES, for_task, prediction_for_meter
 
 __all__ = [
     "DEFAULT_METRIC",
-    "DepthMeter",
-    "EdgeMeter",
     "HIGHER_IS_BETTER",
     "LOWER_IS_BETTER",
     "MAX_DIST_NYUD",
     "MAX_DIST_PASCAL",
-    "NormalsMeter",
+    "NUM_CLASSES",
     "SALIENCY_THRESHOLDS",
+    "DepthMeter",
+    "EdgeMeter",
+    "NormalsMeter",
     "SaliencyMeter",
     "SegmentationMeter",
     "delta_m",
     "edge_counts",
     "edge_scores",
+    "for_task",
     "match_edges",
+    "prediction_for_meter",
 ]
