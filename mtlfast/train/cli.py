@@ -1,0 +1,178 @@
+"""The ``mtlfast`` command: ``train``, ``eval``, ``report`` and ``configs``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+class _UsageError(Exception):
+    """A command that cannot run as given: printed as one line, exit status 2."""
+
+
+_EPILOG = """examples:
+  mtlfast configs
+  mtlfast train synthetic --out runs/demo
+  mtlfast train configs/mtinet_pascal.yaml --set data.root=/data/PASCAL_MT --set train.max_steps=40000
+  mtlfast train --resume runs/demo
+  mtlfast eval runs/demo                  # best.pt of the run, on its validation split
+  mtlfast eval runs/demo/checkpoints/last.pt --split train
+  mtlfast report runs/demo
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mtlfast",
+        description="Train and evaluate multi-task dense-prediction networks.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser(
+        "train", help="train from a config (a file or a shipped config's name), or resume a run"
+    )
+    t.add_argument("config", nargs="?", help="config file or name (see `mtlfast configs`)")
+    t.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.max_steps=100 (repeatable; values are YAML)",
+    )
+    t.add_argument("--out", help="run directory (default runs/<config>-<date>-<time>)")
+    t.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its newest valid checkpoint",
+    )
+    e = sub.add_parser("eval", help="evaluate a run's best checkpoint, or a checkpoint file")
+    e.add_argument("target", help="a run directory or a checkpoint file")
+    e.add_argument(
+        "--split",
+        choices=["val", "train"],
+        default="val",
+        help="which split to evaluate (default val)",
+    )
+    e.add_argument(
+        "--checkpoint",
+        choices=["best", "last"],
+        default="best",
+        help="with a run directory: which checkpoint (default best)",
+    )
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    e.add_argument("--out", help="also write the results to this JSON file")
+    r = sub.add_parser("report", help="print the per-task table of a finished run")
+    r.add_argument("run_dir")
+    sub.add_parser("configs", help="list the shipped configs")
+    return p
+
+
+def _train(args) -> int:
+    from .config import load_config
+    from .report import results_table
+    from .trainer import Trainer
+
+    if args.resume:
+        if args.config:
+            raise _UsageError("give either CONFIG or --resume RUN_DIR, not both")
+        trainer = Trainer.resume(args.resume, args.overrides or None)
+    else:
+        if not args.config:
+            raise _UsageError("a CONFIG (file or shipped name) or --resume RUN_DIR is required")
+        config = load_config(args.config, args.overrides)
+        out = args.out or f"runs/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if (Path(out) / "checkpoints").is_dir() and any((Path(out) / "checkpoints").iterdir()):
+            raise _UsageError(f"{out} already holds a run; use --resume {out} or another --out")
+        trainer = Trainer(config, out)
+    trainer.runtime.print(f"run directory: {trainer.run_dir}")
+    results = trainer.fit()
+    trainer.runtime.print(results_table(results, trainer.baselines))
+    return 0
+
+
+def _eval(args) -> int:
+    from .checkpoint import load_checkpoint
+    from .config import load_config
+    from .trainer import Trainer
+
+    target = Path(args.target)
+    if target.is_dir():
+        path = target / "checkpoints" / f"{args.checkpoint}.pt"
+        if not path.is_file():
+            raise _UsageError(f"{path} does not exist")
+    else:
+        path = target
+    state = load_checkpoint(path)
+    if "config" not in state:
+        raise _UsageError(
+            f"{path} holds no config; evaluate it from Python with mtlfast.train.evaluate"
+        )
+    overrides = list(args.overrides) + ["train.progress=true"]
+    config = load_config(state["config"], overrides)
+    trainer = Trainer(config)
+    trainer.model.load_state_dict(state["model"])
+    if args.split == "train":
+        trainer.eval_set = trainer.train_set
+    results = trainer.evaluate(recalibrate=False)
+    results["checkpoint"] = str(path)
+    results["step"] = state.get("step")
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        from ._runtime import atomic_write_bytes
+
+        atomic_write_bytes(args.out, text + "\n")
+    return 0
+
+
+def _report(args) -> int:
+    from .evaluate import load_baselines
+    from .report import results_table
+
+    run = Path(args.run_dir)
+    try:
+        results = json.loads((run / "results.json").read_text())
+    except FileNotFoundError:
+        raise _UsageError(f"{run} has no results.json (is the run finished?)") from None
+    baselines = None
+    config = run / "config.yaml"
+    if config.is_file():
+        from .config import load_config
+
+        baselines = load_baselines(load_config(config).eval.baselines)
+    print(results_table(results, baselines))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "configs":
+        from .config import CONFIG_DIR, list_configs
+
+        for name in list_configs():
+            first = ""
+            for line in (CONFIG_DIR / f"{name}.yaml").read_text().splitlines():
+                if line.startswith("#"):
+                    first = line.lstrip("# ").strip()
+                    break
+            print(f"{name:<24} {first}")
+        return 0
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+
+    try:
+        return {"train": _train, "eval": _eval, "report": _report}[args.command](args)
+    except (_UsageError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"mtlfast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

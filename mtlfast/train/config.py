@@ -1,0 +1,487 @@
+"""Typed run configurations: YAML files loaded into dataclasses, validated, with ``a.b=c`` overrides.
+
+A config file holds the sections of :class:`Config` (``model``, ``data``, ``loss``, ``optim``,
+``schedule``, ``train``, ``eval``) plus ``seed`` and ``tasks``. Every key is checked against
+the dataclasses: an unknown or misspelled key, a value of the wrong type or a missing required
+value raises :class:`ConfigError` naming the key and the file. A config may start from another
+with ``base: NAME`` (a shipped config or a path, resolved next to the file); its keys then
+override the base's, section by section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "config_to_dict",
+    "find_config",
+    "list_configs",
+    "load_config",
+    "parse_overrides",
+]
+
+#: the shipped configs (``mtlfast/configs``; ``configs/`` at the repository root links there)
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+_MISSING = dataclasses.MISSING
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used: the message names the key and the file."""
+
+
+@dataclass
+class ModelConfig:
+    """Which network: ``mtlfast.models.create(name, tasks, backbone=backbone, dataset=..., **options)``.
+
+    ``baseline_like``: the family of the single-task baselines that delta_m compares with
+    (``models.create("single_task", task, like=...)``); None: the model's own name.
+    """
+
+    name: str = _MISSING  # type: ignore[assignment]
+    backbone: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    baseline_like: str | None = None
+
+
+@dataclass
+class DataConfig:
+    """The data: ``dataset`` "synthetic" (generated, the default), "pascal" or "nyud" (``root``).
+
+    ``size`` is the training crop (and the synthetic render size); ``labels`` (synthetic only)
+    None, "random" or a list of task lists (UberNet's partially labelled sources).
+    ``eval_samples``: validation images (synthetic) or None for the whole split.
+    """
+
+    dataset: Literal["synthetic", "pascal", "nyud"] = "synthetic"
+    root: str | None = None
+    size: int = 64
+    batch_size: int = 8
+    eval_batch_size: int | None = None
+    num_workers: int = 0
+    train_samples: int = 4000
+    eval_samples: int | None = 200
+    labels: str | list[list[str]] | None = None
+    label_prob: float = 0.5
+    augment: bool = True
+    train_split: str = "train"
+    eval_split: str = "val"
+
+
+@dataclass
+class LossConfig:
+    """Task losses: ``weights`` task -> w_t, or "pascal" / "nyud" (the releases' weights), or
+    None (all 1); ``options`` task -> keyword arguments of ``mtlfast.losses.for_task``
+    (e.g. ``depth: {gradient_weight: 1.0}``); ``deep_supervision`` the weight factor of the
+    deep-supervision predictions relative to their task's (MTI-Net: 1)."""
+
+    weights: str | dict[str, float] | None = None
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    deep_supervision: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    """The optimiser. ``lr_multipliers``: parameter-name prefix -> learning-rate factor (the
+    longest matching prefix wins, e.g. ``{heads: 10}``); ``no_weight_decay_on_norms`` leaves
+    batch-norm weights and biases out of weight decay."""
+
+    name: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = 1e-4
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
+    no_weight_decay_on_norms: bool = False
+
+
+@dataclass
+class ScheduleConfig:
+    """The learning rate per step: a linear warm-up from ``warmup_factor * lr`` over
+    ``warmup_steps``, then ``kind`` "poly" (``(1 - step / max_steps) ** power``, the releases'),
+    "cosine" or "constant"."""
+
+    kind: Literal["poly", "cosine", "constant"] = "poly"
+    power: float = 0.9
+    warmup_steps: int = 0
+    warmup_factor: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    """The loop. ``strategy``: the memory engine's "recompute" (default) or "naive" (plain
+    autograd through the engine). ``threads``: torch's intra-op threads (None: see
+    :func:`mtlfast.train.default_threads`). ``precision``: fp32, bf16 (autocast) or fp16
+    (autocast with a gradient scaler, CUDA). ``nonfinite``: "skip" a step whose loss or
+    gradients are not finite (at most ``max_consecutive_nonfinite`` in a row), or "raise"."""
+
+    max_steps: int = 1000
+    eval_every: int = 500
+    checkpoint_every: int = 500
+    log_every: int = 10
+    keep_last: int = 2
+    strategy: Literal["recompute", "naive"] = "recompute"
+    segments: int | None = None
+    grad_clip: float | None = None
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: str = "auto"
+    threads: int | None = None
+    deterministic: bool = False
+    nonfinite: Literal["skip", "raise"] = "skip"
+    max_consecutive_nonfinite: int = 5
+    progress: bool = True
+    tensorboard: bool = True
+    plots: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation. ``select``: "delta_m" (needs ``baselines``) or "<task>/<metric>" (e.g.
+    "semseg/mIoU"), the validation figure that picks ``best.pt``; "auto" is delta_m when
+    baselines are known, else the mean over tasks of the change against the first evaluation.
+    ``baselines``: single-task results, a JSON file (task -> {metric: value}) or a dict.
+    ``bn_recalibration``: batches of training data on which batch-norm running statistics are
+    re-estimated before each evaluation (precise-BN); None: 0 when the run is longer than
+    ``bn_recalibration_until`` steps, else 20 batches.
+    ``edge_thresholds``: thresholds of the edge evaluation (the toolbox's 99).
+    ``before_training``: also evaluate the untrained model (the demo's "before" column)."""
+
+    select: str = "auto"
+    baselines: str | dict[str, dict[str, float]] | None = None
+    bn_recalibration: int | None = None
+    bn_recalibration_until: int = 20000
+    edge_thresholds: int = 99
+    max_batches: int | None = None
+    before_training: bool = False
+
+
+@dataclass
+class Config:
+    """A whole run. ``tasks`` and ``model.name`` are required; everything else has a default."""
+
+    tasks: list[str] = _MISSING  # type: ignore[assignment]
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def list_configs() -> list[str]:
+    """Names of the shipped configs (``mtlfast train NAME`` finds them)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def find_config(name_or_path: str | Path) -> Path:
+    """The config file for a path or a shipped config's name; FileNotFoundError naming both."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = CONFIG_DIR / f"{path.name.removesuffix('.yaml')}.yaml"
+    if path.parent == Path(".") and shipped.is_file():
+        return shipped
+    raise FileNotFoundError(
+        f"config {str(name_or_path)!r} is neither a file nor a shipped config "
+        f"(shipped: {', '.join(list_configs())})"
+    )
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["train.max_steps=10", "tasks=[semseg, depth]"]`` -> nested dict; values are YAML."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(
+                f"--set expects KEY=VALUE with a dotted key (e.g. train.max_steps=10), got {item!r}"
+            )
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key}: the value {value!r} is not valid YAML ({e})") from None
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part!r} is set to a value and used as a section")
+        node[parts[-1]] = parsed
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: a config must be a mapping of sections, got {type(data).__name__}"
+        )
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must be a config name or path, got {base!r}")
+    base_path = path.parent / base if (path.parent / base).is_file() else find_config(base)
+    base_path = base_path.resolve()
+    if base_path in seen or base_path == path.resolve():
+        raise ConfigError(f"{path}: base {base!r} makes a cycle")
+    return _merge(_read_yaml(base_path, (*seen, path.resolve())), data)
+
+
+def load_config(source: str | Path | dict, overrides: list[str] | dict | None = None) -> Config:
+    """A validated :class:`Config` from a YAML file, a shipped config's name or a dict, then
+    ``overrides`` (``["a.b=c", ...]`` or a nested dict) on top."""
+    if isinstance(source, dict):
+        data, where = dict(source), "<dict>"
+    else:
+        path = find_config(source)
+        data, where = _read_yaml(path), str(path)
+    if overrides:
+        over = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        data = _merge(data, over)
+        where = f"{where} (with --set overrides)"
+    config = _build(Config, data, "", where)
+    _check_values(config, where)
+    return config
+
+
+def config_to_dict(config: Config) -> dict:
+    """The config as plain containers (for YAML and checkpoints)."""
+    return dataclasses.asdict(config)
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+    if tp is type(None):
+        return "null"
+    if tp is Any:
+        return "any value"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check(value: Any, tp: Any, key: str, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _check(value, option, key, where)
+            except ConfigError:
+                continue
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif origin is list:
+        if isinstance(value, (list, tuple)):
+            (item,) = typing.get_args(tp)
+            return [_check(v, item, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict):
+            k_tp, v_tp = typing.get_args(tp)
+            return {
+                _check(k, k_tp, key, where): _check(v, v_tp, f"{key}.{k}", where)
+                for k, v in value.items()
+            }
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{where}: {key} must be {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: Any, prefix: str, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{where}: {prefix.rstrip('.') or 'the config'} must be a mapping, got {data!r}"
+        )
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        import difflib
+
+        hints_txt = []
+        for k in unknown:
+            close = difflib.get_close_matches(str(k), list(fields), n=1)
+            hints_txt.append(
+                f"{prefix}{k}" + (f" (did you mean {prefix}{close[0]}?)" if close else "")
+            )
+        raise ConfigError(
+            f"{where}: unknown key {', '.join(hints_txt)}; {prefix.rstrip('.') or 'the config'} "
+            f"has {', '.join(prefix + f for f in fields)}"
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        key = prefix + name
+        tp = hints[name]
+        if name not in data:
+            if f.default is _MISSING and f.default_factory is _MISSING:  # type: ignore[misc]
+                raise ConfigError(f"{where}: {key} is required and missing")
+            continue
+        value = data[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value if value is not None else {}, key + ".", where)
+        else:
+            kwargs[name] = _check(value, tp, key, where)
+    return cls(**kwargs)
+
+
+# (key, predicate, what it must be) for values whose type alone does not make them valid
+_RULES = [
+    ("seed", lambda c: c.seed >= 0, "a non-negative int"),
+    (
+        "tasks",
+        lambda c: len(c.tasks) > 0 and len(set(c.tasks)) == len(c.tasks),
+        "a non-empty list of distinct task names",
+    ),
+    ("data.size", lambda c: c.data.size >= 8, "at least 8"),
+    ("data.batch_size", lambda c: c.data.batch_size >= 1, "at least 1"),
+    (
+        "data.eval_batch_size",
+        lambda c: c.data.eval_batch_size is None or c.data.eval_batch_size >= 1,
+        "at least 1",
+    ),
+    ("data.num_workers", lambda c: c.data.num_workers >= 0, "a non-negative int"),
+    (
+        "data.train_samples",
+        lambda c: c.data.train_samples >= c.data.batch_size,
+        "at least data.batch_size",
+    ),
+    (
+        "data.eval_samples",
+        lambda c: c.data.eval_samples is None or c.data.eval_samples >= 1,
+        "at least 1",
+    ),
+    ("data.label_prob", lambda c: 0 < c.data.label_prob <= 1, "in (0, 1]"),
+    ("optim.lr", lambda c: c.optim.lr > 0, "positive"),
+    ("optim.momentum", lambda c: 0 <= c.optim.momentum < 1, "in [0, 1)"),
+    ("optim.weight_decay", lambda c: c.optim.weight_decay >= 0, "non-negative"),
+    (
+        "optim.betas",
+        lambda c: len(c.optim.betas) == 2 and all(0 <= b < 1 for b in c.optim.betas),
+        "two numbers in [0, 1)",
+    ),
+    (
+        "optim.lr_multipliers",
+        lambda c: all(v >= 0 for v in c.optim.lr_multipliers.values()),
+        "non-negative factors",
+    ),
+    ("schedule.power", lambda c: c.schedule.power >= 0, "non-negative"),
+    ("schedule.warmup_steps", lambda c: c.schedule.warmup_steps >= 0, "a non-negative int"),
+    ("schedule.warmup_factor", lambda c: 0 <= c.schedule.warmup_factor <= 1, "in [0, 1]"),
+    ("train.max_steps", lambda c: c.train.max_steps >= 1, "at least 1"),
+    (
+        "train.eval_every",
+        lambda c: c.train.eval_every >= 0,
+        "a non-negative int (0: only at the end)",
+    ),
+    (
+        "train.checkpoint_every",
+        lambda c: c.train.checkpoint_every >= 0,
+        "a non-negative int (0: only at the end)",
+    ),
+    ("train.log_every", lambda c: c.train.log_every >= 1, "at least 1"),
+    ("train.keep_last", lambda c: c.train.keep_last >= 1, "at least 1"),
+    ("train.segments", lambda c: c.train.segments is None or c.train.segments >= 1, "at least 1"),
+    ("train.grad_clip", lambda c: c.train.grad_clip is None or c.train.grad_clip > 0, "positive"),
+    ("train.threads", lambda c: c.train.threads is None or c.train.threads >= 1, "at least 1"),
+    (
+        "train.max_consecutive_nonfinite",
+        lambda c: c.train.max_consecutive_nonfinite >= 1,
+        "at least 1",
+    ),
+    ("loss.deep_supervision", lambda c: c.loss.deep_supervision >= 0, "non-negative"),
+    (
+        "eval.bn_recalibration",
+        lambda c: c.eval.bn_recalibration is None or c.eval.bn_recalibration >= 0,
+        "a non-negative int",
+    ),
+    ("eval.edge_thresholds", lambda c: c.eval.edge_thresholds >= 1, "at least 1"),
+    (
+        "eval.max_batches",
+        lambda c: c.eval.max_batches is None or c.eval.max_batches >= 1,
+        "at least 1",
+    ),
+]
+
+
+def _check_values(config: Config, where: str) -> None:
+    for key, ok, what in _RULES:
+        if not ok(config):
+            value = config
+            for part in key.split("."):
+                value = getattr(value, part)
+            raise ConfigError(f"{where}: {key} must be {what}, got {value!r}")
+    if isinstance(config.loss.weights, str) and config.loss.weights not in ("pascal", "nyud"):
+        raise ConfigError(
+            f"{where}: loss.weights must be 'pascal', 'nyud', a mapping task -> weight or null, "
+            f"got {config.loss.weights!r}"
+        )
+    if isinstance(config.data.labels, str) and config.data.labels != "random":
+        raise ConfigError(
+            f"{where}: data.labels must be null, 'random' or a list of task lists, "
+            f"got {config.data.labels!r}"
+        )

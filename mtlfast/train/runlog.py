@@ -1,0 +1,203 @@
+"""A run's scalar log: ``log.csv`` (step, wall time, tag, value), TensorBoard events when the
+optional ``tensorboard`` package is installed, and PNG plots drawn from the CSV.
+
+Tags are ``train/loss/<task>``, ``train/loss``, ``train/lr``, ``train/grad_norm``,
+``train/images_per_s``, ``val/<task>/<metric>``, ``val/delta_m`` and ``train/weight/<task>``.
+On resume, rows and events after the checkpoint's step are dropped, so nothing is duplicated.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from ._runtime import Runtime, atomic_write_bytes
+
+__all__ = ["RunLog", "draw_plots", "read_log"]
+
+_HEADER = ["step", "time", "tag", "value"]
+
+
+def read_log(path: str | Path) -> list[dict]:
+    """The rows of a ``log.csv``: dicts with int step, float time, str tag, float value."""
+    rows = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            try:
+                rows.append(
+                    {
+                        "step": int(r["step"]),
+                        "time": float(r["time"]),
+                        "tag": r["tag"],
+                        "value": float(r["value"]),
+                    }
+                )
+            except (KeyError, TypeError, ValueError):
+                continue  # a row cut short by a crash
+    return rows
+
+
+class RunLog:
+    """Appends scalars to ``run_dir/log.csv`` and TensorBoard (main process only).
+
+    ``resume_step``: the step of the checkpoint a resumed run starts from; rows after it are
+    dropped from the CSV and TensorBoard purges its events after it.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        runtime: Runtime,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.path = Path(run_dir) / "log.csv"
+        self.writer = None
+        self.start = time.time()
+        self._file = None
+        if not runtime.is_main:
+            return
+        if resume_step is not None and self.path.exists():
+            kept = [r for r in read_log(self.path) if r["step"] <= resume_step]
+            buf = io.StringIO()
+            w = csv.writer(buf)
+            w.writerow(_HEADER)
+            for r in kept:
+                w.writerow([r["step"], f"{r['time']:.3f}", r["tag"], repr(r["value"])])
+            atomic_write_bytes(self.path, buf.getvalue())
+            if kept:
+                self.start -= max(r["time"] for r in kept)
+        elif not self.path.exists() or resume_step is None:
+            atomic_write_bytes(self.path, ",".join(_HEADER) + "\n")
+        self._file = open(self.path, "a", newline="")  # noqa: SIM115 (open for the whole run; closed by close())
+        self._csv = csv.writer(self._file)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                runtime.warn(
+                    "tensorboard is not installed: logging to log.csv only "
+                    "(pip install tensorboard, or train.tensorboard=false)"
+                )
+            else:
+                purge = None if resume_step is None else resume_step + 1
+                self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        """Logs ``values`` (tag -> number) at ``step``; non-finite numbers are kept as nan/inf."""
+        if self._file is None:
+            return
+        now = time.time() - self.start
+        for tag, v in values.items():
+            v = float(v)
+            self._csv.writerow([step, f"{now:.3f}", tag, repr(v)])
+            if self.writer is not None:
+                self.writer.add_scalar(tag, v, step)
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out, acc, q = [], 0.0, []
+    for v in values:
+        q.append(v)
+        acc += v
+        if len(q) > window:
+            acc -= q.pop(0)
+        out.append(acc / len(q))
+    return out
+
+
+def draw_plots(run_dir: str | Path) -> list[Path]:
+    """PNG plots of ``run_dir/log.csv`` in ``run_dir/plots``: per-task training loss, learning
+    rate, validation metrics over steps, and task weights when logged. Returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    rows = read_log(run_dir / "log.csv")
+    series: dict[str, tuple[list[int], list[float]]] = defaultdict(lambda: ([], []))
+    for r in rows:
+        if math.isfinite(r["value"]):
+            series[r["tag"]][0].append(r["step"])
+            series[r["tag"]][1].append(r["value"])
+    out_dir = run_dir / "plots"
+    out_dir.mkdir(exist_ok=True)
+    written = []
+
+    def save(fig, name):
+        path = out_dir / name
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        atomic_write_bytes(path, buf.getvalue())
+        written.append(path)
+
+    losses = sorted(t for t in series if t.startswith("train/loss/"))
+    if losses:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for tag in losses:
+            steps, values = series[tag]
+            ax.plot(steps, _smooth(values, 10), label=tag.removeprefix("train/loss/"))
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (unweighted, smoothed over 10 logs)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        save(fig, "train_loss.png")
+    if "train/lr" in series:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(*series["train/lr"])
+        ax.set_xlabel("step")
+        ax.set_ylabel("learning rate")
+        ax.grid(alpha=0.3)
+        save(fig, "learning_rate.png")
+    metrics = sorted(t for t in series if t.startswith("val/") and t.count("/") == 2)
+    if metrics:
+        by_task: dict[str, list[str]] = defaultdict(list)
+        for tag in metrics:
+            by_task[tag.split("/")[1]].append(tag)
+        n = len(by_task)
+        cols = min(n, 3)
+        fig, axes = plt.subplots(
+            (n + cols - 1) // cols,
+            cols,
+            figsize=(4.2 * cols, 3.2 * ((n + cols - 1) // cols)),
+            squeeze=False,
+        )
+        for ax, (task, tags) in zip(axes.flat, sorted(by_task.items())):
+            for tag in tags:
+                ax.plot(*series[tag], marker="o", ms=3, label=tag.split("/")[2])
+            ax.set_title(task)
+            ax.set_xlabel("step")
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
+        for ax in list(axes.flat)[n:]:
+            ax.axis("off")
+        fig.tight_layout()
+        save(fig, "val_metrics.png")
+    weights = sorted(t for t in series if t.startswith("train/weight/"))
+    if weights:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for tag in weights:
+            ax.plot(*series[tag], label=tag.removeprefix("train/weight/"))
+        ax.set_xlabel("step")
+        ax.set_ylabel("task weight")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        save(fig, "task_weights.png")
+    return written
