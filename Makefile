@@ -1,9 +1,11 @@
 # The README's commands. Each creates the virtual environment and builds mtlfast if needed.
-#   make demo   install everything, then run the main job (today: the op benchmark report)
+#   make demo   install everything, then the main job: train the `synthetic` config (MTI-Net on
+#               the embedded scenes, 6 tasks) on the CPU and print the per-task table
 #   make test   install everything, then run the whole test suite
 #   make bench  install everything, then run the full benchmark suites, each in its own process
 #               (one suite's heap slowed the next one's largest cases up to 2.8x), and save
 #               their JSON in BENCH_DIR (and the engine's memory_vs_tasks.{json,png} next to it)
+#   make bench-quick   the op and engine suites in quick mode, with their report
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,11 +15,13 @@ PY := $(VENV)/bin/python
 DEPS := torch==2.13.0 numpy scipy pillow scikit-image ninja "setuptools>=64" wheel triton pytest pytest-benchmark matplotlib pyyaml tqdm tensorboard
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*/*.cpp csrc/*/*.h kernels/*.cu kernels/*.cuh)
 BENCH_DIR ?= /tmp/mtlfast-bench
-SUITES := $(wildcard benchmarks/bench_*.py)
+DEMO_DIR ?= runs/demo
+# bench_trainer.py is a script (the whole trainer, minutes), not a pytest-benchmark suite
+SUITES := $(filter-out benchmarks/bench_trainer.py,$(wildcard benchmarks/bench_*.py))
 # glibc malloc pinned for the benchmarks: see MALLOC_ENV in benchmarks/harness.py
 MALLOC_ENV := MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-quick clean
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
@@ -35,8 +39,12 @@ test: install
 	MTLFAST_REQUIRE_BACKENDS=cpu,triton $(PY) -m pytest tests -q
 
 demo: install
-	$(MALLOC_ENV) MTLFAST_BENCH_QUICK=1 $(PY) -m pytest benchmarks -q --benchmark-json=/tmp/mtlfast-demo.json
-	$(PY) benchmarks/report.py /tmp/mtlfast-demo.json
+	rm -rf $(DEMO_DIR)
+	$(VENV)/bin/mtlfast train synthetic --out $(DEMO_DIR)
+
+bench-quick: install
+	$(MALLOC_ENV) MTLFAST_BENCH_QUICK=1 $(PY) -m pytest $(SUITES) -q --benchmark-json=/tmp/mtlfast-bench-quick.json
+	$(PY) benchmarks/report.py /tmp/mtlfast-bench-quick.json
 
 bench: install
 	mkdir -p $(BENCH_DIR)
@@ -45,6 +53,7 @@ bench: install
 	done
 	$(PY) benchmarks/report.py $(patsubst benchmarks/%.py,$(BENCH_DIR)/%.json,$(SUITES))
 	$(PY) benchmarks/bench_engine.py --plot $(BENCH_DIR)/bench_engine.json
+	$(PY) benchmarks/bench_trainer.py --out $(BENCH_DIR)/bench_trainer.json
 
 clean:
 	rm -rf build *.egg-info mtlfast/_C*.so $(VENV)

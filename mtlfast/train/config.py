@@ -64,14 +64,14 @@ class ModelConfig:
 class DataConfig:
     """The data: ``dataset`` "synthetic" (generated, the default), "pascal" or "nyud" (``root``).
 
-    ``size`` is the training crop (and the synthetic render size); ``labels`` (synthetic only)
+    ``size`` is the training crop (and the synthetic render size), an int or [H, W]; ``labels`` (synthetic only)
     None, "random" or a list of task lists (UberNet's partially labelled sources).
     ``eval_samples``: validation images (synthetic) or None for the whole split.
     """
 
     dataset: Literal["synthetic", "pascal", "nyud"] = "synthetic"
     root: str | None = None
-    size: int = 64
+    size: int | list[int] = 64
     batch_size: int = 8
     eval_batch_size: int | None = None
     num_workers: int = 0
@@ -210,34 +210,57 @@ def find_config(name_or_path: str | Path) -> Path:
     )
 
 
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(
+            f"--set expects KEY=VALUE with a dotted key (e.g. train.max_steps=10), got {item!r}"
+        )
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: the value {value!r} is not valid YAML ({e})") from None
+    return key.split("."), parsed
+
+
+def _assign(data: dict, parts: list[str], value: Any) -> None:
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(
+                f"--set {'.'.join(parts)}: {'.'.join(parts[: i + 1])} is a value, not a section"
+            )
+        else:
+            child = node[part] = dict(child)  # never write into the caller's containers
+        node = child
+    node[parts[-1]] = value
+
+
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     """``["train.max_steps=10", "tasks=[semseg, depth]"]`` -> nested dict; values are YAML."""
     out: dict[str, Any] = {}
     for item in items or []:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(
-                f"--set expects KEY=VALUE with a dotted key (e.g. train.max_steps=10), got {item!r}"
-            )
-        try:
-            parsed = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {key}: the value {value!r} is not valid YAML ({e})") from None
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {part!r} is set to a value and used as a section")
-        node[parts[-1]] = parsed
+        _assign(out, *_parse_override(item))
     return out
 
 
-def _merge(base: dict, over: dict) -> dict:
+def _merge(base: dict, over: dict, cls: type = None) -> dict:
+    """``over`` on top of ``base``: sections (dataclass fields) merge key by key, every other
+    value, dicts such as ``loss.weights`` included, is replaced whole."""
+    cls = Config if cls is None else cls
+    hints = typing.get_type_hints(cls)
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        tp = hints.get(k)
+        section = tp is not None and dataclasses.is_dataclass(tp)
+        if section and isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v, tp)
+        else:
+            out[k] = v
     return out
 
 
@@ -277,11 +300,25 @@ def load_config(source: str | Path | dict, overrides: list[str] | dict | None = 
         path = find_config(source)
         data, where = _read_yaml(path), str(path)
     if overrides:
-        over = parse_overrides(overrides) if isinstance(overrides, list) else overrides
-        data = _merge(data, over)
+        if isinstance(overrides, dict):
+            data = _merge(data, overrides)
+        else:
+            # a dotted key sets one value, also inside a dict-valued field (model.options.width=2)
+            for item in overrides:
+                _assign(data, *_parse_override(item))
         where = f"{where} (with --set overrides)"
     config = _build(Config, data, "", where)
     _check_values(config, where)
+    baselines = config.eval.baselines
+    if (
+        isinstance(baselines, str)
+        and not isinstance(source, dict)
+        and not Path(baselines).is_absolute()
+    ):
+        # a results file shipped beside the config (e.g. synthetic_single_task.json)
+        beside = find_config(source).parent / baselines
+        if beside.is_file():
+            config.eval.baselines = str(beside.resolve())
     return config
 
 
@@ -397,7 +434,11 @@ _RULES = [
         lambda c: len(c.tasks) > 0 and len(set(c.tasks)) == len(c.tasks),
         "a non-empty list of distinct task names",
     ),
-    ("data.size", lambda c: c.data.size >= 8, "at least 8"),
+    (
+        "data.size",
+        lambda c: all(v >= 8 for v in _pair(c.data.size)) and len(_pair(c.data.size)) == 2,
+        "an int or [H, W], each at least 8",
+    ),
     ("data.batch_size", lambda c: c.data.batch_size >= 1, "at least 1"),
     (
         "data.eval_batch_size",
@@ -466,6 +507,10 @@ _RULES = [
         "at least 1",
     ),
 ]
+
+
+def _pair(size: int | list[int]) -> list[int]:
+    return [size, size] if isinstance(size, int) else list(size)
 
 
 def _check_values(config: Config, where: str) -> None:

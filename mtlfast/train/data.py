@@ -156,10 +156,11 @@ def build_datasets(config: Config) -> tuple[Dataset, Dataset]:
         )
     if not os.path.isdir(data.root):
         layout = (
-            "PASCAL-Context as released for ASTMT / MTI-Net: JPEGImages/, semseg/pascal-context/, "
-            "human_parts/, sal_distill/, normals_distill/, pascal-context/trainval/, ImageSets/Context/"
+            "the PASCAL-Context multi-task release of ASTMT / MTI-Net (JPEGImages/, ImageSets/Context/, "
+            "semseg/, human_parts/, sal_distill/, normals_distill/, ...; see mtlfast.data.PascalContext)"
             if data.dataset == "pascal"
-            else "NYUD-v2 in MTI-Net's layout: images/, segmentation/, depth/, normals/, edge/, gt_sets/"
+            else "NYUD-v2 in MTI-Net's, ATRC's or ASTMT's layout (images/, segmentation/, depth/, "
+            "normals/, edge/, gt_sets/; see mtlfast.data.NYUD)"
         )
         raise FileNotFoundError(f"data.root: {data.root} does not exist; expected {layout}")
     cls = PascalContext if data.dataset == "pascal" else NYUD

@@ -109,24 +109,26 @@ class RunLog:
             self.writer = None
 
 
-def _smooth(values: list[float], window: int) -> list[float]:
-    out, acc, q = [], 0.0, []
+def _ema(values: list[float], alpha: float = 0.2) -> list[float]:
+    out, acc = [], None
     for v in values:
-        q.append(v)
-        acc += v
-        if len(q) > window:
-            acc -= q.pop(0)
-        out.append(acc / len(q))
+        acc = v if acc is None else (1 - alpha) * acc + alpha * v
+        out.append(acc)
     return out
 
 
-def draw_plots(run_dir: str | Path) -> list[Path]:
-    """PNG plots of ``run_dir/log.csv`` in ``run_dir/plots``: per-task training loss, learning
-    rate, validation metrics over steps, and task weights when logged. Returns the files written."""
+def draw_plots(run_dir: str | Path, references: dict[str, dict] | None = None) -> list[Path]:
+    """PNG plots of ``run_dir/log.csv`` in ``run_dir/plots``: ``train_loss.png`` (each task's
+    unweighted training loss, raw and smoothed), ``learning_rate.png``, ``val_metrics.png``
+    (each task's delta_m metric over steps, with ``references``, name -> task -> {metric:
+    value}, as dashed lines, e.g. the constant predictor and the single-task networks) and
+    ``task_weights.png`` when weights were logged. Returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from ..metrics import DEFAULT_METRIC, LOWER_IS_BETTER
 
     run_dir = Path(run_dir)
     rows = read_log(run_dir / "log.csv")
@@ -147,15 +149,24 @@ def draw_plots(run_dir: str | Path) -> list[Path]:
         atomic_write_bytes(path, buf.getvalue())
         written.append(path)
 
-    losses = sorted(t for t in series if t.startswith("train/loss/"))
+    # final tasks only: deep-supervision losses (tags with a further '/') stay in the CSV
+    losses = sorted(t for t in series if t.startswith("train/loss/") and t.count("/") == 2)
     if losses:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for tag in losses:
+        for i, tag in enumerate(losses):
             steps, values = series[tag]
-            ax.plot(steps, _smooth(values, 10), label=tag.removeprefix("train/loss/"))
+            colour = f"C{i % 10}"
+            ax.plot(steps, values, color=colour, alpha=0.25, lw=0.8)
+            # about 20 points' worth of memory whatever the run's length; short runs barely smoothed
+            ax.plot(
+                steps,
+                _ema(values, min(1.0, 20 / len(values))),
+                color=colour,
+                label=tag.removeprefix("train/loss/"),
+            )
         ax.set_yscale("log")
         ax.set_xlabel("step")
-        ax.set_ylabel("training loss (unweighted, smoothed over 10 logs)")
+        ax.set_ylabel("training loss (unweighted; smoothed and raw)")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         save(fig, "train_loss.png")
@@ -166,23 +177,22 @@ def draw_plots(run_dir: str | Path) -> list[Path]:
         ax.set_ylabel("learning rate")
         ax.grid(alpha=0.3)
         save(fig, "learning_rate.png")
-    metrics = sorted(t for t in series if t.startswith("val/") and t.count("/") == 2)
-    if metrics:
-        by_task: dict[str, list[str]] = defaultdict(list)
-        for tag in metrics:
-            by_task[tag.split("/")[1]].append(tag)
-        n = len(by_task)
+    tasks = sorted({t.split("/")[1] for t in series if t.startswith("val/") and t.count("/") == 2})
+    tasks = [t for t in tasks if f"val/{t}/{DEFAULT_METRIC.get(t, '')}" in series]
+    if tasks:
+        n = len(tasks)
         cols = min(n, 3)
-        fig, axes = plt.subplots(
-            (n + cols - 1) // cols,
-            cols,
-            figsize=(4.2 * cols, 3.2 * ((n + cols - 1) // cols)),
-            squeeze=False,
-        )
-        for ax, (task, tags) in zip(axes.flat, sorted(by_task.items())):
-            for tag in tags:
-                ax.plot(*series[tag], marker="o", ms=3, label=tag.split("/")[2])
-            ax.set_title(task)
+        nrows = (n + cols - 1) // cols
+        fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
+        for ax, task in zip(axes.flat, tasks):
+            metric = DEFAULT_METRIC[task]
+            ax.plot(*series[f"val/{task}/{metric}"], marker="o", ms=3, label="this run")
+            for j, (name, results) in enumerate((references or {}).items()):
+                value = (results or {}).get(task, {}).get(metric)
+                if value is not None:
+                    ax.axhline(value, ls="--", lw=1, color=f"C{j + 1}", label=name)
+            better = "lower" if metric in LOWER_IS_BETTER else "higher"
+            ax.set_title(f"{task}: {metric} ({better} is better)", fontsize=9)
             ax.set_xlabel("step")
             ax.legend(fontsize=7)
             ax.grid(alpha=0.3)

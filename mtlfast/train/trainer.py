@@ -6,6 +6,7 @@ import contextlib
 import math
 import os
 import random
+import re
 import resource
 import time
 import warnings
@@ -28,7 +29,7 @@ from ._runtime import Runtime
 from .config import Config, config_to_dict, load_config
 from .data import MODEL_DATASET, batch_to, build_datasets, eval_loader, train_loader
 from .evaluate import ConstantPredictor, evaluate, load_baselines, recalibrate_batch_norm
-from .optim import build_optimizer, build_scheduler
+from .optim import LRFactor, build_optimizer, build_scheduler
 from .runlog import RunLog, draw_plots
 
 __all__ = ["NonFiniteLossError", "Trainer", "build_model", "default_threads"]
@@ -259,7 +260,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():
             # the schedule follows the step count, applied or not; torch warns when the first is not
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings(
+                "ignore", message=re.escape("Detected call of `lr_scheduler.step()`")
+            )
             self.scheduler.step()
         self.step += 1
         result.applied = finite  # type: ignore[attr-defined]
@@ -375,12 +378,7 @@ class Trainer:
         results["score"] = self.score(results)
         self.history.append(results)
         if self.log is not None:
-            values = {
-                f"val/{t}/{m}": v
-                for t, ms in results["tasks"].items()
-                for m, v in ms.items()
-                if isinstance(v, float)
-            }
+            values = _val_scalars(results)
             values["val/score"] = results["score"]
             if results["delta_m"] is not None:
                 values["val/delta_m"] = results["delta_m"]
@@ -428,6 +426,12 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # the schedule follows this run's config (a resume may change train.max_steps): the saved
+        # LRFactor state would otherwise bring the old length back
+        factor = LRFactor(self.config.schedule, self.config.train.max_steps)
+        self.scheduler.lr_lambdas = [factor] * len(self.optimizer.param_groups)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * factor(self.scheduler.last_epoch)
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
@@ -487,6 +491,9 @@ class Trainer:
                 yaml.safe_dump(config_to_dict(self.config), sort_keys=False),
             )
             self.log = RunLog(self.run_dir, self.runtime, tc.tensorboard, resume_step=resumed_from)
+            # temporary files of saves a killed process never finished (this process is the only writer)
+            for stale in (self.run_dir / "checkpoints").glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
         try:
             if self.step == 0:
                 self._start()
@@ -499,7 +506,10 @@ class Trainer:
                 self.runtime.write_json(self.run_dir / "results.json", results)
                 if tc.plots and self.runtime.is_main:
                     self.log.close()
-                    draw_plots(self.run_dir)
+                    references = {"constant predictor": (self.constant or {}).get("tasks")}
+                    if self.baselines is not None:
+                        references["single-task"] = self.baselines
+                    draw_plots(self.run_dir, references)
             return results
         finally:
             if self.log is not None:
@@ -518,6 +528,8 @@ class Trainer:
         self.constant = self.evaluate(constant, recalibrate=False)
         if self.config.eval.before_training:
             self.before = self.evaluate(recalibrate=False)
+            if self.log is not None:
+                self.log.scalars(0, _val_scalars(self.before))
 
     def _report_unlabelled(self) -> None:
         labels = getattr(self.train_set, "labels", None)
@@ -662,6 +674,16 @@ def _relative_gain(results: dict, reference: dict) -> float:
         total += -rel if name in LOWER_IS_BETTER else rel
         n += 1
     return total / n if n else float("-inf")
+
+
+def _val_scalars(results: dict) -> dict[str, float]:
+    """``val/<task>/<metric>`` -> value for the scalar metrics of an evaluation."""
+    return {
+        f"val/{t}/{m}": v
+        for t, ms in results["tasks"].items()
+        for m, v in ms.items()
+        if isinstance(v, float)
+    }
 
 
 def _brief(results: dict) -> str:

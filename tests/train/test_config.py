@@ -120,3 +120,44 @@ def test_shipped_configs_load_by_name_and_round_trip():
     assert find_config("synthetic").name == "synthetic.yaml"
     with pytest.raises(FileNotFoundError, match="neither a file nor a shipped config"):
         find_config("no_such_config")
+
+
+@pytest.mark.parametrize("name", [n for n in list_configs()])
+def test_shipped_configs_build_their_model(name):
+    from mtlfast.train import build_model
+
+    config = load_config(name)
+    model = build_model(config)
+    assert set(config.tasks) <= set(model.tasks)
+
+
+def test_missing_dataset_names_the_path(tmp_path):
+    from mtlfast.train.data import build_datasets
+
+    with pytest.raises(ValueError, match="data.root: the 'pascal' dataset needs data.root"):
+        build_datasets(load_config("mtinet_pascal"))
+    missing = tmp_path / "PASCAL_MT"
+    with pytest.raises(
+        FileNotFoundError, match=f"data.root: {missing} does not exist; expected the PASCAL"
+    ):
+        build_datasets(load_config("mtinet_pascal", [f"data.root={missing}"]))
+    with pytest.raises(FileNotFoundError, match="NYUD-v2"):
+        build_datasets(load_config("mtinet_nyud", [f"data.root={missing}"]))
+
+
+def test_dict_values_are_replaced_not_merged(tmp_path):
+    path = _write(
+        tmp_path,
+        "tasks: [semseg, depth]\nmodel: {name: mtinet, options: {width: 2, x: 1}}\n"
+        "loss: {weights: {semseg: 1, depth: 3}}\n",
+        "a.yaml",
+    )
+    config = load_config(
+        path, ["tasks=[semseg]", "loss.weights={semseg: 5}", "model.options.width=4"]
+    )
+    assert config.loss.weights == {"semseg": 5.0}
+    assert config.model.options == {"width": 4, "x": 1}
+    child = _write(tmp_path, "base: a.yaml\nloss: {weights: {depth: 1}}\n", "b.yaml")
+    assert load_config(child).loss.weights == {"depth": 1.0}
+    with pytest.raises(ConfigError, match="tasks is a value, not a section"):
+        load_config(path, ["tasks.x=1"])

@@ -199,3 +199,12 @@ def test_config_errors_reach_the_user():
         Trainer(tiny_config("train.precision=fp16", "train.device=cpu"))
     with pytest.raises(ValueError, match="no source dataset is labelled for tasks"):
         Trainer(tiny_config("data.labels=[[semseg], [depth]]"), None).fit()
+
+
+def test_resume_with_a_longer_run_follows_the_new_schedule(tmp_path):
+    Trainer(
+        tiny_config("train.max_steps=2", "schedule.kind=poly", "schedule.power=1.0"), tmp_path / "r"
+    ).fit()
+    trainer = Trainer.resume(tmp_path / "r", ["train.max_steps=4"])
+    assert trainer.step == 2
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * (1 - 2 / 4))
