@@ -248,7 +248,7 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def _merge(base: dict, over: dict, cls: type = None) -> dict:
+def _merge(base: dict, over: dict, cls: type | None = None) -> dict:
     """``over`` on top of ``base``: sections (dataclass fields) merge key by key, every other
     value, dicts such as ``loss.weights`` included, is replaced whole."""
     cls = Config if cls is None else cls
