@@ -22,6 +22,8 @@ from ._common import (
 
 __all__ = ["FeaturePropagation", "InitialTaskPrediction", "MTINet", "MTINetDecoder"]
 
+SOFTMAX_GROUPINGS = ("paper", "release")
+
 
 class InitialTaskPrediction(nn.Module):
     """Per-task heads at one scale: two BasicBlocks to task features, a 1x1 conv to a prediction.
@@ -75,15 +77,23 @@ class FeaturePropagation(nn.Module):
 
     Deviation from the authors' release: the release views the (N, T*C, H, W) concatenation as
     (N, C, T, H, W) for the softmax, which groups T *consecutive channels* (mostly of one task)
-    rather than the T tasks' chunks. We softmax over the tasks' chunks, as Sec. 2.4 describes.
+    rather than the T tasks' chunks. We softmax over the tasks' chunks, as Sec. 2.4 describes
+    (``softmax_grouping="paper"``); ``softmax_grouping="release"`` reproduces the release, for its
+    trained weights (:func:`mtlfast.models.release_mtinet.load_release_checkpoint` sets it).
+
+    Args:
+        num_tasks: T. channels: C, per task.
+        softmax_grouping: "paper" (softmax over the T tasks' chunks of C channels) or "release"
+            (over T consecutive channels of the concatenation).
 
     Shapes: T tensors (N, C, H, W) in, T tensors (N, C, H, W) out.
     """
 
-    def __init__(self, num_tasks: int, channels: int) -> None:
+    def __init__(self, num_tasks: int, channels: int, softmax_grouping: str = "paper") -> None:
         super().__init__()
         self.num_tasks = num_tasks
         self.channels = channels
+        self.softmax_grouping = softmax_grouping
         shared = num_tasks * channels
         self.non_linear = nn.Sequential(
             BasicBlock(shared, shared // 4),
@@ -93,13 +103,30 @@ class FeaturePropagation(nn.Module):
         self.dimensionality_reduction = BasicBlock(shared, channels)
         self.se = TaskSE(channels, num_tasks, reduction=16)
 
+    @property
+    def softmax_grouping(self) -> str:
+        return self._softmax_grouping
+
+    @softmax_grouping.setter
+    def softmax_grouping(self, value: str) -> None:
+        if value not in SOFTMAX_GROUPINGS:
+            raise ValueError(f"FeaturePropagation: softmax_grouping must be one of {SOFTMAX_GROUPINGS}, got {value!r}")
+        self._softmax_grouping = value
+
+    def extra_repr(self) -> str:
+        return f"num_tasks={self.num_tasks}, channels={self.channels}, softmax_grouping={self.softmax_grouping!r}"
+
     def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         t, c = self.num_tasks, self.channels
         concat = torch.cat(list(features), 1)
         n, _, h, w = concat.shape
         # feature harmonisation: attention over tasks, per channel and pixel
-        mask = self.non_linear(concat).view(n, t, c, h, w).softmax(dim=1)
-        shared = self.dimensionality_reduction((mask * concat.view(n, t, c, h, w)).view(n, t * c, h, w))
+        logits = self.non_linear(concat)
+        if self.softmax_grouping == "paper":
+            mask = logits.view(n, t, c, h, w).softmax(dim=1).view(n, t * c, h, w)
+        else:
+            mask = logits.view(n, c, t, h, w).softmax(dim=2).view(n, t * c, h, w)
+        shared = self.dimensionality_reduction(mask * concat)
         # refinement: task k's SE gate on the shared representation, plus task k's features
         repeated = shared.unsqueeze(0).expand(t, n, c, h, w).reshape(t * n, c, h, w)
         task = torch.arange(t, device=shared.device).repeat_interleave(n)
@@ -118,7 +145,7 @@ class MTINetDecoder(nn.Module):
 
     Args:
         channels: backbone channels per scale, finest first (4 scales). stride: of the finest scale.
-        tasks, out_channels, deep_supervision: as :class:`MTINet`.
+        tasks, out_channels, deep_supervision, softmax_grouping: as :class:`MTINet`.
 
     Attributes:
         tasks: the keys the forward returns (in training mode with deep supervision, the
@@ -136,6 +163,7 @@ class MTINetDecoder(nn.Module):
         out_channels: Mapping[str, int],
         stride: int = 4,
         deep_supervision: bool = True,
+        softmax_grouping: str = "paper",
     ) -> None:
         super().__init__()
         if len(channels) != 4:
@@ -152,7 +180,7 @@ class MTINetDecoder(nn.Module):
             for s in range(4)
         )
         # propagation[s - 1] carries scale s to scale s - 1 (s = 1, 2, 3)
-        self.propagation = nn.ModuleList(FeaturePropagation(t, c[s]) for s in range(1, 4))
+        self.propagation = nn.ModuleList(FeaturePropagation(t, c[s], softmax_grouping) for s in range(1, 4))
         self.distillation = nn.ModuleList(MultiModalDistillation(t, c[s]) for s in range(4))
         total = sum(c)
         self.aggregation = nn.ModuleDict(
@@ -223,6 +251,8 @@ class MTINet(JointDecoderModel):
             the trunk's checkpoint boundaries); default :class:`mtlfast.backbones.HRNet`
             (HRNet-W18-small-v2, randomly initialised: see ``load_hrnet_pretrained``).
         deep_supervision: return the initial predictions in training mode.
+        softmax_grouping: of the feature propagation modules' attention, "paper" (over the tasks)
+            or "release" (the authors' code, see :class:`FeaturePropagation`).
 
     Forward: image (N, 3, H, W) -> dict task -> (N, out_channels[task], H, W), bilinearly
     upsampled. In training mode (and ``deep_supervision``) also the initial prediction of every
@@ -242,7 +272,9 @@ class MTINet(JointDecoderModel):
     - features are upsampled to the finer scale's exact size rather than by a factor 2 (the
       release), so odd image sizes work; predictions are resized to the image with bilinear
       interpolation, align_corners=False (the release leaves it to torch's default, the same);
-    - the FPM softmax runs over the tasks' chunks, as the paper says (see :class:`FeaturePropagation`);
+    - the FPM softmax runs over the tasks' chunks, as the paper says (see :class:`FeaturePropagation`;
+      ``softmax_grouping="release"`` restores the release's, which its trained weights need:
+      :func:`mtlfast.models.release_mtinet.load_release_checkpoint` sets it);
     - every task is predicted at every stage: the release's auxiliary tasks (predicted only in
       the front-end, e.g. edges and normals on NYUD) are not separated;
     - the SE hidden width is ``max(C // 16, 1)`` (:class:`mtlfast.nn.TaskSE`); equal for C >= 16.
@@ -255,13 +287,14 @@ class MTINet(JointDecoderModel):
         out_channels: Mapping[str, int] | None = None,
         backbone: nn.Module | None = None,
         deep_supervision: bool = True,
+        softmax_grouping: str = "paper",
     ) -> None:
         super().__init__(backbone)
         task_list, outputs = task_outputs(tasks, dataset, out_channels)
         channels, strides = list(self.backbone.channels), list(self.backbone.strides)
         if len(channels) != 4 or len(strides) != 4:
             raise ValueError(f"MTINet: the backbone must give 4 scales, got channels {channels}, strides {strides}")
-        self.decoder = MTINetDecoder(channels, task_list, outputs, strides[0], deep_supervision)
+        self.decoder = MTINetDecoder(channels, task_list, outputs, strides[0], deep_supervision, softmax_grouping)
 
     @property
     def trunk(self) -> nn.Sequential:
