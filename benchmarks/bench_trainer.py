@@ -5,6 +5,8 @@
    weights, same batch, timed alternately in one process; the target is at most 1.03x.
 2. The training loader's images/s with the config's workers against the images/s the training
    step consumes; the target is at least 2x (data loading is never the bottleneck).
+3. With ``--precision``: the trainer's step in fp32 against bf16 autocast (same weights, same
+   batch, alternating), for the README's advice on when bf16 pays on a CPU.
 
     python benchmarks/bench_trainer.py --config synthetic --out benchmarks/results/cpu-epyc-2core/bench_trainer.json
 """
@@ -67,6 +69,33 @@ def _cpu_load() -> float:
     return max(0.0, busy / hz - own) / (os.cpu_count() or 1)
 
 
+def _cpu_bf16_flags() -> list[str]:
+    """The CPU's bf16-related instruction-set flags (avx512_bf16, amx_bf16): bf16 pays where they are."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(
+                (line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []
+            )
+    except OSError:
+        return []
+    return sorted(f for f in flags if "bf16" in f)
+
+
+def _alternate(fns: dict, rounds: int, steps: int) -> dict[str, list[float]]:
+    """Seconds per step of each of ``fns`` (name -> run ``steps`` steps), timed round after round
+    in alternating order, so that a change in the machine's load hits every side alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    names = list(fns)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            t = time.perf_counter()
+            fns[name]()
+            times[name].append((time.perf_counter() - t) / steps)
+    return times
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="synthetic")
@@ -74,6 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=7, help="alternating rounds of each side")
     p.add_argument("--steps", type=int, default=5, help="steps per round")
     p.add_argument("--loader-batches", type=int, default=60)
+    p.add_argument("--precision", action="store_true", help="also time fp32 against bf16 autocast")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     config = load_config(args.config, args.overrides + ["train.progress=false"])
@@ -102,19 +132,8 @@ def main(argv=None) -> int:
                 config.train.strategy,
             )
 
-    run_trainer(), run_bare()  # warm-up
-    times = {"trainer": [], "bare": []}
     load_before = _cpu_load()
-    for r in range(args.rounds):
-        order = (
-            (("trainer", run_trainer), ("bare", run_bare))
-            if r % 2 == 0
-            else (("bare", run_bare), ("trainer", run_trainer))
-        )
-        for name, fn in order:
-            t = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - t) / args.steps)
+    times = _alternate({"trainer": run_trainer, "bare": run_bare}, args.rounds, args.steps)
     load_after = _cpu_load()
     ratios = [a / b for a, b in zip(times["trainer"], times["bare"])]
     step_s = statistics.median(times["trainer"])
@@ -156,6 +175,30 @@ def main(argv=None) -> int:
         "other_cpu_load_before": load_before,
         "other_cpu_load_after": load_after,
     }
+    if args.precision:
+        bf16 = Trainer(
+            load_config(
+                args.config, args.overrides + ["train.progress=false", "train.precision=bf16"]
+            ),
+            model=copy.deepcopy(trainer.model),
+        )
+
+        def run_bf16():
+            for _ in range(args.steps):
+                bf16.train_step(batch)
+
+        p_times = _alternate({"fp32": run_trainer, "bf16": run_bf16}, args.rounds, args.steps)
+        speedups = [a / b for a, b in zip(p_times["fp32"], p_times["bf16"])]
+        result.update(
+            {
+                "fp32_step_s": p_times["fp32"],
+                "bf16_step_s": p_times["bf16"],
+                "bf16_speedup_median": statistics.median(speedups),
+                "bf16_speedup_min": min(speedups),
+                "bf16_speedup_max": max(speedups),
+                "cpu_flags_bf16": _cpu_bf16_flags(),
+            }
+        )
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

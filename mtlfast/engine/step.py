@@ -35,6 +35,7 @@ class StepResult:
             samples not labelled for the task and on outputs the task does not use (None for
             non-floating outputs). Their sum is the gradient the trunk's backward starts from.
             None without ``keep_task_grads``.
+        nonfinite: (property) the tasks in ``ran`` whose loss is not finite.
 
     Shapes: losses[t] and total 0-dim; task_grads[t] like the trunk output, (N, ...) each.
     """
@@ -44,6 +45,16 @@ class StepResult:
     ran: list[str]
     skipped: list[str]
     task_grads: dict[str, Any] | None = None
+
+    @property
+    def nonfinite(self) -> list[str]:
+        """Tasks whose loss is NaN or infinite (their gradients then are too), in ``ran`` order.
+
+        Computed when read, from the losses alone: a step whose losses are all finite pays
+        nothing for it. A finite loss can still give a non-finite gradient (an overflow in a
+        backward); check the gradients' norm for that, as :class:`mtlfast.train.Trainer` does.
+        """
+        return [t for t in self.ran if not bool(torch.isfinite(self.losses[t]))]
 
 
 def multi_branch_step(

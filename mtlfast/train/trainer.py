@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import random
 import re
@@ -126,8 +125,14 @@ class Trainer:
                 torch.backends.cudnn.benchmark = False
         _seed_everything(config.seed)
         self.model = (model if model is not None else build_model(config)).to(self.device)
+        lacking = [a for a in ("tasks", "expand", "engine_branches") if not hasattr(self.model, a)]
+        if lacking:
+            raise TypeError(
+                f"model: {type(self.model).__name__} lacks {lacking} of the mtlfast.models.MultiTaskModel "
+                "protocol the trainer drives"
+            )
         self.tasks = list(config.tasks)
-        missing = [t for t in self.tasks if t not in getattr(self.model, "tasks", self.tasks)]
+        missing = [t for t in self.tasks if t not in self.model.tasks]
         if missing:
             raise ValueError(
                 f"tasks: the model does not predict {missing} (its tasks: {self.model.tasks})"
@@ -162,31 +167,24 @@ class Trainer:
         self.nonfinite = {"skipped": 0, "consecutive": 0, "by_task": {}}
         self.train_time = 0.0
         self.log: RunLog | None = None
-        self._unlabelled_reported = False
+        self._resumed_from: int | None = None  # the checkpoint's step when resumed
+        self._fit_start = time.perf_counter()
 
     # ------------------------------------------------------------------------------ one step
 
-    def _expanded(self, mapping: dict) -> dict:
-        expand = getattr(self.model, "expand", None)
-        return expand(mapping) if callable(expand) else dict(mapping)
-
     def _engine_inputs(self, batch: dict) -> tuple:
+        model = self.model
         targets = {t: batch[t] for t in self.tasks}
         labeled = {t: m for t, m in batch.get("labeled", {}).items() if t in self.tasks}
-        weights = self._expanded(self.weights)
+        weights = model.expand(self.weights)
         ds = self.config.loss.deep_supervision
         if ds != 1.0:
             weights = {k: (w if k in self.weights else w * ds) for k, w in weights.items()}
-        branches = (
-            self.model.engine_branches()
-            if hasattr(self.model, "engine_branches")
-            else (self.model.trunk, self.model.heads)
-        )
         return (
-            branches,
-            self._expanded(targets),
-            self._expanded(self.loss_fns),
-            self._expanded(labeled),
+            model.engine_branches(),
+            model.expand(targets),
+            model.expand(self.loss_fns),
+            model.expand(labeled),
             weights,
         )
 
@@ -233,7 +231,7 @@ class Trainer:
             )
         if scale != 1.0:
             result.total = result.total / scale
-        bad_tasks = [t for t, v in result.losses.items() if not math.isfinite(float(v))]
+        bad_tasks = result.nonfinite
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -256,7 +254,16 @@ class Trainer:
                 torch._foreach_copy_(buffers, saved)
             if self.scaler.is_enabled():
                 self.scaler.update()  # the scaler lowers its scale, as it does when it skips itself
-            self._nonfinite(bad_tasks or ["(gradient)"])
+            if self.scaler.is_enabled() and not bad_tasks:
+                # an fp16 gradient overflow: the scaler's own calibration, not a failure of training
+                self.nonfinite["fp16_overflow"] = self.nonfinite.get("fp16_overflow", 0) + 1
+                if self.log is not None:
+                    self.log.scalars(
+                        self.step + 1,
+                        {"train/fp16_overflow_skipped": self.nonfinite["fp16_overflow"]},
+                    )
+            else:
+                self._nonfinite(bad_tasks or ["(gradient)"])
         self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():
             # the schedule follows the step count, applied or not; torch warns when the first is not
@@ -468,7 +475,6 @@ class Trainer:
         found = ckpt.latest_checkpoint(run_dir / "checkpoints", map_location=trainer.device)
         if found is None:
             trainer.runtime.warn(f"{run_dir}: no checkpoint to resume from; starting the run again")
-            trainer._resumed_from = None
         else:
             path, state = found
             trainer.load_state_dict(state)
@@ -482,8 +488,9 @@ class Trainer:
         """Trains to ``train.max_steps``, evaluating every ``train.eval_every`` steps and at the
         end, checkpointing every ``train.checkpoint_every`` steps and at the end; returns (and
         writes) the results."""
-        tc, _ec = self.config.train, self.config.eval
-        resumed_from = getattr(self, "_resumed_from", None)
+        tc = self.config.train
+        self._fit_start = time.perf_counter()
+        resumed_from = self._resumed_from
         if self.run_dir is not None and self.runtime.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.runtime.write_text(
@@ -613,6 +620,9 @@ class Trainer:
             "before_training": self.before,
             "constant_predictor": self.constant,
             "train_time_s": self.train_time,
+            # this call of fit(): evaluations, checkpoints and start-up included (a resumed run's
+            # earlier sessions are not)
+            "fit_wall_time_s": time.perf_counter() - self._fit_start,
             "images_per_s": self.step * self.config.data.batch_size / self.train_time
             if self.train_time
             else None,

@@ -175,3 +175,20 @@ def test_prediction_batch_size(setup, strategy):
 
     with pytest.raises(ValueError, match="prediction for task 'depth' of shape"):
         step(setup, heads=nn.ModuleDict({"depth": Pool()}), strategy=strategy)
+
+
+def test_step_result_names_the_tasks_with_nonfinite_losses():
+    import math
+
+    from mtlfast.engine import multi_branch_step
+
+    trunk = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1))
+    heads = {"a": torch.nn.Conv2d(4, 1, 1), "b": torch.nn.Conv2d(4, 1, 1)}
+    x = torch.randn(2, 3, 5, 5)
+    targets = {"a": torch.randn(2, 1, 5, 5), "b": torch.randn(2, 1, 5, 5)}
+    fns = {"a": lambda p, t: ((p - t) ** 2).mean(), "b": lambda p, t: ((p - t) ** 2).mean() * math.nan}
+    for strategy in ("naive", "recompute"):
+        result = multi_branch_step(trunk, heads, x, targets, fns, strategy=strategy)
+        assert result.nonfinite == ["b"]
+    fns["b"] = fns["a"]
+    assert multi_branch_step(trunk, heads, x, targets, fns).nonfinite == []
