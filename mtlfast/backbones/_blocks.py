@@ -57,39 +57,44 @@ def run_se(se: TaskSE, x: torch.Tensor, task: int | torch.Tensor | None, residua
 
 
 class AtrousResidualAdapter(ResidualAdapter):
-    """:class:`mtlfast.nn.ResidualAdapter` on a dilated 3x3 convolution (padding = dilation).
+    """:class:`mtlfast.nn.ResidualAdapter` on a dilated 3x3 (or a 1x1) convolution.
 
-    With dilation 1 it is the parent layer. With dilation d the shared convolution is
-    ``conv3x3(x, dilation=d, padding=d)``; the adapter is still a 1x1 convolution, which reads the
-    same pixel as the centre tap, so an int task still folds it into the centre tap. DeepLab's
-    dilated stages have stride 1, the only case the per-sample path needs beyond the parent's.
+    With dilation 1 and ``kernel_size`` 3 it is the parent layer. With dilation d the shared
+    convolution is ``conv3x3(x, dilation=d, padding=d)``; the adapter is still a 1x1 convolution,
+    which reads the same pixel as the centre tap, so an int task still folds it into the centre
+    tap. ``kernel_size`` 1 puts a task's 1x1 adapter beside a shared 1x1 convolution (the ASTMT
+    release's decoder adapters); an int task then adds the two weights. DeepLab's dilated stages
+    have stride 1, the only case the per-sample path needs beyond the parent's.
 
     Shapes: as :class:`mtlfast.nn.ResidualAdapter`.
     """
 
     def __init__(self, in_channels: int, out_channels: int, num_tasks: int, stride: int = 1,
-                 dilation: int = 1) -> None:
+                 dilation: int = 1, kernel_size: int = 3) -> None:
         super().__init__(in_channels, out_channels, num_tasks, stride)
         if dilation < 1:
             raise ValueError(f"AtrousResidualAdapter: dilation must be >= 1, got {dilation}")
-        self.dilation = dilation
-        if dilation > 1:
-            self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=dilation,
+        if kernel_size not in (1, 3):
+            raise ValueError(f"AtrousResidualAdapter: kernel_size must be 1 or 3, got {kernel_size}")
+        self.dilation, self.kernel_size = dilation, kernel_size
+        self.padding = dilation * (kernel_size // 2)
+        if dilation > 1 or kernel_size != 3:
+            self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=self.padding,
                                   dilation=dilation, bias=False)
 
     def forward(self, x: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
-        if self.dilation == 1:
+        if self.dilation == 1 and self.kernel_size == 3:
             return super().forward(x, task)
         task = check_task("AtrousResidualAdapter", task, x, self.num_tasks)
-        d = self.dilation
+        opts = {"stride": self.stride, "padding": self.padding, "dilation": self.dilation}
         if isinstance(task, int):
-            weight = self.conv.weight + F.pad(self.adapter_weight[task], (1, 1, 1, 1))
-            return F.conv2d(x, weight, stride=self.stride, padding=d, dilation=d)
-        shared = F.conv2d(x, self.conv.weight, stride=self.stride, padding=d, dilation=d)
+            k = self.kernel_size // 2
+            return F.conv2d(x, self.conv.weight + F.pad(self.adapter_weight[task], (k, k, k, k)), **opts)
+        shared = F.conv2d(x, self.conv.weight, **opts)
         n, _, h, w = shared.shape
         sampled = x[:, :, :: self.stride, :: self.stride].reshape(n, self.in_channels, h * w)
         adapters = self.adapter_weight.flatten(2)[task]
         return torch.baddbmm(shared.reshape(n, self.out_channels, h * w), adapters, sampled).view(shared.shape)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", dilation={self.dilation}"
+        return super().extra_repr() + f", dilation={self.dilation}, kernel_size={self.kernel_size}"

@@ -63,6 +63,9 @@ class BasicBlock(_Block):
 class Bottleneck(_Block):
     """1x1 reduce, 3x3 (stride, dilation), 1x1 expand x4 (torchvision's v1.5: stride on the 3x3).
 
+    ``stride_in_1x1``: the stride on the first 1x1 convolution instead (the original ResNet's and
+    Caffe's layout, which the ASTMT release's DeepLab network uses); the 3x3 then has stride 1.
+
     Shapes: (N, C_in, H, W) -> (N, 4 planes, H/stride, W/stride).
     """
 
@@ -70,12 +73,14 @@ class Bottleneck(_Block):
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1, first_dilation: int = 1,
                  downsample: nn.Module | None = None, *, se: bool = False, num_tasks: int = 1,
-                 task_se: bool = False, adapters: bool = False, task_bn: bool = False) -> None:
+                 task_se: bool = False, adapters: bool = False, task_bn: bool = False,
+                 stride_in_1x1: bool = False) -> None:
         super().__init__()
         del dilation  # one 3x3 per block: it takes first_dilation, as torchvision's does
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, stride=s1, bias=False)
         self.bn1 = make_norm(planes, num_tasks, task_bn)
-        self.conv2 = _conv3x3(planes, planes, stride, first_dilation, num_tasks, adapters)
+        self.conv2 = _conv3x3(planes, planes, s3, first_dilation, num_tasks, adapters)
         self.bn2 = make_norm(planes, num_tasks, task_bn)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
         self.bn3 = make_norm(planes * 4, num_tasks, task_bn)
@@ -95,9 +100,10 @@ class ResNet(Backbone):
 
     Module names follow torchvision (conv1, bn1, layer1.0.conv1, layer1.0.downsample.0, ...), so
     torchvision checkpoints load by name. With ``output_stride`` 16 (8) the stride of layer4
-    (layer3 and layer4) is replaced by dilation 2 (2 and 4), DeepLab style: the first block of a
-    dilated stage keeps the previous dilation in its 3x3 convolution, as torchvision's
-    ``replace_stride_with_dilation`` does.
+    (layer3 and layer4) is replaced by dilation 2 (2 and 4), DeepLab style: by default the first
+    block of a dilated stage keeps the previous dilation in its 3x3 convolution, as torchvision's
+    ``replace_stride_with_dilation`` does; with ``dilate_first_block`` every block of the stage
+    has its dilation (DeepLab's and the ASTMT release's layout).
 
     Args:
         depth: 18, 26, 50 or 101 (26: bottlenecks [2, 2, 2, 2], ASTMT's SE-ResNet-26).
@@ -107,6 +113,11 @@ class ResNet(Backbone):
         se: squeeze-and-excitation (reduction 16) in every block (SE-ResNet).
         num_tasks, task_se, adapters, task_bn: ASTMT's task-specific SE, residual adapters on
             the 3x3 convolutions and task batch norm, all inside the blocks.
+        stem_task_bn: task batch norm in the stem too; None (default): as ``task_bn``. The ASTMT
+            release keeps the stem's batch norm shared (False) whatever its blocks use.
+        stride_in_1x1: bottlenecks stride on their first 1x1 convolution, not on the 3x3
+            (:class:`Bottleneck`); the ASTMT release's layout. Bottleneck depths only.
+        dilate_first_block: the first block of a dilated stage takes the stage's dilation.
 
     Shapes: x (N, 3, H, W) -> [(N, C_k, ceil(H / s_k), ceil(W / s_k))] for k = 1..4, with
     ``channels`` [64, 128, 256, 512] x expansion x width and ``strides`` [4, 8, 16, 32] capped at
@@ -116,7 +127,9 @@ class ResNet(Backbone):
     classifier_prefixes = ("fc.",)
 
     def __init__(self, depth: int = 50, output_stride: int = 32, width: float = 1.0, se: bool = False,
-                 num_tasks: int = 1, task_se: bool = False, adapters: bool = False, task_bn: bool = False) -> None:
+                 num_tasks: int = 1, task_se: bool = False, adapters: bool = False, task_bn: bool = False,
+                 stem_task_bn: bool | None = None, stride_in_1x1: bool = False,
+                 dilate_first_block: bool = False) -> None:
         super().__init__()
         if depth not in DEPTHS:
             raise ValueError(f"ResNet: depth must be one of {sorted(DEPTHS)}, got {depth}")
@@ -126,11 +139,15 @@ class ResNet(Backbone):
             raise ValueError(f"ResNet: width must be > 0, got {width}")
         kind, layers = DEPTHS[depth]
         block = BasicBlock if kind == "basic" else Bottleneck
+        if stride_in_1x1 and block is not Bottleneck:
+            raise ValueError(f"ResNet: stride_in_1x1 needs bottleneck blocks; depth {depth} has basic blocks")
         self.depth, self.output_stride = depth, output_stride
         opts = dict(se=se, num_tasks=num_tasks, task_se=task_se, adapters=adapters, task_bn=task_bn)
+        if stride_in_1x1:
+            opts["stride_in_1x1"] = True
         stem = max(int(64 * width), 1)
         self.conv1 = nn.Conv2d(3, stem, 7, stride=2, padding=3, bias=False)
-        self.bn1 = make_norm(stem, num_tasks, task_bn)
+        self.bn1 = make_norm(stem, num_tasks, task_bn if stem_task_bn is None else stem_task_bn)
         self.relu = nn.ReLU()
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         dilate = {32: (False, False, False), 16: (False, False, True), 8: (False, True, True)}[output_stride]
@@ -144,6 +161,8 @@ class ResNet(Backbone):
             if i > 0 and dilate[i - 1]:
                 self.dilation *= stride
                 stride = 1
+            if dilate_first_block:
+                first = self.dilation
             stride_now *= stride
             setattr(self, f"layer{i + 1}", self._make_layer(block, planes, n, stride, first, opts))
             self.channels.append(planes * block.expansion)

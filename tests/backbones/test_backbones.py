@@ -101,3 +101,65 @@ def test_registry_errors():
         ResNet(34)
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
         ResNet(18, width=0.125)(torch.randn(3, H, W))
+
+
+def _plain_bottleneck(block, x, stride_in_1x1, dilation):
+    """A bottleneck written out with F.conv2d: the stride on the 1x1 or on the 3x3 (eval-mode batch norm)."""
+    from torch.nn import functional as F
+
+    def bn(m, y):
+        return F.batch_norm(y, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+
+    s1, s3 = (2, 1) if stride_in_1x1 else (1, 2)
+    out = torch.relu(bn(block.bn1, F.conv2d(x, block.conv1.weight, stride=s1)))
+    out = torch.relu(bn(block.bn2, F.conv2d(out, block.conv2.weight, stride=s3, padding=dilation, dilation=dilation)))
+    out = bn(block.bn3, F.conv2d(out, block.conv3.weight))
+    identity = bn(block.downsample[1], F.conv2d(x, block.downsample[0].weight, stride=2))
+    return torch.relu(out + identity)
+
+
+@pytest.mark.parametrize("stride_in_1x1", [False, True])
+def test_bottleneck_stride_placement(stride_in_1x1):
+    net = ResNet(26, width=0.125, stride_in_1x1=stride_in_1x1).eval()
+    block = net.layer2[0]
+    assert block.conv1.stride == ((2, 2) if stride_in_1x1 else (1, 1))
+    assert block.conv2.stride == ((1, 1) if stride_in_1x1 else (2, 2))
+    with torch.no_grad():
+        for m in block.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+        x = torch.randn(2, net.layer1[-1].conv3.out_channels, 13, 10)
+        torch.testing.assert_close(block(x), _plain_bottleneck(block, x, stride_in_1x1, 1), rtol=1e-5, atol=1e-5)
+    # same parameters either way: torchvision (v1.5) checkpoints load into both
+    assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in ResNet(26, width=0.125).parameters())
+    with pytest.raises(ValueError, match="bottleneck"):
+        ResNet(18, stride_in_1x1=True)
+
+
+@pytest.mark.parametrize("output_stride, expected", [
+    (16, {"torchvision": [1, 2], "release": [2, 2]}),
+    (8, {"torchvision": [1, 2, 2, 4], "release": [2, 2, 4, 4]}),
+])
+def test_first_block_dilation(output_stride, expected):
+    """layer3/layer4 3x3 dilations: torchvision keeps the previous one in a dilated stage's first block."""
+    for layout, dilate_first_block in (("torchvision", False), ("release", True)):
+        net = ResNet(26, width=0.125, output_stride=output_stride, dilate_first_block=dilate_first_block)
+        stages = (net.layer4,) if output_stride == 16 else (net.layer3, net.layer4)
+        assert [b.conv2.dilation[0] for s in stages for b in s] == expected[layout]
+        assert net.strides == [4, 8, min(16, output_stride), output_stride]
+        feats = net(torch.randn(1, 3, H, W))
+        assert feats[-1].shape[-2:] == (math.ceil(H / output_stride), math.ceil(W / output_stride))
+
+
+def test_stem_task_bn():
+    from mtlfast.nn import TaskBatchNorm2d
+
+    per_task = ResNet(26, width=0.125, se=True, num_tasks=3, task_bn=True)
+    shared = ResNet(26, width=0.125, se=True, num_tasks=3, task_bn=True, stem_task_bn=False)
+    assert isinstance(per_task.bn1, TaskBatchNorm2d) and isinstance(shared.bn1, torch.nn.BatchNorm2d)
+    assert isinstance(shared.layer1[0].bn1, TaskBatchNorm2d)
+    shared.eval()
+    x = torch.randn(3, 3, H, W)
+    out = shared(x, torch.tensor([2, 0, 1]))
+    torch.testing.assert_close(out[-1][1:2], shared(x[1:2], 0)[-1], rtol=1e-4, atol=1e-4)
