@@ -39,6 +39,13 @@ class GradientDiscriminator(nn.Module):
     against the source task, w_d = 0.1) and reversing its gradient into the network is the
     trainer's business. ``hidden`` is not given in the paper; 256 here.
 
+    The release's (``FullyConvDiscriminator``, depth 2, kernel 1) differs where the paper is
+    silent, and is not reproduced yet: it reads the gradient at the decoder's output (the
+    input of the task classifiers, ``head_channels`` wide), divides each pixel's gradient
+    vector by its norm (+1e-10), is as wide as its input and has no bias in its first
+    convolution. Its training weighs the losses ``0.99 * task + 0.01 * discriminator``
+    (``--dscr_w``; the paper's w_d is 0.1) and ramps the reversal by Ganin et al.'s schedule.
+
     Shapes: grad (N, C, H, W) -> logits (N, T, H, W).
     """
 
@@ -60,22 +67,31 @@ class GradientDiscriminator(nn.Module):
 class ASTMT(MultiTaskModel):
     """DeepLab-v3+ over an SE backbone, modulated per task (ASTMT Sec. 3, Fig. 3; appendix C).
 
+    By default the network of the authors' release (github.com/facebookresearch/astmt,
+    ``deeplab_se_resnet_multitask.py``, PASCAL configuration) wherever the paper does not say
+    otherwise; :func:`mtlfast.models.load_release_checkpoint` loads its checkpoints.
+
     Encoder: SE-ResNet-26/50/101 (output stride 16, SE with reduction 16 in every bottleneck)
-    or SE-MobileNetV2. Decoder: ASPP (rates 6/12/18 and image pooling, 256 channels), the
-    low-level features (stride 4) reduced to 48 channels, two 3x3 conv-BN-ReLU with an SE block
-    after each; for MobileNet every 3x3 convolution is depthwise separable with ReLU6 (appendix
-    C). One 1x1 classifier per task (``heads``), sized per task; predictions are upsampled to
-    the input. The network runs one task per sample: the mechanisms below select the task's
-    parameters.
+    or SE-MobileNetV2. Decoder: ASPP (rates 6/12/18 and image pooling, ``head_channels``), the
+    low-level features (stride 4) reduced to ``low_channels``, two 3x3 conv-BN-ReLU; an SE block
+    follows the ReLU of every decoder block (the ASPP's five branches and projection: reduction
+    16; the low-level reduction: 4; the two 3x3 blocks: 16). For MobileNet every 3x3 decoder
+    convolution is depthwise separable with ReLU6 (appendix C). One 1x1 classifier per task
+    (``heads``), sized per task; predictions are upsampled to the input. The network runs one
+    task per sample: the mechanisms below select the task's parameters.
 
     Options (ASTMT's ablations, Table 3):
-        se_encoder: task-specific SE in every encoder block (:class:`mtlfast.nn.TaskSE`);
-        se_decoder: task-specific SE in the decoder; with neither, the SE blocks are shared;
+        se_encoder: task-specific SE in every encoder block (:class:`mtlfast.nn.TaskSE`), else shared;
+        se_decoder: task-specific SE in the decoder, else shared (``decoder_se`` False: none);
         adapters: a task-specific 1x1 convolution in parallel with each bottleneck's 3x3
             convolution, starting at zero (Eq. 2, :class:`mtlfast.nn.ResidualAdapter`; ResNets only);
-        task_bn: task-specific batch norm (:class:`mtlfast.nn.TaskBatchNorm2d`). None (default):
-            "when employing disentangled computation graphs": in the encoder when se_encoder or
-            adapters, in the decoder when any of the three is on.
+        decoder_adapters: the same beside every decoder convolution but the image pooling's
+            (the release's ``--adapt``: 0.56M parameters per task at ``head_channels`` 64);
+            None (default): as ``adapters``;
+        task_bn: task-specific batch norm (:class:`mtlfast.nn.TaskBatchNorm2d`): a bool, or
+            (encoder, decoder). None (default): "when employing disentangled computation graphs":
+            in the encoder when se_encoder or adapters, in the decoder when any modulation is on.
+            The stem's batch norm stays shared (as in the release): no modulation precedes it.
 
     ``forward(x, task)``: ``task`` an int (or a task name) -> that task's prediction
     (N, C_t, H, W); an (N,) int64 tensor (one task per sample) -> dict task -> the predictions of
@@ -84,19 +100,48 @@ class ASTMT(MultiTaskModel):
     per sample): it equals T single-task calls exactly in eval mode, and in training mode
     wherever batch norm is task-specific (a shared batch norm would see all T copies).
 
-    Deviations from the paper and its release (github.com/facebookresearch/astmt): no deep
-    supervision and no dropout in the ASPP; SE-MobileNetV2 places SE at the end of each inverted
-    residual (the release's SE-MobileNet layout is not described in the paper); the
-    discriminator's hidden width (256) is our choice. The reported dataset-specific tricks
-    (loss weights, learning-rate schedules) belong to the trainer.
+    Where the paper is silent, the release is followed: the SE-ResNet bottlenecks stride on
+    their first 1x1 convolution (Caffe's layout; the release's ImageNet SE-ResNets and
+    torchvision stride on the 3x3), every block of a dilated stage has its dilation (layer4's
+    first block too: 2 at output stride 16), the stem's batch norm is shared, the decoder is 64
+    wide with a 12-channel low-level reduction (48 x head_channels / 256; DeepLab-v3+'s own 256
+    and 48 are ``head_channels=256``), SE after every decoder block and adapters in the decoder.
+
+    Where mtlfast follows the paper and the release differs (DESIGN: "what the releases get
+    wrong is not copied"; :func:`~mtlfast.models.release_options` gives the options that
+    reproduce a release checkpoint):
+        - without ``se_decoder`` the decoder keeps shared SE blocks (Fig. 3: "SE modules are
+          present in all bottleneck blocks of the encoder and the decoder"; Table 3 "uses the
+          same SE block for all tasks"); the release's ``--sedec False`` has no decoder SE
+          (``decoder_se=False``);
+        - task batch norm follows the modulation (Sec. 3.2); the release ties the encoder's to
+          ``--trNorm`` (on by default, so even its unmodulated encoder is per task, which the
+          paper's decoder-only variant, "identical for all tasks in the encoder", is not) and
+          the decoder's to ``--sedec``;
+        - SE hidden width ``max(C // reduction, 1)`` (:class:`mtlfast.nn.TaskSE`); the
+          release's ``C // reduction`` is 0 for narrower layers, which only test widths reach.
+
+    Other deviations: no deep supervision and no dropout in the ASPP (the release has neither);
+    SE-MobileNetV2 places SE (reduction 16) at the end of each inverted residual and its
+    decoder is the ResNet one made separable (the release's SE-MobileNet network, with
+    reduction-4 SE and grouped 1x1 convolutions, is not reproduced); the discriminator is our
+    own (see :class:`GradientDiscriminator`; the release's sits on the decoder's output, is
+    ``head_channels`` wide, its first convolution without bias, and normalises each pixel's
+    gradient). The paper's headline method (Tables 3e, 4: SE modulation with adversarial
+    training) has no adapters, hence ``adapters=False``; the release's PASCAL configuration and
+    checkpoint add them (``adapters=True``: 31.27M parameters for its five tasks on
+    SE-ResNet-26, as in the release without its 4.4k-parameter discriminator). The reported
+    dataset-specific tricks (loss weights, learning-rate schedules) belong to the trainer.
 
     Args:
         tasks, dataset, out_channels: as for the other models.
         backbone: "se_resnet26" (the paper's ablation backbone; "se_resnet101" for its final
             results), "se_resnet50", "se_mobilenet_v2", or a ResNet/MobileNetV2 instance built
             with matching ``num_tasks`` and options.
-        output_stride: 16 (DeepLab-v3+ training); head_channels: 256; width: backbone width
-            multiplier (1.0 is the paper's; smaller only for tests).
+        output_stride: 16 (DeepLab-v3+ training); head_channels: 64 (the release's ``--dec_w``);
+        low_channels: the low-level reduction's width; None: ``48 * head_channels // 256``
+            (at least 1); width: backbone width multiplier (1.0 is the paper's; smaller only
+            for tests).
 
     Under :func:`mtlfast.engine.multi_branch_step`, ``multi_branch_step(*model.engine_branches(),
     ...)`` runs ASTMT's T single-task passes one after another, each on the samples labelled for
@@ -108,15 +153,25 @@ class ASTMT(MultiTaskModel):
 
     def __init__(self, tasks: Sequence[str], backbone: str | Backbone = "se_resnet26", *, dataset: str = "pascal",
                  out_channels: Mapping[str, int] | None = None, se_encoder: bool = True, se_decoder: bool = True,
-                 adapters: bool = False, task_bn: bool | None = None, output_stride: int = 16,
-                 head_channels: int = 256, width: float = 1.0) -> None:
+                 decoder_se: bool = True, adapters: bool = False, decoder_adapters: bool | None = None,
+                 task_bn: bool | tuple[bool, bool] | None = None, output_stride: int = 16, head_channels: int = 64,
+                 low_channels: int | None = None, width: float = 1.0) -> None:
         super().__init__()
         self.out_channels = resolve_tasks(tasks, dataset, out_channels)
         self.tasks = list(self.out_channels)
         t = len(self.tasks)
+        if se_decoder and not decoder_se:
+            raise ValueError("ASTMT: se_decoder=True needs decoder_se=True (task-specific SE blocks in the decoder)")
+        decoder_adapters = adapters if decoder_adapters is None else decoder_adapters
         self.se_encoder, self.se_decoder, self.adapters = se_encoder, se_decoder, adapters
-        bn_encoder = (se_encoder or adapters) if task_bn is None else task_bn
-        bn_decoder = (se_encoder or se_decoder or adapters) if task_bn is None else task_bn
+        if task_bn is None:
+            bn_encoder, bn_decoder = se_encoder or adapters, se_encoder or se_decoder or adapters or decoder_adapters
+        elif isinstance(task_bn, bool):
+            bn_encoder = bn_decoder = task_bn
+        else:
+            bn_encoder, bn_decoder = (bool(b) for b in task_bn)
+        if low_channels is None:
+            low_channels = max(48 * head_channels // 256, 1)
         if isinstance(backbone, Backbone):
             self.backbone = backbone
         else:
@@ -126,16 +181,20 @@ class ASTMT(MultiTaskModel):
             opts = {"output_stride": output_stride, "width": width, "se": True, "num_tasks": t,
                     "task_se": se_encoder, "task_bn": bn_encoder}
             if cls is ResNet:
-                self.backbone = ResNet(depth, adapters=adapters, **opts)
+                self.backbone = ResNet(depth, adapters=adapters, stem_task_bn=False, stride_in_1x1=True,
+                                       dilate_first_block=True, **opts)
             else:
                 if adapters:
                     raise ValueError("residual adapters sit on a bottleneck's 3x3 convolution: ResNet backbones only")
                 self.backbone = MobileNetV2(**opts)
         c = self.backbone.channels
+        separable = isinstance(self.backbone, MobileNetV2)
+        if separable and decoder_adapters:
+            raise ValueError("decoder adapters sit beside plain convolutions: not with the separable MobileNet decoder")
         self.decoder = DeepLabV3PlusDecoder(
-            c[0], c[-1], head_channels, rates=aspp_rates(self.backbone.strides[-1]),
-            separable=isinstance(self.backbone, MobileNetV2), se=True, num_tasks=t, task_se=se_decoder,
-            task_bn=bn_decoder)
+            c[0], c[-1], head_channels, low_channels, rates=aspp_rates(self.backbone.strides[-1]),
+            separable=separable, se=decoder_se, num_tasks=t, task_se=se_decoder, task_bn=bn_decoder,
+            adapters=decoder_adapters)
         self.heads = nn.ModuleDict({name: nn.Conv2d(head_channels, n, 1) for name, n in self.out_channels.items()})
 
     @property

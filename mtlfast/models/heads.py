@@ -6,23 +6,43 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..backbones._blocks import TaskSequential, make_norm, make_se
+from ..backbones._blocks import AtrousResidualAdapter, TaskSequential, make_norm
+from ..nn import TaskSE
 
 __all__ = ["ASPP", "DeepLabV3PlusDecoder", "SimpleHead"]
 
 
+class _BlockSE(TaskSE):
+    """The SE closing a decoder block: one per task, or one (``num_tasks`` 1) that every task uses."""
+
+    def forward(self, x: torch.Tensor, task: int | torch.Tensor, residual: torch.Tensor | None = None,
+                relu: bool = False) -> torch.Tensor:
+        return super().forward(x, 0 if self.num_tasks == 1 else task, residual, relu)
+
+
 def _conv_block(cin: int, cout: int, kernel: int, dilation: int = 1, *, separable: bool = False,
-                num_tasks: int = 1, task_bn: bool = False) -> TaskSequential:
-    """conv-BN-ReLU; ``separable``: depthwise 3x3-BN-ReLU6 then pointwise 1x1-BN-ReLU6 (the MobileNet decoder)."""
+                num_tasks: int = 1, task_bn: bool = False, se: bool = False, task_se: bool = False,
+                se_reduction: int = 16, adapters: bool = False) -> TaskSequential:
+    """conv-BN-ReLU; ``separable``: depthwise 3x3-BN-ReLU6 then pointwise 1x1-BN-ReLU6 (the MobileNet decoder).
+
+    ``se``: an SE block after the ReLU (shared, or per task with ``task_se``); ``adapters``: a
+    zero-initialised per-task 1x1 convolution beside the convolution, before the batch norm.
+    """
     pad = (kernel - 1) // 2 * dilation
+    gate = [_BlockSE(cout, num_tasks if task_se else 1, se_reduction)] if se else []
     if separable and kernel > 1:
+        if adapters:
+            raise ValueError("decoder adapters sit beside plain convolutions, not depthwise-separable ones")
         return TaskSequential(
             nn.Conv2d(cin, cin, kernel, padding=pad, dilation=dilation, groups=cin, bias=False),
             make_norm(cin, num_tasks, task_bn), nn.ReLU6(),
-            nn.Conv2d(cin, cout, 1, bias=False), make_norm(cout, num_tasks, task_bn), nn.ReLU6())
+            nn.Conv2d(cin, cout, 1, bias=False), make_norm(cout, num_tasks, task_bn), nn.ReLU6(), *gate)
     act = nn.ReLU6() if separable else nn.ReLU()
-    return TaskSequential(nn.Conv2d(cin, cout, kernel, padding=pad, dilation=dilation, bias=False),
-                          make_norm(cout, num_tasks, task_bn), act)
+    if adapters:
+        conv = AtrousResidualAdapter(cin, cout, num_tasks, dilation=dilation, kernel_size=kernel)
+    else:
+        conv = nn.Conv2d(cin, cout, kernel, padding=pad, dilation=dilation, bias=False)
+    return TaskSequential(conv, make_norm(cout, num_tasks, task_bn), act, *gate)
 
 
 class ASPP(nn.Module):
@@ -31,7 +51,8 @@ class ASPP(nn.Module):
     The five branches (``channels`` each) are concatenated and projected by conv1x1-BN-ReLU to
     ``channels``. DeepLab's dropout (0.1) after the projection is left out, as in the ASTMT release.
     The image-pooling branch has a batch norm on 1x1 maps: training needs more than one sample
-    per task.
+    per task. ``se``, ``task_se``, ``adapters``: as :class:`DeepLabV3PlusDecoder`'s, on every
+    branch and the projection (no adapter on the pooling branch, as in the ASTMT release).
 
     Shapes: x (N, C_in, H, W) -> (N, channels, H, W).
     """
@@ -39,13 +60,15 @@ class ASPP(nn.Module):
     takes_task = True
 
     def __init__(self, in_channels: int, channels: int = 256, rates: tuple[int, ...] = (6, 12, 18), *,
-                 separable: bool = False, num_tasks: int = 1, task_bn: bool = False) -> None:
+                 separable: bool = False, num_tasks: int = 1, task_bn: bool = False, se: bool = False,
+                 task_se: bool = False, adapters: bool = False) -> None:
         super().__init__()
-        opts = {"separable": separable, "num_tasks": num_tasks, "task_bn": task_bn}
-        self.branches = nn.ModuleList([_conv_block(in_channels, channels, 1, **opts)]
-                                      + [_conv_block(in_channels, channels, 3, r, **opts) for r in rates])
+        opts = {"separable": separable, "num_tasks": num_tasks, "task_bn": task_bn, "se": se, "task_se": task_se}
+        self.branches = nn.ModuleList([_conv_block(in_channels, channels, 1, adapters=adapters, **opts)]
+                                      + [_conv_block(in_channels, channels, 3, r, adapters=adapters, **opts)
+                                         for r in rates])
         self.pool = _conv_block(in_channels, channels, 1, **opts)
-        self.project = _conv_block(channels * (len(rates) + 2), channels, 1, **opts)
+        self.project = _conv_block(channels * (len(rates) + 2), channels, 1, adapters=adapters, **opts)
 
     def forward(self, x: torch.Tensor, task: int | torch.Tensor | None = None) -> torch.Tensor:
         outs = [b(x, task) for b in self.branches]
@@ -55,12 +78,15 @@ class ASPP(nn.Module):
 
 
 class DeepLabV3PlusDecoder(nn.Module):
-    """DeepLab-v3+ (Chen et al. 2018): ASPP on the coarse features, a 48-channel reduction of the
-    low-level ones, concatenation at the low-level resolution, two 3x3 conv-BN-ReLU.
+    """DeepLab-v3+ (Chen et al. 2018): ASPP on the coarse features, a ``low_reduced``-channel (48)
+    reduction of the low-level ones, concatenation at the low-level resolution, two 3x3 conv-BN-ReLU.
 
-    ``se``: an SE block (reduction 16) after each of the two 3x3 blocks, as in ASTMT's decoder
-    (Fig. 3); ``task_se``: one per task. ``task_bn``: task batch norm everywhere in the head.
-    ``separable``: depthwise-separable convolutions with ReLU6 (ASTMT appendix C, MobileNet).
+    ASTMT's options (its release's ``ASPPv3Plus``): ``se``: an SE block (reduction 16; 4 on the
+    low-level reduction) after the ReLU of every block: the ASPP's five branches and projection,
+    the reduction and the two 3x3 blocks; ``task_se``: one per task. ``task_bn``: task batch norm
+    everywhere in the head. ``adapters``: a zero-initialised per-task 1x1 convolution beside every
+    convolution but the image pooling's. ``separable``: depthwise-separable convolutions with
+    ReLU6 (ASTMT appendix C, MobileNet).
 
     Shapes: low (N, C_low, H_l, W_l), high (N, C_high, H_h, W_h) -> (N, channels, H_l, W_l).
     """
@@ -69,28 +95,20 @@ class DeepLabV3PlusDecoder(nn.Module):
 
     def __init__(self, low_channels: int, high_channels: int, channels: int = 256, low_reduced: int = 48,
                  rates: tuple[int, ...] = (6, 12, 18), *, separable: bool = False, se: bool = False,
-                 num_tasks: int = 1, task_se: bool = False, task_bn: bool = False) -> None:
+                 num_tasks: int = 1, task_se: bool = False, task_bn: bool = False, adapters: bool = False) -> None:
         super().__init__()
-        opts = {"separable": separable, "num_tasks": num_tasks, "task_bn": task_bn}
+        opts = {"separable": separable, "num_tasks": num_tasks, "task_bn": task_bn, "se": se, "task_se": task_se,
+                "adapters": adapters}
         self.aspp = ASPP(high_channels, channels, rates, **opts)
-        self.reduce = _conv_block(low_channels, low_reduced, 1, **opts)
+        self.reduce = _conv_block(low_channels, low_reduced, 1, se_reduction=4, **opts)
         self.fuse1 = _conv_block(channels + low_reduced, channels, 3, **opts)
         self.fuse2 = _conv_block(channels, channels, 3, **opts)
-        self.se1 = make_se(channels, num_tasks, task_se) if se else None
-        self.se2 = make_se(channels, num_tasks, task_se) if se else None
-
-    @staticmethod
-    def _gate(se, x: torch.Tensor, task) -> torch.Tensor:
-        if se is None:
-            return x
-        return se(x, 0 if (se.num_tasks == 1 or task is None) else task)
 
     def forward(self, low: torch.Tensor, high: torch.Tensor, task: int | torch.Tensor | None = None) -> torch.Tensor:
         high = self.aspp(high, task)
         low = self.reduce(low, task)
         high = F.interpolate(high, size=low.shape[-2:], mode="bilinear", align_corners=False)
-        x = self._gate(self.se1, self.fuse1(torch.cat([high, low], 1), task), task)
-        return self._gate(self.se2, self.fuse2(x, task), task)
+        return self.fuse2(self.fuse1(torch.cat([high, low], 1), task), task)
 
 
 class SimpleHead(nn.Module):

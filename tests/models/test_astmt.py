@@ -44,7 +44,9 @@ def test_forward_all_equals_per_task_loop(backbone, options, training):
     model.load_state_dict(state)  # the same running statistics for the loop
     for i, task in enumerate(TASKS):
         alone = model(x, i)
-        torch.testing.assert_close(together[task], alone, rtol=1e-4, atol=1e-4)
+        # training-mode batch norm over two samples per task magnifies rounding: up to 1.3e-4 (MobileNet)
+        tol = 2e-4 if training else 1e-4
+        torch.testing.assert_close(together[task], alone, rtol=tol, atol=tol)
         assert alone.shape == (2, model.out_channels[task], H, W)
     assert model(x, "edge").shape == (2, 1, H, W)
 
@@ -90,9 +92,26 @@ def test_modulation_options():
     assert all(m.num_tasks == 1 for m in plain.modules() if isinstance(m, TaskSE))
     dec = ASTMT(TASKS, width=0.125, head_channels=16, se_encoder=False, se_decoder=True)
     assert not any(isinstance(m, TaskBatchNorm2d) for m in dec.backbone.modules())
-    assert dec.decoder.se1.num_tasks == 3 and isinstance(dec.decoder.fuse1[1], TaskBatchNorm2d)
+    assert dec.decoder.fuse1[3].num_tasks == 3 and isinstance(dec.decoder.fuse1[1], TaskBatchNorm2d)
+    # an SE after every decoder block: five ASPP branches, the projection, the reduction, two 3x3 blocks
+    assert sum(isinstance(m, TaskSE) for m in dec.decoder.modules()) == 9
+    assert dec.decoder.reduce[3].reduction == 4 and dec.decoder.aspp.pool[3].reduction == 16
+    none = ASTMT(TASKS, width=0.125, head_channels=16, se_encoder=False, se_decoder=False, decoder_se=False)
+    assert not any(isinstance(m, TaskSE) for m in none.decoder.modules())
+    with pytest.raises(ValueError, match="decoder_se"):
+        ASTMT(TASKS, width=0.125, head_channels=16, decoder_se=False)
+    split = ASTMT(TASKS, width=0.125, head_channels=16, task_bn=(True, False))
+    assert isinstance(split.backbone.layer1[0].bn1, TaskBatchNorm2d)
+    assert not any(isinstance(m, TaskBatchNorm2d) for m in split.decoder.modules())
     full = ASTMT(TASKS, width=0.125, head_channels=16, adapters=True)
     assert isinstance(full.backbone.layer1[0].conv2, ResidualAdapter)
+    # the release's decoder adapters: beside every decoder convolution but the image pooling's
+    assert sum(isinstance(m, ResidualAdapter) for m in full.decoder.modules()) == 8
+    assert not isinstance(full.decoder.aspp.pool[0], ResidualAdapter)
+    assert not any(isinstance(m, ResidualAdapter) for m in
+                   ASTMT(TASKS, width=0.125, head_channels=16, adapters=True, decoder_adapters=False).decoder.modules())
+    # the stem's batch norm is shared, the blocks' are per task (release, Sec. 3.2)
+    assert isinstance(full.backbone.bn1, torch.nn.BatchNorm2d)
     assert all(m.adapter_weight.abs().sum() == 0 for m in full.modules() if isinstance(m, ResidualAdapter))
     shared, per_task = full.parameter_split()
     assert shared + sum(per_task.values()) == sum(p.numel() for p in full.parameters())

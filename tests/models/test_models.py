@@ -64,7 +64,8 @@ def test_defaults_are_the_papers():
     assert astmt.backbone.depth == 26 and astmt.backbone.strides[-1] == 16
     aspp = astmt.decoder.aspp
     assert [b[0].dilation[0] for b in aspp.branches[1:]] == [6, 12, 18]
-    assert astmt.decoder.reduce[0].out_channels == 48
+    assert astmt.decoder.reduce[0].out_channels == 12  # the release's 64-wide decoder: 48 x 64 / 256
+    assert astmt.decoder.fuse2[0].out_channels == 64
     astmt = create("astmt", ["semseg", "edge"], width=0.125, output_stride=8)
     assert [b[0].dilation[0] for b in astmt.decoder.aspp.branches[1:]] == [12, 24, 36]
 
