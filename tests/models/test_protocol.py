@@ -60,8 +60,8 @@ def test_every_registered_model_is_covered():
 def test_public_names():
     assert sorted(mtlfast.models.__all__) == sorted([
         "ASTMT", "DEFAULT_OUT_CHANNELS", "GradientDiscriminator", "HRNetSingleTask", "MTINet", "MTLBaseline",
-        "ModelSummary", "MultiTaskModel", "PADNet", "SingleTask", "UberNet", "create", "list_models", "register",
-        "resolve_tasks", "scale_key", "summary",
+        "ModelSummary", "MultiTaskModel", "PADNet", "SingleTask", "UberNet", "create", "list_models",
+        "load_release_checkpoint", "register", "release_options", "resolve_tasks", "scale_key", "summary",
     ])
 
 
