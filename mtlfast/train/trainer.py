@@ -40,15 +40,28 @@ class NonFiniteLossError(FloatingPointError):
     """Training met a non-finite loss or gradient (``train.nonfinite: raise``, or too many in a row)."""
 
 
-def default_threads(num_workers: int = 0) -> int:
-    """torch's intra-op threads for training on CPU: the cores not taken by data workers (at
-    least 1). On a machine other work also loads, fewer threads than cores is faster: OpenMP
-    threads that wait for a busy core stall every operation (on a loaded 2-core VM, 2 threads
-    gave 14 s steps where 1 thread gave 1.6-2.7 s)."""
+def default_threads(num_workers: int = 0, load: float | None = None) -> int:
+    """torch's intra-op threads for training on CPU: the cores that neither data workers nor
+    other work on the machine keep busy, at least 1.
+
+    ``load`` is the number of cores other work uses (default: the 1-minute load average, read
+    before this run starts its own work). Why: OpenMP threads spin at every barrier waiting for
+    the slowest one, so a thread that shares its core with another process stalls every
+    operation. The demo's MTI-Net step with another process busy on each core took 2.1-2.7 s on
+    1 thread and 11-29 s on 2 (``benchmarks/results/README.md``); on an idle machine, 2 threads
+    are the faster.
+    """
     cores = (
         len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     )
-    return max(1, cores - num_workers)
+    threads = max(1, cores - num_workers)
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):  # not on every platform
+            load = 0.0
+    idle = cores - load
+    return max(1, min(threads, int(idle + 0.5)))
 
 
 def build_model(config: Config) -> nn.Module:
@@ -117,7 +130,13 @@ class Trainer:
                 "train.precision: fp16 needs a CUDA device (its gradient scaler); use bf16 on CPU"
             )
         if self.device.type == "cpu":
-            torch.set_num_threads(tc.threads or default_threads(config.data.num_workers))
+            threads = tc.threads or default_threads(config.data.num_workers)
+            torch.set_num_threads(threads)
+            if tc.threads is None:
+                self.runtime.print(
+                    f"training on the CPU with {threads} thread(s): the idle cores "
+                    "(set train.threads to choose)"
+                )
         if tc.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             if self.device.type == "cuda":

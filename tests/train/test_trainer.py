@@ -224,8 +224,14 @@ def test_bf16_on_cpu_trains_like_fp32():
     """bf16 autocast reaches results within noise of fp32 on a short run (the same data and init)."""
     runs = {}
     for precision in ("fp32", "bf16"):
-        config = tiny_config(f"train.precision={precision}", "train.max_steps=30", "train.eval_every=0",
-                             "train.checkpoint_every=0", "data.eval_samples=16", "optim.lr=3e-3")
+        config = tiny_config(
+            f"train.precision={precision}",
+            "train.max_steps=30",
+            "train.eval_every=0",
+            "train.checkpoint_every=0",
+            "data.eval_samples=16",
+            "optim.lr=3e-3",
+        )
         runs[precision] = Trainer(config).fit()
     for task in ("semseg", "saliency", "normals", "depth"):
         fp32 = runs["fp32"]["final"]["tasks"][task]
@@ -233,4 +239,16 @@ def test_bf16_on_cpu_trains_like_fp32():
         constant = runs["fp32"]["constant_predictor"]["tasks"][task]
         metric = {"semseg": "mIoU", "saliency": "mIoU", "normals": "mean", "depth": "rmse"}[task]
         # the gap between the two precisions is small against what training gained over a constant
-        assert abs(bf16[metric] - fp32[metric]) <= 0.25 * abs(fp32[metric] - constant[metric]) + 0.02, (task, fp32, bf16)
+        assert (
+            abs(bf16[metric] - fp32[metric]) <= 0.25 * abs(fp32[metric] - constant[metric]) + 0.02
+        ), (task, fp32, bf16)
+
+
+def test_default_threads_leave_busy_cores_alone(monkeypatch):
+    from mtlfast.train import default_threads
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert default_threads(0, load=0.1) == 4
+    assert default_threads(1, load=0.0) == 3
+    assert default_threads(0, load=2.2) == 2
+    assert default_threads(0, load=7.5) == 1
