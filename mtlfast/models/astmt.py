@@ -15,8 +15,12 @@ from .tasks import resolve_tasks
 
 __all__ = ["ASTMT", "GradientDiscriminator"]
 
-_BACKBONES = {"se_resnet26": (ResNet, 26), "se_resnet50": (ResNet, 50), "se_resnet101": (ResNet, 101),
-              "se_mobilenet_v2": (MobileNetV2, None)}
+_BACKBONES = {
+    "se_resnet26": (ResNet, 26),
+    "se_resnet50": (ResNet, 50),
+    "se_resnet101": (ResNet, 101),
+    "se_mobilenet_v2": (MobileNetV2, None),
+}
 
 
 class _SingleTaskPass(nn.Module):
@@ -49,13 +53,21 @@ class GradientDiscriminator(nn.Module):
     Shapes: grad (N, C, H, W) -> logits (N, T, H, W).
     """
 
-    def __init__(self, in_channels: int, num_tasks: int, hidden: int = 256, normalize: bool = True,
-                 eps: float = 1e-12) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        num_tasks: int,
+        hidden: int = 256,
+        normalize: bool = True,
+        eps: float = 1e-12,
+    ) -> None:
         super().__init__()
         if num_tasks < 2:
             raise ValueError(f"GradientDiscriminator: num_tasks must be >= 2, got {num_tasks}")
         self.normalize, self.eps = normalize, eps
-        self.net = nn.Sequential(nn.Conv2d(in_channels, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, num_tasks, 1))
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, num_tasks, 1)
+        )
 
     def forward(self, grad: torch.Tensor) -> torch.Tensor:
         if self.normalize:
@@ -67,9 +79,10 @@ class GradientDiscriminator(nn.Module):
 class ASTMT(MultiTaskModel):
     """DeepLab-v3+ over an SE backbone, modulated per task (ASTMT Sec. 3, Fig. 3; appendix C).
 
-    By default the network of the authors' release (github.com/facebookresearch/astmt,
-    ``deeplab_se_resnet_multitask.py``, PASCAL configuration) wherever the paper does not say
-    otherwise; :func:`mtlfast.models.load_release_checkpoint` loads its checkpoints.
+    By default the authors' released network (github.com/facebookresearch/astmt,
+    ``deeplab_se_resnet_multitask.py``, its PASCAL configuration less the adapters, which
+    ``adapters=True`` adds) wherever the paper does not say otherwise;
+    :func:`mtlfast.models.load_release_checkpoint` loads its checkpoints.
 
     Encoder: SE-ResNet-26/50/101 (output stride 16, SE with reduction 16 in every bottleneck)
     or SE-MobileNetV2. Decoder: ASPP (rates 6/12/18 and image pooling, ``head_channels``), the
@@ -98,7 +111,8 @@ class ASTMT(MultiTaskModel):
     the samples of that task, in batch order; None -> :meth:`forward_all`. ``forward_all(x)``
     stacks the batch T times with task ids 0..T-1 and runs one pass (the fused ops take a task
     per sample): it equals T single-task calls exactly in eval mode, and in training mode
-    wherever batch norm is task-specific (a shared batch norm would see all T copies).
+    wherever batch norm after the stem is task-specific (a shared batch norm would see all T
+    copies; the stem's sees T copies of the same batch, whose statistics are one copy's).
 
     Where the paper is silent, the release is followed: the SE-ResNet bottlenecks stride on
     their first 1x1 convolution (Caffe's layout; the release's ImageNet SE-ResNets and
@@ -117,11 +131,11 @@ class ASTMT(MultiTaskModel):
         - task batch norm follows the modulation (Sec. 3.2); the release ties the encoder's to
           ``--trNorm`` (on by default, so even its unmodulated encoder is per task, which the
           paper's decoder-only variant, "identical for all tasks in the encoder", is not) and
-          the decoder's to ``--sedec``;
-        - SE hidden width ``max(C // reduction, 1)`` (:class:`mtlfast.nn.TaskSE`); the
-          release's ``C // reduction`` is 0 for narrower layers, which only test widths reach.
+          the decoder's to ``--sedec``.
 
     Other deviations: no deep supervision and no dropout in the ASPP (the release has neither);
+    SE hidden width ``max(C // reduction, 1)`` (:class:`mtlfast.nn.TaskSE`), where the
+    release's ``C // reduction`` is 0 for narrower layers (only test widths reach them);
     SE-MobileNetV2 places SE (reduction 16) at the end of each inverted residual and its
     decoder is the ResNet one made separable (the release's SE-MobileNet network, with
     reduction-4 SE and grouped 1x1 convolutions, is not reproduced); the discriminator is our
@@ -151,21 +165,39 @@ class ASTMT(MultiTaskModel):
     Shapes: x (N, 3, H, W); task int or (N,); outputs (N, C_t, H, W).
     """
 
-    def __init__(self, tasks: Sequence[str], backbone: str | Backbone = "se_resnet26", *, dataset: str = "pascal",
-                 out_channels: Mapping[str, int] | None = None, se_encoder: bool = True, se_decoder: bool = True,
-                 decoder_se: bool = True, adapters: bool = False, decoder_adapters: bool | None = None,
-                 task_bn: bool | tuple[bool, bool] | None = None, output_stride: int = 16, head_channels: int = 64,
-                 low_channels: int | None = None, width: float = 1.0) -> None:
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        backbone: str | Backbone = "se_resnet26",
+        *,
+        dataset: str = "pascal",
+        out_channels: Mapping[str, int] | None = None,
+        se_encoder: bool = True,
+        se_decoder: bool = True,
+        decoder_se: bool = True,
+        adapters: bool = False,
+        decoder_adapters: bool | None = None,
+        task_bn: bool | tuple[bool, bool] | None = None,
+        output_stride: int = 16,
+        head_channels: int = 64,
+        low_channels: int | None = None,
+        width: float = 1.0,
+    ) -> None:
         super().__init__()
         self.out_channels = resolve_tasks(tasks, dataset, out_channels)
         self.tasks = list(self.out_channels)
         t = len(self.tasks)
         if se_decoder and not decoder_se:
-            raise ValueError("ASTMT: se_decoder=True needs decoder_se=True (task-specific SE blocks in the decoder)")
+            raise ValueError(
+                "ASTMT: se_decoder=True needs decoder_se=True (task-specific SE blocks in the decoder)"
+            )
         decoder_adapters = adapters if decoder_adapters is None else decoder_adapters
         self.se_encoder, self.se_decoder, self.adapters = se_encoder, se_decoder, adapters
         if task_bn is None:
-            bn_encoder, bn_decoder = se_encoder or adapters, se_encoder or se_decoder or adapters or decoder_adapters
+            bn_encoder, bn_decoder = (
+                se_encoder or adapters,
+                se_encoder or se_decoder or adapters or decoder_adapters,
+            )
         elif isinstance(task_bn, bool):
             bn_encoder = bn_decoder = task_bn
         else:
@@ -176,26 +208,55 @@ class ASTMT(MultiTaskModel):
             self.backbone = backbone
         else:
             if backbone not in _BACKBONES:
-                raise ValueError(f"astmt backbone must be one of {sorted(_BACKBONES)} or an instance, got {backbone!r}")
+                raise ValueError(
+                    f"astmt backbone must be one of {sorted(_BACKBONES)} or an instance, got {backbone!r}"
+                )
             cls, depth = _BACKBONES[backbone]
-            opts = {"output_stride": output_stride, "width": width, "se": True, "num_tasks": t,
-                    "task_se": se_encoder, "task_bn": bn_encoder}
+            opts = {
+                "output_stride": output_stride,
+                "width": width,
+                "se": True,
+                "num_tasks": t,
+                "task_se": se_encoder,
+                "task_bn": bn_encoder,
+            }
             if cls is ResNet:
-                self.backbone = ResNet(depth, adapters=adapters, stem_task_bn=False, stride_in_1x1=True,
-                                       dilate_first_block=True, **opts)
+                self.backbone = ResNet(
+                    depth,
+                    adapters=adapters,
+                    stem_task_bn=False,
+                    stride_in_1x1=True,
+                    dilate_first_block=True,
+                    **opts,
+                )
             else:
                 if adapters:
-                    raise ValueError("residual adapters sit on a bottleneck's 3x3 convolution: ResNet backbones only")
+                    raise ValueError(
+                        "residual adapters sit on a bottleneck's 3x3 convolution: ResNet backbones only"
+                    )
                 self.backbone = MobileNetV2(**opts)
         c = self.backbone.channels
         separable = isinstance(self.backbone, MobileNetV2)
         if separable and decoder_adapters:
-            raise ValueError("decoder adapters sit beside plain convolutions: not with the separable MobileNet decoder")
+            raise ValueError(
+                "decoder adapters sit beside plain convolutions: not with the separable MobileNet decoder"
+            )
         self.decoder = DeepLabV3PlusDecoder(
-            c[0], c[-1], head_channels, low_channels, rates=aspp_rates(self.backbone.strides[-1]),
-            separable=separable, se=decoder_se, num_tasks=t, task_se=se_decoder, task_bn=bn_decoder,
-            adapters=decoder_adapters)
-        self.heads = nn.ModuleDict({name: nn.Conv2d(head_channels, n, 1) for name, n in self.out_channels.items()})
+            c[0],
+            c[-1],
+            head_channels,
+            low_channels,
+            rates=aspp_rates(self.backbone.strides[-1]),
+            separable=separable,
+            se=decoder_se,
+            num_tasks=t,
+            task_se=se_decoder,
+            task_bn=bn_decoder,
+            adapters=decoder_adapters,
+        )
+        self.heads = nn.ModuleDict(
+            {name: nn.Conv2d(head_channels, n, 1) for name, n in self.out_channels.items()}
+        )
 
     @property
     def trunk(self) -> nn.Sequential:
@@ -222,7 +283,9 @@ class ASTMT(MultiTaskModel):
                 raise ValueError(f"ASTMT: unknown task {task!r}; tasks are {self.tasks}")
             return self.tasks.index(task)
         if isinstance(task, bool) or not isinstance(task, int) or not 0 <= task < len(self.tasks):
-            raise ValueError(f"ASTMT: task must be in [0, {len(self.tasks)}) or a task name, got {task!r}")
+            raise ValueError(
+                f"ASTMT: task must be in [0, {len(self.tasks)}) or a task name, got {task!r}"
+            )
         return task
 
     def _features(self, x: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
@@ -249,13 +312,19 @@ class ASTMT(MultiTaskModel):
         n, t = x.shape[0], len(self.tasks)
         task = torch.arange(t, device=x.device).repeat_interleave(n)
         decoded = self._features(x.repeat(t, 1, 1, 1), task)
-        return {name: resize(self.heads[name](decoded[i * n:(i + 1) * n]), x.shape[-2:])
-                for i, name in enumerate(self.tasks)}
+        return {
+            name: resize(self.heads[name](decoded[i * n : (i + 1) * n]), x.shape[-2:])
+            for i, name in enumerate(self.tasks)
+        }
 
     def summary_forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """What :func:`summary` counts: all tasks, i.e. T single-task passes."""
         return self.forward_all(x)
 
-    def discriminator(self, num_tasks: int | None = None, hidden: int = 256) -> GradientDiscriminator:
+    def discriminator(
+        self, num_tasks: int | None = None, hidden: int = 256
+    ) -> GradientDiscriminator:
         """A gradient discriminator on the encoder output's gradients ((N, channels[-1], h, w) -> (N, T, h, w))."""
-        return GradientDiscriminator(self.backbone.channels[-1], num_tasks or len(self.tasks), hidden)
+        return GradientDiscriminator(
+            self.backbone.channels[-1], num_tasks or len(self.tasks), hidden
+        )
