@@ -9,12 +9,22 @@ from torch.nn import functional as F
 from ..nn import ResidualAdapter, TaskBatchNorm2d, TaskSE
 from ..nn._task import check_task
 
-__all__ = ["AtrousResidualAdapter", "TaskSequential", "call", "make_norm", "make_se", "run_se", "takes_task"]
+__all__ = [
+    "AtrousResidualAdapter",
+    "TaskSequential",
+    "call",
+    "make_norm",
+    "make_se",
+    "run_se",
+    "takes_task",
+]
 
 
 def takes_task(module: nn.Module) -> bool:
     """Whether ``module``'s forward takes ``(x, task)``: the task-conditioned layers and containers."""
-    return isinstance(module, (TaskBatchNorm2d, TaskSE, ResidualAdapter)) or getattr(module, "takes_task", False)
+    return isinstance(module, (TaskBatchNorm2d, TaskSE, ResidualAdapter)) or getattr(
+        module, "takes_task", False
+    )
 
 
 def call(module: nn.Module, x: torch.Tensor, task: int | torch.Tensor | None) -> torch.Tensor:
@@ -43,13 +53,20 @@ def make_norm(channels: int, num_tasks: int = 1, task_bn: bool = False) -> nn.Mo
     return TaskBatchNorm2d(channels, num_tasks) if task_bn else nn.BatchNorm2d(channels)
 
 
-def make_se(channels: int, num_tasks: int = 1, task_se: bool = False, reduction: int = 16) -> TaskSE:
+def make_se(
+    channels: int, num_tasks: int = 1, task_se: bool = False, reduction: int = 16
+) -> TaskSE:
     """A squeeze-and-excitation block: shared (one TaskSE task, used by every task) or one per task."""
     return TaskSE(channels, num_tasks if task_se else 1, reduction)
 
 
-def run_se(se: TaskSE, x: torch.Tensor, task: int | torch.Tensor | None, residual: torch.Tensor,
-           relu: bool = True) -> torch.Tensor:
+def run_se(
+    se: TaskSE,
+    x: torch.Tensor,
+    task: int | torch.Tensor | None,
+    residual: torch.Tensor,
+    relu: bool = True,
+) -> torch.Tensor:
     """``relu(se(x) + residual)`` with the SE of ``task`` (the shared one when the SE has one task)."""
     if se.num_tasks == 1 or task is None:
         task = 0
@@ -69,18 +86,34 @@ class AtrousResidualAdapter(ResidualAdapter):
     Shapes: as :class:`mtlfast.nn.ResidualAdapter`.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, num_tasks: int, stride: int = 1,
-                 dilation: int = 1, kernel_size: int = 3) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        num_tasks: int,
+        stride: int = 1,
+        dilation: int = 1,
+        kernel_size: int = 3,
+    ) -> None:
         super().__init__(in_channels, out_channels, num_tasks, stride)
         if dilation < 1:
             raise ValueError(f"AtrousResidualAdapter: dilation must be >= 1, got {dilation}")
         if kernel_size not in (1, 3):
-            raise ValueError(f"AtrousResidualAdapter: kernel_size must be 1 or 3, got {kernel_size}")
+            raise ValueError(
+                f"AtrousResidualAdapter: kernel_size must be 1 or 3, got {kernel_size}"
+            )
         self.dilation, self.kernel_size = dilation, kernel_size
         self.padding = dilation * (kernel_size // 2)
         if dilation > 1 or kernel_size != 3:
-            self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=self.padding,
-                                  dilation=dilation, bias=False)
+            self.conv = nn.Conv2d(
+                in_channels,
+                out_channels,
+                kernel_size,
+                stride=stride,
+                padding=self.padding,
+                dilation=dilation,
+                bias=False,
+            )
 
     def forward(self, x: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
         if self.dilation == 1 and self.kernel_size == 3:
@@ -89,12 +122,16 @@ class AtrousResidualAdapter(ResidualAdapter):
         opts = {"stride": self.stride, "padding": self.padding, "dilation": self.dilation}
         if isinstance(task, int):
             k = self.kernel_size // 2
-            return F.conv2d(x, self.conv.weight + F.pad(self.adapter_weight[task], (k, k, k, k)), **opts)
+            return F.conv2d(
+                x, self.conv.weight + F.pad(self.adapter_weight[task], (k, k, k, k)), **opts
+            )
         shared = F.conv2d(x, self.conv.weight, **opts)
         n, _, h, w = shared.shape
         sampled = x[:, :, :: self.stride, :: self.stride].reshape(n, self.in_channels, h * w)
         adapters = self.adapter_weight.flatten(2)[task]
-        return torch.baddbmm(shared.reshape(n, self.out_channels, h * w), adapters, sampled).view(shared.shape)
+        return torch.baddbmm(shared.reshape(n, self.out_channels, h * w), adapters, sampled).view(
+            shared.shape
+        )
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", dilation={self.dilation}, kernel_size={self.kernel_size}"

@@ -8,14 +8,20 @@ from torch import nn
 from ._blocks import AtrousResidualAdapter, TaskSequential, call, make_norm, make_se, run_se
 from .base import Backbone
 
-__all__ = ["BasicBlock", "Bottleneck", "ResNet", "DEPTHS"]
+__all__ = ["DEPTHS", "BasicBlock", "Bottleneck", "ResNet"]
 
 #: depth -> (block, blocks per stage). 26 is ASTMT's SE-ResNet-26: bottlenecks, two per stage.
-DEPTHS = {18: ("basic", (2, 2, 2, 2)), 26: ("bottleneck", (2, 2, 2, 2)),
-          50: ("bottleneck", (3, 4, 6, 3)), 101: ("bottleneck", (3, 4, 23, 3))}
+DEPTHS = {
+    18: ("basic", (2, 2, 2, 2)),
+    26: ("bottleneck", (2, 2, 2, 2)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+}
 
 
-def _conv3x3(cin: int, cout: int, stride: int, dilation: int, num_tasks: int, adapters: bool) -> nn.Module:
+def _conv3x3(
+    cin: int, cout: int, stride: int, dilation: int, num_tasks: int, adapters: bool
+) -> nn.Module:
     if adapters:
         return AtrousResidualAdapter(cin, cout, num_tasks, stride=stride, dilation=dilation)
     return nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
@@ -42,9 +48,21 @@ class BasicBlock(_Block):
 
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1, first_dilation: int = 1,
-                 downsample: nn.Module | None = None, *, se: bool = False, num_tasks: int = 1,
-                 task_se: bool = False, adapters: bool = False, task_bn: bool = False) -> None:
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        dilation: int = 1,
+        first_dilation: int = 1,
+        downsample: nn.Module | None = None,
+        *,
+        se: bool = False,
+        num_tasks: int = 1,
+        task_se: bool = False,
+        adapters: bool = False,
+        task_bn: bool = False,
+    ) -> None:
         super().__init__()
         self.conv1 = _conv3x3(inplanes, planes, stride, first_dilation, num_tasks, adapters)
         self.bn1 = make_norm(planes, num_tasks, task_bn)
@@ -71,10 +89,22 @@ class Bottleneck(_Block):
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1, first_dilation: int = 1,
-                 downsample: nn.Module | None = None, *, se: bool = False, num_tasks: int = 1,
-                 task_se: bool = False, adapters: bool = False, task_bn: bool = False,
-                 stride_in_1x1: bool = False) -> None:
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        dilation: int = 1,
+        first_dilation: int = 1,
+        downsample: nn.Module | None = None,
+        *,
+        se: bool = False,
+        num_tasks: int = 1,
+        task_se: bool = False,
+        adapters: bool = False,
+        task_bn: bool = False,
+        stride_in_1x1: bool = False,
+    ) -> None:
         super().__init__()
         del dilation  # one 3x3 per block: it takes first_dilation, as torchvision's does
         s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
@@ -126,10 +156,20 @@ class ResNet(Backbone):
 
     classifier_prefixes = ("fc.",)
 
-    def __init__(self, depth: int = 50, output_stride: int = 32, width: float = 1.0, se: bool = False,
-                 num_tasks: int = 1, task_se: bool = False, adapters: bool = False, task_bn: bool = False,
-                 stem_task_bn: bool | None = None, stride_in_1x1: bool = False,
-                 dilate_first_block: bool = False) -> None:
+    def __init__(
+        self,
+        depth: int = 50,
+        output_stride: int = 32,
+        width: float = 1.0,
+        se: bool = False,
+        num_tasks: int = 1,
+        task_se: bool = False,
+        adapters: bool = False,
+        task_bn: bool = False,
+        stem_task_bn: bool | None = None,
+        stride_in_1x1: bool = False,
+        dilate_first_block: bool = False,
+    ) -> None:
         super().__init__()
         if depth not in DEPTHS:
             raise ValueError(f"ResNet: depth must be one of {sorted(DEPTHS)}, got {depth}")
@@ -140,9 +180,17 @@ class ResNet(Backbone):
         kind, layers = DEPTHS[depth]
         block = BasicBlock if kind == "basic" else Bottleneck
         if stride_in_1x1 and block is not Bottleneck:
-            raise ValueError(f"ResNet: stride_in_1x1 needs bottleneck blocks; depth {depth} has basic blocks")
+            raise ValueError(
+                f"ResNet: stride_in_1x1 needs bottleneck blocks; depth {depth} has basic blocks"
+            )
         self.depth, self.output_stride = depth, output_stride
-        opts = dict(se=se, num_tasks=num_tasks, task_se=task_se, adapters=adapters, task_bn=task_bn)
+        opts = {
+            "se": se,
+            "num_tasks": num_tasks,
+            "task_se": task_se,
+            "adapters": adapters,
+            "task_bn": task_bn,
+        }
         if stride_in_1x1:
             opts["stride_in_1x1"] = True
         stem = max(int(64 * width), 1)
@@ -150,14 +198,18 @@ class ResNet(Backbone):
         self.bn1 = make_norm(stem, num_tasks, task_bn if stem_task_bn is None else stem_task_bn)
         self.relu = nn.ReLU()
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        dilate = {32: (False, False, False), 16: (False, False, True), 8: (False, True, True)}[output_stride]
+        dilate = {32: (False, False, False), 16: (False, False, True), 8: (False, True, True)}[
+            output_stride
+        ]
         self.inplanes, self.dilation = stem, 1
         self.channels, self.strides = [], []
         stride_now = 4
         for i, n in enumerate(layers):
             planes = max(int(64 * width), 1) * 2**i
             stride = 1 if i == 0 else 2
-            first = self.dilation  # torchvision: a newly dilated stage's first block keeps the old one
+            first = (
+                self.dilation
+            )  # torchvision: a newly dilated stage's first block keeps the old one
             if i > 0 and dilate[i - 1]:
                 self.dilation *= stride
                 stride = 1
@@ -171,17 +223,23 @@ class ResNet(Backbone):
         self.feature_stages = (1, 2, 3, 4)
         self.reset_parameters()
 
-    def _make_layer(self, block, planes: int, blocks: int, stride: int, first_dilation: int,
-                    opts: dict) -> TaskSequential:
+    def _make_layer(
+        self, block, planes: int, blocks: int, stride: int, first_dilation: int, opts: dict
+    ) -> TaskSequential:
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = TaskSequential(
                 nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride=stride, bias=False),
                 make_norm(planes * block.expansion, opts["num_tasks"], opts["task_bn"]),
             )
-        mods = [block(self.inplanes, planes, stride, self.dilation, first_dilation, downsample, **opts)]
+        mods = [
+            block(self.inplanes, planes, stride, self.dilation, first_dilation, downsample, **opts)
+        ]
         self.inplanes = planes * block.expansion
-        mods += [block(self.inplanes, planes, 1, self.dilation, self.dilation, **opts) for _ in range(1, blocks)]
+        mods += [
+            block(self.inplanes, planes, 1, self.dilation, self.dilation, **opts)
+            for _ in range(1, blocks)
+        ]
         return TaskSequential(*mods)
 
     def reset_parameters(self) -> None:
@@ -191,8 +249,13 @@ class ResNet(Backbone):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def stages(self) -> list[nn.Module]:
-        return [TaskSequential(self.conv1, self.bn1, self.relu, self.maxpool),
-                self.layer1, self.layer2, self.layer3, self.layer4]
+        return [
+            TaskSequential(self.conv1, self.bn1, self.relu, self.maxpool),
+            self.layer1,
+            self.layer2,
+            self.layer3,
+            self.layer4,
+        ]
 
     def extra_repr(self) -> str:
         return f"depth={self.depth}, output_stride={self.output_stride}, channels={self.channels}"

@@ -15,14 +15,30 @@ __all__ = ["ASPP", "DeepLabV3PlusDecoder", "SimpleHead"]
 class _BlockSE(TaskSE):
     """The SE closing a decoder block: one per task, or one (``num_tasks`` 1) that every task uses."""
 
-    def forward(self, x: torch.Tensor, task: int | torch.Tensor, residual: torch.Tensor | None = None,
-                relu: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        task: int | torch.Tensor,
+        residual: torch.Tensor | None = None,
+        relu: bool = False,
+    ) -> torch.Tensor:
         return super().forward(x, 0 if self.num_tasks == 1 else task, residual, relu)
 
 
-def _conv_block(cin: int, cout: int, kernel: int, dilation: int = 1, *, separable: bool = False,
-                num_tasks: int = 1, task_bn: bool = False, se: bool = False, task_se: bool = False,
-                se_reduction: int = 16, adapters: bool = False) -> TaskSequential:
+def _conv_block(
+    cin: int,
+    cout: int,
+    kernel: int,
+    dilation: int = 1,
+    *,
+    separable: bool = False,
+    num_tasks: int = 1,
+    task_bn: bool = False,
+    se: bool = False,
+    task_se: bool = False,
+    se_reduction: int = 16,
+    adapters: bool = False,
+) -> TaskSequential:
     """conv-BN-ReLU; ``separable``: depthwise 3x3-BN-ReLU6 then pointwise 1x1-BN-ReLU6 (the MobileNet decoder).
 
     ``se``: an SE block after the ReLU (shared, or per task with ``task_se``); ``adapters``: a
@@ -32,11 +48,18 @@ def _conv_block(cin: int, cout: int, kernel: int, dilation: int = 1, *, separabl
     gate = [_BlockSE(cout, num_tasks if task_se else 1, se_reduction)] if se else []
     if separable and kernel > 1:
         if adapters:
-            raise ValueError("decoder adapters sit beside plain convolutions, not depthwise-separable ones")
+            raise ValueError(
+                "decoder adapters sit beside plain convolutions, not depthwise-separable ones"
+            )
         return TaskSequential(
             nn.Conv2d(cin, cin, kernel, padding=pad, dilation=dilation, groups=cin, bias=False),
-            make_norm(cin, num_tasks, task_bn), nn.ReLU6(),
-            nn.Conv2d(cin, cout, 1, bias=False), make_norm(cout, num_tasks, task_bn), nn.ReLU6(), *gate)
+            make_norm(cin, num_tasks, task_bn),
+            nn.ReLU6(),
+            nn.Conv2d(cin, cout, 1, bias=False),
+            make_norm(cout, num_tasks, task_bn),
+            nn.ReLU6(),
+            *gate,
+        )
     act = nn.ReLU6() if separable else nn.ReLU()
     if adapters:
         conv = AtrousResidualAdapter(cin, cout, num_tasks, dilation=dilation, kernel_size=kernel)
@@ -59,16 +82,35 @@ class ASPP(nn.Module):
 
     takes_task = True
 
-    def __init__(self, in_channels: int, channels: int = 256, rates: tuple[int, ...] = (6, 12, 18), *,
-                 separable: bool = False, num_tasks: int = 1, task_bn: bool = False, se: bool = False,
-                 task_se: bool = False, adapters: bool = False) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int = 256,
+        rates: tuple[int, ...] = (6, 12, 18),
+        *,
+        separable: bool = False,
+        num_tasks: int = 1,
+        task_bn: bool = False,
+        se: bool = False,
+        task_se: bool = False,
+        adapters: bool = False,
+    ) -> None:
         super().__init__()
-        opts = {"separable": separable, "num_tasks": num_tasks, "task_bn": task_bn, "se": se, "task_se": task_se}
-        self.branches = nn.ModuleList([_conv_block(in_channels, channels, 1, adapters=adapters, **opts)]
-                                      + [_conv_block(in_channels, channels, 3, r, adapters=adapters, **opts)
-                                         for r in rates])
+        opts = {
+            "separable": separable,
+            "num_tasks": num_tasks,
+            "task_bn": task_bn,
+            "se": se,
+            "task_se": task_se,
+        }
+        self.branches = nn.ModuleList(
+            [_conv_block(in_channels, channels, 1, adapters=adapters, **opts)]
+            + [_conv_block(in_channels, channels, 3, r, adapters=adapters, **opts) for r in rates]
+        )
         self.pool = _conv_block(in_channels, channels, 1, **opts)
-        self.project = _conv_block(channels * (len(rates) + 2), channels, 1, adapters=adapters, **opts)
+        self.project = _conv_block(
+            channels * (len(rates) + 2), channels, 1, adapters=adapters, **opts
+        )
 
     def forward(self, x: torch.Tensor, task: int | torch.Tensor | None = None) -> torch.Tensor:
         outs = [b(x, task) for b in self.branches]
@@ -93,18 +135,38 @@ class DeepLabV3PlusDecoder(nn.Module):
 
     takes_task = True
 
-    def __init__(self, low_channels: int, high_channels: int, channels: int = 256, low_reduced: int = 48,
-                 rates: tuple[int, ...] = (6, 12, 18), *, separable: bool = False, se: bool = False,
-                 num_tasks: int = 1, task_se: bool = False, task_bn: bool = False, adapters: bool = False) -> None:
+    def __init__(
+        self,
+        low_channels: int,
+        high_channels: int,
+        channels: int = 256,
+        low_reduced: int = 48,
+        rates: tuple[int, ...] = (6, 12, 18),
+        *,
+        separable: bool = False,
+        se: bool = False,
+        num_tasks: int = 1,
+        task_se: bool = False,
+        task_bn: bool = False,
+        adapters: bool = False,
+    ) -> None:
         super().__init__()
-        opts = {"separable": separable, "num_tasks": num_tasks, "task_bn": task_bn, "se": se, "task_se": task_se,
-                "adapters": adapters}
+        opts = {
+            "separable": separable,
+            "num_tasks": num_tasks,
+            "task_bn": task_bn,
+            "se": se,
+            "task_se": task_se,
+            "adapters": adapters,
+        }
         self.aspp = ASPP(high_channels, channels, rates, **opts)
         self.reduce = _conv_block(low_channels, low_reduced, 1, se_reduction=4, **opts)
         self.fuse1 = _conv_block(channels + low_reduced, channels, 3, **opts)
         self.fuse2 = _conv_block(channels, channels, 3, **opts)
 
-    def forward(self, low: torch.Tensor, high: torch.Tensor, task: int | torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, low: torch.Tensor, high: torch.Tensor, task: int | torch.Tensor | None = None
+    ) -> torch.Tensor:
         high = self.aspp(high, task)
         low = self.reduce(low, task)
         high = F.interpolate(high, size=low.shape[-2:], mode="bilinear", align_corners=False)

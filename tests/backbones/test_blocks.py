@@ -14,11 +14,15 @@ def test_atrous_adapter_matches_reference(stride, dilation):
     x = torch.randn(4, 5, 11, 8)
     task = torch.tensor([2, 0, 1, 2])
     shared = F.conv2d(x, layer.conv.weight, stride=stride, padding=dilation, dilation=dilation)
-    expected = torch.stack([shared[n] + F.conv2d(x[n:n + 1], layer.adapter_weight[t], stride=stride)[0]
-                            for n, t in enumerate(task.tolist())])
+    expected = torch.stack(
+        [
+            shared[n] + F.conv2d(x[n : n + 1], layer.adapter_weight[t], stride=stride)[0]
+            for n, t in enumerate(task.tolist())
+        ]
+    )
     torch.testing.assert_close(layer(x, task), expected, rtol=1e-4, atol=1e-4)
     for n, t in enumerate(task.tolist()):
-        torch.testing.assert_close(layer(x[n:n + 1], t)[0], expected[n], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(layer(x[n : n + 1], t)[0], expected[n], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="task"):
         layer(x, 3)
 
@@ -31,8 +35,12 @@ def test_adapter_beside_a_1x1_convolution(stride):
     torch.nn.init.normal_(layer.adapter_weight)
     x = torch.randn(3, 5, 9, 7)
     task = torch.tensor([1, 2, 1])
-    expected = torch.stack([F.conv2d(x[n:n + 1], layer.conv.weight + layer.adapter_weight[t], stride=stride)[0]
-                            for n, t in enumerate(task.tolist())])
+    expected = torch.stack(
+        [
+            F.conv2d(x[n : n + 1], layer.conv.weight + layer.adapter_weight[t], stride=stride)[0]
+            for n, t in enumerate(task.tolist())
+        ]
+    )
     torch.testing.assert_close(layer(x, task), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer(x[:1], 1), expected[:1], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="kernel_size"):

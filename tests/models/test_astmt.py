@@ -6,7 +6,7 @@ import torch
 from mtlfast.models import ASTMT, GradientDiscriminator
 from mtlfast.nn import ResidualAdapter, TaskBatchNorm2d, TaskSE
 
-from .helpers import H, TASKS, W
+from .helpers import TASKS, H, W
 
 
 def _model(backbone="se_resnet26", **options):
@@ -19,21 +19,31 @@ def _model(backbone="se_resnet26", **options):
 
 
 CONFIGS = [
-    ("se_resnet26", dict(adapters=True)),
-    ("se_resnet26", dict(se_encoder=False, se_decoder=True)),
-    ("se_mobilenet_v2", dict()),
+    ("se_resnet26", {"adapters": True}),
+    ("se_resnet26", {"se_encoder": False, "se_decoder": True}),
+    ("se_mobilenet_v2", {}),
 ]
 
 
 # In training, forward_all equals the loop only where the encoder's batch norm is per task: a shared
 # one normalises the T-times stacked batch with other statistics than each task's pass (by design,
 # as in ASTMT). The decoder-only configuration is therefore compared in eval mode only.
-FORWARD_ALL_CASES = [(b, o, training) for b, o in CONFIGS for training in (False, True)
-                     if not (training and o.get("se_encoder") is False)]
+FORWARD_ALL_CASES = [
+    (b, o, training)
+    for b, o in CONFIGS
+    for training in (False, True)
+    if not (training and o.get("se_encoder") is False)
+]
 
 
-@pytest.mark.parametrize("backbone, options, training", FORWARD_ALL_CASES,
-                         ids=[f"{b}-{'-'.join(o) or 'default'}-{'train' if t else 'eval'}" for b, o, t in FORWARD_ALL_CASES])
+@pytest.mark.parametrize(
+    "backbone, options, training",
+    FORWARD_ALL_CASES,
+    ids=[
+        f"{b}-{'-'.join(o) or 'default'}-{'train' if t else 'eval'}"
+        for b, o, t in FORWARD_ALL_CASES
+    ],
+)
 def test_forward_all_equals_per_task_loop(backbone, options, training):
     model = _model(backbone, **options).train(training)
     # the cases kept in training are exactly those with per-task batch norm in the encoder
@@ -69,7 +79,9 @@ def _task_rows(model):
             yield f"{name}.adapter_weight", m.adapter_weight
 
 
-@pytest.mark.parametrize("backbone, options", CONFIGS, ids=["r26-se-adapters", "r26-se-dec", "mobilenet"])
+@pytest.mark.parametrize(
+    "backbone, options", CONFIGS, ids=["r26-se-adapters", "r26-se-dec", "mobilenet"]
+)
 def test_task_parameters_learn_from_their_task_only(backbone, options):
     model = _model(backbone, **options)
     out = model(torch.randn(2, 3, H, W), 1)  # task 1: normals
@@ -79,7 +91,9 @@ def test_task_parameters_learn_from_their_task_only(backbone, options):
     own: dict[str, float] = {}
     for name, p in rows:
         assert p.grad[0].abs().sum() == 0 and p.grad[2].abs().sum() == 0, name
-        module = name.rsplit(".", 1)[0]  # an SE's w1 may get none through a dead ReLU: judge per module
+        module = name.rsplit(".", 1)[
+            0
+        ]  # an SE's w1 may get none through a dead ReLU: judge per module
         own[module] = own.get(module, 0.0) + float(p.grad[1].abs().sum())
     assert all(v > 0 for v in own.values()), [m for m, v in own.items() if v == 0]
     assert model.heads["normals"].weight.grad is not None
@@ -96,7 +110,9 @@ def test_modulation_options():
     # an SE after every decoder block: five ASPP branches, the projection, the reduction, two 3x3 blocks
     assert sum(isinstance(m, TaskSE) for m in dec.decoder.modules()) == 9
     assert dec.decoder.reduce[3].reduction == 4 and dec.decoder.aspp.pool[3].reduction == 16
-    none = ASTMT(TASKS, width=0.125, head_channels=16, se_encoder=False, se_decoder=False, decoder_se=False)
+    none = ASTMT(
+        TASKS, width=0.125, head_channels=16, se_encoder=False, se_decoder=False, decoder_se=False
+    )
     assert not any(isinstance(m, TaskSE) for m in none.decoder.modules())
     with pytest.raises(ValueError, match="decoder_se"):
         ASTMT(TASKS, width=0.125, head_channels=16, decoder_se=False)
@@ -108,11 +124,17 @@ def test_modulation_options():
     # the release's decoder adapters: beside every decoder convolution but the image pooling's
     assert sum(isinstance(m, ResidualAdapter) for m in full.decoder.modules()) == 8
     assert not isinstance(full.decoder.aspp.pool[0], ResidualAdapter)
-    assert not any(isinstance(m, ResidualAdapter) for m in
-                   ASTMT(TASKS, width=0.125, head_channels=16, adapters=True, decoder_adapters=False).decoder.modules())
+    assert not any(
+        isinstance(m, ResidualAdapter)
+        for m in ASTMT(
+            TASKS, width=0.125, head_channels=16, adapters=True, decoder_adapters=False
+        ).decoder.modules()
+    )
     # the stem's batch norm is shared, the blocks' are per task (release, Sec. 3.2)
     assert isinstance(full.backbone.bn1, torch.nn.BatchNorm2d)
-    assert all(m.adapter_weight.abs().sum() == 0 for m in full.modules() if isinstance(m, ResidualAdapter))
+    assert all(
+        m.adapter_weight.abs().sum() == 0 for m in full.modules() if isinstance(m, ResidualAdapter)
+    )
     shared, per_task = full.parameter_split()
     assert shared + sum(per_task.values()) == sum(p.numel() for p in full.parameters())
     with pytest.raises(ValueError, match="ResNet backbones only"):
@@ -130,4 +152,6 @@ def test_discriminator():
     g = torch.randn(2, model.backbone.channels[-1], 3, 4)
     logits = disc(g)
     assert logits.shape == (2, 3, 3, 4)
-    torch.testing.assert_close(disc(g * 7.0), logits)  # normalised gradients: the scale does not matter
+    torch.testing.assert_close(
+        disc(g * 7.0), logits
+    )  # normalised gradients: the scale does not matter

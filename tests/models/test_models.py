@@ -5,7 +5,7 @@ import torch
 
 from mtlfast.models import MTLBaseline, UberNet, create, list_models, scale_key
 
-from .helpers import CASES, H, TASKS, W, build
+from .helpers import CASES, TASKS, H, W, build
 
 
 @pytest.mark.parametrize("name, backbone, options", CASES, ids=[f"{m}-{b}" for m, b, _ in CASES])
@@ -23,8 +23,15 @@ def test_forward_backward(name, backbone, options):
         assert pred.shape == (2, model.out_channels[key.split("/")[0]], H, W), key
     sum(p.square().mean() for p in out.values()).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
-    if name in ("mtl_baseline", "single_task"):  # DeepLab heads read P2 and P5 only, not P3, P4's outputs
-        missing = [n for n in missing if not n.startswith(("backbone.fpn.layer_blocks.1.", "backbone.fpn.layer_blocks.2."))]
+    if name in (
+        "mtl_baseline",
+        "single_task",
+    ):  # DeepLab heads read P2 and P5 only, not P3, P4's outputs
+        missing = [
+            n
+            for n in missing
+            if not n.startswith(("backbone.fpn.layer_blocks.1.", "backbone.fpn.layer_blocks.2."))
+        ]
     assert not missing, missing[:5]
 
     model.eval()
@@ -43,11 +50,19 @@ def test_registry():
 
 
 def test_output_channels_per_dataset():
-    model = UberNet(["semseg", "depth", "normals", "edge"], "resnet18", dataset="nyud", width=0.125, scales=(1.0,))
+    model = UberNet(
+        ["semseg", "depth", "normals", "edge"],
+        "resnet18",
+        dataset="nyud",
+        width=0.125,
+        scales=(1.0,),
+    )
     assert model.out_channels == {"semseg": 40, "depth": 1, "normals": 3, "edge": 1}
     model = MTLBaseline(TASKS + ["parts", "saliency"], "resnet18", width=0.125, head_channels=8)
     assert model.out_channels == {"semseg": 21, "normals": 3, "edge": 1, "parts": 7, "saliency": 1}
-    model = MTLBaseline(["semseg"], "resnet18", width=0.125, head_channels=8, out_channels={"semseg": 5})
+    model = MTLBaseline(
+        ["semseg"], "resnet18", width=0.125, head_channels=8, out_channels={"semseg": 5}
+    )
     assert model.heads["semseg"].classifier.out_channels == 5
     with pytest.raises(ValueError, match="no default output channels"):
         MTLBaseline(["depth"], "resnet18", width=0.125)
@@ -64,7 +79,9 @@ def test_defaults_are_the_papers():
     assert astmt.backbone.depth == 26 and astmt.backbone.strides[-1] == 16
     aspp = astmt.decoder.aspp
     assert [b[0].dilation[0] for b in aspp.branches[1:]] == [6, 12, 18]
-    assert astmt.decoder.reduce[0].out_channels == 12  # the release's 64-wide decoder: 48 x 64 / 256
+    assert (
+        astmt.decoder.reduce[0].out_channels == 12
+    )  # the release's 64-wide decoder: 48 x 64 / 256
     assert astmt.decoder.fuse2[0].out_channels == 64
     astmt = create("astmt", ["semseg", "edge"], width=0.125, output_stride=8)
     assert [b[0].dilation[0] for b in astmt.decoder.aspp.branches[1:]] == [12, 24, 36]
@@ -88,10 +105,13 @@ def test_ubernet_fused_starts_as_the_scale_average():
     torch.testing.assert_close(out["normals"], mean, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name, backbone, options", [
-    ("mtl_baseline", "resnet18", {"width": 0.125, "head_channels": 16}),
-    ("ubernet", "resnet18", {"width": 0.125, "scales": (1.0, 0.5)}),
-])
+@pytest.mark.parametrize(
+    "name, backbone, options",
+    [
+        ("mtl_baseline", "resnet18", {"width": 0.125, "head_channels": 16}),
+        ("ubernet", "resnet18", {"width": 0.125, "scales": (1.0, 0.5)}),
+    ],
+)
 def test_heads_learn_from_their_task_only(name, backbone, options):
     model = build(name, backbone, options)
     out = model(torch.randn(2, 3, H, W))
@@ -105,10 +125,13 @@ def test_heads_learn_from_their_task_only(name, backbone, options):
     assert all(p.grad is not None for p in model.backbone.parameters())
 
 
-@pytest.mark.parametrize("name, backbone, options", [
-    ("ubernet", "resnet18", {"width": 0.125, "scales": (1.0, 0.5)}),
-    ("astmt", "se_resnet26", {"width": 0.125, "head_channels": 16, "adapters": True}),
-])
+@pytest.mark.parametrize(
+    "name, backbone, options",
+    [
+        ("ubernet", "resnet18", {"width": 0.125, "scales": (1.0, 0.5)}),
+        ("astmt", "se_resnet26", {"width": 0.125, "head_channels": 16, "adapters": True}),
+    ],
+)
 def test_channels_last_input(name, backbone, options):
     model = build(name, backbone, options).eval()
     x = torch.randn(2, 3, H, W)

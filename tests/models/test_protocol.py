@@ -45,7 +45,9 @@ CASES = [
     ("mtinet", tiny_hrnet, {}, TASKS),
     ("padnet", tiny_hrnet, {"width": 16}, TASKS),
 ]
-IDS = [f"{name}-{o.get('like', b if isinstance(b, str) else 'tiny_hrnet')}" for name, b, o, _ in CASES]
+IDS = [
+    f"{name}-{o.get('like', b if isinstance(b, str) else 'tiny_hrnet')}" for name, b, o, _ in CASES
+]
 
 
 def build(name, backbone, options, tasks, **extra):
@@ -58,11 +60,29 @@ def test_every_registered_model_is_covered():
 
 
 def test_public_names():
-    assert sorted(mtlfast.models.__all__) == sorted([
-        "ASTMT", "DEFAULT_OUT_CHANNELS", "GradientDiscriminator", "HRNetSingleTask", "MTINet", "MTLBaseline",
-        "ModelSummary", "MultiTaskModel", "PADNet", "SingleTask", "UberNet", "create", "list_models",
-        "load_release_checkpoint", "register", "release_options", "resolve_tasks", "scale_key", "summary",
-    ])
+    assert sorted(mtlfast.models.__all__) == sorted(
+        [
+            "ASTMT",
+            "DEFAULT_OUT_CHANNELS",
+            "GradientDiscriminator",
+            "HRNetSingleTask",
+            "MTINet",
+            "MTLBaseline",
+            "ModelSummary",
+            "MultiTaskModel",
+            "PADNet",
+            "SingleTask",
+            "UberNet",
+            "create",
+            "list_models",
+            "load_release_checkpoint",
+            "register",
+            "release_options",
+            "resolve_tasks",
+            "scale_key",
+            "summary",
+        ]
+    )
 
 
 @pytest.mark.parametrize("name, backbone, options, tasks", CASES, ids=IDS)
@@ -70,7 +90,9 @@ def test_protocol(name, backbone, options, tasks):
     model = build(name, backbone, options, tasks)
     assert isinstance(model, MultiTaskModel)
     assert model.tasks == list(tasks) and list(model.out_channels) == list(tasks)
-    assert isinstance(model.trunk, nn.Sequential) and isinstance(model.heads, (Mapping, nn.ModuleDict))
+    assert isinstance(model.trunk, nn.Sequential) and isinstance(
+        model.heads, (Mapping, nn.ModuleDict)
+    )
     trunk, heads = model.engine_branches()
     assert isinstance(trunk, nn.Sequential) and isinstance(heads, (Mapping, nn.ModuleDict))
     assert model.expand(None) is None
@@ -101,7 +123,10 @@ def _freeze_branch_norms(model):
     in_trunk = {id(m) for m in trunk.modules()}
     for head in heads.values():
         for m in head.modules():
-            if isinstance(m, (nn.modules.batchnorm._BatchNorm, TaskBatchNorm2d)) and id(m) not in in_trunk:
+            if (
+                isinstance(m, (nn.modules.batchnorm._BatchNorm, TaskBatchNorm2d))
+                and id(m) not in in_trunk
+            ):
                 m.eval()
     return model
 
@@ -126,7 +151,9 @@ def _plain_loss(model, x, targets, loss_fns, labeled, weights):
         out = {t: model(x, t) for t in model.tasks}
     else:
         out = model(x)
-    targets, loss_fns, labeled, weights = (model.expand(m) for m in (targets, loss_fns, labeled, weights))
+    targets, loss_fns, labeled, weights = (
+        model.expand(m) for m in (targets, loss_fns, labeled, weights)
+    )
     assert set(out) == set(targets) == set(loss_fns) == set(labeled) == set(weights)
     terms = {k: loss_fns[k](out[k][labeled[k]], targets[k][labeled[k]]) for k in out}
     return sum(weights[k] * v for k, v in terms.items()), terms
@@ -141,8 +168,15 @@ def test_one_engine_call_trains_any_model(name, backbone, options, tasks, strate
     targets, loss_fns, labeled, weights = _problem(model, 4)
     engine, plain = copy.deepcopy(model), copy.deepcopy(model)
 
-    result = multi_branch_step(*engine.engine_branches(), x, engine.expand(targets), engine.expand(loss_fns),
-                               labeled=engine.expand(labeled), weights=engine.expand(weights), strategy=strategy)
+    result = multi_branch_step(
+        *engine.engine_branches(),
+        x,
+        engine.expand(targets),
+        engine.expand(loss_fns),
+        labeled=engine.expand(labeled),
+        weights=engine.expand(weights),
+        strategy=strategy,
+    )
     total, terms = _plain_loss(plain, x, targets, loss_fns, labeled, weights)
     total.backward()
 
@@ -171,7 +205,9 @@ FAMILIES = [
 ]
 
 
-@pytest.mark.parametrize("like, backbone, options, cls", FAMILIES, ids=[str(f[0]) for f in FAMILIES])
+@pytest.mark.parametrize(
+    "like, backbone, options, cls", FAMILIES, ids=[str(f[0]) for f in FAMILIES]
+)
 def test_single_task_of_each_family(like, backbone, options, cls):
     model = build("single_task", backbone, options, "normals", like=like)
     assert type(model) is cls and isinstance(model, MultiTaskModel)
@@ -190,7 +226,11 @@ def test_single_task_of_mtinet_is_the_release_network():
     assert isinstance(model.backbone, HRNet) and model.backbone.channels == [18, 36, 72, 144]
     layers = list(model.heads["semseg"].last_layer)
     assert [type(m) for m in layers] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Conv2d]
-    assert (layers[0].in_channels, layers[0].out_channels, layers[0].kernel_size) == (270, 270, (1, 1))
+    assert (layers[0].in_channels, layers[0].out_channels, layers[0].kernel_size) == (
+        270,
+        270,
+        (1, 1),
+    )
     assert (layers[3].out_channels, layers[3].kernel_size) == (21, (1, 1))
     assert model.parameter_split()[1]["semseg"] == sum(p.numel() for p in model.heads.parameters())
 
