@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
+from torch.nn import functional as F
 
-from ..ops import attention_distill
+from ..ops.backends import choose
 
 __all__ = ["MultiModalDistillation"]
+
+_CONV = {
+    "stride": [1, 1],
+    "padding": [1, 1],
+    "dilation": [1, 1],
+    "transposed": False,
+    "output_padding": [0, 0],
+}
 
 
 class MultiModalDistillation(nn.Module):
@@ -19,10 +30,19 @@ class MultiModalDistillation(nn.Module):
     ``message = conv3x3(F_l)``, both 3x3 convolutions without bias, and
     ``out_k = F_k + sum_{l != k} mask * message`` (MTI-Net Eq. 1).
 
-    All T*(T-1) pairs run as one grouped convolution over the features gathered per pair; its
-    output is viewed, without a copy, as the mask logits and messages of the fused
-    :func:`mtlfast.ops.attention_distill`, which applies the sigmoid, product, sum and residual in
-    one pass and recomputes the sigmoid in its backward.
+    Memory grows linearly in T, not with the T*(T-1) pairs: the pairs run one after the other,
+    each pair's gated message added to its target's output as soon as it is computed, so
+    inference holds the T outputs and one pair's mask logits and messages. In training a custom
+    autograd function saves only the inputs and the weights (the authors' per-pair modules save
+    two maps per pair) and its backward recomputes each pair's two convolutions before
+    back-propagating through them: two more convolutions per pair, a training step of the layer
+    about 1.3x as long as the per-pair modules', for a peak that no longer grows with the pairs.
+    Under ``torch.compile``, functorch transforms, dispatch modes and tensor subclasses the same
+    loop runs in plain differentiable ops, and autograd (or the compiler) decides what to save.
+    There is no double backward.
+
+    The fused :func:`mtlfast.ops.attention_distill` is not used: its inputs are all pairs' maps
+    at once, which is what this loop avoids.
 
     Args:
         num_tasks: T >= 2.
@@ -48,9 +68,6 @@ class MultiModalDistillation(nn.Module):
         shape = (num_tasks, num_tasks - 1, channels, channels, 3, 3)
         self.mask_weight = nn.Parameter(torch.empty(shape))
         self.message_weight = nn.Parameter(torch.empty(shape))
-        # sources[k * (T-1) + s] = the task feeding target k at slot s.
-        sources = [l for k in range(num_tasks) for l in range(num_tasks) if l != k]
-        self.register_buffer("sources", torch.tensor(sources, dtype=torch.long), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -62,7 +79,9 @@ class MultiModalDistillation(nn.Module):
     def source_slot(self, target: int, source: int) -> int:
         """Slot s of ``source`` among the sources of ``target``."""
         if target == source or not (0 <= target < self.num_tasks and 0 <= source < self.num_tasks):
-            raise ValueError(f"no distillation pair (target={target}, source={source}) for {self.num_tasks} tasks")
+            raise ValueError(
+                f"no distillation pair (target={target}, source={source}) for {self.num_tasks} tasks"
+            )
         return source if source < target else source - 1
 
     def pair_weights(self, target: int, source: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,41 +89,147 @@ class MultiModalDistillation(nn.Module):
         s = self.source_slot(target, source)
         return self.mask_weight[target, s], self.message_weight[target, s]
 
-    def forward(self, features: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
-        stacked = self._stack(features)
-        n, t, c, h, w = stacked.shape
-        pairs = t * (t - 1)
-        # (N, T*(T-1)*C, H, W): the features of each pair's source, in (target, slot) order.
-        gathered = stacked.index_select(1, self.sources).reshape(n, pairs * c, h, w)
-        # Per pair: C mask-logit channels then C message channels.
-        weight = torch.stack((self.mask_weight, self.message_weight), dim=2).reshape(pairs * 2 * c, c, 3, 3)
-        logits_and_messages = nn.functional.conv2d(gathered, weight, padding=1, groups=pairs)
-        both = logits_and_messages.view(n, t, t - 1, 2, c, h, w)
-        out = attention_distill(stacked, both[:, :, :, 0], both[:, :, :, 1])
-        return list(out.unbind(1)) if isinstance(features, (list, tuple)) else out
+    def forward(
+        self, features: torch.Tensor | list[torch.Tensor]
+    ) -> torch.Tensor | list[torch.Tensor]:
+        stacked = not isinstance(features, (list, tuple))
+        inputs = self._check(features)
+        weights = (self.mask_weight, self.message_weight)
+        run = choose(_inference, _Distill.apply, _differentiable, *weights, *inputs)
+        out = run(stacked, *weights, *inputs)
+        return out if stacked else list(out)
 
-    def _stack(self, features: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    def _check(self, features: torch.Tensor | list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The input as given: (stacked,) or the T task tensors, checked."""
         if isinstance(features, (list, tuple)):
             if len(features) != self.num_tasks:
                 raise ValueError(
                     f"MultiModalDistillation: expected a list of {self.num_tasks} task features, got {len(features)}"
                 )
+            if not all(isinstance(f, torch.Tensor) for f in features):
+                raise ValueError("MultiModalDistillation: features must be tensors")
             shapes = {tuple(f.shape) for f in features}
             if len(shapes) != 1 or features[0].dim() != 4:
                 raise ValueError(
                     "MultiModalDistillation: features must be T tensors of one shape (N, C, H, W), "
                     f"got shapes {[tuple(f.shape) for f in features]}"
                 )
-            features = torch.stack(list(features), dim=1)
-        if not isinstance(features, torch.Tensor) or features.dim() != 5:
-            got = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
-            raise ValueError(f"MultiModalDistillation: features must be (N, T, C, H, W) or a list of T (N, C, H, W), got {got}")
-        if features.shape[1] != self.num_tasks or features.shape[2] != self.channels:
+            shape = (features[0].shape[0], self.num_tasks, *features[0].shape[1:])
+            inputs = tuple(features)
+        else:
+            if not isinstance(features, torch.Tensor) or features.dim() != 5:
+                got = (
+                    tuple(features.shape)
+                    if isinstance(features, torch.Tensor)
+                    else type(features).__name__
+                )
+                raise ValueError(
+                    f"MultiModalDistillation: features must be (N, T, C, H, W) or a list of T (N, C, H, W), got {got}"
+                )
+            shape = tuple(features.shape)
+            inputs = (features,)
+        if shape[1] != self.num_tasks or shape[2] != self.channels:
             raise ValueError(
                 f"MultiModalDistillation: features must have T={self.num_tasks} tasks of C={self.channels} "
-                f"channels, got {tuple(features.shape)}"
+                f"channels, got {shape}"
             )
-        return features
+        return inputs
 
     def extra_repr(self) -> str:
         return f"num_tasks={self.num_tasks}, channels={self.channels}"
+
+
+# ---- the loop over pairs ---------------------------------------------------------------------
+# ``inputs`` is (stacked,), one (N, T, C, H, W) tensor, or the T task tensors (N, C, H, W).
+
+
+def _tasks(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return list(inputs[0].unbind(1)) if len(inputs) == 1 else list(inputs)
+
+
+def _pairs(t: int):
+    """(target k, slot s, source l) of every ordered pair, target-major."""
+    for k in range(t):
+        for s, l in enumerate(l for l in range(t) if l != k):
+            yield k, s, l
+
+
+def _maps(f: torch.Tensor, mask_weight: torch.Tensor, message_weight: torch.Tensor, k: int, s: int):
+    """Mask logits and messages (N, C, H, W) of the pair (k, s) from its source's features ``f``."""
+    return F.conv2d(f, mask_weight[k, s], padding=1), F.conv2d(f, message_weight[k, s], padding=1)
+
+
+def _inference(stacked: bool, mask_weight, message_weight, *inputs):
+    """Eq. 1 without autograd: the outputs start as the inputs and take each pair's gated
+    message as soon as it is computed, so at most one pair's maps exist at a time."""
+    features = _tasks(inputs)
+    out = inputs[0].clone() if stacked else [f.clone() for f in features]
+    targets = _tasks((out,)) if stacked else out
+    for k, s, l in _pairs(len(features)):
+        logits, messages = _maps(features[l], mask_weight, message_weight, k, s)
+        targets[k].addcmul_(logits.sigmoid_(), messages)
+        del logits, messages
+    return out if stacked else tuple(out)
+
+
+def _differentiable(stacked: bool, mask_weight, message_weight, *inputs):
+    """The same loop in out-of-place differentiable ops, for torch.compile, functorch and modes."""
+    features = _tasks(inputs)
+    out = list(features)
+    for k, s, l in _pairs(len(features)):
+        logits, messages = _maps(features[l], mask_weight, message_weight, k, s)
+        out[k] = out[k] + torch.sigmoid(logits) * messages
+    return torch.stack(out, 1) if stacked else tuple(out)
+
+
+class _Distill(torch.autograd.Function):
+    """The loop under autograd: saves the inputs and weights, recomputes the maps in backward."""
+
+    @staticmethod
+    def forward(ctx, stacked, mask_weight, message_weight, *inputs):
+        ctx.stacked = stacked
+        ctx.save_for_backward(mask_weight, message_weight, *inputs)
+        return _inference(stacked, mask_weight, message_weight, *inputs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grad_outputs):
+        mask_weight, message_weight, *inputs = ctx.saved_tensors
+        _, need_mask, need_message, *need_inputs = ctx.needs_input_grad
+        need_x = any(need_inputs)
+        features = _tasks(inputs)
+        grad_out = _tasks(grad_outputs)
+        # The residual: dL/dF_k starts at dL/dout_k; each pair adds its source's term.
+        grad_inputs = tuple(g.clone() for g in grad_outputs) if need_x else (None,) * len(inputs)
+        grad_features = _tasks(grad_inputs) if need_x else None
+        grad_mask = torch.empty_like(mask_weight) if need_mask else None
+        grad_message = torch.empty_like(message_weight) if need_message else None
+        for k, s, l in _pairs(len(features)):
+            f, go = features[l], grad_out[k]
+            logits, messages = _maps(f, mask_weight, message_weight, k, s)
+            sig = logits.sigmoid_()
+            # d/dmessages = go * sigmoid; d/dlogits = go * messages * sigmoid * (1 - sigmoid)
+            grad_messages = go * sig
+            grad_logits = messages.mul_(go).mul_(sig)
+            grad_logits.mul_(sig.neg_().add_(1))
+            del logits, messages, sig
+            for grad_map, weight, need_w, grad_w in (
+                (grad_logits, mask_weight, need_mask, grad_mask),
+                (grad_messages, message_weight, need_message, grad_message),
+            ):
+                gx, gw, _ = torch.ops.aten.convolution_backward(
+                    grad_map,
+                    f,
+                    weight[k, s],
+                    None,
+                    **_CONV,
+                    groups=1,
+                    output_mask=[need_x, need_w, False],
+                )
+                if need_w:
+                    grad_w[k, s].copy_(gw)
+                if need_x:
+                    grad_features[l].add_(gx)
+                del gx, gw
+            del grad_logits, grad_messages
+        return (None, grad_mask, grad_message, *grad_inputs)
