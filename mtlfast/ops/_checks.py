@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["shape_str", "check_tensor", "check_same"]
+__all__ = ["FLOAT_DTYPES", "shape_str", "check_tensor", "check_same"]
+
+#: The dtypes every op takes: float8 and other exotic floating dtypes are refused up front.
+FLOAT_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16, torch.float64))
 
 
 def shape_str(t: torch.Tensor | tuple) -> str:
@@ -15,10 +18,10 @@ def shape_str(t: torch.Tensor | tuple) -> str:
 
 def check_tensor(op: str, name: str, t: object, *, dims: str | None = None, ndim: int | None = None,
                  floating: bool = True) -> torch.Tensor:
-    """``t`` must be a tensor (floating-point unless ``floating=False``) of rank ``ndim``."""
+    """``t`` must be a tensor (of a dtype in FLOAT_DTYPES unless ``floating=False``) of rank ``ndim``."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if floating and not t.dtype.is_floating_point:
+    if floating and t.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{op}: {name} must be a floating-point tensor (float32, float16, bfloat16 or float64), got {t.dtype}"
         )

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ._checks import check_same, check_tensor, shape_str
+from ._checks import FLOAT_DTYPES, check_same, check_tensor, shape_str
 from .backends import (autograd_function, choose, kernel, register_kernel, remember_backend, remembered_backend,
                        runs_directly)
 
@@ -28,13 +28,13 @@ def _well_formed(x, task, w1, b1, w2, b2, residual) -> bool:
     if not all(isinstance(t, torch.Tensor) for t in (x, task, w1, b1, w2, b2)):
         return False
     xs = x.shape
-    if len(xs) != 4 or task.dtype != torch.int64 or task.shape != xs[:1] or not x.dtype.is_floating_point:
+    if len(xs) != 4 or task.dtype != torch.int64 or task.shape != xs[:1] or x.dtype not in FLOAT_DTYPES:
         return False
     t, r, c = w1.shape if w1.dim() == 3 else (0, 0, -1)
-    if c != xs[1] or b1.shape != (t, r) or w2.shape != (t, c, r) or b2.shape != (t, c):
+    if c != xs[1] or c < 1 or r < 1 or b1.shape != (t, r) or w2.shape != (t, c, r) or b2.shape != (t, c):
         return False
     device = x.device
-    if task.device != device or not all(p.dtype.is_floating_point and p.device == device for p in (w1, b1, w2, b2)):
+    if task.device != device or not all(p.dtype in FLOAT_DTYPES and p.device == device for p in (w1, b1, w2, b2)):
         return False
     return residual is None or (
         isinstance(residual, torch.Tensor) and residual.shape == xs and residual.dtype == x.dtype
@@ -50,11 +50,16 @@ def _check(x, task, w1, b1, w2, b2, residual) -> None:
     if task.dtype != torch.int64:
         raise TypeError(f"{OP}: task must be an int64 tensor of task indices, got {task.dtype}")
     n, c = x.shape[:2]
+    if c < 1:
+        raise ValueError(f"{OP}: x must have C >= 1 channels, got shape {shape_str(x)}")
     if task.shape[0] != n:
         raise ValueError(f"{OP}: task must have shape (N,) = ({n},) to match x {shape_str(x)}, got {shape_str(task)}")
     check_same(OP, "task", task, "x", x, dtype=False)
     check_tensor(OP, "w1", w1, dims="(T, R, C)", ndim=3)
     t, r = w1.shape[:2]
+    if r < 1:
+        # R = 0 would make every gate sigmoid(b2): a layer that squeezes to nothing is a mistake.
+        raise ValueError(f"{OP}: w1 must have shape (T, R, C) with R >= 1 hidden units, got {shape_str(w1)}")
     for name, p, expected in (("w1", w1, (t, r, c)), ("b1", b1, (t, r)), ("w2", w2, (t, c, r)), ("b2", b2, (t, c))):
         check_tensor(OP, name, p, dims=str(expected), ndim=len(expected))
         if tuple(p.shape) != expected:
@@ -70,8 +75,9 @@ def _check(x, task, w1, b1, w2, b2, residual) -> None:
 
 
 def _check_task_range(task: torch.Tensor, num_tasks: int) -> None:
-    # Inside the op: a data-dependent check that torch.compile must not trace.
-    if task.numel() and (int(task.min()) < 0 or int(task.max()) >= num_tasks):
+    # Inside the op: a data-dependent check that torch.compile must not trace; meta tensors
+    # hold no values to check.
+    if task.numel() and task.device.type != "meta" and (int(task.min()) < 0 or int(task.max()) >= num_tasks):
         raise ValueError(
             f"{OP}: task indices must lie in [0, {num_tasks}), got values in [{int(task.min())}, {int(task.max())}]"
         )
@@ -262,8 +268,8 @@ def task_se(
 
     Args:
         x: (N, C, H, W).
-        task: (N,) int64, the task of each sample, in [0, T).
-        w1, b1: (T, R, C), (T, R): each task's squeeze layer.
+        task: (N,) int64, the task of each sample, in [0, T); any strides.
+        w1, b1: (T, R, C), (T, R): each task's squeeze layer, R >= 1 (C >= 1 too).
         w2, b2: (T, C, R), (T, C): each task's excitation layer.
         residual: (N, C, H, W) or None, added after the gating (the tail of an SE bottleneck).
         relu: apply ReLU at the end.
@@ -273,11 +279,14 @@ def task_se(
         ``g[n] = sigmoid(w2[t] @ relu(w1[t] @ mean_hw(x[n]) + b1[t]) + b2[t])``, ``t = task[n]``.
 
     Stacking a batch T times with task ids 0..T-1 runs ASTMT's T single-task passes as one pass.
-    x and residual share a floating dtype; the small layers run in float32 (float64 for float64).
+    x and residual share a dtype (float32, float16, bfloat16 or float64; float8 raises TypeError); the small layers run in float32 (float64 for float64).
     Contiguous and channels-last inputs run in place; other strides are copied once.
     """
     _check(x, task, w1, b1, w2, b2, residual)
+    task = task.contiguous()  # any strides (an expanded or sliced task), as the kernels need
     op = choose(_forward, _TaskSE.apply, _task_se, x, task, w1, b1, w2, b2, residual)
+    if x.is_meta:  # shapes only: the custom op's fake implementation
+        op = _task_se
     return op(x, task, w1, b1, w2, b2, residual, bool(relu))[0]
 
 

@@ -180,3 +180,56 @@ def test_bad_input(args, error, match):
 def test_gpu_matches_reference(backend, dtype, layout, chw):
     require_backend(backend, "cuda")
     check(backend, *make_inputs(6, chw, 3, dtype, True, layout, device="cuda"), True)
+
+
+# ---- issue 16: crashes and errors --------------------------------------------------------
+
+
+def _zero_sized(r, c):
+    torch.manual_seed(0)
+    x = torch.randn(2, c, 3, 3, requires_grad=True)
+    task = torch.tensor([0, 1])
+    params = [torch.randn(s, requires_grad=True) for s in ((2, r, c), (2, r), (2, c, r), (2, c))]
+    return x, task, params
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize(
+    "r, c, match",
+    [(0, 4, r"w1 must have shape \(T, R, C\) with R >= 1"), (2, 0, r"x must have C >= 1 channels")],
+    ids=("R=0", "C=0"),
+)
+def test_zero_hidden_units_or_channels_raise_naming_the_argument(backend, r, c, match):
+    # R = 0 used to kill the process with SIGFPE on cpu; R = 0 / C = 0 backward raised IndexError.
+    require_backend(backend)
+    x, task, params = _zero_sized(r, c)
+    with use_backend(backend), pytest.raises(ValueError, match=match):
+        task_se(x, task, *params)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("make_task", [lambda: torch.tensor([1]).expand(4), lambda: torch.tensor([0, 9, 1, 9, 1, 9, 0, 9])[::2]],
+                         ids=("expanded", "sliced"))
+def test_task_of_any_strides(backend, make_task):
+    require_backend(backend)
+    x, _, params, res = make_inputs(4, (3, 2, 2), 2, torch.float32, grad=False)
+    task = make_task()
+    assert not task.is_contiguous()
+    with use_backend(backend):
+        out = task_se(x, task, *params, residual=res)
+    torch.testing.assert_close(out, reference.task_se(x, task.contiguous(), *params, residual=res))
+
+
+@pytest.mark.parametrize("dtype", (torch.float8_e4m3fn, torch.float8_e5m2), ids=str)
+def test_float8_raises_naming_x(dtype):
+    x, task, w1, b1, w2, b2, _ = good()
+    with pytest.raises(TypeError, match=r"x must be a floating-point tensor \(float32, float16, bfloat16 or float64\)"):
+        task_se(x.to(dtype), task, w1, b1, w2, b2)
+    with pytest.raises(TypeError, match="w1 must be a floating-point tensor"):
+        task_se(x, task, w1.to(dtype), b1, w2, b2)
+
+
+def test_meta_tensors_give_shapes():
+    x, task, w1, b1, w2, b2, res = (t.to("meta") for t in good())
+    out = task_se(x, task, w1, b1, w2, b2, residual=res)
+    assert out.is_meta and out.shape == x.shape
