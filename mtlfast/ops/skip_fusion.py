@@ -8,6 +8,7 @@ every layer's gradient (the adjoint of bilinear resizing), the weight's and the 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -21,6 +22,32 @@ __all__ = ["skip_fusion"]
 
 OP = "skip_fusion"
 
+# The kernels index planes with 32-bit ints: a side beyond this is a mistake, not a request.
+_MAX_SIDE = 2**31 - 1
+
+
+def _memory_bytes() -> int | None:
+    """This machine's physical memory, or None where it cannot be read."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - not POSIX
+        return None
+
+
+def _check_output_size(first: torch.Tensor, size: tuple[int, int]) -> None:
+    """An output too large to exist raises ValueError naming size, before anything allocates it
+    (CPU memory is overcommitted: the process would otherwise be killed while writing it)."""
+    if max(size) > _MAX_SIDE:
+        raise ValueError(f"{OP}: size must be at most {_MAX_SIDE} per side, got {tuple(size)}")
+    n, c = first.shape[:2]
+    nbytes = n * c * size[0] * size[1] * first.element_size()
+    limit = _memory_bytes() if first.device.type == "cpu" else None
+    if limit is not None and nbytes > limit:
+        raise ValueError(
+            f"{OP}: size {tuple(size)} asks for an output of {n}x{c}x{size[0]}x{size[1]} elements "
+            f"({nbytes / 2**30:.1f} GiB), more than this machine's memory ({limit / 2**30:.1f} GiB)"
+        )
+
 
 def _check(scores: object, weight: object, bias: object, size: object) -> tuple[int, int]:
     """Raise TypeError/ValueError naming the offending argument; return size as a tuple."""
@@ -28,6 +55,8 @@ def _check(scores: object, weight: object, bias: object, size: object) -> tuple[
         raise ValueError(f"{OP}: scores must be a non-empty list of (N, C, H_k, W_k) tensors, got {scores!r:.80}")
     first = check_tensor(OP, "scores[0]", scores[0], dims="(N, C, H_k, W_k)", ndim=4)
     n, c = first.shape[:2]
+    if c < 1:
+        raise ValueError(f"{OP}: scores[0] must have C >= 1 channels, got shape {shape_str(first)}")
     for k, s in enumerate(scores):
         check_tensor(OP, f"scores[{k}]", s, dims="(N, C, H_k, W_k)", ndim=4)
         if s.shape[:2] != first.shape[:2] or s.shape[2] < 1 or s.shape[3] < 1:
@@ -51,7 +80,9 @@ def _check(scores: object, weight: object, bias: object, size: object) -> tuple[
         or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size)
     ):
         raise ValueError(f"{OP}: size must be a pair of positive ints (H, W), got {size!r}")
-    return int(size[0]), int(size[1])
+    size = int(size[0]), int(size[1])
+    _check_output_size(first, size)
+    return size
 
 
 def _forward(scores: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None, size: list[int]) -> torch.Tensor:
@@ -156,7 +187,10 @@ def skip_fusion(
         mode="bilinear", align_corners=False)``, in the dtype of the scores.
 
     Scores share one floating dtype (float32, float16, bfloat16; float64 for checks); weight and
-    bias are cast to it. Reduced precision accumulates in float32. Any strides.
+    bias are cast to it. Reduced precision accumulates in float32. Any strides. C >= 1; an output
+    larger than the machine's memory raises ValueError naming size. Non-finite scores, weight or
+    bias give what the formula gives in IEEE arithmetic on every backend (an infinite weight
+    times an interpolated value, not times each of its four taps).
     """
     size = _check(scores, weight, bias, size)
     dtype = scores[0].dtype
@@ -212,6 +246,24 @@ def _triton_bwd(*args):
     tk.backward(*args)
 
 
+def _ieee_cpu(fwd, bwd):
+    """The cpu kernels fold weight[k] into the bilinear coefficients: with an infinite weight,
+    taps of mixed sign give inf - inf = NaN where the formula gives +-inf. Such a weight (cheap
+    to test on the CPU) takes the reference, whose every operation is the formula's."""
+
+    def forward(scores, weight, bias, size):
+        if not bool(torch.isfinite(weight).all()):
+            return reference.skip_fusion(scores, weight, bias, size).contiguous()
+        return fwd(scores, weight, bias, size)
+
+    def backward(grad_out, scores, weight):
+        if not bool(torch.isfinite(weight).all()):
+            return _reference_backward(grad_out, scores, weight)
+        return bwd(grad_out, scores, weight)
+
+    return forward, backward
+
+
 def _reference_backward(grad_out, scores, weight):
     grad_scores, grad_weight, grad_bias = reference.skip_fusion_backward(grad_out, scores, weight)
     return [g.contiguous() for g in grad_scores], grad_weight.contiguous(), grad_bias.contiguous()
@@ -227,5 +279,7 @@ for _backend, _dtypes, _launchers in (
     ("triton", _ALL, (_triton_fwd, _triton_bwd)),
 ):
     _fwd, _bwd = _compiled(*_launchers)
+    if _backend == "cpu":
+        _fwd, _bwd = _ieee_cpu(_fwd, _bwd)
     register_kernel(OP, _backend, _dtypes)(_fwd)
     register_kernel(OP + "_backward", _backend, _dtypes)(_bwd)

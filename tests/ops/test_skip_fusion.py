@@ -148,3 +148,67 @@ def test_bad_input(mutate, error, match):
 def test_gpu_matches_reference(backend, dtype, k, out_size):
     require_backend(backend, "cuda")
     check(backend, *make_inputs(k, 21, out_size, dtype, device="cuda"))
+
+
+# ---- issue 16: crashes and errors --------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_infinite_weight_follows_the_formula_on_every_backend(backend):
+    # The cpu kernels fold the weight into the bilinear taps: inf * mixed-sign taps gave NaN
+    # where the formula (interpolate, then multiply) gives +-inf.
+    require_backend(backend)
+    torch.manual_seed(0)
+    scores = [torch.randn(1, 2, 3, 3, requires_grad=True), torch.randn(1, 2, 2, 2, requires_grad=True)]
+    weight = torch.tensor([[float("inf"), 1.0], [1.0, -float("inf")]], requires_grad=True)
+    bias = torch.randn(2, requires_grad=True)
+    want = reference.skip_fusion(scores, weight, bias, (5, 5))
+    want_grads = reference.skip_fusion_backward(torch.ones_like(want), scores, weight)
+    assert want.isinf().any()
+    with use_backend(backend):
+        out = skip_fusion(scores, weight, bias, (5, 5))
+        out.backward(torch.ones_like(out))
+    torch.testing.assert_close(out, want, equal_nan=True)
+    torch.testing.assert_close(weight.grad, want_grads[1], equal_nan=True)
+    torch.testing.assert_close(bias.grad, want_grads[2], equal_nan=True)
+    # The scores' gradient is that of an infinite weight: non-finite wherever the reference's is
+    # (NaN or inf depends on whether an adjoint adds the 0 * inf of a zero-weight tap).
+    for got, ref in zip((s.grad for s in scores), want_grads[0]):
+        assert torch.equal(got.isfinite(), ref.isfinite())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_infinite_scores_follow_the_formula_on_every_backend(backend):
+    require_backend(backend)
+    torch.manual_seed(0)
+    scores = [torch.randn(1, 2, 3, 3), torch.randn(1, 2, 2, 2)]
+    scores[0][0, 0, 1, 1] = float("inf")
+    scores[1][0, 1, 0, 0] = -float("inf")
+    weight = torch.randn(2, 2)
+    with use_backend(backend):
+        out = skip_fusion(scores, weight, None, (5, 5))
+    torch.testing.assert_close(out, reference.skip_fusion(scores, weight, None, (5, 5)), equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_zero_channels_raise_naming_scores(backend):
+    # cpu returned an empty tensor where reference raised aten's "Non-empty 4D data tensor".
+    require_backend(backend)
+    with use_backend(backend), pytest.raises(ValueError, match=r"scores\[0\] must have C >= 1 channels"):
+        skip_fusion([torch.randn(1, 0, 3, 3)], torch.randn(1, 0), None, (4, 4))
+
+
+@pytest.mark.parametrize("size", [(2**31, 2), (2**62, 4), (10**6, 10**6)], ids=str)
+def test_huge_size_raises_naming_size(size):
+    # (2**31, 2) used to allocate 16 GiB lazily and get the process killed while writing it.
+    with pytest.raises(ValueError, match=r"skip_fusion: size"):
+        skip_fusion([torch.randn(1, 1, 2, 2)], torch.ones(1, 1), None, size)
+
+
+@pytest.mark.parametrize("dtype", (torch.float8_e4m3fn, torch.float8_e5m2), ids=str)
+def test_float8_raises_naming_the_argument(dtype):
+    scores, weight, bias, size = good()
+    with pytest.raises(TypeError, match=r"scores\[0\] must be a floating-point tensor \(float32"):
+        skip_fusion([s.to(dtype) for s in scores], weight, bias, size)
+    with pytest.raises(TypeError, match=r"weight must be a floating-point tensor \(float32"):
+        skip_fusion(scores, weight.to(dtype), bias, size)
