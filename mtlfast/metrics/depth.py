@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._inputs import same_shape, single_channel, to_numpy
+from ._inputs import check_finite, same_shape, single_channel, to_numpy
 
 __all__ = ["DepthMeter"]
 
@@ -17,6 +17,7 @@ class DepthMeter:
 
     ``update(pred, target)``: pred, target (N, 1, H, W) or (N, H, W) in metres, target 0 = invalid.
     ``compute()`` -> {"rmse", "log_rmse", "abs_rel", "delta1", "delta2", "delta3": float}.
+    Non-finite predictions (NaN or +-inf) raise ValueError naming the meter. Non-finite targets are invalid pixels.
     """
 
     def __init__(self) -> None:
@@ -33,7 +34,8 @@ class DepthMeter:
         pred = single_channel(to_numpy(pred, "pred"), "pred").astype(np.float64)
         target = single_channel(to_numpy(target, "target"), "target").astype(np.float64)
         same_shape(pred, target)
-        valid = target > 0
+        check_finite(pred, "DepthMeter")
+        valid = (target > 0) & np.isfinite(target)
         p = np.maximum(pred[valid], 1e-9)
         t = target[valid]
         self.n += t.size

@@ -15,10 +15,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._inputs import same_shape, single_channel, to_numpy
+from ._inputs import check_finite, same_shape, single_channel, to_numpy
 
 __all__ = [
-    "EdgeMeter", "MAX_DIST_PASCAL", "MAX_DIST_NYUD", "match_edges", "edge_counts", "edge_scores"
+    "MAX_DIST_NYUD",
+    "MAX_DIST_PASCAL",
+    "EdgeMeter",
+    "edge_counts",
+    "edge_scores",
+    "match_edges",
 ]
 
 #: Maximum mis-localisation as a fraction of the image diagonal (ASTMT appendix, [10] there).
@@ -178,6 +183,7 @@ class EdgeMeter:
     ``update(pred, target)``: pred (N, 1, H, W) or (N, H, W) edge probabilities in [0, 1];
     target the same shape, 1 = edge, 0 = not, ``ignore_index`` = ignored. Images without a
     valid target pixel are skipped. ``compute()`` -> :func:`edge_scores`.
+    Non-finite predictions (NaN or +-inf) raise ValueError naming the meter.
     """
 
     def __init__(
@@ -200,6 +206,7 @@ class EdgeMeter:
         pred = single_channel(to_numpy(pred, "pred"), "pred").astype(np.float64)
         target = single_channel(to_numpy(target, "target"), "target")
         same_shape(pred, target)
+        check_finite(pred, "EdgeMeter")
         for p, t in zip(pred, target):
             if not (t != self.ignore_index).any():
                 continue

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._inputs import same_shape, to_numpy
+from ._inputs import check_finite, same_shape, to_numpy
 
 __all__ = ["NormalsMeter"]
 
@@ -21,6 +21,7 @@ class NormalsMeter:
 
     ``update(pred, target)``: pred (N, 3, H, W) any scale; target (N, 3, H, W) unit vectors or 0.
     ``compute()`` -> {"mean", "median", "rmse", "11.25", "22.5", "30": float}.
+    Non-finite predictions (NaN or +-inf) raise ValueError naming the meter.
     """
 
     CUTS = (11.25, 22.5, 30.0)
@@ -43,6 +44,7 @@ class NormalsMeter:
         same_shape(pred, target)
         if pred.ndim != 4 or pred.shape[1] != 3:
             raise ValueError(f"pred and target must be (N, 3, H, W), got {tuple(pred.shape)}")
+        check_finite(pred, "NormalsMeter")
         norm_t = np.linalg.norm(target, axis=1)
         valid = norm_t != 0
         p = np.moveaxis(pred, 1, -1)[valid]

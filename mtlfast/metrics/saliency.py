@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._inputs import same_shape, single_channel, to_numpy
+from ._inputs import check_finite, same_shape, single_channel, to_numpy
 
-__all__ = ["SaliencyMeter", "SALIENCY_THRESHOLDS"]
+__all__ = ["SALIENCY_THRESHOLDS", "SaliencyMeter"]
 
 #: ``np.linspace(0.2, 0.9, 15)``, the thresholds of the releases.
 SALIENCY_THRESHOLDS = np.linspace(0.2, 0.9, 15)
@@ -23,6 +23,7 @@ class SaliencyMeter:
     ``update(pred, target)``: pred (N, 1, H, W) or (N, H, W) probabilities in [0, 1] (apply a
     sigmoid to logits); target the same shape, 1 = salient, 0 = not, ``ignore_index`` = ignored.
     ``compute()`` -> {"mIoU", "maxF": float, "mIoUs", "F", "precision", "recall": per threshold}.
+    Non-finite predictions (NaN or +-inf) raise ValueError naming the meter.
     """
 
     def __init__(
@@ -42,6 +43,7 @@ class SaliencyMeter:
         pred = single_channel(to_numpy(pred, "pred"), "pred").astype(np.float64)
         target = single_channel(to_numpy(target, "target"), "target")
         same_shape(pred, target)
+        check_finite(pred, "SaliencyMeter")
         for p, t in zip(pred, target):
             valid = t != self.ignore_index
             if not valid.any():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._inputs import same_shape, to_numpy
+from ._inputs import check_finite, same_shape, to_numpy
 
 __all__ = ["SegmentationMeter"]
 
@@ -18,7 +18,12 @@ class SegmentationMeter:
 
     ``update(pred, target)``: pred (N, H, W) int class ids, or (N, C, H, W) scores (argmax over
     C); target (N, H, W) or (N, 1, H, W) int, ``ignore_index`` = ignored.
-    ``compute()`` -> {"mIoU": float, "IoU": list of num_classes floats, "pixel_acc": float}.
+    ``compute()`` -> {"mIoU": float, "IoU": list of num_classes floats, "pixel_acc": float};
+    RuntimeError before any counted pixel, as every meter.
+
+    Scores must have C = ``num_classes`` channels (ValueError otherwise). NaN scores raise
+    ValueError naming the meter, as every meter's non-finite predictions do; +-inf scores are
+    ranked by the argmax like any other (a -inf log-probability is a legitimate score).
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
@@ -38,16 +43,24 @@ class SegmentationMeter:
         if target.ndim == 4 and target.shape[1] == 1:
             target = target[:, 0]
         if pred.ndim == target.ndim + 1:
+            if pred.ndim != 4 or pred.shape[1] != self.num_classes:
+                raise ValueError(
+                    f"SegmentationMeter.update: pred scores must be (N, C, H, W) with C = num_classes = "
+                    f"{self.num_classes}, got {tuple(pred.shape)}"
+                )
+            check_finite(pred, "SegmentationMeter", allow_inf=True)
             pred = pred.argmax(axis=1)
         same_shape(pred, target)
         if np.issubdtype(target.dtype, np.floating) or np.issubdtype(pred.dtype, np.floating):
-            raise TypeError("pred (as class ids) and target must hold integers")
+            raise TypeError(
+                "SegmentationMeter.update: pred (as class ids) and target must hold integers"
+            )
         target = target.astype(np.int64).ravel()
         pred = pred.astype(np.int64).ravel()
         valid = target != self.ignore_index
         if ((target[valid] < 0) | (target[valid] >= self.num_classes)).any():
             raise ValueError(
-                f"target holds ids outside [0, {self.num_classes}) other than the ignore index"
+                f"SegmentationMeter.update: target holds ids outside [0, {self.num_classes}) other than the ignore index"
             )
         target, pred = target[valid], pred[valid]
         pred = np.where((pred >= 0) & (pred < self.num_classes), pred, self.num_classes)
@@ -58,6 +71,8 @@ class SegmentationMeter:
 
     def compute(self) -> dict:
         c = self.confusion
+        if not c.any():
+            raise RuntimeError("SegmentationMeter.compute() before any valid pixel")
         tp = np.diag(c[:, : self.num_classes]).astype(np.float64)
         fn = c.sum(axis=1) - tp
         fp = c[:, : self.num_classes].sum(axis=0) - tp

@@ -50,3 +50,32 @@ def test_perfect_and_out_of_range_prediction():
     assert m.compute()["IoU"] == pytest.approx([1.0, 0.5])
     with pytest.raises(ValueError):
         m.update(np.array([[[0, 0], [0, 0]]]), np.array([[[0, 3], [0, 0]]]))
+
+
+# ---- issue 16 ----------------------------------------------------------------------------
+
+
+def test_compute_before_update_raises_like_every_meter():
+    with pytest.raises(RuntimeError, match=r"SegmentationMeter.compute\(\) before any valid pixel"):
+        SegmentationMeter(3).compute()
+    m = SegmentationMeter(3)
+    m.update(torch.tensor([[[1]]]), torch.tensor([[[255]]]))  # ignored pixels only
+    with pytest.raises(RuntimeError, match="before any valid pixel"):
+        m.compute()
+
+
+@pytest.mark.parametrize("channels", (5, 22))
+def test_scores_with_other_channel_count_than_num_classes(channels):
+    m = SegmentationMeter(21)
+    with pytest.raises(
+        ValueError, match=r"pred scores must be \(N, C, H, W\) with C = num_classes = 21"
+    ):
+        m.update(torch.randn(1, channels, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("bad_id", (3, -1, 2**40))
+def test_out_of_range_predicted_ids_are_misses_not_index_errors(bad_id):
+    m = SegmentationMeter(3)
+    m.update(torch.tensor([[[bad_id, 1]]]), torch.tensor([[[1, 1]]]))
+    out = m.compute()
+    assert out["IoU"][1] == pytest.approx(0.5) and out["pixel_acc"] == pytest.approx(0.5)
