@@ -23,6 +23,7 @@ unless identical augmentations across workers are wanted.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -33,19 +34,26 @@ from .tasks import IGNORE_INDEX
 
 __all__ = [
     "Compose",
-    "ToTensor",
     "Normalize",
-    "Resize",
-    "RandomScale",
     "RandomCrop",
     "RandomHorizontalFlip",
     "RandomRotation",
+    "RandomScale",
+    "Resize",
+    "ToTensor",
 ]
 
 _LABELS = ("semseg", "parts")
 _BINARY = ("saliency", "edge")
-_FILL = {"semseg": IGNORE_INDEX, "parts": IGNORE_INDEX, "saliency": float(IGNORE_INDEX),
-         "edge": float(IGNORE_INDEX), "normals": 0.0, "depth": 0.0, "image": 0.0}
+_FILL = {
+    "semseg": IGNORE_INDEX,
+    "parts": IGNORE_INDEX,
+    "saliency": float(IGNORE_INDEX),
+    "edge": float(IGNORE_INDEX),
+    "normals": 0.0,
+    "depth": 0.0,
+    "image": 0.0,
+}
 
 
 def _uniform(generator, low: float, high: float) -> float:
@@ -68,6 +76,33 @@ def _spatial_keys(sample: dict):
 
 def _as_chw(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return (x[None], True) if x.dim() == 2 else (x, False)
+
+
+def _size_arg(owner: str, size) -> tuple[int, int]:
+    """``size``, an int or a pair (H, W) of ints >= 1, as a pair; ValueError naming it otherwise."""
+    pair = (size, size) if isinstance(size, numbers.Integral) else size
+    try:
+        pair = tuple(pair)
+    except TypeError:
+        pair = ()
+    if len(pair) != 2 or not all(
+        isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in pair
+    ):
+        raise ValueError(
+            f"{owner}: size must be an int >= 1 or a pair (H, W) of ints >= 1, got {size!r}"
+        )
+    return int(pair[0]), int(pair[1])
+
+
+def _finite_floats(owner: str, name: str, values, expected: str) -> tuple[float, ...]:
+    """``values`` as finite floats; ValueError naming ``name`` otherwise."""
+    try:
+        out = tuple(float(v) for v in (values if isinstance(values, Sequence) else [values]))
+    except (TypeError, ValueError):
+        out = (math.nan,)
+    if not out or not all(math.isfinite(v) for v in out):
+        raise ValueError(f"{owner}: {name} must be {expected}, got {values!r}")
+    return out
 
 
 class Compose:
@@ -116,6 +151,12 @@ class Normalize:
     """Standardise the image per channel: ``(image - mean) / std``; targets untouched."""
 
     def __init__(self, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+        mean = _finite_floats("Normalize", "mean", mean, "finite numbers (one per channel)")
+        std = _finite_floats("Normalize", "std", std, "finite numbers > 0 (one per channel)")
+        if min(std) <= 0:
+            raise ValueError(
+                f"Normalize: std must be finite numbers > 0 (one per channel), got {std}"
+            )
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
 
@@ -131,8 +172,13 @@ def _resize(sample: dict, size: tuple[int, int]) -> dict:
     for k in _spatial_keys(sample):
         x, squeezed = _as_chw(sample[k])
         if k == "image":
-            y = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False,
-                              antialias=size[0] < height or size[1] < width)[0]
+            y = F.interpolate(
+                x[None],
+                size=size,
+                mode="bilinear",
+                align_corners=False,
+                antialias=size[0] < height or size[1] < width,
+            )[0]
         else:
             y = F.interpolate(x[None].to(torch.float32), size=size, mode="nearest-exact")
             y = y[0].to(x.dtype)
@@ -144,7 +190,7 @@ class Resize:
     """Resize to a fixed (H, W): bilinear image, nearest targets."""
 
     def __init__(self, size: int | Sequence[int]):
-        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.size = _size_arg("Resize", size)
 
     def __call__(self, sample: dict) -> dict:
         return _resize(sample, self.size)
@@ -155,7 +201,14 @@ class RandomScale:
     of three or more factors; the new size is rounded to whole pixels."""
 
     def __init__(self, scales: Sequence[float] = (0.5, 2.0), generator=None):
-        self.scales = tuple(float(s) for s in scales)
+        expected = "(low, high) with 0 < low <= high, or a list of three or more factors > 0"
+        self.scales = _finite_floats("RandomScale", "scales", scales, expected)
+        if (
+            len(self.scales) < 2
+            or min(self.scales) <= 0
+            or (len(self.scales) == 2 and self.scales[0] > self.scales[1])
+        ):
+            raise ValueError(f"RandomScale: scales must be {expected}, got {scales!r}")
         self.generator = generator
 
     def __call__(self, sample: dict) -> dict:
@@ -173,7 +226,7 @@ class RandomCrop:
     with ignore values first."""
 
     def __init__(self, size: int | Sequence[int], generator=None):
-        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.size = _size_arg("RandomCrop", size)
         self.generator = generator
 
     def __call__(self, sample: dict) -> dict:
@@ -188,7 +241,7 @@ class RandomCrop:
             x = sample[k]
             if ph or pw:
                 x = F.pad(x, (0, pw, 0, ph), value=_FILL[k])
-            out[k] = x[..., top:top + th, left:left + tw].contiguous()
+            out[k] = x[..., top : top + th, left : left + tw].contiguous()
         return out
 
 
@@ -208,7 +261,9 @@ class RandomHorizontalFlip:
     """Mirror left-right with probability ``p``."""
 
     def __init__(self, p: float = 0.5, generator=None):
-        self.p = float(p)
+        (self.p,) = _finite_floats("RandomHorizontalFlip", "p", p, "a probability in [0, 1]")
+        if not 0.0 <= self.p <= 1.0:
+            raise ValueError(f"RandomHorizontalFlip: p must be a probability in [0, 1], got {p!r}")
         self.generator = generator
 
     def __call__(self, sample: dict) -> dict:
@@ -229,13 +284,22 @@ def rotate(sample: dict, degrees: float) -> dict:
     theta = torch.zeros(1, 2, 3, dtype=torch.float64)
     theta[0, :, :2] = to_norm @ m @ torch.linalg.inv(to_norm)
     grid = F.affine_grid(theta, (1, 1, height, width), align_corners=False).to(torch.float32)
-    inside = F.grid_sample(torch.ones(1, 1, height, width), grid, mode="nearest",
-                           padding_mode="zeros", align_corners=False)[0, 0] > 0.5
+    inside = (
+        F.grid_sample(
+            torch.ones(1, 1, height, width),
+            grid,
+            mode="nearest",
+            padding_mode="zeros",
+            align_corners=False,
+        )[0, 0]
+        > 0.5
+    )
     for k in _spatial_keys(sample):
         x, squeezed = _as_chw(sample[k])
         mode = "bilinear" if k == "image" else "nearest"
-        y = F.grid_sample(x[None].to(torch.float32), grid, mode=mode, padding_mode="zeros",
-                          align_corners=False)[0]
+        y = F.grid_sample(
+            x[None].to(torch.float32), grid, mode=mode, padding_mode="zeros", align_corners=False
+        )[0]
         y = torch.where(inside, y, torch.as_tensor(float(_FILL[k]))).to(x.dtype)
         out[k] = y[0] if squeezed else y
     if "normals" in sample:
@@ -251,7 +315,13 @@ class RandomRotation:
     number ``d``."""
 
     def __init__(self, degrees: float | Sequence[float] = 10.0, generator=None):
-        self.degrees = (-float(degrees), float(degrees)) if np.isscalar(degrees) else tuple(degrees)
+        expected = "a finite number d >= 0 (for (-d, d)) or a pair (low, high) with low <= high"
+        values = _finite_floats("RandomRotation", "degrees", degrees, expected)
+        if np.isscalar(degrees) and values[0] >= 0:
+            values = (-values[0], values[0])
+        if len(values) != 2 or values[0] > values[1]:
+            raise ValueError(f"RandomRotation: degrees must be {expected}, got {degrees!r}")
+        self.degrees = values
         self.generator = generator
 
     def __call__(self, sample: dict) -> dict:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mtlfast.data import SyntheticScenes, TASKS
+from mtlfast.data import TASKS, SyntheticScenes
 from mtlfast.data import transforms as T
 
 
@@ -17,8 +17,8 @@ def _fd_normals(depth, rays, step=1):
     """Normals of back-projected depth by central differences over ``step`` pixels: (H',W',3)."""
     points = depth[0].numpy().astype(np.float64)[:, :, None] * rays
     s = step
-    du = points[s:-s, 2 * s:] - points[s:-s, : -2 * s]
-    dv = points[2 * s:, s:-s] - points[: -2 * s, s:-s]
+    du = points[s:-s, 2 * s :] - points[s:-s, : -2 * s]
+    dv = points[2 * s :, s:-s] - points[: -2 * s, s:-s]
     n = -np.cross(du, dv)
     # Pixels with invalid (zero) depth give zero vectors; callers mask them out.
     return n / np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), 1e-12)
@@ -114,9 +114,11 @@ def test_random_crop_pads_with_ignore(scenes):
     # Find the window: the crop is a contiguous slice of every target at the same offset.
     for top in range(33):
         for left in range(33):
-            if torch.equal(s["depth"][:, top:top + 32, left:left + 32], small["depth"]):
-                assert torch.equal(s["normals"][:, top:top + 32, left:left + 32], small["normals"])
-                assert torch.equal(s["semseg"][top:top + 32, left:left + 32], small["semseg"])
+            if torch.equal(s["depth"][:, top : top + 32, left : left + 32], small["depth"]):
+                assert torch.equal(
+                    s["normals"][:, top : top + 32, left : left + 32], small["normals"]
+                )
+                assert torch.equal(s["semseg"][top : top + 32, left : left + 32], small["semseg"])
                 return
     pytest.fail("crop window not found")
 
@@ -134,13 +136,15 @@ def test_random_scale_uses_nearest_for_targets(scenes):
 
 def test_pipeline_is_deterministic_with_a_generator(scenes):
     def pipeline(gen):
-        return T.Compose([
-            T.RandomScale((0.75, 1.5), generator=gen),
-            T.RandomRotation(20, generator=gen),
-            T.RandomCrop(48, generator=gen),
-            T.RandomHorizontalFlip(generator=gen),
-            T.Normalize(),
-        ])
+        return T.Compose(
+            [
+                T.RandomScale((0.75, 1.5), generator=gen),
+                T.RandomRotation(20, generator=gen),
+                T.RandomCrop(48, generator=gen),
+                T.RandomHorizontalFlip(generator=gen),
+                T.Normalize(),
+            ]
+        )
 
     s = scenes[0]
     for make in (lambda: torch.Generator().manual_seed(5), lambda: np.random.default_rng(5)):
@@ -187,3 +191,45 @@ def test_rotation_on_a_non_square_image_turns_about_the_centre():
     assert out["semseg"].shape == (h, w)
     assert (out["semseg"] == 7).nonzero().tolist() == [[10, 32]]  # now 10 pixels above it
     assert out["semseg"][0, 0] == 255 and out["semseg"][20, 32] == 0
+
+
+# ---- issue 16: nonsense arguments raise ValueError naming the argument -------------------
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: T.RandomCrop(0), "RandomCrop: size must be"),
+        (lambda: T.RandomCrop(-3), "RandomCrop: size must be"),
+        (lambda: T.RandomCrop((4, 0)), "RandomCrop: size must be"),
+        (lambda: T.RandomCrop((4, 4, 4)), "RandomCrop: size must be"),
+        (lambda: T.RandomCrop(2.5), "RandomCrop: size must be"),
+        (lambda: T.Resize(0), "Resize: size must be"),
+        (lambda: T.RandomScale((0, 0)), "RandomScale: scales must be"),
+        (lambda: T.RandomScale((2.0, 0.5)), "RandomScale: scales must be"),
+        (lambda: T.RandomScale((0.5, float("inf"))), "RandomScale: scales must be"),
+        (lambda: T.RandomScale((1.0,)), "RandomScale: scales must be"),
+        (lambda: T.RandomRotation(float("nan")), "RandomRotation: degrees must be"),
+        (lambda: T.RandomRotation(-3), "RandomRotation: degrees must be"),
+        (lambda: T.RandomRotation((10, -10)), "RandomRotation: degrees must be"),
+        (lambda: T.Normalize(std=0), "Normalize: std must be"),
+        (lambda: T.Normalize(std=(0.2, 0.0, 0.2)), "Normalize: std must be"),
+        (lambda: T.Normalize(mean=(0.5, float("nan"), 0.5)), "Normalize: mean must be"),
+        (lambda: T.RandomHorizontalFlip(2.0), "RandomHorizontalFlip: p must be"),
+        (lambda: T.RandomHorizontalFlip(-0.1), "RandomHorizontalFlip: p must be"),
+        (lambda: T.RandomHorizontalFlip(float("nan")), "RandomHorizontalFlip: p must be"),
+    ],
+)
+def test_nonsense_arguments_raise(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_sane_arguments_still_accepted():
+    assert T.RandomCrop(np.int64(5)).size == (5, 5)
+    assert T.RandomCrop([3, 4]).size == (3, 4)
+    assert T.RandomScale((0.5, 0.75, 1.0)).scales == (0.5, 0.75, 1.0)
+    assert T.RandomRotation(0).degrees == (0.0, 0.0)
+    assert T.RandomRotation((-5, 10)).degrees == (-5.0, 10.0)
+    assert T.RandomHorizontalFlip(1).p == 1.0
+    assert T.Normalize(std=0.5).std.flatten().tolist() == [0.5]
