@@ -73,7 +73,7 @@ class StepPlan:
     """Validated inputs of one step: which branches run, each task's labelled rows, loss and weight.
 
     Every check that does not need a head to run happens here, before the trunk runs: unknown
-    ``weights`` keys, a task without a loss function or target, labels or flags whose batch size
+    ``weights`` and ``labeled`` keys (:meth:`check_labeled`), a task without a loss function or target, labels or flags whose batch size
     differs from the images', malformed ``labeled`` flags. A head returning a dict without a
     ``tasks`` attribute is checked when it runs.
 
@@ -137,6 +137,9 @@ class StepPlan:
                 raise TypeError(f"weights[{task!r}] must be a float or a one-element tensor, got {w!r}")
             self.weights[task] = float(w) if isinstance(w, numbers.Real) else w.reshape(())
 
+        self.undeclared = undeclared
+        self.check_labeled()
+
         self.branches: list[Branch] = []
         self.skipped: list[str] = []
         for name, head, tasks, joint in declared:
@@ -148,6 +151,26 @@ class StepPlan:
             self.skipped += [t for t, r in zip(tasks, rows) if r.count == 0]
             if any(r.count for r in rows):  # lazy evaluation: a head with nothing to learn does not run
                 self.branches.append(Branch(name, head, tasks, joint, self._union(rows)))
+
+    def check_labeled(self, final: bool = False) -> None:
+        """Every key of ``labeled`` must be known: a task some head predicts, or a '/'-separated
+        component whose flags such a task inherits (:meth:`_label_source`). A key that is neither
+        would be silently ignored (e.g. ``"segm"`` for ``"seg"``, which then trains on every sample).
+
+        With heads that do not declare their tasks, the tasks are known only once they ran: before
+        (``final=False``) a key passes if it is, or is a component of, a key of ``loss_fns``; after
+        (``final=True``, called by the step once every head ran) the exact rule applies.
+        """
+        used = {self._label_source(t) for t in self._owner}
+        unknown = [k for k in self.labeled if k not in self._owner and k not in used]
+        if self.undeclared and not final:
+            parts = {part for t in self.loss_fns for part in t.split("/")}
+            unknown = [k for k in unknown if k not in self.loss_fns and k not in parts]
+        if unknown:
+            raise ValueError(
+                f"labeled has task {unknown[0]!r}, which no head predicts and no predicted task "
+                f"inherits flags from (tasks: {sorted(self._owner)})"
+            )
 
     def _claim(self, task: str, head: str) -> None:
         if task in self._owner:

@@ -11,7 +11,13 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .graph import reaches
 from .plan import Branch, StepPlan, index_rows
 from .replay import device_types_of, no_autocast
-from .segments import CheckpointedTrunk, _is_float_tensor, run_modules, split_segments, trunk_modules
+from .segments import (
+    CheckpointedTrunk,
+    _is_float_tensor,
+    run_modules,
+    split_segments,
+    trunk_modules,
+)
 
 __all__ = ["StepResult", "multi_branch_step"]
 
@@ -120,7 +126,8 @@ def multi_branch_step(
             '/'-separated components include one key of ``labeled`` takes that key's flags: a
             deep-supervision prediction (``"deep_supervision/scale_0/semseg"``, UberNet's
             ``"semseg/scale_0.5"``) is labelled where its task is, even when ``labeled`` is not
-            expanded with ``model.expand``. Several such components raise ValueError.
+            expanded with ``model.expand``. Several such components raise ValueError, and so
+            does a key that is neither a predicted task nor a component one inherits from.
         weights: task -> float (or one-element tensor) w_t; 1 when missing.
         strategy: "recompute" or "naive".
         segments: the number of trunk segments (anchors) in recompute mode, in [1, L]; default
@@ -132,13 +139,18 @@ def multi_branch_step(
 
     Raises:
         ValueError: unknown strategy; segments out of range; empty heads; a task without a loss
-            function or target; weights for a task no head predicts; labels, flags or trunk
+            function or target; weights for a task no head predicts; a ``labeled`` key that no
+            predicted task uses (its own flags or a component's); labels, flags or trunk
             outputs whose batch size is not N; a prediction that does not depend on the
             representation; a joint head returning other tasks than it declares.
         TypeError: malformed arguments (e.g. ``labeled[t]`` not a bool tensor).
         Errors found only when a head runs (its returned tasks, its dependence on the
-        representation) are raised before that head's backward, but in recompute mode after the
-        backward of the heads before it: zero the gradients before retrying.
+        representation, an unknown ``labeled`` key when a head does not declare its tasks) are
+        raised before that head's backward, but in recompute mode after the backward of the
+        heads before it. Likewise, an exception raised by a loss function (or a head) propagates
+        as is, and in recompute mode the ``.grad`` of every earlier head's parameters (and of the
+        trunk's, never) already holds that head's gradient: nothing is restored, so zero the
+        gradients before retrying (``optimizer.zero_grad()``). In naive mode nothing is written.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -240,6 +252,8 @@ def _naive(modules, bounds, plan, images, result, terms, keep_task_grads) -> Non
                 result.task_grads[task] = _full_grads(list(g), inputs, leaves, None, spec)
             terms.append(weighted.detach())
             total = weighted if total is None else total + weighted
+    if plan.undeclared:
+        plan.check_labeled(final=True)  # the undeclared heads' tasks are known now
     if total is not None:
         with no_autocast(device_types):
             total.backward()
@@ -257,6 +271,8 @@ def _recompute(modules, bounds, plan, images, result, terms, keep_task_grads) ->
     for branch in plan.branches:
         # a call per branch: everything the branch allocated dies when it returns
         _recompute_branch(plan, branch, reps, spec, result, terms, keep_task_grads, device_types)
+    if plan.undeclared:
+        plan.check_labeled(final=True)  # the undeclared heads' tasks are known now; before the trunk's backward
     grads = [t.grad if _is_float_tensor(t) else None for t in reps]
     del reps
     trunk.backward(grads, spec)  # empties `grads` as it goes

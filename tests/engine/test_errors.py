@@ -6,7 +6,7 @@ from torch import nn
 
 from mtlfast.engine import multi_branch_step
 
-from .models import H, N, Head, JointHead, conv_trunk, loss_fns_for
+from .models import H, Head, JointHead, N, conv_trunk, loss_fns_for
 
 STRATEGIES = ["naive", "recompute"]
 
@@ -39,10 +39,22 @@ def setup():
 
 def step(setup, **kwargs):
     trunk, heads, images, targets, loss_fns, _ = setup
-    args = {"trunk": trunk, "heads": heads, "images": images, "targets": targets, "loss_fns": loss_fns}
+    args = {
+        "trunk": trunk,
+        "heads": heads,
+        "images": images,
+        "targets": targets,
+        "loss_fns": loss_fns,
+    }
     args.update(kwargs)
-    return multi_branch_step(args.pop("trunk"), args.pop("heads"), args.pop("images"), args.pop("targets"),
-                             args.pop("loss_fns"), **args)
+    return multi_branch_step(
+        args.pop("trunk"),
+        args.pop("heads"),
+        args.pop("images"),
+        args.pop("targets"),
+        args.pop("loss_fns"),
+        **args,
+    )
 
 
 def raises_before_running(setup, exc, match, **kwargs):
@@ -105,7 +117,13 @@ def test_joint_head_returning_other_tasks_than_declared(setup, strategy):
     loss_fns = loss_fns_for(["seg", "depth", "normals"])
     targets = {**setup[3], "normals": torch.randn(N, 3, H, H)}
     with pytest.raises(ValueError, match=r"returned no prediction for task\(s\) \['normals'\]"):
-        step(setup, heads=nn.ModuleDict({"mti": head}), loss_fns=loss_fns, targets=targets, strategy=strategy)
+        step(
+            setup,
+            heads=nn.ModuleDict({"mti": head}),
+            loss_fns=loss_fns,
+            targets=targets,
+            strategy=strategy,
+        )
 
 
 def test_two_heads_claiming_one_task(setup):
@@ -114,13 +132,19 @@ def test_two_heads_claiming_one_task(setup):
 
 
 def test_missing_target(setup):
-    raises_before_running(setup, ValueError, "no target for task 'depth'", targets={"seg": setup[3]["seg"]})
+    raises_before_running(
+        setup, ValueError, "no target for task 'depth'", targets={"seg": setup[3]["seg"]}
+    )
 
 
 def test_target_batch_size(setup):
     targets = {**setup[3], "depth": torch.randn(N + 1, 1, H, H)}
-    raises_before_running(setup, ValueError, rf"targets\['depth'\] has batch size {N + 1}, but images have {N}",
-                          targets=targets)
+    raises_before_running(
+        setup,
+        ValueError,
+        rf"targets\['depth'\] has batch size {N + 1}, but images have {N}",
+        targets=targets,
+    )
 
 
 def test_labeled_batch_size(setup):
@@ -130,16 +154,26 @@ def test_labeled_batch_size(setup):
 
 
 @pytest.mark.parametrize(
-    "flags", [torch.ones(N), [True] * N, torch.ones(N, dtype=torch.long)], ids=["float", "list", "long"]
+    "flags",
+    [torch.ones(N), [True] * N, torch.ones(N, dtype=torch.long)],
+    ids=["float", "list", "long"],
 )
 def test_labeled_not_bool(setup, flags):
-    raises_before_running(setup, TypeError, r"labeled\['depth'\] must be a bool tensor", labeled={"depth": flags})
+    raises_before_running(
+        setup, TypeError, r"labeled\['depth'\] must be a bool tensor", labeled={"depth": flags}
+    )
 
 
 def test_weights_for_unknown_task(setup):
-    raises_before_running(setup, ValueError, "weights has task 'edges', which no head predicts",
-                          weights={"seg": 1.0, "edges": 2.0})
-    raises_before_running(setup, TypeError, r"weights\['seg'\] must be a float", weights={"seg": True})
+    raises_before_running(
+        setup,
+        ValueError,
+        "weights has task 'edges', which no head predicts",
+        weights={"seg": 1.0, "edges": 2.0},
+    )
+    raises_before_running(
+        setup, TypeError, r"weights\['seg'\] must be a float", weights={"seg": True}
+    )
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -186,9 +220,74 @@ def test_step_result_names_the_tasks_with_nonfinite_losses():
     heads = {"a": torch.nn.Conv2d(4, 1, 1), "b": torch.nn.Conv2d(4, 1, 1)}
     x = torch.randn(2, 3, 5, 5)
     targets = {"a": torch.randn(2, 1, 5, 5), "b": torch.randn(2, 1, 5, 5)}
-    fns = {"a": lambda p, t: ((p - t) ** 2).mean(), "b": lambda p, t: ((p - t) ** 2).mean() * math.nan}
+    fns = {
+        "a": lambda p, t: ((p - t) ** 2).mean(),
+        "b": lambda p, t: ((p - t) ** 2).mean() * math.nan,
+    }
     for strategy in ("naive", "recompute"):
         result = multi_branch_step(trunk, heads, x, targets, fns, strategy=strategy)
         assert result.nonfinite == ["b"]
     fns["b"] = fns["a"]
     assert multi_branch_step(trunk, heads, x, targets, fns).nonfinite == []
+
+
+# ---- issue 16: unknown labeled keys ------------------------------------------------------
+
+
+def test_unknown_labeled_key(setup):
+    # 'segm' used to be ignored silently: 'seg' then trained on every sample.
+    flags = torch.zeros(N, dtype=torch.bool)
+    raises_before_running(
+        setup,
+        ValueError,
+        r"labeled has task 'segm', which no head predicts",
+        labeled={"segm": flags},
+    )
+    raises_before_running(
+        setup, ValueError, r"labeled has task 'edges'", labeled={"seg": flags, "edges": flags}
+    )
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_unknown_labeled_key_with_an_undeclared_joint_head(setup, strategy):
+    trunk, _, images, targets, loss_fns, calls = setup
+    heads = nn.ModuleDict({"joint": JointHead({"seg": 3, "depth": 1}, declare=False)})
+    flags = torch.ones(N, dtype=torch.bool)
+    # not even a key of loss_fns: found before anything runs
+    raises_before_running(
+        (trunk, heads, images, targets, loss_fns, calls),
+        ValueError,
+        r"labeled has task 'segm'",
+        labeled={"segm": flags},
+    )
+    # a loss function but no head predicting it: found once the undeclared head ran, before
+    # the trunk's backward
+    loss_fns = {**loss_fns, "edges": loss_fns["depth"]}
+    with pytest.raises(ValueError, match=r"labeled has task 'edges', which no head predicts"):
+        step(
+            (trunk, heads, images, targets, loss_fns, calls),
+            labeled={"edges": flags},
+            strategy=strategy,
+        )
+    assert all(p.grad is None for p in trunk.parameters())
+
+
+def test_known_labeled_keys_pass(setup):
+    flags = torch.ones(N, dtype=torch.bool)
+    result = step(setup, labeled={"seg": flags, "depth": flags})
+    assert result.ran == ["seg", "depth"]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_loss_raising_midway_leaves_earlier_heads_grads_as_documented(setup, strategy):
+    # Documented in multi_branch_step's Raises: recompute writes earlier heads' .grad, naive nothing.
+    trunk, heads, _, _, loss_fns, _ = setup
+
+    def broken(pred, target):
+        raise RuntimeError("broken loss")
+
+    with pytest.raises(RuntimeError, match="broken loss"):
+        step(setup, loss_fns={**loss_fns, "depth": broken}, strategy=strategy)
+    seg_grads = [p.grad for p in heads["seg"].parameters()]
+    assert all(g is None for g in seg_grads) == (strategy == "naive")
+    assert all(p.grad is None for p in [*trunk.parameters(), *heads["depth"].parameters()])

@@ -10,8 +10,13 @@ from mtlfast.engine import multi_branch_step
 from .models import C, H, N, assert_same_grads, conv_trunk, run_both
 
 # MTI-Net's and UberNet's deep-supervision keys, and a task with no extra key
-KEYS = {"seg": "seg", "deep_supervision/scale_0/seg": "seg", "depth": "depth", "depth/scale_0.5": "depth",
-        "normals": "normals"}
+KEYS = {
+    "seg": "seg",
+    "deep_supervision/scale_0/seg": "seg",
+    "depth": "depth",
+    "depth/scale_0.5": "depth",
+    "normals": "normals",
+}
 OUTS = {"seg": 3, "depth": 1, "normals": 3}
 TIGHT = {"rtol": 1e-10, "atol": 1e-12}  # float64 models
 
@@ -39,8 +44,10 @@ def _problem():
 
 
 def _masks():
-    return {"seg": torch.tensor([1, 0, 1, 1, 0, 0], dtype=torch.bool),
-            "depth": torch.tensor([0, 1, 0, 0, 0, 1], dtype=torch.bool)}
+    return {
+        "seg": torch.tensor([1, 0, 1, 1, 0, 0], dtype=torch.bool),
+        "depth": torch.tensor([0, 1, 0, 0, 0, 1], dtype=torch.bool),
+    }
 
 
 @pytest.mark.parametrize("strategy", ["naive", "recompute"])
@@ -77,14 +84,20 @@ def test_unlabelled_task_skips_its_deep_supervision_keys_too():
 
 def test_an_explicit_key_wins_over_its_task():
     trunk, heads, images, targets, loss_fns = _problem()
-    labeled = {"seg": torch.ones(N, dtype=torch.bool), "deep_supervision/scale_0/seg": torch.zeros(N, dtype=torch.bool)}
+    labeled = {
+        "seg": torch.ones(N, dtype=torch.bool),
+        "deep_supervision/scale_0/seg": torch.zeros(N, dtype=torch.bool),
+    }
     result = multi_branch_step(trunk, heads, images, targets, loss_fns, labeled=labeled)
     assert result.skipped == ["deep_supervision/scale_0/seg"]
 
 
 def test_two_candidate_masks_raise():
     trunk, heads, images, targets, loss_fns = _problem()
-    labeled = {"depth": torch.ones(N, dtype=torch.bool), "scale_0.5": torch.ones(N, dtype=torch.bool)}
+    labeled = {
+        "depth": torch.ones(N, dtype=torch.bool),
+        "scale_0.5": torch.ones(N, dtype=torch.bool),
+    }
     with pytest.raises(ValueError, match="several of its components"):
         multi_branch_step(trunk, heads, images, targets, loss_fns, labeled=labeled)
 
@@ -92,4 +105,38 @@ def test_two_candidate_masks_raise():
 def test_a_bad_inherited_mask_names_its_key():
     trunk, heads, images, targets, loss_fns = _problem()
     with pytest.raises(ValueError, match=r"labeled\['seg'\] has shape \(5,\)"):
-        multi_branch_step(trunk, heads, images, targets, loss_fns, labeled={"seg": torch.ones(5, dtype=torch.bool)})
+        multi_branch_step(
+            trunk,
+            heads,
+            images,
+            targets,
+            loss_fns,
+            labeled={"seg": torch.ones(5, dtype=torch.bool)},
+        )
+
+
+def test_labeled_component_used_by_an_inheriting_key_is_known():
+    # 'seg' and 'depth' are predicted, but a component used only by inheriting keys is known too
+    trunk, heads, images, targets, loss_fns = _problem()
+    only = ("deep_supervision/scale_0/seg", "depth/scale_0.5")
+
+    class Only(nn.Module):
+        tasks = only
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return {k: v for k, v in self.inner(x).items() if k in only}
+
+    heads = nn.ModuleDict({"decoder": Only(heads["decoder"])})
+    masks = _masks()
+    result = multi_branch_step(
+        trunk, heads, images, targets, loss_fns, labeled=masks, strategy="naive"
+    )
+    assert set(result.ran) == {"deep_supervision/scale_0/seg", "depth/scale_0.5"}
+    with pytest.raises(ValueError, match=r"labeled has task 'normal', which no head predicts"):
+        multi_branch_step(
+            trunk, heads, images, targets, loss_fns, labeled={**masks, "normal": masks["seg"]}
+        )
