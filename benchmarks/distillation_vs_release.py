@@ -1,13 +1,13 @@
 """MultiModalDistillation against the MTI-Net release's per-pair loop: peak memory and time.
 
 The release (models/layers.py ``SABlock``, models/padnet.py ``MultiTaskDistillationModule``, used
-by PAD-Net and at every scale of MTI-Net) runs one module per ordered pair (target k, source l):
-``sigmoid(conv3x3(F_l)) * conv3x3(F_l)``, stacks the T-1 results of each target and sums them onto
-F_k. ``ReleaseDistillation`` below is that loop, written here in plain PyTorch with the same
-weights as the mtlfast layer it is compared with.
+by PAD-Net and at every scale of MTI-Net) runs one module per ordered pair (target k, source l),
+``sigmoid(conv3x3(F_l)) * conv3x3(F_l)``, all pairs first (a dict of dicts), then stacks the T-1
+results of each target and sums them onto F_k. ``ReleaseDistillation`` below is that loop,
+written here in plain PyTorch with the same weights as the mtlfast layer it is compared with.
 
 Figures, at PAD-Net's size by default (a 128x128 image: T=5 tasks of C=256 channels at 32x32,
-N=1, one thread):
+N=1, one thread; ``--size 64 64`` is a 256x256 image):
 
 * memory: ``mtlfast.profiling.memory("cpu")`` around one inference forward (``torch.no_grad``)
   and around one training step (forward, then ``torch.autograd.backward`` of the T outputs with
@@ -79,11 +79,13 @@ class ReleaseDistillation(nn.Module):
             self.self_attention.append(row)
 
     def forward(self, features):
-        out = []
-        for k, row in enumerate(self.self_attention):
-            adapters = [row[str(l)](features[l]) for l in range(self.num_tasks) if l != k]
-            out.append(features[k] + torch.sum(torch.stack(adapters), dim=0))
-        return out
+        # As the release: every pair's gated message first (a dict per target), then the sums.
+        t = self.num_tasks
+        adapters = [
+            [row[str(l)](features[l]) for l in range(t) if l != k]
+            for k, row in enumerate(self.self_attention)
+        ]
+        return [features[k] + torch.sum(torch.stack(adapters[k]), dim=0) for k in range(t)]
 
 
 def _layer_class(spec: str | None):

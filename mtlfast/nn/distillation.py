@@ -39,7 +39,8 @@ class MultiModalDistillation(nn.Module):
     about 1.3x as long as the per-pair modules', for a peak that no longer grows with the pairs.
     Under ``torch.compile``, functorch transforms, dispatch modes and tensor subclasses the same
     loop runs in plain differentiable ops, and autograd (or the compiler) decides what to save.
-    There is no double backward.
+    There is no double backward. ``recompute=False`` trades the memory back for the time: the
+    loop then runs in differentiable ops under autograd too, which saves each pair's maps.
 
     The fused :func:`mtlfast.ops.attention_distill` is not used: its inputs are all pairs' maps
     at once, which is what this loop avoids.
@@ -47,6 +48,8 @@ class MultiModalDistillation(nn.Module):
     Args:
         num_tasks: T >= 2.
         channels: C, the channels of every task's features.
+        recompute: in training, save only the inputs and recompute the pairs' maps in backward
+            (default); False saves the maps (two per pair), as the authors' modules do.
 
     Shapes:
         input: a list of T tensors (N, C, H, W), or one tensor (N, T, C, H, W).
@@ -57,7 +60,7 @@ class MultiModalDistillation(nn.Module):
     order. :meth:`pair_weights` gives them by task indices.
     """
 
-    def __init__(self, num_tasks: int, channels: int) -> None:
+    def __init__(self, num_tasks: int, channels: int, recompute: bool = True) -> None:
         super().__init__()
         if num_tasks < 2:
             raise ValueError(f"MultiModalDistillation: num_tasks must be >= 2, got {num_tasks}")
@@ -65,6 +68,7 @@ class MultiModalDistillation(nn.Module):
             raise ValueError(f"MultiModalDistillation: channels must be >= 1, got {channels}")
         self.num_tasks = num_tasks
         self.channels = channels
+        self.recompute = recompute
         shape = (num_tasks, num_tasks - 1, channels, channels, 3, 3)
         self.mask_weight = nn.Parameter(torch.empty(shape))
         self.message_weight = nn.Parameter(torch.empty(shape))
@@ -95,7 +99,8 @@ class MultiModalDistillation(nn.Module):
         stacked = not isinstance(features, (list, tuple))
         inputs = self._check(features)
         weights = (self.mask_weight, self.message_weight)
-        run = choose(_inference, _Distill.apply, _differentiable, *weights, *inputs)
+        function = _Distill.apply if self.recompute else _differentiable
+        run = choose(_inference, function, _differentiable, *weights, *inputs)
         out = run(stacked, *weights, *inputs)
         return out if stacked else list(out)
 
@@ -136,7 +141,7 @@ class MultiModalDistillation(nn.Module):
         return inputs
 
     def extra_repr(self) -> str:
-        return f"num_tasks={self.num_tasks}, channels={self.channels}"
+        return f"num_tasks={self.num_tasks}, channels={self.channels}, recompute={self.recompute}"
 
 
 # ---- the loop over pairs ---------------------------------------------------------------------

@@ -52,8 +52,9 @@ def test_equals_per_pair_loop(t, c, hw):
         torch.testing.assert_close(g, e)
 
 
-def test_gradients_equal_per_pair_loop():
-    layer = MultiModalDistillation(3, 4).double()
+@pytest.mark.parametrize("recompute", [True, False])
+def test_gradients_equal_per_pair_loop(recompute):
+    layer = MultiModalDistillation(3, 4, recompute=recompute).double()
     feats = [torch.randn(2, 4, 5, 7, dtype=torch.float64, requires_grad=True) for _ in range(3)]
     sum(o.square().sum() for o in layer(feats)).backward()
     fused = [f.grad.clone() for f in feats] + [
@@ -200,6 +201,47 @@ def test_channels_last_features():
         torch.testing.assert_close(f.grad, p.grad)
 
 
+def test_compile_fullgraph_matches_eager():
+    layer = MultiModalDistillation(3, 4)
+    x = torch.randn(2, 3, 4, 9, 7, requires_grad=True)
+    eager = layer(x)
+    (ge,) = torch.autograd.grad(eager.sum(), x)
+    compiled = torch.compile(layer, fullgraph=True)
+    out = compiled(x)
+    (gc,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(gc, ge)
+
+
+def test_parameter_count_equals_pairs_of_convs():
+    t, c = 4, 8
+    assert (
+        sum(p.numel() for p in MultiModalDistillation(t, c).parameters())
+        == t * (t - 1) * 2 * c * c * 9
+    )
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [((1, 4), "num_tasks must be >= 2"), ((3, 0), "channels must be >= 1")],
+)
+def test_bad_construction(args, match):
+    with pytest.raises(ValueError, match=match):
+        MultiModalDistillation(*args)
+
+
+def test_bad_features():
+    layer = MultiModalDistillation(3, 4)
+    with pytest.raises(ValueError, match="expected a list of 3 task features, got 2"):
+        layer([torch.randn(1, 4, 5, 5)] * 2)
+    with pytest.raises(ValueError, match="T=3 tasks of C=4 channels"):
+        layer(torch.randn(1, 3, 5, 5, 5))
+    with pytest.raises(ValueError, match="one shape"):
+        layer([torch.randn(1, 4, 5, 5), torch.randn(1, 4, 5, 5), torch.randn(1, 4, 5, 6)])
+    with pytest.raises(ValueError, match="no distillation pair"):
+        layer.pair_weights(1, 1)
+
+
 # ---- memory: linear in T ---------------------------------------------------------------------------
 # The per-pair maps (mask logits and messages of T*(T-1) pairs) are never all alive: one pair's at a
 # time. Measured here (C=4, 32x32, one map = 16 KiB): inference T + 11 maps, training without the
@@ -242,3 +284,22 @@ def test_peak_memory_is_linear_in_tasks(t):
     # saved for backward: the inputs and the weights only
     weights = 2 * t * (t - 1) * MAP[1] ** 2 * 9 * 4
     assert saved <= t * MAP_BYTES + weights + 1024, saved / MAP_BYTES
+
+
+def test_recompute_false_saves_the_maps_for_the_same_gradients():
+    torch.manual_seed(4)
+    layers = [MultiModalDistillation(4, 4, recompute=r) for r in (True, False)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    x = torch.randn(*MAP[:1], 4, *MAP[1:])
+    grads, saved = [], []
+    for layer in layers:
+        xi = x.clone().requires_grad_()
+        with mtlfast.profiling.memory("cpu") as m:
+            layer(xi).square().sum().backward()
+        grads.append((xi.grad, layer.mask_weight.grad, layer.message_weight.grad))
+        saved.append(m.saved_bytes - 2 * layer.mask_weight.numel() * 4)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    # the inputs and the output (that square() saves); without recomputation also 2 maps per pair
+    assert saved[0] <= 8 * MAP_BYTES + 1024 and saved[1] >= (8 + 2 * 12) * MAP_BYTES
+    assert "recompute=False" in repr(layers[1])
