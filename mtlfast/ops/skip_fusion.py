@@ -34,6 +34,9 @@ def _memory_bytes() -> int | None:
         return None
 
 
+_MEMORY_BYTES = _memory_bytes()  # read once: torch.compile cannot trace os.sysconf
+
+
 def _check_output_size(first: torch.Tensor, size: tuple[int, int]) -> None:
     """An output too large to exist raises ValueError naming size, before anything allocates it
     (CPU memory is overcommitted: the process would otherwise be killed while writing it)."""
@@ -41,7 +44,7 @@ def _check_output_size(first: torch.Tensor, size: tuple[int, int]) -> None:
         raise ValueError(f"{OP}: size must be at most {_MAX_SIDE} per side, got {tuple(size)}")
     n, c = first.shape[:2]
     nbytes = n * c * size[0] * size[1] * first.element_size()
-    limit = _memory_bytes() if first.device.type == "cpu" else None
+    limit = _MEMORY_BYTES if first.device.type == "cpu" else None
     if limit is not None and nbytes > limit:
         raise ValueError(
             f"{OP}: size {tuple(size)} asks for an output of {n}x{c}x{size[0]}x{size[1]} elements "
