@@ -15,8 +15,15 @@ import torch
 
 from . import reference
 from ._checks import check_same, check_tensor, shape_str
-from .backends import (autograd_function, choose, kernel, register_kernel, remember_backend, remembered_backend,
-                       runs_directly)
+from .backends import (
+    autograd_function,
+    choose,
+    kernel,
+    register_kernel,
+    remember_backend,
+    remembered_backend,
+    runs_directly,
+)
 
 __all__ = ["skip_fusion"]
 
@@ -55,7 +62,9 @@ def _check_output_size(first: torch.Tensor, size: tuple[int, int]) -> None:
 def _check(scores: object, weight: object, bias: object, size: object) -> tuple[int, int]:
     """Raise TypeError/ValueError naming the offending argument; return size as a tuple."""
     if not isinstance(scores, (list, tuple)) or len(scores) == 0:
-        raise ValueError(f"{OP}: scores must be a non-empty list of (N, C, H_k, W_k) tensors, got {scores!r:.80}")
+        raise ValueError(
+            f"{OP}: scores must be a non-empty list of (N, C, H_k, W_k) tensors, got {scores!r:.80}"
+        )
     first = check_tensor(OP, "scores[0]", scores[0], dims="(N, C, H_k, W_k)", ndim=4)
     n, c = first.shape[:2]
     if c < 1:
@@ -70,7 +79,9 @@ def _check(scores: object, weight: object, bias: object, size: object) -> tuple[
         check_same(OP, f"scores[{k}]", s, "scores[0]", first)
     check_tensor(OP, "weight", weight, dims=f"(K, C) = ({len(scores)}, {c})", ndim=2)
     if tuple(weight.shape) != (len(scores), c):
-        raise ValueError(f"{OP}: weight must have shape (K, C) = ({len(scores)}, {c}), got {shape_str(weight)}")
+        raise ValueError(
+            f"{OP}: weight must have shape (K, C) = ({len(scores)}, {c}), got {shape_str(weight)}"
+        )
     check_same(OP, "weight", weight, "scores[0]", first, dtype=False)
     if bias is not None:
         check_tensor(OP, "bias", bias, dims=f"(C,) = ({c},)", ndim=1)
@@ -88,7 +99,9 @@ def _check(scores: object, weight: object, bias: object, size: object) -> tuple[
     return size
 
 
-def _forward(scores: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None, size: list[int]) -> torch.Tensor:
+def _forward(
+    scores: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None, size: list[int]
+) -> torch.Tensor:
     return kernel(OP, scores[0].device, scores[0].dtype)(scores, weight, bias, size)
 
 
@@ -107,12 +120,18 @@ def _backward_kernel(
     return kernel(OP + "_backward", grad_out.device, grad_out.dtype)(grad_out, scores, weight)
 
 
-_skip_fusion_backward = torch.library.custom_op("mtlfast::skip_fusion_backward", _backward_kernel, mutates_args=())
+_skip_fusion_backward = torch.library.custom_op(
+    "mtlfast::skip_fusion_backward", _backward_kernel, mutates_args=()
+)
 
 
 @_skip_fusion_backward.register_fake
 def _(grad_out, scores, weight):
-    return [s.new_empty(s.shape) for s in scores], weight.new_empty(weight.shape), weight.new_empty(weight.shape[1:])
+    return (
+        [s.new_empty(s.shape) for s in scores],
+        weight.new_empty(weight.shape),
+        weight.new_empty(weight.shape[1:]),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -166,16 +185,20 @@ def _function_backward(ctx, grad_out):
     )
 
 
-_SkipFusion = autograd_function("_SkipFusion", _function_forward, _function_setup_context, _function_backward)
+_SkipFusion = autograd_function(
+    "_SkipFusion", _function_forward, _function_setup_context, _function_backward
+)
 
 
 def _skip_fusion_function(scores, weight, bias, size):
     return _SkipFusion.apply(weight, bias, size, *scores)
 
 
-
 def skip_fusion(
-    scores: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None, size: Sequence[int]
+    scores: Sequence[torch.Tensor],
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    size: Sequence[int],
 ) -> torch.Tensor:
     """Fused skip-layer score fusion: resize every layer's scores and combine them linearly.
 
@@ -211,7 +234,9 @@ def _compiled(launch_fwd, launch_bwd):
         scores = [s.contiguous() for s in scores]
         out = scores[0].new_empty((*scores[0].shape[:2], *size))
         if out.numel():
-            launch_fwd(scores, weight.contiguous(), None if bias is None else bias.contiguous(), out)
+            launch_fwd(
+                scores, weight.contiguous(), None if bias is None else bias.contiguous(), out
+            )
         return out
 
     def backward(grad_out, scores, weight):
@@ -220,7 +245,14 @@ def _compiled(launch_fwd, launch_bwd):
         grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
         grad_bias = weight.new_empty(weight.shape[1:])
         if grad_out.numel():
-            launch_bwd(grad_out.contiguous(), scores, weight.contiguous(), grad_scores, grad_weight, grad_bias)
+            launch_bwd(
+                grad_out.contiguous(),
+                scores,
+                weight.contiguous(),
+                grad_scores,
+                grad_weight,
+                grad_bias,
+            )
         else:
             for g in (*grad_scores, grad_weight, grad_bias):
                 g.zero_()

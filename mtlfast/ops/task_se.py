@@ -15,8 +15,15 @@ from types import SimpleNamespace
 import torch
 
 from ._checks import FLOAT_DTYPES, check_same, check_tensor, shape_str
-from .backends import (autograd_function, choose, kernel, register_kernel, remember_backend, remembered_backend,
-                       runs_directly)
+from .backends import (
+    autograd_function,
+    choose,
+    kernel,
+    register_kernel,
+    remember_backend,
+    remembered_backend,
+    runs_directly,
+)
 
 __all__ = ["task_se"]
 
@@ -28,16 +35,32 @@ def _well_formed(x, task, w1, b1, w2, b2, residual) -> bool:
     if not all(isinstance(t, torch.Tensor) for t in (x, task, w1, b1, w2, b2)):
         return False
     xs = x.shape
-    if len(xs) != 4 or task.dtype != torch.int64 or task.shape != xs[:1] or x.dtype not in FLOAT_DTYPES:
+    if (
+        len(xs) != 4
+        or task.dtype != torch.int64
+        or task.shape != xs[:1]
+        or x.dtype not in FLOAT_DTYPES
+    ):
         return False
     t, r, c = w1.shape if w1.dim() == 3 else (0, 0, -1)
-    if c != xs[1] or c < 1 or r < 1 or b1.shape != (t, r) or w2.shape != (t, c, r) or b2.shape != (t, c):
+    if (
+        c != xs[1]
+        or c < 1
+        or r < 1
+        or b1.shape != (t, r)
+        or w2.shape != (t, c, r)
+        or b2.shape != (t, c)
+    ):
         return False
     device = x.device
-    if task.device != device or not all(p.dtype in FLOAT_DTYPES and p.device == device for p in (w1, b1, w2, b2)):
+    if task.device != device or not all(
+        p.dtype in FLOAT_DTYPES and p.device == device for p in (w1, b1, w2, b2)
+    ):
         return False
     return residual is None or (
-        isinstance(residual, torch.Tensor) and residual.shape == xs and residual.dtype == x.dtype
+        isinstance(residual, torch.Tensor)
+        and residual.shape == xs
+        and residual.dtype == x.dtype
         and residual.device == device
     )
 
@@ -53,14 +76,23 @@ def _check(x, task, w1, b1, w2, b2, residual) -> None:
     if c < 1:
         raise ValueError(f"{OP}: x must have C >= 1 channels, got shape {shape_str(x)}")
     if task.shape[0] != n:
-        raise ValueError(f"{OP}: task must have shape (N,) = ({n},) to match x {shape_str(x)}, got {shape_str(task)}")
+        raise ValueError(
+            f"{OP}: task must have shape (N,) = ({n},) to match x {shape_str(x)}, got {shape_str(task)}"
+        )
     check_same(OP, "task", task, "x", x, dtype=False)
     check_tensor(OP, "w1", w1, dims="(T, R, C)", ndim=3)
     t, r = w1.shape[:2]
     if r < 1:
         # R = 0 would make every gate sigmoid(b2): a layer that squeezes to nothing is a mistake.
-        raise ValueError(f"{OP}: w1 must have shape (T, R, C) with R >= 1 hidden units, got {shape_str(w1)}")
-    for name, p, expected in (("w1", w1, (t, r, c)), ("b1", b1, (t, r)), ("w2", w2, (t, c, r)), ("b2", b2, (t, c))):
+        raise ValueError(
+            f"{OP}: w1 must have shape (T, R, C) with R >= 1 hidden units, got {shape_str(w1)}"
+        )
+    for name, p, expected in (
+        ("w1", w1, (t, r, c)),
+        ("b1", b1, (t, r)),
+        ("w2", w2, (t, c, r)),
+        ("b2", b2, (t, c)),
+    ):
         check_tensor(OP, name, p, dims=str(expected), ndim=len(expected))
         if tuple(p.shape) != expected:
             raise ValueError(
@@ -70,14 +102,20 @@ def _check(x, task, w1, b1, w2, b2, residual) -> None:
     if residual is not None:
         check_tensor(OP, "residual", residual, dims=shape_str(x), ndim=4)
         if residual.shape != x.shape:
-            raise ValueError(f"{OP}: residual must have the shape of x {shape_str(x)}, got {shape_str(residual)}")
+            raise ValueError(
+                f"{OP}: residual must have the shape of x {shape_str(x)}, got {shape_str(residual)}"
+            )
         check_same(OP, "residual", residual, "x", x)
 
 
 def _check_task_range(task: torch.Tensor, num_tasks: int) -> None:
     # Inside the op: a data-dependent check that torch.compile must not trace; meta tensors
     # hold no values to check.
-    if task.numel() and task.device.type != "meta" and (int(task.min()) < 0 or int(task.max()) >= num_tasks):
+    if (
+        task.numel()
+        and task.device.type != "meta"
+        and (int(task.min()) < 0 or int(task.max()) >= num_tasks)
+    ):
         raise ValueError(
             f"{OP}: task indices must lie in [0, {num_tasks}), got values in [{int(task.min())}, {int(task.max())}]"
         )
@@ -119,7 +157,9 @@ def _gate_backward(grad_gate, pooled, hidden, gate, task, w1, w2):
     """Gradients w.r.t. pooled and the four parameters (in their dtypes) from grad_gate (N,C)."""
     acc = pooled.dtype
     grad_pooled = torch.zeros_like(pooled)
-    grads = [torch.zeros(p.shape, dtype=acc, device=p.device) for p in (w1, w1[:, :, 0], w2, w2[:, :, 0])]
+    grads = [
+        torch.zeros(p.shape, dtype=acc, device=p.device) for p in (w1, w1[:, :, 0], w2, w2[:, :, 0])
+    ]
     gw1, gb1, gw2, gb2 = grads
     for t, idx in _groups(task, w1.shape[0]):
         g = _rows(gate, idx)
@@ -154,8 +194,14 @@ def _format(x: torch.Tensor) -> torch.memory_format:
 
 
 def _forward(
-    x: torch.Tensor, task: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-    residual: torch.Tensor | None, relu: bool,
+    x: torch.Tensor,
+    task: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    residual: torch.Tensor | None,
+    relu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     k = kernel(OP, x.device, x.dtype)
     whole_op = x.numel() > 0 and hasattr(k, "forward")
@@ -187,8 +233,16 @@ def _(x, task, w1, b1, w2, b2, residual, relu):
 
 
 def _backward_kernel(
-    grad_out: torch.Tensor, x: torch.Tensor, pooled: torch.Tensor, task: torch.Tensor, w1: torch.Tensor,
-    b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, residual: torch.Tensor | None, relu: bool,
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    pooled: torch.Tensor,
+    task: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    residual: torch.Tensor | None,
+    relu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     k = kernel(OP, x.device, x.dtype)
     fmt = _format(x)
@@ -197,33 +251,72 @@ def _backward_kernel(
     residual = None if residual is None else residual.contiguous(memory_format=fmt)
     grad_x = torch.empty_like(x, memory_format=fmt)
     # An empty tensor stands for "no residual" (an op cannot return None).
-    grad_residual = torch.empty_like(x, memory_format=fmt) if residual is not None else x.new_empty(0)
+    grad_residual = (
+        torch.empty_like(x, memory_format=fmt) if residual is not None else x.new_empty(0)
+    )
     if x.numel() and hasattr(k, "backward"):
-        grads = [torch.empty(p.shape, dtype=pooled.dtype, device=p.device) for p in (w1, b1, w2, b2)]
-        k.backward(grad_out, x, pooled, task, *_acc_params(pooled.dtype, w1, b1, w2, b2), residual, relu, grad_x,
-                   *grads, grad_residual if residual is not None else None)
+        grads = [
+            torch.empty(p.shape, dtype=pooled.dtype, device=p.device) for p in (w1, b1, w2, b2)
+        ]
+        k.backward(
+            grad_out,
+            x,
+            pooled,
+            task,
+            *_acc_params(pooled.dtype, w1, b1, w2, b2),
+            residual,
+            relu,
+            grad_x,
+            *grads,
+            grad_residual if residual is not None else None,
+        )
         return (grad_x, *(g.to(p.dtype) for g, p in zip(grads, (w1, b1, w2, b2))), grad_residual)
     hidden, gate = _gate(pooled, task, w1, b1, w2, b2)
     grad_gate = torch.empty_like(pooled)
     if x.numel():
-        k.backward_gate(grad_out, x, gate, residual, relu, grad_gate, grad_residual if residual is not None else None)
+        k.backward_gate(
+            grad_out,
+            x,
+            gate,
+            residual,
+            relu,
+            grad_gate,
+            grad_residual if residual is not None else None,
+        )
     else:
         grad_gate.zero_()
     grad_pooled, gw1, gb1, gw2, gb2 = _gate_backward(grad_gate, pooled, hidden, gate, task, w1, w2)
     if x.numel():
         k.backward_input(grad_out, x, gate, residual, relu, grad_pooled, grad_x)
-    return (grad_x, gw1.to(w1.dtype), gb1.to(b1.dtype), gw2.to(w2.dtype), gb2.to(b2.dtype), grad_residual)
+    return (
+        grad_x,
+        gw1.to(w1.dtype),
+        gb1.to(b1.dtype),
+        gw2.to(w2.dtype),
+        gb2.to(b2.dtype),
+        grad_residual,
+    )
 
 
-_task_se_backward = torch.library.custom_op("mtlfast::task_se_backward", _backward_kernel, mutates_args=())
+_task_se_backward = torch.library.custom_op(
+    "mtlfast::task_se_backward", _backward_kernel, mutates_args=()
+)
 
 
 @_task_se_backward.register_fake
 def _(grad_out, x, pooled, task, w1, b1, w2, b2, residual, relu):
     fmt = _format(x)
-    grad_residual = torch.empty_like(x, memory_format=fmt) if residual is not None else x.new_empty(0)
-    return (torch.empty_like(x, memory_format=fmt), torch.empty_like(w1), torch.empty_like(b1),
-            torch.empty_like(w2), torch.empty_like(b2), grad_residual)
+    grad_residual = (
+        torch.empty_like(x, memory_format=fmt) if residual is not None else x.new_empty(0)
+    )
+    return (
+        torch.empty_like(x, memory_format=fmt),
+        torch.empty_like(w1),
+        torch.empty_like(b1),
+        torch.empty_like(w2),
+        torch.empty_like(b2),
+        grad_residual,
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -244,9 +337,14 @@ def _backward(ctx, grad_out, _grad_pooled):
     grad_x, gw1, gb1, gw2, gb2, grad_residual = grads
     need = ctx.needs_input_grad
     return (
-        grad_x if need[0] else None, None,
-        gw1 if need[2] else None, gb1 if need[3] else None, gw2 if need[4] else None, gb2 if need[5] else None,
-        grad_residual if ctx.has_residual and need[6] else None, None,
+        grad_x if need[0] else None,
+        None,
+        gw1 if need[2] else None,
+        gb1 if need[3] else None,
+        gw2 if need[4] else None,
+        gb2 if need[5] else None,
+        grad_residual if ctx.has_residual and need[6] else None,
+        None,
     )
 
 
@@ -322,7 +420,9 @@ def _reference_passes() -> SimpleNamespace:
         hw = x.shape[2] * x.shape[3]
         grad_x.copy_(g * gate[:, :, None, None] + (grad_pooled / hw)[:, :, None, None])
 
-    return SimpleNamespace(pool=pool, scale=scale, backward_gate=backward_gate, backward_input=backward_input)
+    return SimpleNamespace(
+        pool=pool, scale=scale, backward_gate=backward_gate, backward_input=backward_input
+    )
 
 
 def _extension_passes() -> SimpleNamespace:

@@ -8,20 +8,26 @@ from mtlfast.ops import reference, skip_fusion, use_backend
 from tests.conftest import require_backend
 
 TOL = {
-    torch.float32: dict(rtol=1e-5, atol=1e-5),
-    torch.float16: dict(rtol=2e-3, atol=2e-3),
-    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
-    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: {"rtol": 1e-5, "atol": 1e-5},
+    torch.float16: {"rtol": 2e-3, "atol": 2e-3},
+    torch.bfloat16: {"rtol": 1.6e-2, "atol": 1.6e-2},
+    torch.float64: {"rtol": 1e-10, "atol": 1e-10},
 }
 # Sums over many pixels (grad_weight, grad_bias, the adjoint of upsampling) accumulate rounding.
-SUM_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=1e-2, atol=1e-2),
-           torch.bfloat16: dict(rtol=3e-2, atol=3e-2), torch.float64: TOL[torch.float64]}
+SUM_TOL = {
+    torch.float32: {"rtol": 1e-4, "atol": 1e-4},
+    torch.float16: {"rtol": 1e-2, "atol": 1e-2},
+    torch.bfloat16: {"rtol": 3e-2, "atol": 3e-2},
+    torch.float64: TOL[torch.float64],
+}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CPU_BACKENDS = ("reference", "cpu", "triton")
 IN_SIZES = ((7, 5), (4, 3), (1, 1), (16, 16), (33, 31), (2, 9))
 
 
-def make_inputs(k, c, out_size, dtype, bias=True, n=2, layout="contiguous", device="cpu", grad=True):
+def make_inputs(
+    k, c, out_size, dtype, bias=True, n=2, layout="contiguous", device="cpu", grad=True
+):
     scores = []
     for i in range(k):
         h, w = IN_SIZES[i % len(IN_SIZES)]
@@ -42,9 +48,15 @@ def check(backend, scores, weight, bias, size):
     # whole output, where float32 references are themselves off by more than the tolerance.
     up = (lambda t: t.double()) if dtype == torch.float32 else (lambda t: t)
     down = (lambda t: t.to(dtype)) if dtype == torch.float32 else (lambda t: t)
-    expected = down(reference.skip_fusion([up(s) for s in scores], up(weight), None if bias is None else up(bias), size))
+    expected = down(
+        reference.skip_fusion(
+            [up(s) for s in scores], up(weight), None if bias is None else up(bias), size
+        )
+    )
     grad = torch.randn(expected.shape, dtype=dtype, device=expected.device)
-    exp_gs, exp_gw, exp_gb = reference.skip_fusion_backward(up(grad), [up(s) for s in scores], up(weight))
+    exp_gs, exp_gw, exp_gb = reference.skip_fusion_backward(
+        up(grad), [up(s) for s in scores], up(weight)
+    )
     exp_gs, exp_gw, exp_gb = [down(g) for g in exp_gs], down(exp_gw), down(exp_gb)
     leaves = [*scores, weight] + ([bias] if bias is not None else [])
     with use_backend(backend):
@@ -69,7 +81,9 @@ def test_matches_reference(backend, dtype, k, out_size):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("c, bias, layout", [(1, False, "contiguous"), (21, True, "channels_last"), (3, True, "strided")])
+@pytest.mark.parametrize(
+    "c, bias, layout", [(1, False, "contiguous"), (21, True, "channels_last"), (3, True, "strided")]
+)
 def test_channels_bias_and_strides(backend, c, bias, layout):
     require_backend(backend)
     check(backend, *make_inputs(3, c, (17, 19), torch.float32, bias=bias, layout=layout))
@@ -80,7 +94,9 @@ def test_gradcheck_float64(backend):
     require_backend(backend)
     scores, weight, bias, _ = make_inputs(3, 2, None, torch.float64)
     with use_backend(backend):
-        assert torch.autograd.gradcheck(lambda *a: skip_fusion(list(a[:3]), a[3], a[4], (6, 5)), (*scores, weight, bias))
+        assert torch.autograd.gradcheck(
+            lambda *a: skip_fusion(list(a[:3]), a[3], a[4], (6, 5)), (*scores, weight, bias)
+        )
 
 
 @pytest.mark.parametrize("backend", ("reference", "cpu"))
@@ -92,13 +108,17 @@ def test_opcheck(backend):
         torch.library.opcheck(torch.ops.mtlfast.skip_fusion.default, (scores, weight, bias, [9, 8]))
         torch.library.opcheck(torch.ops.mtlfast.skip_fusion.default, (scores, weight, None, [3, 2]))
         detached = [s.detach() for s in scores]
-        torch.library.opcheck(torch.ops.mtlfast.skip_fusion_backward.default, (g, detached, weight.detach()))
+        torch.library.opcheck(
+            torch.ops.mtlfast.skip_fusion_backward.default, (g, detached, weight.detach())
+        )
 
 
 def test_compile_fullgraph():
     scores, weight, bias, _ = make_inputs(3, 4, None, torch.float32, grad=False)
     fn = torch.compile(lambda s, w, b: skip_fusion(s, w, b, (12, 10)), fullgraph=True)
-    torch.testing.assert_close(fn(scores, weight, bias), reference.skip_fusion(scores, weight, bias, (12, 10)))
+    torch.testing.assert_close(
+        fn(scores, weight, bias), reference.skip_fusion(scores, weight, bias, (12, 10))
+    )
 
 
 def test_weight_of_another_dtype_is_cast():
@@ -110,7 +130,9 @@ def test_weight_of_another_dtype_is_cast():
 def test_naive_ubernet_head_equivalence():
     """Equals interpolate-concatenate-1x1 (per-channel) of the naive head."""
     scores, weight, bias, _ = make_inputs(3, 2, None, torch.float64, grad=False)
-    up = torch.cat([F.interpolate(s, (11, 7), mode="bilinear", align_corners=False) for s in scores], 1)
+    up = torch.cat(
+        [F.interpolate(s, (11, 7), mode="bilinear", align_corners=False) for s in scores], 1
+    )
     # Channel c of layer k sits at k*C + c in the concatenation; a grouped 1x1 conv per channel.
     per_channel = up.view(2, 3, 2, 11, 7).transpose(1, 2).reshape(2, 6, 11, 7)
     naive = F.conv2d(per_channel, weight.T.reshape(2, 3, 1, 1), bias, groups=2)
@@ -125,11 +147,31 @@ def good():
     "mutate, error, match",
     [
         (lambda s, w, b, z: ([], w, b, z), ValueError, "scores must be a non-empty list"),
-        (lambda s, w, b, z: ([s[0][0], s[1]], w, b, z), ValueError, r"scores\[0\] must have shape \(N, C, H_k, W_k\)"),
-        (lambda s, w, b, z: ([s[0], s[1][:, :2]], w, b, z), ValueError, r"scores\[1\] must have shape .* like scores\[0\]"),
-        (lambda s, w, b, z: ([s[0], s[1].double()], w, b, z), TypeError, r"scores\[1\] has dtype torch.float64"),
-        (lambda s, w, b, z: ([s[0], s[1].long()], w, b, z), TypeError, r"scores\[1\] must be a floating-point"),
-        (lambda s, w, b, z: (s, w[:1], b, z), ValueError, r"weight must have shape \(K, C\) = \(2, 3\)"),
+        (
+            lambda s, w, b, z: ([s[0][0], s[1]], w, b, z),
+            ValueError,
+            r"scores\[0\] must have shape \(N, C, H_k, W_k\)",
+        ),
+        (
+            lambda s, w, b, z: ([s[0], s[1][:, :2]], w, b, z),
+            ValueError,
+            r"scores\[1\] must have shape .* like scores\[0\]",
+        ),
+        (
+            lambda s, w, b, z: ([s[0], s[1].double()], w, b, z),
+            TypeError,
+            r"scores\[1\] has dtype torch.float64",
+        ),
+        (
+            lambda s, w, b, z: ([s[0], s[1].long()], w, b, z),
+            TypeError,
+            r"scores\[1\] must be a floating-point",
+        ),
+        (
+            lambda s, w, b, z: (s, w[:1], b, z),
+            ValueError,
+            r"weight must have shape \(K, C\) = \(2, 3\)",
+        ),
         (lambda s, w, b, z: (s, w, b[:2], z), ValueError, r"bias must have shape \(C,\) = \(3,\)"),
         (lambda s, w, b, z: (s, w, b, (0, 4)), ValueError, "size must be a pair of positive ints"),
         (lambda s, w, b, z: (s, w, b, (4,)), ValueError, "size must be a pair of positive ints"),
@@ -144,7 +186,9 @@ def test_bad_input(mutate, error, match):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ("cuda", "triton"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("k, out_size", [(1, (7, 5)), (6, (64, 64)), (3, (13, 9)), (2, (1, 1))], ids=str)
+@pytest.mark.parametrize(
+    "k, out_size", [(1, (7, 5)), (6, (64, 64)), (3, (13, 9)), (2, (1, 1))], ids=str
+)
 def test_gpu_matches_reference(backend, dtype, k, out_size):
     require_backend(backend, "cuda")
     check(backend, *make_inputs(k, 21, out_size, dtype, device="cuda"))
@@ -159,7 +203,10 @@ def test_infinite_weight_follows_the_formula_on_every_backend(backend):
     # where the formula (interpolate, then multiply) gives +-inf.
     require_backend(backend)
     torch.manual_seed(0)
-    scores = [torch.randn(1, 2, 3, 3, requires_grad=True), torch.randn(1, 2, 2, 2, requires_grad=True)]
+    scores = [
+        torch.randn(1, 2, 3, 3, requires_grad=True),
+        torch.randn(1, 2, 2, 2, requires_grad=True),
+    ]
     weight = torch.tensor([[float("inf"), 1.0], [1.0, -float("inf")]], requires_grad=True)
     bias = torch.randn(2, requires_grad=True)
     want = reference.skip_fusion(scores, weight, bias, (5, 5))
@@ -187,14 +234,19 @@ def test_infinite_scores_follow_the_formula_on_every_backend(backend):
     weight = torch.randn(2, 2)
     with use_backend(backend):
         out = skip_fusion(scores, weight, None, (5, 5))
-    torch.testing.assert_close(out, reference.skip_fusion(scores, weight, None, (5, 5)), equal_nan=True)
+    torch.testing.assert_close(
+        out, reference.skip_fusion(scores, weight, None, (5, 5)), equal_nan=True
+    )
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_zero_channels_raise_naming_scores(backend):
     # cpu returned an empty tensor where reference raised aten's "Non-empty 4D data tensor".
     require_backend(backend)
-    with use_backend(backend), pytest.raises(ValueError, match=r"scores\[0\] must have C >= 1 channels"):
+    with (
+        use_backend(backend),
+        pytest.raises(ValueError, match=r"scores\[0\] must have C >= 1 channels"),
+    ):
         skip_fusion([torch.randn(1, 0, 3, 3)], torch.randn(1, 0), None, (4, 4))
 
 

@@ -7,19 +7,25 @@ from mtlfast.ops import reference, task_se, use_backend
 from tests.conftest import require_backend
 
 TOL = {
-    torch.float32: dict(rtol=1e-5, atol=1e-5),
-    torch.float16: dict(rtol=2e-3, atol=2e-3),
-    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
-    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: {"rtol": 1e-5, "atol": 1e-5},
+    torch.float16: {"rtol": 2e-3, "atol": 2e-3},
+    torch.bfloat16: {"rtol": 1.6e-2, "atol": 1.6e-2},
+    torch.float64: {"rtol": 1e-10, "atol": 1e-10},
 }
 # Parameter gradients are sums over whole maps and batches.
-SUM_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=1e-2, atol=1e-2),
-           torch.bfloat16: dict(rtol=4e-2, atol=4e-2), torch.float64: TOL[torch.float64]}
+SUM_TOL = {
+    torch.float32: {"rtol": 1e-4, "atol": 1e-4},
+    torch.float16: {"rtol": 1e-2, "atol": 1e-2},
+    torch.bfloat16: {"rtol": 4e-2, "atol": 4e-2},
+    torch.float64: TOL[torch.float64],
+}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CPU_BACKENDS = ("reference", "cpu", "triton")
 
 
-def make_inputs(n, chw, t, dtype, residual=True, layout="contiguous", device="cpu", grad=True, r=None):
+def make_inputs(
+    n, chw, t, dtype, residual=True, layout="contiguous", device="cpu", grad=True, r=None
+):
     c, h, w = chw
     r = r or max(c // 4, 1)
 
@@ -33,8 +39,10 @@ def make_inputs(n, chw, t, dtype, residual=True, layout="contiguous", device="cp
 
     x = act()
     task = torch.arange(n, device=device) % t
-    params = [(torch.randn(s, dtype=torch.float32, device=device) * 0.5).to(dtype).requires_grad_(grad)
-              for s in ((t, r, c), (t, r), (t, c, r), (t, c))]
+    params = [
+        (torch.randn(s, dtype=torch.float32, device=device) * 0.5).to(dtype).requires_grad_(grad)
+        for s in ((t, r, c), (t, r), (t, c, r), (t, c))
+    ]
     return x, task, params, act() if residual else None
 
 
@@ -49,13 +57,20 @@ def check(backend, x, task, params, residual, relu):
         grads = torch.autograd.grad(out, leaves, grad)
     torch.testing.assert_close(out, expected, **TOL[dtype])
     for i, (g, e) in enumerate(zip(grads, exp_grads)):
-        torch.testing.assert_close(g, e, **(SUM_TOL[dtype] if 1 <= i <= 4 else TOL[dtype]), msg=lambda m: f"grad {i}: {m}")
+        torch.testing.assert_close(
+            g,
+            e,
+            **(SUM_TOL[dtype] if 1 <= i <= 4 else TOL[dtype]),
+            msg=lambda m, i=i: f"grad {i}: {m}",
+        )
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("chw", ((1, 1, 1), (3, 7, 5), (5, 1, 1), (64, 9, 11)), ids=str)
-@pytest.mark.parametrize("residual, relu", [(False, False), (True, True), (True, False), (False, True)])
+@pytest.mark.parametrize(
+    "residual, relu", [(False, False), (True, True), (True, False), (False, True)]
+)
 def test_matches_reference(backend, dtype, chw, residual, relu):
     require_backend(backend)
     check(backend, *make_inputs(5, chw, 3, dtype, residual), relu)
@@ -89,7 +104,9 @@ def test_cpu_same_bits_whatever_the_threads(chw):
             torch.set_num_threads(n)
             with use_backend("cpu"):
                 out = task_se(x, task, *params, residual=res, relu=True)
-                results.append([out, *torch.autograd.grad(out, [x, *params, res], torch.ones_like(out))])
+                results.append(
+                    [out, *torch.autograd.grad(out, [x, *params, res], torch.ones_like(out))]
+                )
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(*results))
@@ -119,7 +136,8 @@ def test_gradcheck_float64(backend, residual, relu):
     extra = (res,) if residual else ()
     with use_backend(backend):
         assert torch.autograd.gradcheck(
-            lambda x, *a: task_se(x, task, *a[:4], residual=a[4] if residual else None, relu=relu), (x, *params, *extra)
+            lambda x, *a: task_se(x, task, *a[:4], residual=a[4] if residual else None, relu=relu),
+            (x, *params, *extra),
         )
 
 
@@ -130,13 +148,19 @@ def test_opcheck(backend):
         for layout in ("contiguous", "channels_last"):
             x, task, params, res = make_inputs(4, (6, 5, 3), 3, torch.float32, True, layout)
             torch.library.opcheck(torch.ops.mtlfast.task_se.default, (x, task, *params, res, True))
-            torch.library.opcheck(torch.ops.mtlfast.task_se.default, (x, task, *params, None, False))
+            torch.library.opcheck(
+                torch.ops.mtlfast.task_se.default, (x, task, *params, None, False)
+            )
 
 
 def test_compile_fullgraph():
     x, task, params, res = make_inputs(4, (6, 5, 3), 3, torch.float32, True, grad=False)
-    fn = torch.compile(lambda x, r: task_se(x, task, *params, residual=r, relu=True), fullgraph=True)
-    torch.testing.assert_close(fn(x, res), reference.task_se(x, task, *params, residual=res, relu=True))
+    fn = torch.compile(
+        lambda x, r: task_se(x, task, *params, residual=r, relu=True), fullgraph=True
+    )
+    torch.testing.assert_close(
+        fn(x, res), reference.task_se(x, task, *params, residual=res, relu=True)
+    )
 
 
 def good():
@@ -208,8 +232,11 @@ def test_zero_hidden_units_or_channels_raise_naming_the_argument(backend, r, c, 
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("make_task", [lambda: torch.tensor([1]).expand(4), lambda: torch.tensor([0, 9, 1, 9, 1, 9, 0, 9])[::2]],
-                         ids=("expanded", "sliced"))
+@pytest.mark.parametrize(
+    "make_task",
+    [lambda: torch.tensor([1]).expand(4), lambda: torch.tensor([0, 9, 1, 9, 1, 9, 0, 9])[::2]],
+    ids=("expanded", "sliced"),
+)
 def test_task_of_any_strides(backend, make_task):
     require_backend(backend)
     x, _, params, res = make_inputs(4, (3, 2, 2), 2, torch.float32, grad=False)
@@ -223,7 +250,10 @@ def test_task_of_any_strides(backend, make_task):
 @pytest.mark.parametrize("dtype", (torch.float8_e4m3fn, torch.float8_e5m2), ids=str)
 def test_float8_raises_naming_x(dtype):
     x, task, w1, b1, w2, b2, _ = good()
-    with pytest.raises(TypeError, match=r"x must be a floating-point tensor \(float32, float16, bfloat16 or float64\)"):
+    with pytest.raises(
+        TypeError,
+        match=r"x must be a floating-point tensor \(float32, float16, bfloat16 or float64\)",
+    ):
         task_se(x.to(dtype), task, w1, b1, w2, b2)
     with pytest.raises(TypeError, match="w1 must be a floating-point tensor"):
         task_se(x, task, w1.to(dtype), b1, w2, b2)
