@@ -140,6 +140,10 @@ class PADNet(JointDecoderModel):
     instead of PAD-Net's single-scale encoder with deconvolutions; distillation is the spatial
     attention variant only; every task is final (no front-end-only auxiliary tasks); upsampling
     uses exact sizes, so odd image sizes work.
+
+    The release's trained weights load with
+    :func:`mtlfast.models.release_mtinet.load_release_checkpoint` (its module names mapped one
+    to one; the release's task width is 256, the default ``width``).
     """
 
     def __init__(

@@ -191,3 +191,20 @@ def test_registry_with_resnet_fpn_backbone(name):
     assert out["semseg"].shape == (N, 21, H, W) and out["normals"].shape == (N, 3, H, W)
     sum(v.mean() for v in out.values()).backward()
     assert isinstance(create(name, ["semseg", "normals"]).backbone, type(create_backbone("hrnet18")))
+
+
+def test_softmax_grouping_option():
+    """``softmax_grouping`` reaches every feature propagation module; "release" changes the output."""
+    torch.manual_seed(0)
+    paper = MTINet(tasks=["semseg", "depth", "edge"], dataset="nyud", backbone=TinyBackbone()).eval()
+    release = MTINet(
+        tasks=["semseg", "depth", "edge"], dataset="nyud", backbone=TinyBackbone(), softmax_grouping="release"
+    ).eval()
+    release.load_state_dict(paper.state_dict())
+    assert [p.softmax_grouping for p in release.decoder.propagation] == ["release"] * 3
+    assert "softmax_grouping='release'" in repr(release.decoder.propagation[0])
+    x = torch.randn(1, 3, H, W)
+    with torch.no_grad():
+        assert not torch.allclose(paper(x)["semseg"], release(x)["semseg"])
+    with pytest.raises(ValueError, match="softmax_grouping must be one of"):
+        MTINet(tasks=["semseg", "depth"], dataset="nyud", backbone=TinyBackbone(), softmax_grouping="tasks")
