@@ -41,20 +41,32 @@ class InitialTaskPrediction(nn.Module):
     predictions an empty list when ``predict`` is False.
     """
 
-    def __init__(self, cin: int, channels: int, tasks: Sequence[str], out_channels: Mapping[str, int]) -> None:
+    def __init__(
+        self, cin: int, channels: int, tasks: Sequence[str], out_channels: Mapping[str, int]
+    ) -> None:
         super().__init__()
         self.tasks = list(tasks)
         self.refinement = nn.ModuleDict(
-            {t: nn.Sequential(BasicBlock(cin, channels), BasicBlock(channels, channels)) for t in self.tasks}
+            {
+                t: nn.Sequential(BasicBlock(cin, channels), BasicBlock(channels, channels))
+                for t in self.tasks
+            }
         )
-        self.decoders = nn.ModuleDict({t: nn.Conv2d(channels, out_channels[t], 1) for t in self.tasks})
+        self.decoders = nn.ModuleDict(
+            {t: nn.Conv2d(channels, out_channels[t], 1) for t in self.tasks}
+        )
 
     def forward(
-        self, x: torch.Tensor, propagated: Sequence[torch.Tensor] | None = None, predict: bool = True
+        self,
+        x: torch.Tensor,
+        propagated: Sequence[torch.Tensor] | None = None,
+        predict: bool = True,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         features, predictions = [], []
         for i, t in enumerate(self.tasks):
-            inp = x if propagated is None else torch.cat((x, resize(propagated[i], x.shape[-2:])), 1)
+            inp = (
+                x if propagated is None else torch.cat((x, resize(propagated[i], x.shape[-2:])), 1)
+            )
             f = self.refinement[t](inp)
             features.append(f)
             if predict:
@@ -110,7 +122,9 @@ class FeaturePropagation(nn.Module):
     @softmax_grouping.setter
     def softmax_grouping(self, value: str) -> None:
         if value not in SOFTMAX_GROUPINGS:
-            raise ValueError(f"FeaturePropagation: softmax_grouping must be one of {SOFTMAX_GROUPINGS}, got {value!r}")
+            raise ValueError(
+                f"FeaturePropagation: softmax_grouping must be one of {SOFTMAX_GROUPINGS}, got {value!r}"
+            )
         self._softmax_grouping = value
 
     def extra_repr(self) -> str:
@@ -167,7 +181,9 @@ class MTINetDecoder(nn.Module):
     ) -> None:
         super().__init__()
         if len(channels) != 4:
-            raise ValueError(f"MTINetDecoder: expected 4 scales of backbone channels, got {list(channels)}")
+            raise ValueError(
+                f"MTINetDecoder: expected 4 scales of backbone channels, got {list(channels)}"
+            )
         self.channels = list(channels)
         self.task_names = list(tasks)
         self.out_channels = dict(out_channels)
@@ -176,11 +192,15 @@ class MTINetDecoder(nn.Module):
         c, t = self.channels, len(self.task_names)
         # scale s receives scale s+1's propagated features, except the coarsest
         self.initial = nn.ModuleList(
-            InitialTaskPrediction(c[s] + (c[s + 1] if s < 3 else 0), c[s], self.task_names, self.out_channels)
+            InitialTaskPrediction(
+                c[s] + (c[s + 1] if s < 3 else 0), c[s], self.task_names, self.out_channels
+            )
             for s in range(4)
         )
         # propagation[s - 1] carries scale s to scale s - 1 (s = 1, 2, 3)
-        self.propagation = nn.ModuleList(FeaturePropagation(t, c[s], softmax_grouping) for s in range(1, 4))
+        self.propagation = nn.ModuleList(
+            FeaturePropagation(t, c[s], softmax_grouping) for s in range(1, 4)
+        )
         self.distillation = nn.ModuleList(MultiModalDistillation(t, c[s]) for s in range(4))
         total = sum(c)
         self.aggregation = nn.ModuleDict(
@@ -293,8 +313,12 @@ class MTINet(JointDecoderModel):
         task_list, outputs = task_outputs(tasks, dataset, out_channels)
         channels, strides = list(self.backbone.channels), list(self.backbone.strides)
         if len(channels) != 4 or len(strides) != 4:
-            raise ValueError(f"MTINet: the backbone must give 4 scales, got channels {channels}, strides {strides}")
-        self.decoder = MTINetDecoder(channels, task_list, outputs, strides[0], deep_supervision, softmax_grouping)
+            raise ValueError(
+                f"MTINet: the backbone must give 4 scales, got channels {channels}, strides {strides}"
+            )
+        self.decoder = MTINetDecoder(
+            channels, task_list, outputs, strides[0], deep_supervision, softmax_grouping
+        )
 
     @property
     def trunk(self) -> nn.Sequential:

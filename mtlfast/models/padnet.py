@@ -35,7 +35,9 @@ class ScaleFusion(nn.Module):
         super().__init__()
         total = sum(channels)
         self.channels = total
-        self.last_layer = nn.Sequential(nn.Conv2d(total, total, 1), nn.BatchNorm2d(total), nn.ReLU())
+        self.last_layer = nn.Sequential(
+            nn.Conv2d(total, total, 1), nn.BatchNorm2d(total), nn.ReLU()
+        )
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         finest = features[0].shape[-2:]
@@ -81,11 +83,15 @@ class PADNetDecoder(nn.Module):
         self.stride = stride
         self.deep_supervision = deep_supervision
         self.initial = nn.ModuleDict({t: _bottlenecks(cin, width) for t in self.task_names})
-        self.initial_out = nn.ModuleDict({t: nn.Conv2d(width, self.out_channels[t], 1) for t in self.task_names})
+        self.initial_out = nn.ModuleDict(
+            {t: nn.Conv2d(width, self.out_channels[t], 1) for t in self.task_names}
+        )
         self.distillation = MultiModalDistillation(len(self.task_names), width)
         self.final = nn.ModuleDict(
             {
-                t: nn.Sequential(*_bottlenecks(width, width), nn.Conv2d(width, self.out_channels[t], 1))
+                t: nn.Sequential(
+                    *_bottlenecks(width, width), nn.Conv2d(width, self.out_channels[t], 1)
+                )
                 for t in self.task_names
             }
         )
@@ -100,7 +106,9 @@ class PADNetDecoder(nn.Module):
     def forward(self, features: Any, size: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         parts, size = split_size(features, size)
         if len(parts) != 1:
-            raise ValueError(f"PADNetDecoder: expected one fused feature map, got {len(parts)} tensors")
+            raise ValueError(
+                f"PADNetDecoder: expected one fused feature map, got {len(parts)} tensors"
+            )
         x = parts[0]
         if size is None:
             size = tuple(self.stride * d for d in x.shape[-2:])
@@ -115,7 +123,9 @@ class PADNetDecoder(nn.Module):
         out = {t: resize(self.final[t](distilled[i]), size) for i, t in enumerate(self.task_names)}
         if self.training and self.deep_supervision:
             for i, t in enumerate(self.task_names):
-                out[deep_supervision_key(INITIAL, t)] = resize(self.initial_out[t](task_features[i]), size)
+                out[deep_supervision_key(INITIAL, t)] = resize(
+                    self.initial_out[t](task_features[i]), size
+                )
         return out
 
 
@@ -159,7 +169,9 @@ class PADNet(JointDecoderModel):
         task_list, outputs = task_outputs(tasks, dataset, out_channels)
         channels, strides = list(self.backbone.channels), list(self.backbone.strides)
         self.fuse = ScaleFusion(channels)
-        self.decoder = PADNetDecoder(self.fuse.channels, task_list, outputs, width, strides[0], deep_supervision)
+        self.decoder = PADNetDecoder(
+            self.fuse.channels, task_list, outputs, width, strides[0], deep_supervision
+        )
 
     @property
     def trunk(self) -> nn.Sequential:

@@ -8,7 +8,17 @@ from mtlfast.engine import multi_branch_step
 from mtlfast.models import MTINet
 from mtlfast.models.mtinet import FeaturePropagation
 
-from .decoder_helpers import H, N, W, TinyBackbone, all_params, grads_of, loss_fns_for, targets_for, touched
+from .decoder_helpers import (
+    H,
+    N,
+    TinyBackbone,
+    W,
+    all_params,
+    grads_of,
+    loss_fns_for,
+    targets_for,
+    touched,
+)
 
 TASKS = ["semseg", "normals"]
 DS = [f"deep_supervision/scale_{s}/{t}" for s in range(4) for t in TASKS]
@@ -104,9 +114,9 @@ def test_coarsest_deep_supervision_reaches_only_its_own_head(model):
     model.train()
     out = model(torch.randn(N, 3, H, W))
     g = grads_of(out["deep_supervision/scale_3/semseg"].square().mean(), model)
-    assert set(touched(g, "decoder.")) == set(all_params(model, "decoder.initial.3.refinement.semseg")) | set(
-        all_params(model, "decoder.initial.3.decoders.semseg")
-    )
+    assert set(touched(g, "decoder.")) == set(
+        all_params(model, "decoder.initial.3.refinement.semseg")
+    ) | set(all_params(model, "decoder.initial.3.decoders.semseg"))
     assert touched(g, "backbone.")
 
 
@@ -114,8 +124,12 @@ def test_finer_deep_supervision_skips_distillation_and_other_heads_at_that_scale
     model.train()
     out = model(torch.randn(N, 3, H, W))
     g = grads_of(out["deep_supervision/scale_0/semseg"].square().mean(), model)
-    for prefix in ("decoder.distillation", "decoder.aggregation", "decoder.initial.0.refinement.normals",
-                   "decoder.initial.0.decoders.normals"):
+    for prefix in (
+        "decoder.distillation",
+        "decoder.aggregation",
+        "decoder.initial.0.refinement.normals",
+        "decoder.initial.0.decoders.normals",
+    ):
         assert touched(g, prefix) == [], prefix
     # the propagated features mix the tasks: B's coarser heads do receive A's gradient
     assert touched(g, "decoder.initial.1.refinement.normals")
@@ -144,29 +158,41 @@ def test_multi_branch_step_matches_naive_and_plain_backward(model, train):
     for strategy in ("naive", "recompute"):
         model.zero_grad(set_to_none=True)
         res = multi_branch_step(
-            model.trunk, model.heads, x, model.expand(targets), model.expand(loss_fns),
-            weights=model.expand(weights), strategy=strategy, segments=3,
+            model.trunk,
+            model.heads,
+            x,
+            model.expand(targets),
+            model.expand(loss_fns),
+            weights=model.expand(weights),
+            strategy=strategy,
+            segments=3,
         )
         assert sorted(res.ran) == sorted(model.decoder.tasks)
         grads[strategy] = {n: p.grad for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     out = model(x)
     expanded_loss, expanded_targets, expanded_weights = (
-        model.expand(loss_fns), model.expand(targets), model.expand(weights)
+        model.expand(loss_fns),
+        model.expand(targets),
+        model.expand(weights),
     )
-    sum(expanded_weights[k] * expanded_loss[k](y, expanded_targets[k]) for k, y in out.items()).backward()
+    sum(
+        expanded_weights[k] * expanded_loss[k](y, expanded_targets[k]) for k, y in out.items()
+    ).backward()
     plain = {n: p.grad for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     model.train()
     # in eval mode the initial classifiers only feed deep supervision: no gradient
     unused = [n for n, g in plain.items() if g is None]
     assert unused == ([] if train else [n for n in plain if ".decoders." in n])
-    for name in plain:
+    for name, grad in plain.items():
         if name in unused:
             assert grads["naive"][name] is None and grads["recompute"][name] is None
             continue
-        torch.testing.assert_close(grads["recompute"][name], grads["naive"][name], rtol=1e-4, atol=1e-6, msg=name)
-        torch.testing.assert_close(grads["naive"][name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(
+            grads["recompute"][name], grads["naive"][name], rtol=1e-4, atol=1e-6, msg=name
+        )
+        torch.testing.assert_close(grads["naive"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_channels_last_input_gives_the_same_predictions(model):
@@ -186,19 +212,30 @@ def test_registry_with_resnet_fpn_backbone(name):
     from mtlfast.backbones import create_backbone
     from mtlfast.models import create
 
-    model = create(name, ["semseg", "normals"], backbone=create_backbone("fpn_resnet18", width=0.125, fpn_channels=16))
+    model = create(
+        name,
+        ["semseg", "normals"],
+        backbone=create_backbone("fpn_resnet18", width=0.125, fpn_channels=16),
+    )
     out = model(torch.randn(N, 3, H, W))
     assert out["semseg"].shape == (N, 21, H, W) and out["normals"].shape == (N, 3, H, W)
     sum(v.mean() for v in out.values()).backward()
-    assert isinstance(create(name, ["semseg", "normals"]).backbone, type(create_backbone("hrnet18")))
+    assert isinstance(
+        create(name, ["semseg", "normals"]).backbone, type(create_backbone("hrnet18"))
+    )
 
 
 def test_softmax_grouping_option():
     """``softmax_grouping`` reaches every feature propagation module; "release" changes the output."""
     torch.manual_seed(0)
-    paper = MTINet(tasks=["semseg", "depth", "edge"], dataset="nyud", backbone=TinyBackbone()).eval()
+    paper = MTINet(
+        tasks=["semseg", "depth", "edge"], dataset="nyud", backbone=TinyBackbone()
+    ).eval()
     release = MTINet(
-        tasks=["semseg", "depth", "edge"], dataset="nyud", backbone=TinyBackbone(), softmax_grouping="release"
+        tasks=["semseg", "depth", "edge"],
+        dataset="nyud",
+        backbone=TinyBackbone(),
+        softmax_grouping="release",
     ).eval()
     release.load_state_dict(paper.state_dict())
     assert [p.softmax_grouping for p in release.decoder.propagation] == ["release"] * 3
@@ -207,4 +244,9 @@ def test_softmax_grouping_option():
     with torch.no_grad():
         assert not torch.allclose(paper(x)["semseg"], release(x)["semseg"])
     with pytest.raises(ValueError, match="softmax_grouping must be one of"):
-        MTINet(tasks=["semseg", "depth"], dataset="nyud", backbone=TinyBackbone(), softmax_grouping="tasks")
+        MTINet(
+            tasks=["semseg", "depth"],
+            dataset="nyud",
+            backbone=TinyBackbone(),
+            softmax_grouping="tasks",
+        )

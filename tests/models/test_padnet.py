@@ -6,7 +6,17 @@ import torch
 from mtlfast.engine import multi_branch_step
 from mtlfast.models import PADNet
 
-from .decoder_helpers import H, N, W, TinyBackbone, all_params, grads_of, loss_fns_for, targets_for, touched
+from .decoder_helpers import (
+    H,
+    N,
+    TinyBackbone,
+    W,
+    all_params,
+    grads_of,
+    loss_fns_for,
+    targets_for,
+    touched,
+)
 
 TASKS = ["semseg", "edge"]
 DS = [f"deep_supervision/initial/{t}" for t in TASKS]
@@ -88,7 +98,9 @@ def test_multi_branch_step_matches_naive_and_plain_backward(model):
     out = model(x)
     sum(loss_fns[k](y, targets[k]) for k, y in out.items()).backward()
     for name, p in model.named_parameters():
-        torch.testing.assert_close(grads["recompute"][name], grads["naive"][name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(
+            grads["recompute"][name], grads["naive"][name], rtol=1e-4, atol=1e-6, msg=name
+        )
         torch.testing.assert_close(grads["naive"][name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
     model.zero_grad(set_to_none=True)
 
