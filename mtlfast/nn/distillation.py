@@ -192,7 +192,6 @@ class _Distill(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, stacked, mask_weight, message_weight, *inputs):
-        ctx.stacked = stacked
         ctx.save_for_backward(mask_weight, message_weight, *inputs)
         return _inference(stacked, mask_weight, message_weight, *inputs)
 
