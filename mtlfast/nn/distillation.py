@@ -30,13 +30,14 @@ class MultiModalDistillation(nn.Module):
     ``message = conv3x3(F_l)``, both 3x3 convolutions without bias, and
     ``out_k = F_k + sum_{l != k} mask * message`` (MTI-Net Eq. 1).
 
-    Memory grows linearly in T, not with the T*(T-1) pairs: the pairs run one after the other,
-    each pair's gated message added to its target's output as soon as it is computed, so
-    inference holds the T outputs and one pair's mask logits and messages. In training a custom
-    autograd function saves only the inputs and the weights (the authors' per-pair modules save
-    two maps per pair) and its backward recomputes each pair's two convolutions before
-    back-propagating through them: two more convolutions per pair, a training step of the layer
-    about 1.3x as long as the per-pair modules', for a peak that no longer grows with the pairs.
+    Memory grows linearly in T, not with the T*(T-1) pairs: the sources run one after the
+    other, each source's T-1 pairs as one convolution T-1 kernels wide (mask logits, and
+    messages), their gated messages added to the targets' outputs at once, so inference holds
+    the T outputs and one source's 2(T-1) maps. In training a custom autograd function saves
+    only the inputs and the weights (the authors' per-pair modules save two maps per pair) and
+    its backward recomputes each source's two convolutions before back-propagating through them,
+    for a peak that no longer grows with the pairs. One wide convolution per source instead of
+    T-1 narrow ones keeps the GEMMs large enough to run fast on a CPU.
     Under ``torch.compile``, functorch transforms, dispatch modes and tensor subclasses the same
     loop runs in plain differentiable ops, and autograd (or the compiler) decides what to save.
     There is no double backward. ``recompute=False`` trades the memory back for the time: the
@@ -152,28 +153,41 @@ def _tasks(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return list(inputs[0].unbind(1)) if len(inputs) == 1 else list(inputs)
 
 
-def _pairs(t: int):
-    """(target k, slot s, source l) of every ordered pair, target-major."""
-    for k in range(t):
-        for s, l in enumerate(l for l in range(t) if l != k):
-            yield k, s, l
+def _sources(t: int):
+    """(source l, [(target k, slot s), ...]) for every task l: the T-1 pairs that read F_l."""
+    for l in range(t):
+        yield l, [(k, l if l < k else l - 1) for k in range(t) if k != l]
 
 
-def _maps(f: torch.Tensor, mask_weight: torch.Tensor, message_weight: torch.Tensor, k: int, s: int):
-    """Mask logits and messages (N, C, H, W) of the pair (k, s) from its source's features ``f``."""
-    return F.conv2d(f, mask_weight[k, s], padding=1), F.conv2d(f, message_weight[k, s], padding=1)
+def _source_weights(weight: torch.Tensor, pairs) -> torch.Tensor:
+    """The pairs' kernels stacked along output channels: ((T-1) C, C, 3, 3)."""
+    return torch.cat([weight[k, s] for k, s in pairs], 0)
+
+
+def _maps(f: torch.Tensor, mask_weight: torch.Tensor, message_weight: torch.Tensor, pairs):
+    """Mask logits and messages (N, T-1, C, H, W) of every pair reading the source ``f``: one
+    convolution each, T-1 kernels wide, rather than T-1 narrow ones (the same products)."""
+    n, c, h, w = f.shape
+    m = len(pairs)
+    logits = F.conv2d(f, _source_weights(mask_weight, pairs), padding=1).view(n, m, c, h, w)
+    messages = F.conv2d(f, _source_weights(message_weight, pairs), padding=1).view(n, m, c, h, w)
+    return logits, messages
 
 
 def _inference(stacked: bool, mask_weight, message_weight, *inputs):
-    """Eq. 1 without autograd: the outputs start as the inputs and take each pair's gated
-    message as soon as it is computed, so at most one pair's maps exist at a time."""
+    """Eq. 1 without autograd: the outputs start as the inputs; each source's gated messages
+    are added to their targets as soon as they are computed, so at most one source's T-1 pairs'
+    maps exist at a time (memory linear in T)."""
     features = _tasks(inputs)
     out = inputs[0].clone() if stacked else [f.clone() for f in features]
     targets = _tasks((out,)) if stacked else out
-    for k, s, l in _pairs(len(features)):
-        logits, messages = _maps(features[l], mask_weight, message_weight, k, s)
-        targets[k].addcmul_(logits.sigmoid_(), messages)
-        del logits, messages
+    for l, pairs in _sources(len(features)):
+        logits, messages = _maps(features[l], mask_weight, message_weight, pairs)
+        gated = messages.mul_(logits.sigmoid_())
+        del logits
+        for j, (k, _) in enumerate(pairs):
+            targets[k].add_(gated[:, j])
+        del gated, messages
     return out if stacked else tuple(out)
 
 
@@ -181,9 +195,11 @@ def _differentiable(stacked: bool, mask_weight, message_weight, *inputs):
     """The same loop in out-of-place differentiable ops, for torch.compile, functorch and modes."""
     features = _tasks(inputs)
     out = list(features)
-    for k, s, l in _pairs(len(features)):
-        logits, messages = _maps(features[l], mask_weight, message_weight, k, s)
-        out[k] = out[k] + torch.sigmoid(logits) * messages
+    for l, pairs in _sources(len(features)):
+        logits, messages = _maps(features[l], mask_weight, message_weight, pairs)
+        gated = torch.sigmoid(logits) * messages
+        for j, (k, _) in enumerate(pairs):
+            out[k] = out[k] + gated[:, j]
     return torch.stack(out, 1) if stacked else tuple(out)
 
 
@@ -208,30 +224,32 @@ class _Distill(torch.autograd.Function):
         grad_features = _tasks(grad_inputs) if need_x else None
         grad_mask = torch.empty_like(mask_weight) if need_mask else None
         grad_message = torch.empty_like(message_weight) if need_message else None
-        for k, s, l in _pairs(len(features)):
-            f, go = features[l], grad_out[k]
-            logits, messages = _maps(f, mask_weight, message_weight, k, s)
+        for l, pairs in _sources(len(features)):
+            f = features[l]
+            logits, messages = _maps(f, mask_weight, message_weight, pairs)
             sig = logits.sigmoid_()
+            go = torch.stack([grad_out[k] for k, _ in pairs], 1)  # (N, T-1, C, H, W)
             # d/dmessages = go * sigmoid; d/dlogits = go * messages * sigmoid * (1 - sigmoid)
             grad_messages = go * sig
             grad_logits = messages.mul_(go).mul_(sig)
             grad_logits.mul_(sig.neg_().add_(1))
-            del logits, messages, sig
+            del logits, messages, sig, go
             for grad_map, weight, need_w, grad_w in (
                 (grad_logits, mask_weight, need_mask, grad_mask),
                 (grad_messages, message_weight, need_message, grad_message),
             ):
                 gx, gw, _ = torch.ops.aten.convolution_backward(
-                    grad_map,
+                    grad_map.flatten(1, 2),
                     f,
-                    weight[k, s],
+                    _source_weights(weight, pairs),
                     None,
                     **_CONV,
                     groups=1,
                     output_mask=[need_x, need_w, False],
                 )
                 if need_w:
-                    grad_w[k, s].copy_(gw)
+                    for (k, s), g in zip(pairs, gw.chunk(len(pairs), 0)):
+                        grad_w[k, s].copy_(g)
                 if need_x:
                     grad_features[l].add_(gx)
                 del gx, gw
