@@ -40,27 +40,44 @@ class NonFiniteLossError(FloatingPointError):
     """Training met a non-finite loss or gradient (``train.nonfinite: raise``, or too many in a row)."""
 
 
+def _busy_cores(interval: float = 0.25) -> float:
+    """Cores other processes keep busy now: /proc/stat's busy time over ``interval`` seconds,
+    less this process's; the 1-minute load average where /proc is missing (it lags a minute)."""
+
+    def busy_ticks() -> int:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+
+    try:
+        ticks0, own0, t0 = busy_ticks(), time.process_time(), time.monotonic()
+        time.sleep(interval)
+        ticks1, own1, t1 = busy_ticks(), time.process_time(), time.monotonic()
+        hz = os.sysconf("SC_CLK_TCK")
+        return max(0.0, ((ticks1 - ticks0) / hz - (own1 - own0)) / (t1 - t0))
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0]
+        except (AttributeError, OSError):
+            return 0.0
+
+
 def default_threads(num_workers: int = 0, load: float | None = None) -> int:
     """torch's intra-op threads for training on CPU: the cores that neither data workers nor
     other work on the machine keep busy, at least 1.
 
-    ``load`` is the number of cores other work uses (default: the 1-minute load average, read
-    before this run starts its own work). Why: OpenMP threads spin at every barrier waiting for
-    the slowest one, so a thread that shares its core with another process stalls every
-    operation. The demo's MTI-Net step with another process busy on each core took 2.1-2.7 s on
-    1 thread and 11-29 s on 2 (``benchmarks/results/README.md``); on an idle machine, 2 threads
-    are the faster.
+    ``load`` is the number of cores other work uses (default: measured over a quarter of a
+    second at start, see :func:`_busy_cores`). Why: OpenMP threads spin at every barrier
+    waiting for the slowest one, so a thread that shares its core with another process stalls
+    every operation. The demo's MTI-Net step with another process busy on each core took
+    2.1-2.7 s on 1 thread and 11-29 s on 2 (README, "CPU threads"); on an idle machine, 2
+    threads are the faster.
     """
     cores = (
         len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     )
     threads = max(1, cores - num_workers)
-    if load is None:
-        try:
-            load = os.getloadavg()[0]
-        except (AttributeError, OSError):  # not on every platform
-            load = 0.0
-    idle = cores - load
+    idle = cores - (_busy_cores() if load is None else load)
     return max(1, min(threads, int(idle + 0.5)))
 
 
