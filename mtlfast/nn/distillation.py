@@ -169,9 +169,15 @@ def _maps(f: torch.Tensor, mask_weight: torch.Tensor, message_weight: torch.Tens
     convolution each, T-1 kernels wide, rather than T-1 narrow ones (the same products)."""
     n, c, h, w = f.shape
     m = len(pairs)
-    logits = F.conv2d(f, _source_weights(mask_weight, pairs), padding=1).view(n, m, c, h, w)
-    messages = F.conv2d(f, _source_weights(message_weight, pairs), padding=1).view(n, m, c, h, w)
-    return logits, messages
+    logits = F.conv2d(f, _source_weights(mask_weight, pairs).to(f.dtype), padding=1)
+    messages = F.conv2d(f, _source_weights(message_weight, pairs).to(f.dtype), padding=1)
+    return logits.view(n, m, c, h, w), messages.view(n, m, c, h, w)
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast gives convolutions on ``x``'s device now, None when it is off."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
 def _inference(stacked: bool, mask_weight, message_weight, *inputs):
@@ -209,6 +215,9 @@ class _Distill(torch.autograd.Function):
     @staticmethod
     def forward(ctx, stacked, mask_weight, message_weight, *inputs):
         ctx.save_for_backward(mask_weight, message_weight, *inputs)
+        # backward runs with autocast off (as the memory engine runs it), so the forward's
+        # casts are replayed by hand there: the same products in the same precision
+        ctx.cast = _autocast_dtype(inputs[0])
         return _inference(stacked, mask_weight, message_weight, *inputs)
 
     @staticmethod
@@ -225,10 +234,10 @@ class _Distill(torch.autograd.Function):
         grad_mask = torch.empty_like(mask_weight) if need_mask else None
         grad_message = torch.empty_like(message_weight) if need_message else None
         for l, pairs in _sources(len(features)):
-            f = features[l]
+            f = features[l] if ctx.cast is None else features[l].to(ctx.cast)
             logits, messages = _maps(f, mask_weight, message_weight, pairs)
             sig = logits.sigmoid_()
-            go = torch.stack([grad_out[k] for k, _ in pairs], 1)  # (N, T-1, C, H, W)
+            go = torch.stack([grad_out[k] for k, _ in pairs], 1).to(sig.dtype)  # (N, T-1, C, H, W)
             # d/dmessages = go * sigmoid; d/dlogits = go * messages * sigmoid * (1 - sigmoid)
             grad_messages = go * sig
             grad_logits = messages.mul_(go).mul_(sig)
@@ -241,7 +250,7 @@ class _Distill(torch.autograd.Function):
                 gx, gw, _ = torch.ops.aten.convolution_backward(
                     grad_map.flatten(1, 2),
                     f,
-                    _source_weights(weight, pairs),
+                    _source_weights(weight, pairs).to(f.dtype),
                     None,
                     **_CONV,
                     groups=1,

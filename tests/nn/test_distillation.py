@@ -305,3 +305,21 @@ def test_recompute_false_saves_the_maps_for_the_same_gradients():
     # the inputs and the output (that square() saves); without recomputation also 2 maps per pair
     assert saved[0] <= 8 * MAP_BYTES + 1024 and saved[1] >= (8 + 2 * 12) * MAP_BYTES
     assert "recompute=False" in repr(layers[1])
+
+
+def test_autocast_forward_then_backward_outside_it():
+    """The memory engine runs backward with autocast off: the recomputation replays the bf16 casts."""
+    torch.manual_seed(5)
+    layers = [MultiModalDistillation(3, 4, recompute=r) for r in (True, False)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    x = torch.randn(2, 3, 4, 6, 5)
+    grads = []
+    for layer in layers:
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(xi)
+        y.float().square().sum().backward()
+        grads.append((xi.grad, layer.mask_weight.grad, layer.message_weight.grad))
+    for a, b in zip(*grads):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)

@@ -253,3 +253,31 @@ def test_default_threads_leave_busy_cores_alone(monkeypatch):
     assert default_threads(1, load=0.0) == 3
     assert default_threads(0, load=2.2) == 2
     assert default_threads(0, load=7.5) == 1
+
+
+def test_bf16_step_of_every_fused_layer_family():
+    """MTI-Net (distillation, task SE) and UberNet (skip fusion) take a bf16 autocast step under
+    the recompute engine, whose backward runs with autocast off."""
+    for model in (
+        {"name": "mtinet"},
+        {
+            "name": "ubernet",
+            "backbone": "resnet18",
+            "options": {"width": 0.125, "scales": [1.0, 0.5]},
+        },
+    ):
+        config = tiny_config("train.precision=bf16", "data.batch_size=2", tasks=["semseg", "depth"])
+        config.model.name, config.model.backbone = model["name"], model.get("backbone")
+        config.model.options = model.get("options", {})
+        trainer = Trainer(config)
+        batch = next(
+            iter(
+                torch.utils.data.DataLoader(
+                    SeededAugmentation(trainer.train_set, None, 0),
+                    batch_size=2,
+                    collate_fn=__import__("mtlfast").data.collate,
+                )
+            )
+        )
+        result = trainer.train_step(batch)
+        assert result.applied and not result.nonfinite, model
