@@ -98,3 +98,13 @@ def test_rng_states_round_trip_as_plain_data(tmp_path):
     ckpt.restore_rng(load_checkpoint(tmp_path / "r.pt")["rng"])
     assert (random.random(), np.random.rand()) == expected[:2]
     torch.testing.assert_close(torch.rand(1), expected[2])
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    path = tmp_path / "c.pt"
+    old = os.umask(0o022)
+    try:
+        save_checkpoint({"model": {}}, path)
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == 0o644
