@@ -299,7 +299,7 @@ class Trainer:
                         {"train/fp16_overflow_skipped": self.nonfinite["fp16_overflow"]},
                     )
             else:
-                self._nonfinite(bad_tasks or ["(gradient)"])
+                self._nonfinite(bad_tasks or self._nonfinite_gradient_owners())
         self.optimizer.zero_grad(set_to_none=True)
         with warnings.catch_warnings():
             # the schedule follows the step count, applied or not; torch warns when the first is not
@@ -310,6 +310,19 @@ class Trainer:
         self.step += 1
         result.applied = finite  # type: ignore[attr-defined]
         return result
+
+    def _nonfinite_gradient_owners(self) -> list[str]:
+        """The tasks whose own parameters got a non-finite gradient (their names appear in the
+        parameter's path, e.g. ``heads.depth`` or a joint decoder's ``aggregation.depth``), else
+        ``["(shared)"]``. Runs only on the failure path: a finite step never pays for it."""
+        tasks = set(self.tasks)
+        owners: list[str] = []
+        for name, p in self.model.named_parameters():
+            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+                for part in name.split("."):
+                    if part in tasks and part not in owners:
+                        owners.append(part)
+        return [f"{t} (gradient)" for t in owners] or ["(shared gradient)"]
 
     def _nonfinite(self, tasks: list[str]) -> None:
         tc = self.config.train
@@ -453,7 +466,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": ckpt.capture_rng(),
-            "data": {"seed": self.config.seed, "batches": self.batches},
+            "data": {"seed": self.config.seed, "batches": self.batches, "epoch": self._epoch()},
             "config": config_to_dict(self.config),
             "trainer": {
                 "best": vars(self.best),
@@ -464,6 +477,11 @@ class Trainer:
                 "train_time": self.train_time,
             },
         }
+
+    def _epoch(self) -> int:
+        """The epoch of the data order the next batch comes from."""
+        per_epoch = len(self.train_set) // (self.config.data.batch_size * self.runtime.world_size)
+        return self.batches // max(per_epoch, 1)
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])

@@ -281,3 +281,31 @@ def test_bf16_step_of_every_fused_layer_family():
         )
         result = trainer.train_step(batch)
         assert result.applied and not result.nonfinite, model
+
+
+def test_a_nonfinite_gradient_is_traced_to_its_task():
+    trainer = Trainer(tiny_config())
+    batch = next(
+        iter(
+            torch.utils.data.DataLoader(
+                SeededAugmentation(trainer.train_set, None, 0),
+                batch_size=4,
+                collate_fn=__import__("mtlfast").data.collate,
+            )
+        )
+    )
+
+    class _InfGrad(torch.autograd.Function):  # finite forward, infinite backward
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * float("inf")
+
+    original = trainer.loss_fns["depth"]
+    trainer.loss_fns["depth"] = lambda p, t, *a, **k: original(_InfGrad.apply(p), t, *a, **k)
+    result = trainer.train_step(batch)
+    assert not result.applied and not result.nonfinite  # every loss was finite
+    assert "depth (gradient)" in trainer.nonfinite["by_task"]
