@@ -616,33 +616,31 @@ class Trainer:
         )
         batches = iter(loader)
         window: list[StepResult] = []
-        images = 0
-        tick = time.perf_counter()
+        images, busy = 0, 0.0  # since the last log line: images and seconds of loading + stepping
         with self.runtime.progress(tc.max_steps, "train", initial=self.step) as bar:
             while self.step < tc.max_steps:
+                tick = time.perf_counter()
                 batch = next(batches)
                 self.batches += 1
                 result = self.train_step(batch)
+                spent = time.perf_counter() - tick
+                self.train_time += spent
+                busy += spent
                 images += batch["image"].shape[0]
                 window.append(result)
                 bar.update(1)
                 if self.step % tc.log_every == 0 or self.step == tc.max_steps:
-                    now = time.perf_counter()
-                    self.train_time += now - tick
-                    self._log_train(window, images / max(now - tick, 1e-9), bar)
-                    window, images, tick = [], 0, time.perf_counter()
+                    self._log_train(window, images / max(busy, 1e-9), bar)
+                    window, images, busy = [], 0, 0.0
                 if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.max_steps:
-                    self.train_time += time.perf_counter() - tick
                     results = self._evaluate_and_select()
                     bar.write(f"step {self.step}: " + _brief(results))
-                    tick = time.perf_counter()
                 if (
                     tc.checkpoint_every
                     and self.step % tc.checkpoint_every == 0
                     and self.step < tc.max_steps
                 ):
                     self.save()
-        self.train_time += time.perf_counter() - tick
 
     def _log_train(self, window: list[StepResult], images_per_s: float, bar) -> None:
         losses: dict[str, list[float]] = {}
