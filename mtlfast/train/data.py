@@ -23,13 +23,11 @@ from .config import Config
 __all__ = [
     "ResumableBatchSampler",
     "SeededAugmentation",
+    "batch_to",
     "build_datasets",
     "eval_loader",
     "train_loader",
 ]
-
-#: how each dataset is known to the models (output channels) and the metrics (edge tolerance)
-MODEL_DATASET = {"synthetic": "synthetic", "pascal": "pascal", "nyud": "nyud"}
 
 
 class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):

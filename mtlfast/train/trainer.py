@@ -26,7 +26,7 @@ from ..metrics import DEFAULT_METRIC, LOWER_IS_BETTER
 from . import checkpoint as ckpt
 from ._runtime import Runtime
 from .config import Config, config_to_dict, load_config
-from .data import MODEL_DATASET, batch_to, build_datasets, eval_loader, train_loader
+from .data import batch_to, build_datasets, eval_loader, train_loader
 from .evaluate import ConstantPredictor, evaluate, load_baselines, recalibrate_batch_norm
 from .optim import LRFactor, build_optimizer, build_scheduler
 from .runlog import RunLog, draw_plots
@@ -85,7 +85,7 @@ def build_model(config: Config) -> nn.Module:
     """``mtlfast.models.create`` for ``config.model`` on ``config.tasks``, with the output channels
     of ``config.data.dataset``."""
     options = dict(config.model.options)
-    options.setdefault("dataset", MODEL_DATASET[config.data.dataset])
+    options.setdefault("dataset", config.data.dataset)  # the output channels of its data
     try:
         return mtl_models.create(
             config.model.name, config.tasks, backbone=config.model.backbone, **options
@@ -346,7 +346,7 @@ class Trainer:
 
     def _eval_kwargs(self) -> dict:
         return {
-            "dataset": MODEL_DATASET[self.config.data.dataset],
+            "dataset": self.config.data.dataset,
             "edge_thresholds": self.config.eval.edge_thresholds,
             "max_batches": self.config.eval.max_batches,
             "autocast_dtype": self.autocast_dtype,

@@ -1,0 +1,25 @@
+"""The public names of mtlfast.train, pinned."""
+
+import mtlfast.train
+
+
+def test_public_names():
+    assert sorted(mtlfast.train.__all__) == [
+        "CheckpointError",
+        "Config",
+        "ConfigError",
+        "ConstantPredictor",
+        "NonFiniteLossError",
+        "Trainer",
+        "build_model",
+        "config_to_dict",
+        "default_threads",
+        "evaluate",
+        "list_configs",
+        "load_checkpoint",
+        "load_config",
+        "recalibrate_batch_norm",
+        "save_checkpoint",
+    ]
+    for name in mtlfast.train.__all__:
+        assert getattr(mtlfast.train, name).__doc__, name
