@@ -3,7 +3,7 @@
 The release (models/layers.py ``SABlock``, models/padnet.py ``MultiTaskDistillationModule``, used
 by PAD-Net and at every scale of MTI-Net) runs one module per ordered pair (target k, source l),
 ``sigmoid(conv3x3(F_l)) * conv3x3(F_l)``, all pairs first (a dict of dicts), then stacks the T-1
-results of each target and sums them onto F_k. ``ReleaseDistillation`` below is that loop,
+results of each target and sums them onto F_k. ``release_models.ReleaseDistillation`` is that loop,
 written here in plain PyTorch with the same weights as the mtlfast layer it is compared with.
 
 Figures, at PAD-Net's size by default (a 128x128 image: T=5 tasks of C=256 channels at 32x32,
@@ -44,48 +44,7 @@ from torch import nn
 import mtlfast
 from mtlfast.nn import MultiModalDistillation
 
-
-class SABlock(nn.Module):
-    """One ordered pair: a 3x3 mask convolution with a sigmoid, times a 3x3 message convolution."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.attention = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.Sigmoid()
-        )
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-
-    def forward(self, x):
-        return self.attention(x) * self.conv(x)
-
-
-class ReleaseDistillation(nn.Module):
-    """The release's per-pair loop; ``self_attention[k][l]`` refines target k with source l."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        t, c = layer.num_tasks, layer.channels
-        self.num_tasks = t
-        self.self_attention = nn.ModuleList()
-        for k in range(t):
-            row = nn.ModuleDict()
-            for l in range(t):
-                if l != k:
-                    block = SABlock(c)
-                    mask, message = layer.pair_weights(k, l)
-                    block.attention[0].weight = nn.Parameter(mask.detach().clone())
-                    block.conv.weight = nn.Parameter(message.detach().clone())
-                    row[str(l)] = block
-            self.self_attention.append(row)
-
-    def forward(self, features):
-        # As the release: every pair's gated message first (a dict per target), then the sums.
-        t = self.num_tasks
-        adapters = [
-            [row[str(l)](features[l]) for l in range(t) if l != k]
-            for k, row in enumerate(self.self_attention)
-        ]
-        return [features[k] + torch.sum(torch.stack(adapters[k]), dim=0) for k in range(t)]
+from .release_models import ReleaseDistillation
 
 
 def _layer_class(spec: str | None):

@@ -1,5 +1,6 @@
-"""load_release_checkpoint: the authors' MTI-Net and PAD-Net, rebuilt here in plain PyTorch the way
-their release writes them (its module and key names, tiny widths), converted, give the same outputs.
+"""load_release_checkpoint: the authors' MTI-Net and PAD-Net, rebuilt in plain PyTorch the way
+their release writes them (benchmarks/release_models.py: its module and key names, here at tiny
+widths), converted, give the same outputs.
 
 The release's HRNet backbone has the names of :class:`mtlfast.backbones.HRNet` (tests/backbones
 checks them against the release's), so both networks here use an HRNet of the same widths.
@@ -8,8 +9,8 @@ checks them against the release's), so both networks here use an HRNet of the sa
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
 
+from benchmarks.release_models import FPM, ReleaseMTINet, ReleasePADNet
 from mtlfast.backbones import HRNet
 from mtlfast.models import MTINet, PADNet
 from mtlfast.models.mtinet import FeaturePropagation
@@ -25,276 +26,6 @@ OUT = {"semseg": 21, "parts": 7, "normals": 3}
 RELEASE = [RELEASE_TASK_NAMES.get(t, t) for t in TASKS]
 RELEASE_OUT = {RELEASE_TASK_NAMES.get(t, t): c for t, c in OUT.items()}
 SIZE = (64, 64)  # the release upsamples by factor 2 between scales: sizes must halve exactly
-
-
-# ---- the release's modules (models/resnet.py, layers.py, padnet.py, mti_net.py, seg_hrnet.py) ----
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, inplanes, planes, downsample=None):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample
-
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += identity
-        return self.relu(out)
-
-
-class Bottleneck(nn.Module):
-    def __init__(self, inplanes, planes, downsample=None):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        out += identity
-        return self.relu(out)
-
-
-def projection(cin, cout):
-    return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
-
-
-class SEBlock(nn.Module):
-    def __init__(self, channels, r=16):
-        super().__init__()
-        self.squeeze = nn.Sequential(
-            nn.Linear(channels, channels // r),
-            nn.ReLU(),
-            nn.Linear(channels // r, channels),
-            nn.Sigmoid(),
-        )
-
-    def forward(self, x):
-        b, c = x.shape[:2]
-        return x * self.squeeze(x.mean(dim=(2, 3))).view(b, c, 1, 1)
-
-
-class SABlock(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        self.attention = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.Sigmoid()
-        )
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-
-    def forward(self, x):
-        return self.conv(x) * self.attention(x)
-
-
-class MultiTaskDistillationModule(nn.Module):
-    def __init__(self, tasks, auxilary_tasks, channels):
-        super().__init__()
-        self.tasks, self.auxilary_tasks = tasks, auxilary_tasks
-        self.self_attention = nn.ModuleDict(
-            {
-                t: nn.ModuleDict({a: SABlock(channels) for a in auxilary_tasks if a != t})
-                for t in tasks
-            }
-        )
-
-    def forward(self, x):
-        out = {}
-        for t in self.tasks:
-            adapters = [
-                self.self_attention[t][a](x[f"features_{a}"]) for a in self.auxilary_tasks if a != t
-            ]
-            out[t] = x[f"features_{t}"] + torch.stack(adapters).sum(0)
-        return out
-
-
-class MTIInitialTaskPredictionModule(nn.Module):
-    def __init__(self, tasks, input_channels, task_channels):
-        super().__init__()
-        self.tasks = tasks
-
-        def refinement():
-            down = (
-                projection(input_channels, task_channels)
-                if input_channels != task_channels
-                else None
-            )
-            return nn.Sequential(
-                BasicBlock(input_channels, task_channels, down),
-                BasicBlock(task_channels, task_channels),
-            )
-
-        self.refinement = nn.ModuleDict({t: refinement() for t in tasks})
-        self.decoders = nn.ModuleDict(
-            {t: nn.Conv2d(task_channels, RELEASE_OUT[t], 1) for t in tasks}
-        )
-
-    def forward(self, curr, prev=None):
-        out = {}
-        for t in self.tasks:
-            x = (
-                curr
-                if prev is None
-                else torch.cat((curr, F.interpolate(prev[t], scale_factor=2, mode="bilinear")), 1)
-            )
-            out[f"features_{t}"] = self.refinement[t](x)
-            out[t] = self.decoders[t](out[f"features_{t}"])
-        return out
-
-
-class FPM(nn.Module):
-    def __init__(self, tasks, per_task_channels):
-        super().__init__()
-        self.tasks, self.n = tasks, len(tasks)
-        shared = self.n * per_task_channels
-        self.non_linear = nn.Sequential(
-            BasicBlock(shared, shared // 4, projection(shared, shared // 4)),
-            BasicBlock(shared // 4, shared // 4),
-            nn.Conv2d(shared // 4, shared, 1),
-        )
-        self.dimensionality_reduction = BasicBlock(
-            shared, per_task_channels, projection(shared, per_task_channels)
-        )
-        self.se = nn.ModuleDict({t: SEBlock(per_task_channels) for t in tasks})
-
-    def forward(self, x):
-        concat = torch.cat([x[f"features_{t}"] for t in self.tasks], 1)
-        b, c, h, w = concat.shape
-        # the release's grouping: T consecutive channels of the concatenation
-        mask = F.softmax(self.non_linear(concat).view(b, c // self.n, self.n, h, w), dim=2)
-        shared = (mask * concat.view(b, c // self.n, self.n, h, w)).view(b, -1, h, w)
-        shared = self.dimensionality_reduction(shared)
-        return {t: self.se[t](shared) + x[f"features_{t}"] for t in self.tasks}
-
-
-def upsampled_concat(x):
-    return torch.cat(
-        [x[0]] + [F.interpolate(y, x[0].shape[-2:], mode="bilinear") for y in x[1:]], 1
-    )
-
-
-class HighResolutionHead(nn.Module):
-    def __init__(self, channels, num_outputs):
-        super().__init__()
-        c = sum(channels)
-        self.last_layer = nn.Sequential(
-            nn.Conv2d(c, c, 1), nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, num_outputs, 1)
-        )
-
-    def forward(self, x):
-        return self.last_layer(upsampled_concat(x))
-
-
-class HighResolutionFuse(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        c = sum(channels)
-        self.last_layer = nn.Sequential(nn.Conv2d(c, c, 1), nn.BatchNorm2d(c), nn.ReLU())
-
-    def forward(self, x):
-        return self.last_layer(upsampled_concat(x))
-
-
-class ReleaseMTINet(nn.Module):
-    def __init__(self, tasks, backbone, channels):
-        super().__init__()
-        self.tasks = tasks
-        self.backbone = backbone
-        for s in (3, 2, 1):
-            setattr(self, f"fpm_scale_{s}", FPM(tasks, channels[s]))
-        for s in range(4):
-            cin = channels[s] + (channels[s + 1] if s < 3 else 0)
-            setattr(self, f"scale_{s}", MTIInitialTaskPredictionModule(tasks, cin, channels[s]))
-        for s in range(4):
-            setattr(
-                self,
-                f"distillation_scale_{s}",
-                MultiTaskDistillationModule(tasks, tasks, channels[s]),
-            )
-        self.heads = nn.ModuleDict({t: HighResolutionHead(channels, RELEASE_OUT[t]) for t in tasks})
-
-    def forward(self, x):
-        size = x.shape[-2:]
-        x = self.backbone(x)
-        x_3 = self.scale_3(x[3])
-        x_2 = self.scale_2(x[2], self.fpm_scale_3(x_3))
-        x_1 = self.scale_1(x[1], self.fpm_scale_2(x_2))
-        x_0 = self.scale_0(x[0], self.fpm_scale_1(x_1))
-        distilled = [
-            getattr(self, f"distillation_scale_{s}")(f) for s, f in enumerate((x_0, x_1, x_2, x_3))
-        ]
-        return {
-            t: F.interpolate(self.heads[t]([d[t] for d in distilled]), size, mode="bilinear")
-            for t in self.tasks
-        }
-
-
-class PADInitialTaskPredictionModule(nn.Module):
-    def __init__(self, tasks, input_channels, intermediate_channels):
-        super().__init__()
-        self.tasks = tasks
-
-        def layers():
-            down = None
-            if input_channels != intermediate_channels:
-                down = projection(input_channels, intermediate_channels)
-            return nn.Sequential(
-                Bottleneck(input_channels, intermediate_channels // 4, down),
-                Bottleneck(intermediate_channels, intermediate_channels // 4),
-            )
-
-        self.layers = nn.ModuleDict({t: layers() for t in tasks})
-        self.conv_out = nn.ModuleDict(
-            {t: nn.Conv2d(intermediate_channels, RELEASE_OUT[t], 1) for t in tasks}
-        )
-
-    def forward(self, x):
-        out = {}
-        for t in self.tasks:
-            out[f"features_{t}"] = self.layers[t](x)
-            out[t] = self.conv_out[t](out[f"features_{t}"])
-        return out
-
-
-class ReleasePADNet(nn.Module):
-    """The release hard-codes 256 task channels; ``width`` shrinks them for the test."""
-
-    def __init__(self, tasks, backbone, channels, width):
-        super().__init__()
-        self.tasks = tasks
-        self.backbone = nn.Sequential(backbone, HighResolutionFuse(channels))
-        self.initial_task_prediction_heads = PADInitialTaskPredictionModule(
-            tasks, sum(channels), width
-        )
-        self.multi_modal_distillation = MultiTaskDistillationModule(tasks, tasks, width)
-        self.heads = nn.ModuleDict(
-            {
-                t: nn.Sequential(
-                    Bottleneck(width, width // 4),
-                    Bottleneck(width, width // 4),
-                    nn.Conv2d(width, RELEASE_OUT[t], 1),
-                )
-                for t in tasks
-            }
-        )
-
-    def forward(self, x):
-        size = x.shape[-2:]
-        x = self.multi_modal_distillation(self.initial_task_prediction_heads(self.backbone(x)))
-        return {t: F.interpolate(self.heads[t](x[t]), size, mode="bilinear") for t in self.tasks}
 
 
 # ---- helpers -------------------------------------------------------------------------------------
@@ -323,12 +54,14 @@ def randomise(model):
 
 @pytest.fixture(scope="module")
 def release_mtinet():
-    return randomise(ReleaseMTINet(RELEASE, tiny_hrnet(), CHANNELS))
+    return randomise(ReleaseMTINet(RELEASE, tiny_hrnet(), CHANNELS, RELEASE_OUT))
 
 
 @pytest.fixture(scope="module")
 def release_padnet():
-    return randomise(ReleasePADNet(RELEASE, tiny_hrnet(), CHANNELS, width=32))
+    return randomise(
+        ReleasePADNet(RELEASE, tiny_hrnet(), CHANNELS, width=32, out_channels=RELEASE_OUT)
+    )
 
 
 def mtinet(tasks=TASKS):
@@ -439,7 +172,7 @@ def test_unknown_and_missing_keys_are_named(release_mtinet):
 
 def test_auxiliary_task_checkpoint_is_refused():
     """A release trained with auxiliary tasks (front-end only) has no final layers for them."""
-    release = ReleaseMTINet(RELEASE, tiny_hrnet(), CHANNELS)
+    release = ReleaseMTINet(RELEASE, tiny_hrnet(), CHANNELS, RELEASE_OUT)
     state = {k: v for k, v in release.state_dict().items() if not k.startswith("heads.normals.")}
     with pytest.raises(KeyError, match=r"missing \d+: heads\.normals\.last_layer"):
         load_release_checkpoint(mtinet(), state)
