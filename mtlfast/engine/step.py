@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .graph import reaches
-from .plan import Branch, StepPlan, index_rows
-from .replay import device_types_of, no_autocast
-from .segments import (
+from ._graph import reaches
+from ._plan import Branch, StepPlan, index_rows
+from ._replay import device_types_of, no_autocast
+from ._segments import (
     CheckpointedTrunk,
     _is_float_tensor,
     run_modules,
@@ -22,6 +24,14 @@ from .segments import (
 __all__ = ["StepResult", "multi_branch_step"]
 
 STRATEGIES = ("naive", "recompute")
+
+# The argument types of multi_branch_step. A "tree" is a tensor or a (nested) tuple, list or dict
+# of tensors, as torch.utils._pytree flattens it (multi-scale features, a structured target).
+TensorTree = torch.Tensor | Sequence[Any] | Mapping[str, Any]
+Trunk = nn.Sequential | nn.ModuleList | Sequence[nn.Module]
+Heads = nn.ModuleDict | Mapping[str, Callable[[TensorTree], Any]]
+LossFn = Callable[[Any, Any], torch.Tensor]
+Weight = float | torch.Tensor
 
 
 @dataclass
@@ -64,15 +74,15 @@ class StepResult:
 
 
 def multi_branch_step(
-    trunk: Any,
-    heads: Any,
-    images: Any,
-    targets: Any,
-    loss_fns: Any,
+    trunk: Trunk,
+    heads: Heads,
+    images: TensorTree,
+    targets: Mapping[str, TensorTree],
+    loss_fns: Mapping[str, LossFn],
     *,
-    labeled: Any = None,
-    weights: Any = None,
-    strategy: str = "recompute",
+    labeled: Mapping[str, torch.Tensor] | None = None,
+    weights: Mapping[str, Weight] | None = None,
+    strategy: Literal["recompute", "naive"] = "recompute",
     segments: int | None = None,
     keep_task_grads: bool = False,
 ) -> StepResult:
@@ -106,7 +116,7 @@ def multi_branch_step(
     depend on the other samples of the batch: batch-statistics BatchNorm (or dropout) in a head
     sees different batches (or draws different masks) when the head runs on fewer samples. In the
     trunk, which always runs on the whole batch, batch norm, dropout and autocast are replayed
-    exactly: see :class:`mtlfast.engine.replay.SegmentReplay`. Backward passes run with autocast
+    exactly (``SegmentReplay`` in ``mtlfast/engine/_replay.py``). Backward passes run with autocast
     off, as torch recommends; recomputed forwards run under the autocast state of the first.
 
     Args:
@@ -170,7 +180,12 @@ def multi_branch_step(
 
 
 def _branch_losses(
-    plan: StepPlan, branch: Branch, x: Any, inputs: list[torch.Tensor], result: StepResult, naive: bool
+    plan: StepPlan,
+    branch: Branch,
+    x: Any,
+    inputs: list[torch.Tensor],
+    result: StepResult,
+    naive: bool,
 ) -> list[tuple[str, torch.Tensor]]:
     """Runs one head on ``x``; returns (task, w_t * loss_t) for its tasks with labelled samples.
 
@@ -209,7 +224,11 @@ def _branch_losses(
 
 
 def _full_grads(
-    grads: list[torch.Tensor | None], inputs: list[Any], reps: list[Any], index: torch.Tensor | None, spec: Any
+    grads: list[torch.Tensor | None],
+    inputs: list[Any],
+    reps: list[Any],
+    index: torch.Tensor | None,
+    spec: Any,
 ) -> Any:
     """Gradients at a branch's inputs scattered into the full batch, in the representation's structure.
 
@@ -238,14 +257,19 @@ def _naive(modules, bounds, plan, images, result, terms, keep_task_grads) -> Non
     plan.check_representation(leaves)
     # A trunk without trainable parameters gives an output that is not part of any graph; make
     # it a leaf so heads can be checked and task gradients taken, as in recompute mode.
-    leaves = [t.detach().requires_grad_() if _is_float_tensor(t) and not t.requires_grad else t for t in leaves]
+    leaves = [
+        t.detach().requires_grad_() if _is_float_tensor(t) and not t.requires_grad else t
+        for t in leaves
+    ]
     device_types = device_types_of(images, leaves)
     total = None
     for branch in plan.branches:
         # one view per branch: a node of its own to check the head against and take gradients at
         inputs = [t.view_as(t) if _is_float_tensor(t) else t for t in leaves]
         checked = [t for t in inputs if _is_float_tensor(t)]
-        for task, weighted in _branch_losses(plan, branch, tree_unflatten(inputs, spec), checked, result, naive=True):
+        for task, weighted in _branch_losses(
+            plan, branch, tree_unflatten(inputs, spec), checked, result, naive=True
+        ):
             if keep_task_grads:
                 with no_autocast(device_types):
                     g = torch.autograd.grad(weighted, checked, retain_graph=True, allow_unused=True)
@@ -272,21 +296,30 @@ def _recompute(modules, bounds, plan, images, result, terms, keep_task_grads) ->
         # a call per branch: everything the branch allocated dies when it returns
         _recompute_branch(plan, branch, reps, spec, result, terms, keep_task_grads, device_types)
     if plan.undeclared:
-        plan.check_labeled(final=True)  # the undeclared heads' tasks are known now; before the trunk's backward
+        plan.check_labeled(
+            final=True
+        )  # the undeclared heads' tasks are known now; before the trunk's backward
     grads = [t.grad if _is_float_tensor(t) else None for t in reps]
     del reps
     trunk.backward(grads, spec)  # empties `grads` as it goes
 
 
-def _recompute_branch(plan, branch, reps, spec, result, terms, keep_task_grads, device_types) -> None:
+def _recompute_branch(
+    plan, branch, reps, spec, result, terms, keep_task_grads, device_types
+) -> None:
     """Forward and backward of one head on its labelled rows, into its parameters and ``reps[k].grad``."""
     index = branch.rows.index
     if index is None:  # every sample: no copy, just a node of the branch's own
         inputs = [t.view_as(t) if _is_float_tensor(t) else t for t in reps]
     else:
-        inputs = [t.index_select(0, index.to(t.device)) if isinstance(t, torch.Tensor) else t for t in reps]
+        inputs = [
+            t.index_select(0, index.to(t.device)) if isinstance(t, torch.Tensor) else t
+            for t in reps
+        ]
     checked = [t for t in inputs if _is_float_tensor(t)]
-    losses = _branch_losses(plan, branch, tree_unflatten(inputs, spec), checked, result, naive=False)
+    losses = _branch_losses(
+        plan, branch, tree_unflatten(inputs, spec), checked, result, naive=False
+    )
     if not losses:
         return  # an undeclared joint head none of whose tasks is labelled
     captured: list[torch.Tensor | None] = [None] * len(checked)
@@ -294,7 +327,9 @@ def _recompute_branch(plan, branch, reps, spec, result, terms, keep_task_grads, 
     if keep_task_grads and len(losses) == 1:
         # one task: its gradient is the branch's, seen on the way through at no extra cost
         for k, t in enumerate(checked):
-            handles.append(t.register_hook(lambda g, k=k: captured.__setitem__(k, g.detach().clone())))
+            handles.append(
+                t.register_hook(lambda g, k=k: captured.__setitem__(k, g.detach().clone()))
+            )
     elif keep_task_grads:
         # a joint decoder: one extra backward through the head per task, then the summed one
         for task, weighted in losses:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .replay import SegmentReplay, device_types_of, no_autocast
+from ._replay import SegmentReplay, device_types_of, no_autocast
 
 __all__ = ["CheckpointedTrunk", "run_modules", "split_segments", "trunk_modules"]
 
