@@ -10,7 +10,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
-from ..ops.backends import choose
+from ..ops._dispatch import choose
 
 __all__ = ["MultiModalDistillation"]
 

@@ -12,7 +12,7 @@ import torch
 from . import reference
 from ._checks import check_same, check_tensor, shape_str
 from ._layout import empty_in_order, inner_order, to_inner_order
-from .backends import (autograd_function, choose, kernel, register_kernel, remember_backend, remembered_backend,
+from ._dispatch import (autograd_function, choose, kernel, register_kernel, remember_backend, remembered_backend,
                        runs_directly)
 
 __all__ = ["attention_distill"]

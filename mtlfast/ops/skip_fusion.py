@@ -15,7 +15,7 @@ import torch
 
 from . import reference
 from ._checks import check_same, check_tensor, shape_str
-from .backends import (
+from ._dispatch import (
     autograd_function,
     choose,
     kernel,
@@ -161,7 +161,7 @@ def _backward(ctx, grad_out):
 
 _skip_fusion.register_autograd(_backward, setup_context=_setup_context)
 
-# The autograd.Function of plain eager autograd (backends.choose) takes the scores last, one
+# The autograd.Function of plain eager autograd (_dispatch.choose) takes the scores last, one
 # argument each: autograd sees no tensor inside a list.
 
 

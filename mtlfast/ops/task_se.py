@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import torch
 
 from ._checks import FLOAT_DTYPES, check_same, check_tensor, shape_str
-from .backends import (
+from ._dispatch import (
     autograd_function,
     choose,
     kernel,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mtlfast import _extension
-from mtlfast.ops import available_backends, backends, current_backend, reference, use_backend
+from mtlfast.ops import _dispatch, available_backends, current_backend, reference, use_backend
 from mtlfast.ops import skip_fusion, task_se
 from mtlfast.ops.attention_distill import attention_distill
 
@@ -64,8 +64,8 @@ def test_forced_backend_for_wrong_device_is_an_error():
 def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(_extension, "has_extension", lambda: False)
     monkeypatch.setattr(_extension, "extension_error", lambda: "ImportError: simulated")
-    monkeypatch.setattr(backends, "_warned_fallback", False)
-    monkeypatch.setattr(backends, "_automatic", {})  # the choice is made once per process
+    monkeypatch.setattr(_dispatch, "_warned_fallback", False)
+    monkeypatch.setattr(_dispatch, "_automatic", {})  # the choice is made once per process
     assert available_backends("cpu")[0] == "reference"
     with pytest.warns(RuntimeWarning, match="simulated.*reference backend"):
         out = attention_distill(*small())
@@ -79,8 +79,8 @@ def test_backward_runs_on_the_backend_of_its_forward(monkeypatch):
     # Autograd may run a backward on another thread (always for CUDA), outside the forward's
     # use_backend block; calling it after the block has closed shows the same thing on CPU.
     calls = []
-    fn, dtypes = backends._kernels[("attention_distill_backward", "reference")]
-    monkeypatch.setitem(backends._kernels, ("attention_distill_backward", "reference"),
+    fn, dtypes = _dispatch._kernels[("attention_distill_backward", "reference")]
+    monkeypatch.setitem(_dispatch._kernels, ("attention_distill_backward", "reference"),
                         (lambda *a: calls.append(1) or fn(*a), dtypes))
     f, m, v = (t.requires_grad_() for t in small())
     with use_backend("reference"):
@@ -101,28 +101,28 @@ class _FunctionMode(torch.overrides.TorchFunctionMode):
 
 def test_runs_directly_only_where_no_one_needs_the_op():
     x, p = torch.randn(3), torch.nn.Parameter(torch.randn(3))
-    assert backends.runs_directly(x, None)
-    assert not backends.runs_directly(x, p)  # autograd must record the op
+    assert _dispatch.runs_directly(x, None)
+    assert not _dispatch.runs_directly(x, p)  # autograd must record the op
     with torch.no_grad():
-        assert backends.runs_directly(x, p, None)
+        assert _dispatch.runs_directly(x, p, None)
         with _Mode():
-            assert not backends.runs_directly(x)  # a dispatch mode must see the op
+            assert not _dispatch.runs_directly(x)  # a dispatch mode must see the op
     with _FunctionMode():
-        assert not backends.runs_directly(x)
+        assert not _dispatch.runs_directly(x)
     seen = []
-    torch.func.vmap(lambda t: seen.append(backends.runs_directly(t)) or t)(torch.randn(2, 3))
+    torch.func.vmap(lambda t: seen.append(_dispatch.runs_directly(t)) or t)(torch.randn(2, 3))
     assert seen == [False]  # a functorch wrapper is no plain tensor
 
     class Sub(torch.Tensor):
         pass
 
-    assert not backends.runs_directly(x.as_subclass(Sub))
-    assert not torch.compile(lambda t: t + backends.runs_directly(t), fullgraph=True)(x).ne(x).any()
+    assert not _dispatch.runs_directly(x.as_subclass(Sub))
+    assert not torch.compile(lambda t: t + _dispatch.runs_directly(t), fullgraph=True)(x).ne(x).any()
 
 
 def test_choose_routes_each_call_by_who_must_see_the_op():
     x, p = torch.randn(3), torch.nn.Parameter(torch.randn(3))
-    route = lambda *t: backends.choose("kernel", "function", "op", *t)  # noqa: E731
+    route = lambda *t: _dispatch.choose("kernel", "function", "op", *t)  # noqa: E731
     assert route(x, None) == "kernel"
     assert route(x, p) == "function"  # plain eager autograd
     with torch.no_grad():
