@@ -9,15 +9,15 @@ from .synthetic import SyntheticScenes
 from .tasks import IGNORE_INDEX, TASKS, ignore_target, label_boundaries
 
 __all__ = [
-    "SyntheticScenes",
-    "PascalContext",
-    "NYUD",
-    "collate",
-    "transforms",
-    "DataFileError",
     "HUMAN_PART_GROUPS",
-    "TASKS",
     "IGNORE_INDEX",
+    "NYUD",
+    "TASKS",
+    "DataFileError",
+    "PascalContext",
+    "SyntheticScenes",
+    "collate",
     "ignore_target",
     "label_boundaries",
+    "transforms",
 ]

@@ -92,11 +92,15 @@ def read_png(path: str, what: str = "label image", max_value: int | None = None)
 
 
 def read_mat(
-    path: str, key: str, what: str = "MATLAB file", kinds: str | None = None
+    path: str,
+    key: str,
+    what: str = "MATLAB file",
+    kinds: str | None = None,
+    max_value: int | None = None,
 ) -> np.ndarray:
     """Variable ``key`` of a .mat file; DataFileError naming the file when its dtype kind is
     not in ``kinds`` (numpy kinds, e.g. "f"; default: refuse complex; MATLAB structs are
-    object or record arrays)."""
+    object or record arrays) or a value exceeds ``max_value``."""
     from scipy.io import loadmat
 
     with _reading(path, what):
@@ -104,7 +108,7 @@ def read_mat(
         if key not in data:
             names = sorted(k for k in data if not k.startswith("__"))
             raise DataFileError(f"{what} {path} has no variable {key!r} (it has {names})")
-        return _check_array(data[key], path, what, kinds, None, refuse="c")
+        return _check_array(data[key], path, what, kinds, max_value, refuse="c")
 
 
 def read_npy(path: str, what: str = "array", kinds: str | None = None) -> np.ndarray:

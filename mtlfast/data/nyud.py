@@ -18,17 +18,33 @@ TASKS = ("semseg", "normals", "edge", "depth")
 # Per layout, per key: (folder, extension). "image" lists extensions to try in order.
 NYUD_LAYOUTS = {
     # MTI-Net's NYUD_MT: everything but images and labels as NumPy arrays.
-    "mtinet": {"image": ("images", (".jpg", ".png")), "semseg": ("segmentation", ".png"),
-               "depth": ("depth", ".npy"), "normals": ("normals", ".npy"),
-               "edge": ("edge", ".npy")},
+    "mtinet": {
+        "image": ("images", (".jpg", ".png")),
+        "semseg": ("segmentation", ".png"),
+        "depth": ("depth", ".npy"),
+        "normals": ("normals", ".npy"),
+        "edge": ("edge", ".npy"),
+    },
     # ATRC (and the repositories built on it): PNG images and labels, depth as NumPy.
-    "atrc": {"image": ("images", (".png", ".jpg")), "semseg": ("segmentation", ".png"),
-             "depth": ("depth", ".npy"), "normals": ("normals", ".png"), "edge": ("edge", ".png")},
+    "atrc": {
+        "image": ("images", (".png", ".jpg")),
+        "semseg": ("segmentation", ".png"),
+        "depth": ("depth", ".npy"),
+        "normals": ("normals", ".png"),
+        "edge": ("edge", ".png"),
+    },
     # ASTMT's (fblib) NYUD_MT: labels and depth in .mat files, normals as JPEG.
-    "astmt": {"image": ("images", (".jpg", ".png")), "semseg": ("segmentation", ".mat"),
-              "depth": ("depth", ".mat"), "normals": ("normals", ".jpg"), "edge": ("edge", ".png")},
+    "astmt": {
+        "image": ("images", (".jpg", ".png")),
+        "semseg": ("segmentation", ".mat"),
+        "depth": ("depth", ".mat"),
+        "normals": ("normals", ".jpg"),
+        "edge": ("edge", ".png"),
+    },
 }
 _MAT_KEYS = {"semseg": "segmentation", "depth": "depth"}
+# task -> (numpy dtype kinds its arrays may have, the largest class id), None: unchecked
+_FILE_KINDS = {"depth": ("f", None), "semseg": ("uif", 255)}
 
 
 class NYUD(torch.utils.data.Dataset):
@@ -61,8 +77,14 @@ class NYUD(torch.utils.data.Dataset):
     no layout matches, the error names the files each layout lacks.
     """
 
-    def __init__(self, root: str, split: str = "train", tasks: Sequence[str] = TASKS,
-                 transform=None, layout: str | None = None):
+    def __init__(
+        self,
+        root: str,
+        split: str = "train",
+        tasks: Sequence[str] = TASKS,
+        transform=None,
+        layout: str | None = None,
+    ):
         self.root = os.fspath(root)
         self.split = split
         self.tasks = tuple(tasks)
@@ -91,7 +113,7 @@ class NYUD(torch.utils.data.Dataset):
             return any(os.path.isfile(p) for p in self._candidates(layout, key, name))
 
         missing, complete = {}, []
-        for layout in NYUD_LAYOUTS:
+        for layout, keys in NYUD_LAYOUTS.items():
             lacks = [
                 self._candidates(layout, k, name)[0]
                 for k in ("image", *self.tasks)
@@ -102,7 +124,7 @@ class NYUD(torch.utils.data.Dataset):
             else:
                 # Several layouts can hold the requested tasks' files (they share some):
                 # prefer the one that also explains the most of the other files.
-                complete.append((sum(has(layout, k) for k in NYUD_LAYOUTS[layout]), layout))
+                complete.append((sum(has(layout, k) for k in keys), layout))
         if complete:
             return max(complete, key=lambda c: c[0])[1]
         detail = "; ".join(f"{k} lacks {', '.join(v)}" for k, v in missing.items())
@@ -141,11 +163,15 @@ class NYUD(torch.utils.data.Dataset):
         return sample
 
     def _read(self, task: str, path: str) -> np.ndarray:
+        # What each task's file may hold: depth is metres (float only: an int or bool depth
+        # file is something else, cast silently it would be wrong); class ids, like every
+        # 8-bit image, are at most 255 (a 16-bit PNG above it is not this dataset's label).
+        kinds, max_value = _FILE_KINDS.get(task, (None, None))
         if path.endswith(".npy"):
-            return read_npy(path, f"NYUD {task} array")
+            return read_npy(path, f"NYUD {task} array", kinds=kinds)
         if path.endswith(".mat"):
-            return read_mat(path, _MAT_KEYS[task], f"NYUD {task} file")
-        return read_png(path, f"NYUD {task} image")
+            return read_mat(path, _MAT_KEYS[task], f"NYUD {task} file", kinds, max_value)
+        return read_png(path, f"NYUD {task} image", max_value=255)
 
 
 def _plane(x: np.ndarray, path: str) -> np.ndarray:

@@ -13,18 +13,35 @@ from ._io import DataFileError, read_mat, read_png, read_rgb, require_file
 from .tasks import IGNORE_INDEX
 from .transforms import ToTensor
 
-__all__ = ["PascalContext", "HUMAN_PART_GROUPS"]
+__all__ = ["HUMAN_PART_GROUPS", "PascalContext"]
 
 # PASCAL-Part person part names -> ASTMT's six groups (0 is background):
 # 1 head, 2 torso, 3 upper arm, 4 lower arm (with hand), 5 upper leg, 6 lower leg (with foot).
 HUMAN_PART_GROUPS = {
-    "hair": 1, "head": 1, "lear": 1, "rear": 1, "lebrow": 1, "rebrow": 1, "leye": 1, "reye": 1,
-    "mouth": 1, "nose": 1,
-    "neck": 2, "torso": 2,
-    "luarm": 3, "ruarm": 3,
-    "llarm": 4, "rlarm": 4, "lhand": 4, "rhand": 4,
-    "luleg": 5, "ruleg": 5,
-    "llleg": 6, "rlleg": 6, "lfoot": 6, "rfoot": 6,
+    "hair": 1,
+    "head": 1,
+    "lear": 1,
+    "rear": 1,
+    "lebrow": 1,
+    "rebrow": 1,
+    "leye": 1,
+    "reye": 1,
+    "mouth": 1,
+    "nose": 1,
+    "neck": 2,
+    "torso": 2,
+    "luarm": 3,
+    "ruarm": 3,
+    "llarm": 4,
+    "rlarm": 4,
+    "lhand": 4,
+    "rhand": 4,
+    "luleg": 5,
+    "ruleg": 5,
+    "llleg": 6,
+    "rlleg": 6,
+    "lfoot": 6,
+    "rfoot": 6,
 }
 PERSON_CLASS = 15  # PASCAL VOC class index of person in PASCAL-Part's `class_ind`
 TASKS = ("semseg", "parts", "saliency", "normals", "edge")
@@ -81,7 +98,8 @@ class PascalContext(torch.utils.data.Dataset):
         self._normals_classes = None
         if "normals" in self.tasks:
             self._normals_classes = (
-                np.array(sorted(int(c) for c in normals_classes)) if normals_classes is not None
+                np.array(sorted(int(c) for c in normals_classes))
+                if normals_classes is not None
                 else self._nyu_compatible_classes()
             )
 
@@ -154,7 +172,7 @@ class PascalContext(torch.utils.data.Dataset):
 
     def _semseg(self, name: str) -> np.ndarray:
         path = self._semseg_path(name)
-        label = read_png(path, "semantic label image")
+        label = read_png(path, "semantic label image", max_value=255)
         if label.ndim != 2:
             raise DataFileError(
                 f"semantic label image {path} is not single-channel (shape {label.shape})"
@@ -180,7 +198,7 @@ class PascalContext(torch.utils.data.Dataset):
                 if target is None:
                     target = np.zeros(size, dtype=np.int64)
                 parts = _field(obj, "parts", 3)
-                for part in (parts[0] if parts.size else []):
+                for part in parts[0] if parts.size else []:
                     part_name = str(np.asarray(_field(part, "part_name", 0)).squeeze())
                     if part_name not in HUMAN_PART_GROUPS:
                         raise DataFileError(
@@ -198,7 +216,7 @@ class PascalContext(torch.utils.data.Dataset):
         return target
 
     def _saliency(self, name: str) -> np.ndarray:
-        sal = read_png(self._path("sal_distill", f"{name}.png"), "saliency image")
+        sal = read_png(self._path("sal_distill", f"{name}.png"), "saliency image", max_value=255)
         sal = sal.astype(np.float32)
         if sal.ndim == 3:
             sal = sal[..., 0]
@@ -206,7 +224,7 @@ class PascalContext(torch.utils.data.Dataset):
 
     def _normals(self, name: str, label_map: np.ndarray) -> np.ndarray:
         path = self._path("normals_distill", f"{name}.png")
-        raw = read_png(path, "normals image")
+        raw = read_png(path, "normals image", max_value=255)
         if raw.ndim != 3 or raw.shape[2] < 3:
             raise DataFileError(f"normals image {path} is not RGB (shape {raw.shape})")
         normals = 2.0 * raw[..., :3].astype(np.float32) / 255.0 - 1.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["TASKS", "IGNORE_INDEX", "ignore_target", "label_boundaries"]
+__all__ = ["IGNORE_INDEX", "TASKS", "ignore_target", "label_boundaries"]
 
 TASKS = ("semseg", "parts", "saliency", "normals", "edge", "depth")
 IGNORE_INDEX = 255

@@ -111,3 +111,44 @@ def test_errors_name_files(tmp_path):
         ds[1]
     with pytest.raises(ValueError, match="layout"):
         NYUD(tmp_path, "train", layout="nyu")
+
+
+@pytest.mark.parametrize("dtype", (np.complex64, bool, np.int32, np.uint16))
+@pytest.mark.parametrize("layout", ["mtinet", "astmt"])
+def test_depth_of_a_non_float_kind_raises_naming_the_file(tmp_path, layout, dtype):
+    """Issue 16: complex, bool and int depth files were cast to float32 silently."""
+    _write(tmp_path, layout)
+    ds = NYUD(tmp_path, "train", tasks=("depth",))
+    depth = np.ones((H, W), dtype=dtype)
+    if layout == "mtinet":
+        np.save(tmp_path / "depth/0001.npy", depth)
+        where = r"depth/0001\.npy"
+    else:
+        savemat(tmp_path / "depth/0001.mat", {"depth": depth})
+        where = r"depth/0001\.mat"
+    with pytest.raises(DataFileError, match=where):
+        ds[0]
+    assert ds[1]["depth"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("layout", ["mtinet", "astmt"])
+def test_class_ids_above_255_raise_naming_the_file(tmp_path, layout):
+    """Issue 16: a uint16 semseg PNG value above 255 was read as a class."""
+    _write(tmp_path, layout)
+    ds = NYUD(tmp_path, "train", tasks=("semseg",))
+    seg = np.full((H, W), 3, dtype=np.uint16)
+    seg[0, 0] = 300
+    if layout == "mtinet":
+        Image.fromarray(seg).save(tmp_path / "segmentation/0001.png")
+        where = r"segmentation/0001\.png.*300"
+    else:
+        savemat(tmp_path / "segmentation/0001.mat", {"segmentation": seg})
+        where = r"segmentation/0001\.mat.*300"
+    with pytest.raises(DataFileError, match=where):
+        ds[0]
+    seg[0, 0] = 40  # a 16-bit file whose values fit is read
+    if layout == "mtinet":
+        Image.fromarray(seg).save(tmp_path / "segmentation/0001.png")
+    else:
+        savemat(tmp_path / "segmentation/0001.mat", {"segmentation": seg})
+    assert ds[0]["semseg"].max() == 39

@@ -36,8 +36,17 @@ def _anno(objects):
 @pytest.fixture
 def root(tmp_path):
     rng = np.random.default_rng(0)
-    for d in ("JPEGImages", "ImageSets/Context", "semseg/pascal-context", "semseg/VOC12",
-              "human_parts", "normals_distill", "sal_distill", "pascal-context/trainval", "json"):
+    for d in (
+        "JPEGImages",
+        "ImageSets/Context",
+        "semseg/pascal-context",
+        "semseg/VOC12",
+        "human_parts",
+        "normals_distill",
+        "sal_distill",
+        "pascal-context/trainval",
+        "json",
+    ):
         (tmp_path / d).mkdir(parents=True)
     (tmp_path / "ImageSets/Context/train.txt").write_text("a\nb\n")
     (tmp_path / "json/nyu_classes.json").write_text(json.dumps(["wall", "floor", "unknown", "sky"]))
@@ -72,10 +81,17 @@ def root(tmp_path):
     lhand[6:8, 3:4] = True
     cat = np.zeros((H, W), bool)
     cat[10:, 10:] = True
-    savemat(tmp_path / "human_parts/a.mat", {"anno": _anno([
-        (8, cat, []),
-        (15, body, [("hair", hair), ("torso", torso), ("lhand", lhand)]),
-    ])})
+    savemat(
+        tmp_path / "human_parts/a.mat",
+        {
+            "anno": _anno(
+                [
+                    (8, cat, []),
+                    (15, body, [("hair", hair), ("torso", torso), ("lhand", lhand)]),
+                ]
+            )
+        },
+    )
     savemat(tmp_path / "human_parts/b.mat", {"anno": _anno([(8, cat, [])])})
     return tmp_path
 
@@ -156,3 +172,17 @@ def test_batches_after_cropping(root):
     assert batch["image"].shape == (2, 3, 8, 8) and batch["parts"].shape == (2, 8, 8)
     assert batch["labeled"]["parts"].tolist() == [True, False]
     assert batch["name"] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "folder, task", [("semseg/pascal-context", "semseg"), ("sal_distill", "saliency")]
+)
+def test_16_bit_png_above_255_raises_naming_the_file(root, folder, task):
+    """Issue 16: a uint16 label PNG value above 255 was read as a class (or a saliency value)."""
+    image = np.zeros((H, W), dtype=np.uint16)
+    image[1, 1] = 1000
+    Image.fromarray(image).save(root / f"{folder}/a.png")
+    ds = PascalContext(root, "train", tasks=(task,))
+    with pytest.raises(DataFileError, match=rf"{folder}/a\.png.*1000"):
+        ds[0]
+    assert ds[1][task].shape[-2:] == (H, W)
