@@ -9,6 +9,7 @@ from torch import nn
 
 from ..backbones import Backbone, MobileNetV2, ResNet
 from ._build import aspp_rates
+from ._checks import check_images
 from .base import MultiTaskModel
 from .heads import DeepLabV3PlusDecoder, resize
 from .tasks import resolve_tasks
@@ -293,6 +294,7 @@ class ASTMT(MultiTaskModel):
         return self.decoder(features[0], features[-1], task)
 
     def forward(self, x: torch.Tensor, task: int | str | torch.Tensor | None = None):
+        check_images(x, type(self).__name__)
         if task is None:
             return self.forward_all(x)
         if isinstance(task, torch.Tensor):
@@ -309,6 +311,7 @@ class ASTMT(MultiTaskModel):
 
     def forward_all(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every task's prediction from one task-batched pass. Shapes: (N, 3, H, W) -> {task: (N, C_t, H, W)}."""
+        check_images(x, type(self).__name__)
         n, t = x.shape[0], len(self.tasks)
         task = torch.arange(t, device=x.device).repeat_interleave(n)
         decoded = self._features(x.repeat(t, 1, 1, 1), task)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..nn import MultiModalDistillation, ResidualAdapter, TaskBatchNorm2d, TaskSE
+from ._checks import check_images
 from .trunk import build_trunk
 
 __all__ = ["MultiTaskModel"]
@@ -116,9 +117,7 @@ class MultiTaskModel(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"{type(self).__name__}: x must have shape (N, 3, H, W), got {got}")
+        check_images(x, type(self).__name__)
         rep = self.trunk(x)
         out: dict[str, torch.Tensor] = {}
         for task, head in self.heads.items():

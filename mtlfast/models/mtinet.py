@@ -10,6 +10,7 @@ from torch import nn
 
 from ..backbones.residual import BasicBlock
 from ..nn import MultiModalDistillation, TaskSE
+from ._checks import check_images
 from ._common import (
     JointDecoderModel,
     backbone_segments,
@@ -145,7 +146,7 @@ class FeaturePropagation(nn.Module):
         repeated = shared.unsqueeze(0).expand(t, n, c, h, w).reshape(t * n, c, h, w)
         task = torch.arange(t, device=shared.device).repeat_interleave(n)
         refined = self.se(repeated, task, residual=torch.cat(list(features), 0))
-        return list(refined.split(n, 0))
+        return list(refined.unflatten(0, (t, n)).unbind(0))  # split(n) gives one chunk at N = 0
 
 
 class MTINetDecoder(nn.Module):
@@ -325,4 +326,5 @@ class MTINet(JointDecoderModel):
         return trunk_of(backbone_segments(self.backbone))
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        check_images(image, type(self).__name__, "image")
         return self.decoder(self.backbone(image), size=image.shape[-2:])

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..backbones.residual import Bottleneck
 from ..nn import MultiModalDistillation
+from ._checks import check_images
 from ._common import (
     JointDecoderModel,
     backbone_segments,
@@ -178,4 +179,5 @@ class PADNet(JointDecoderModel):
         return trunk_of([*backbone_segments(self.backbone), self.fuse])
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        check_images(image, type(self).__name__, "image")
         return self.decoder(self.fuse(self.backbone(image)), size=image.shape[-2:])

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ._build import make_backbone
+from ._checks import check_images
 from ._common import backbone_segments, resize, split_size, trunk_of
 from .astmt import ASTMT
 from .base import MultiTaskModel
@@ -103,6 +104,7 @@ class HRNetSingleTask(MultiTaskModel):
         return trunk_of(backbone_segments(self.backbone))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        check_images(x, type(self).__name__)
         features = self.backbone(x)
         return {t: head(features, size=x.shape[-2:]) for t, head in self.heads.items()}
 
