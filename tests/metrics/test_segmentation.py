@@ -79,3 +79,12 @@ def test_out_of_range_predicted_ids_are_misses_not_index_errors(bad_id):
     m.update(torch.tensor([[[bad_id, 1]]]), torch.tensor([[[1, 1]]]))
     out = m.compute()
     assert out["IoU"][1] == pytest.approx(0.5) and out["pixel_acc"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("bad_id", (3, -1, 254, 2**40))
+def test_out_of_range_target_ids_raise_naming_target(bad_id):
+    """Issue 16: out-of-range class ids reached torch's IndexError; the meter is left unchanged."""
+    m = SegmentationMeter(3)
+    with pytest.raises(ValueError, match=r"target holds ids outside \[0, 3\)"):
+        m.update(torch.tensor([[[1, 1]]]), torch.tensor([[[bad_id, 1]]]))
+    assert not m.confusion.any()
