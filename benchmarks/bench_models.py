@@ -63,6 +63,7 @@ from mtlfast.models import ASTMT, MTINet, PADNet, load_release_checkpoint, relea
 from mtlfast.models import create as create_model
 from mtlfast.models.release_mtinet import RELEASE_TASK_NAMES as MTI_RELEASE_NAMES
 from mtlfast.models.release_mtinet import load_release_checkpoint as load_mtinet_release
+from mtlfast.ops import use_backend
 from mtlfast.train import Trainer, load_config
 
 PASCAL_TASKS = ["semseg", "parts", "saliency", "normals", "edge"]
@@ -138,6 +139,11 @@ class ReleaseSide:
         return self.weights[t] * self.loss_fns[t](prediction, target)
 
     def step(self, batch):
+        # aten's own kernels where a module is shared with mtlfast (the HRNet backbone's resizes)
+        with use_backend("reference"):
+            self._step(batch)
+
+    def _step(self, batch):
         net, x = self.net.train(), batch["image"]
         if self.kind == "astmt":  # the release's batch loop: one update per task
             for t, r in self.names.items():
@@ -166,7 +172,7 @@ class ReleaseSide:
         self.optimizer.step()
 
     def infer(self, batch):
-        with torch.no_grad():
+        with torch.no_grad(), use_backend("reference"):
             net = self.net.eval()
             if self.kind == "astmt":
                 out = {t: net(batch["image"], r) for t, r in self.names.items()}

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
+from ..ops.resize import resize_bilinear
 from .pretrained import LoadResult, load_pretrained, register_converter
 from .residual import BasicBlock, Bottleneck
 
@@ -82,7 +83,7 @@ class HighResolutionModule(nn.Module):
                     y = y + layer(xs[j])
                 elif j > i:
                     # size, not scale_factor: odd sizes round up at every stride-2 step
-                    y = y + F.interpolate(layer(xs[j]), size=xs[i].shape[-2:], mode="bilinear", align_corners=False)
+                    y = y + resize_bilinear(layer(xs[j]), xs[i].shape[-2:])
             out.append(self.relu(y))
         return tuple(out)
 
@@ -229,8 +230,7 @@ def hrnet_state_dict_from_release(state_dict: dict[str, Any]) -> OrderedDict[str
         state_dict = state_dict["state_dict"]
     out: OrderedDict[str, Any] = OrderedDict()
     for key, value in state_dict.items():
-        if key.startswith("module."):
-            key = key[len("module.") :]
+        key = key.removeprefix("module.")
         if key.startswith(RELEASE_HEAD_PREFIXES):
             continue
         out[key] = value

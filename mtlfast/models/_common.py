@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..backbones.hrnet import HRNet
+from ..ops.resize import resize_bilinear
 from .base import MultiTaskModel
 from .tasks import DEFAULT_OUT_CHANNELS, resolve_tasks
 
@@ -54,10 +54,9 @@ def deep_supervision_key(level: int | str, task: str) -> str:
 
 
 def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Bilinear resampling to ``size`` (align_corners=False), skipped when the size already matches."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    """Bilinear resampling to ``size`` (align_corners=False), skipped when the size already matches
+    (:func:`mtlfast.ops.resize_bilinear`: two matrix products on the CPU, aten elsewhere)."""
+    return resize_bilinear(x, size)
 
 
 def _is_size_token(t: Any) -> bool:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..backbones._blocks import AtrousResidualAdapter, TaskSequential, make_norm
 from ..nn import TaskSE
+from ..ops.resize import resize_bilinear
 
 __all__ = ["ASPP", "DeepLabV3PlusDecoder", "SimpleHead"]
 
@@ -169,7 +169,7 @@ class DeepLabV3PlusDecoder(nn.Module):
     ) -> torch.Tensor:
         high = self.aspp(high, task)
         low = self.reduce(low, task)
-        high = F.interpolate(high, size=low.shape[-2:], mode="bilinear", align_corners=False)
+        high = resize_bilinear(high, low.shape[-2:])
         return self.fuse2(self.fuse1(torch.cat([high, low], 1), task), task)
 
 
@@ -189,10 +189,9 @@ class SimpleHead(nn.Module):
 
 
 def resize(x: torch.Tensor, size) -> torch.Tensor:
-    """Bilinear resize to ``size`` (align_corners=False); the tensor itself when already that size."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    """Bilinear resize to ``size`` (align_corners=False); the tensor itself when already that size
+    (:func:`mtlfast.ops.resize_bilinear`)."""
+    return resize_bilinear(x, size)
 
 
 __all__ += ["resize"]

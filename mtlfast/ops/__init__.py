@@ -7,7 +7,18 @@ same names live in :mod:`mtlfast.ops.reference`.
 from . import reference
 from .attention_distill import attention_distill
 from .backends import BACKENDS, available_backends, current_backend, use_backend
+from .resize import resize_bilinear
 from .skip_fusion import skip_fusion
 from .task_se import task_se
 
-__all__ = ["attention_distill", "skip_fusion", "task_se", "available_backends", "use_backend", "current_backend", "BACKENDS", "reference"]
+__all__ = [
+    "BACKENDS",
+    "attention_distill",
+    "available_backends",
+    "current_backend",
+    "reference",
+    "resize_bilinear",
+    "skip_fusion",
+    "task_se",
+    "use_backend",
+]

@@ -1,0 +1,114 @@
+"""``resize_bilinear``: bilinear resizing (align_corners=False) as two small matrix products.
+
+Bilinear resizing is separable and linear: ``out = A_h @ x @ A_w^T`` with ``A_h`` (h, H) and
+``A_w`` (w, W) the interpolation matrices that aten's ``upsample_bilinear2d`` applies implicitly
+(two taps per row, the same weights and the same clamping at the borders). On the CPU aten's
+kernel is scalar gather/scatter code: at MTI-Net's sizes its backward (a scatter-add of every
+output pixel into four input pixels) costs 35-40 ms for a (4, 21, 64, 64) -> 256x256 prediction
+and the forward 11-17 ms, against 4-8 ms each as two BLAS products (1 thread, this 2-core EPYC).
+The products do more arithmetic (a dense row of H or W weights per output, not two), so they win
+only while the contracted sides are short: past :data:`_MAX_IN` input or :data:`_MAX_OUT` output
+pixels a side, aten is used.
+
+Nothing is saved for the backward: the gradient is ``A_h^T @ grad @ A_w``, the adjoint. Results
+equal ``F.interpolate(x, size, mode="bilinear", align_corners=False)`` to float rounding (the
+sums run in another order). On other devices, for other dtypes, for long sides and under
+``use_backend("reference")`` (so that a release-style network can be timed with aten's own
+kernel) the call is ``F.interpolate`` itself.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+from torch.nn import functional as F
+
+from .backends import current_backend
+
+__all__ = ["resize_bilinear"]
+
+# Sides up to these lengths are contracted as dense products; longer ones go to aten. Measured
+# with benchmarks/resize_crossover.py (1 thread, this 2-core EPYC): from inputs of 64 pixels a side
+# to outputs of 256 the products win forward (1.06-7.6x) and forward+backward (2.5-6.9x); from 128
+# to 256 the forward loses (0.79x), and a 256 -> 128 downsampling loses both ways (0.31x, 0.53x).
+_MAX_IN = 64
+_MAX_OUT = 256
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=256)
+def _matrix(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(n_out, n_in): row o holds aten's two weights for output o (align_corners=False, no
+    antialiasing): source ``(o + 0.5) * n_in / n_out - 0.5`` clamped at 0, its floor and the next
+    index clamped at n_in - 1, weights ``1 - frac`` and ``frac``."""
+    scale = n_in / n_out
+    o = torch.arange(n_out, dtype=torch.float64)
+    src = ((o + 0.5) * scale - 0.5).clamp(min=0.0)
+    i0 = src.floor().long().clamp(max=n_in - 1)
+    i1 = (i0 + 1).clamp(max=n_in - 1)
+    frac = src - i0
+    a = torch.zeros(n_out, n_in, dtype=torch.float64)
+    a.index_put_((o.long(), i0), 1.0 - frac, accumulate=True)
+    a.index_put_((o.long(), i1), frac, accumulate=True)
+    return a.to(dtype=dtype, device=device)
+
+
+def _apply(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> torch.Tensor:
+    """``a_h @ x @ a_w^T`` over the last two dims of x (N, C, H, W), contracting first the side
+    whose product is cheaper (fewer multiply-adds in total)."""
+    h_out, h_in = a_h.shape
+    w_out, w_in = a_w.shape
+    width_first = h_in * w_in * w_out + h_out * h_in * w_out
+    height_first = h_out * h_in * w_in + h_out * w_in * w_out
+    if width_first <= height_first:
+        return torch.matmul(a_h, torch.matmul(x, a_w.t()))
+    return torch.matmul(torch.matmul(a_h, x), a_w.t())
+
+
+class _ResizeBilinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        a_h = _matrix(x.shape[-2], size[0], x.dtype, x.device)
+        a_w = _matrix(x.shape[-1], size[1], x.dtype, x.device)
+        ctx.matrices = (a_h, a_w)  # cached constants, not activations: nothing else is kept
+        return _apply(x, a_h, a_w)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        a_h, a_w = ctx.matrices
+        with torch.autocast(grad.device.type, enabled=False):
+            return _apply(grad.to(a_h.dtype), a_h.t(), a_w.t()), None
+
+
+def _use_products(x: torch.Tensor, size: tuple[int, int]) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype in _DTYPES
+        and current_backend() != "reference"
+        and max(x.shape[-2], x.shape[-1]) <= _MAX_IN
+        and max(size) <= _MAX_OUT
+        and x.numel() > 0
+    )
+
+
+def resize_bilinear(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bilinear resize of x (N, C, H, W) to (N, C, size[0], size[1]), ``align_corners=False``.
+
+    ``F.interpolate(x, size, mode="bilinear", align_corners=False)`` to float rounding, computed
+    as two matrix products on the CPU (see the module docstring); x itself when already that size.
+    Under autocast the products run in x's dtype, as aten's kernel does.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"resize_bilinear: x must be a 4-d tensor (N, C, H, W), got {got}")
+    if len(size) != 2 or any(int(s) < 1 for s in size):
+        raise ValueError(f"resize_bilinear: size must be two positive ints, got {tuple(size)}")
+    size = (int(size[0]), int(size[1]))
+    if tuple(x.shape[-2:]) == size:
+        return x
+    if not _use_products(x, size):
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    with torch.autocast("cpu", enabled=False):
+        return _ResizeBilinear.apply(x, size)
