@@ -1,10 +1,10 @@
 """mtlfast: fast, memory-lean multi-task dense prediction for PyTorch."""
 
-from . import backbones, data, engine, losses, metrics, models, nn, ops, profiling
+from . import backbones, balancing, data, engine, losses, metrics, models, nn, ops, profiling
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "backbones", "data", "engine", "losses", "metrics", "models", "ops", "nn", "profiling",
+    "backbones", "balancing", "data", "engine", "losses", "metrics", "models", "ops", "nn", "profiling",
     "__version__",
 ]

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ._balance import BalanceRun
 from ._graph import reaches
 from ._plan import Branch, StepPlan, index_rows
 from ._replay import device_types_of, no_autocast
@@ -85,6 +86,7 @@ def multi_branch_step(
     strategy: Literal["recompute", "naive"] = "recompute",
     segments: int | None = None,
     keep_task_grads: bool = False,
+    balancer: Any = None,
 ) -> StepResult:
     """Forward and backward of a multi-task network, accumulating every parameter's ``.grad``.
 
@@ -143,6 +145,13 @@ def multi_branch_step(
         segments: the number of trunk segments (anchors) in recompute mode, in [1, L]; default
             round(sqrt(L)). Checked, then unused, in naive mode.
         keep_task_grads: also return each task's gradient at the branching point.
+        balancer: an ``mtlfast.balancing`` method (None: the losses as weighted). Its
+            ``loss_weights()`` multiply ``weights`` (a deep-supervision key takes its task's);
+            per its ``needs``, each task's gradient at the branching point is handed to it as the
+            branches run (GradNorm: carried to its shared layer through the last segment's kept
+            graph, one task at a time; MGDA, PCGrad, CAGrad: all kept, then combined into the
+            gradient the trunk's backward starts from); then its state is updated. Never a
+            second trunk pass: memory grows by at most T branching-point gradients.
 
     Shapes: images (N, ...); targets[t] (N, ...); labeled[t] (N,) bool; predictions (K, ...) for
     the K rows a head ran on; returns a :class:`StepResult`.
@@ -171,9 +180,12 @@ def multi_branch_step(
     if keep_task_grads:
         result.task_grads = {}
     terms: list[torch.Tensor] = []
+    balance = BalanceRun(balancer, modules, plan) if balancer is not None else None
     if plan.branches:  # nothing labelled at all: nothing runs, not even the trunk
         run = _naive if strategy == "naive" else _recompute
-        run(modules, bounds, plan, images, result, terms, keep_task_grads)
+        run(modules, bounds, plan, images, result, terms, keep_task_grads, balance)
+        if balance is not None:
+            balance.finish(balance.task_losses(result, plan))
     # summed one by one: losses may differ in dtype (autocast) and type promotion sorts it out
     result.total = sum(terms[1:], terms[0]) if terms else torch.zeros((), device=plan.device)
     return result
@@ -186,6 +198,7 @@ def _branch_losses(
     inputs: list[torch.Tensor],
     result: StepResult,
     naive: bool,
+    balance: BalanceRun | None = None,
 ) -> list[tuple[str, torch.Tensor]]:
     """Runs one head on ``x``; returns (task, w_t * loss_t) for its tasks with labelled samples.
 
@@ -216,6 +229,8 @@ def _branch_losses(
         pick = rows.index if naive else plan.positions(rows, branch.rows)
         loss = plan.loss(task, index_rows(pred, pick), plan.target(task, rows))
         w = plan.weight(task)
+        if balance is not None:
+            w = balance.weight(task, w)
         weighted = loss if isinstance(w, float) and w == 1.0 else loss * w
         result.losses[task] = loss.detach()
         result.ran.append(task)
@@ -250,7 +265,7 @@ def _full_grads(
     return tree_unflatten(full, spec)
 
 
-def _naive(modules, bounds, plan, images, result, terms, keep_task_grads) -> None:
+def _naive(modules, bounds, plan, images, result, terms, keep_task_grads, balance=None) -> None:
     """Plain autograd: trunk and every running head on every sample, one backward of the total."""
     rep = run_modules(modules, images)
     leaves, spec = tree_flatten(rep)
@@ -262,50 +277,73 @@ def _naive(modules, bounds, plan, images, result, terms, keep_task_grads) -> Non
         for t in leaves
     ]
     device_types = device_types_of(images, leaves)
+    if balance is not None and balance.needs == "layer":
+        balance.set_graph(leaves, device_types)
+    wants = keep_task_grads or (balance is not None and balance.wants_grads)
     total = None
     for branch in plan.branches:
         # one view per branch: a node of its own to check the head against and take gradients at
         inputs = [t.view_as(t) if _is_float_tensor(t) else t for t in leaves]
         checked = [t for t in inputs if _is_float_tensor(t)]
         for task, weighted in _branch_losses(
-            plan, branch, tree_unflatten(inputs, spec), checked, result, naive=True
+            plan, branch, tree_unflatten(inputs, spec), checked, result, naive=True, balance=balance
         ):
-            if keep_task_grads:
+            if wants:
                 with no_autocast(device_types):
                     g = torch.autograd.grad(weighted, checked, retain_graph=True, allow_unused=True)
-                result.task_grads[task] = _full_grads(list(g), inputs, leaves, None, spec)
+                full = _full_grads(list(g), inputs, leaves, None, spec)
+                if keep_task_grads:
+                    result.task_grads[task] = full
+                if balance is not None:
+                    balance.take(task, full)
             terms.append(weighted.detach())
             total = weighted if total is None else total + weighted
+        if balance is not None:
+            balance.branch_done(branch.name)
     if plan.undeclared:
         plan.check_labeled(final=True)  # the undeclared heads' tasks are known now
-    if total is not None:
-        with no_autocast(device_types):
-            total.backward()
+    handles = []
+    if balance is not None:  # gradient methods: the trunk's gradient replaced by the combination
+        handles = balance.hook_outputs(leaves, balance.task_losses(result, plan))
+    try:
+        if total is not None:
+            with no_autocast(device_types):
+                total.backward()
+    finally:
+        for h in handles:
+            h.remove()
 
 
-def _recompute(modules, bounds, plan, images, result, terms, keep_task_grads) -> None:
+def _recompute(modules, bounds, plan, images, result, terms, keep_task_grads, balance=None) -> None:
     """UberNet Sec. 4: checkpointed trunk, one branch at a time, one trunk backward."""
     trunk = CheckpointedTrunk(modules, bounds)
     leaves, spec = tree_flatten(trunk.forward(images))
     plan.check_representation(leaves)
+    if balance is not None:
+        balance.use_trunk(trunk)
     # the branching point: detached leaves whose .grad collects every branch's gradient
     reps = [t.detach().requires_grad_() if _is_float_tensor(t) else t for t in leaves]
     del leaves
     device_types = device_types_of(images, reps)
     for branch in plan.branches:
         # a call per branch: everything the branch allocated dies when it returns
-        _recompute_branch(plan, branch, reps, spec, result, terms, keep_task_grads, device_types)
+        _recompute_branch(
+            plan, branch, reps, spec, result, terms, keep_task_grads, device_types, balance
+        )
     if plan.undeclared:
         plan.check_labeled(
             final=True
         )  # the undeclared heads' tasks are known now; before the trunk's backward
     grads = [t.grad if _is_float_tensor(t) else None for t in reps]
+    if balance is not None:
+        floats = [_is_float_tensor(t) for t in reps]
+        grads = balance.start_grads(grads, floats, balance.task_losses(result, plan))
     del reps
     trunk.backward(grads, spec)  # empties `grads` as it goes
 
 
 def _recompute_branch(
-    plan, branch, reps, spec, result, terms, keep_task_grads, device_types
+    plan, branch, reps, spec, result, terms, keep_task_grads, device_types, balance=None
 ) -> None:
     """Forward and backward of one head on its labelled rows, into its parameters and ``reps[k].grad``."""
     index = branch.rows.index
@@ -318,24 +356,31 @@ def _recompute_branch(
         ]
     checked = [t for t in inputs if _is_float_tensor(t)]
     losses = _branch_losses(
-        plan, branch, tree_unflatten(inputs, spec), checked, result, naive=False
+        plan, branch, tree_unflatten(inputs, spec), checked, result, naive=False, balance=balance
     )
     if not losses:
         return  # an undeclared joint head none of whose tasks is labelled
     captured: list[torch.Tensor | None] = [None] * len(checked)
     handles = []
-    if keep_task_grads and len(losses) == 1:
+    wants = keep_task_grads or (balance is not None and balance.wants_grads)
+    if wants and len(losses) == 1:
         # one task: its gradient is the branch's, seen on the way through at no extra cost
         for k, t in enumerate(checked):
             handles.append(
                 t.register_hook(lambda g, k=k: captured.__setitem__(k, g.detach().clone()))
             )
-    elif keep_task_grads:
+    elif wants:
         # a joint decoder: one extra backward through the head per task, then the summed one
-        for task, weighted in losses:
+        # (per balancer task, not per key, when only the balancer wants them)
+        groups = losses if keep_task_grads else balance.group(losses)
+        for task, weighted in groups:
             with no_autocast(device_types):
                 g = torch.autograd.grad(weighted, checked, retain_graph=True, allow_unused=True)
-            result.task_grads[task] = _full_grads(list(g), inputs, reps, index, spec)
+            full = _full_grads(list(g), inputs, reps, index, spec)
+            if keep_task_grads:
+                result.task_grads[task] = full
+            if balance is not None:
+                balance.take(task, full)
     loss = losses[0][1]
     for _, weighted in losses[1:]:
         loss = loss + weighted
@@ -347,4 +392,10 @@ def _recompute_branch(
         for h in handles:
             h.remove()
     if handles:
-        result.task_grads[losses[0][0]] = _full_grads(captured, inputs, reps, index, spec)
+        full = _full_grads(captured, inputs, reps, index, spec)
+        if keep_task_grads:
+            result.task_grads[losses[0][0]] = full
+        if balance is not None:
+            balance.take(losses[0][0], full)
+    if balance is not None:
+        balance.branch_done(branch.name)
