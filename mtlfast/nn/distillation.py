@@ -31,13 +31,15 @@ class MultiModalDistillation(nn.Module):
     ``out_k = F_k + sum_{l != k} mask * message`` (MTI-Net Eq. 1).
 
     Memory grows linearly in T, not with the T*(T-1) pairs: the sources run one after the
-    other, each source's T-1 pairs as one convolution T-1 kernels wide (mask logits, and
-    messages), their gated messages added to the targets' outputs at once, so inference holds
-    the T outputs and one source's 2(T-1) maps. In training a custom autograd function saves
-    only the inputs and the weights (the authors' per-pair modules save two maps per pair) and
-    its backward recomputes each source's two convolutions before back-propagating through them,
-    for a peak that no longer grows with the pairs. One wide convolution per source instead of
-    T-1 narrow ones keeps the GEMMs large enough to run fast on a CPU.
+    other, each source's T-1 pairs as few convolutions as possible, each several kernels wide
+    (mask logits, and messages), their gated messages added to the targets' outputs at once; a
+    chunk of pairs is bounded to 16 MiB of maps (at least one pair), so inference holds the T
+    outputs and two such chunks (at most the authors' two maps of one pair where maps are large).
+    In training a custom autograd function saves only the inputs and the weights (the authors'
+    per-pair modules save two maps per pair) and its backward recomputes each chunk's two
+    convolutions before back-propagating through them, for a peak that no longer grows with the
+    pairs. Wide convolutions where the maps are small keep the GEMMs large enough to run fast on
+    a CPU.
     Under ``torch.compile``, functorch transforms, dispatch modes and tensor subclasses the same
     loop runs in plain differentiable ops, and autograd (or the compiler) decides what to save.
     There is no double backward. ``recompute=False`` trades the memory back for the time: the
@@ -153,10 +155,26 @@ def _tasks(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return list(inputs[0].unbind(1)) if len(inputs) == 1 else list(inputs)
 
 
-def _sources(t: int):
-    """(source l, [(target k, slot s), ...]) for every task l: the T-1 pairs that read F_l."""
+# The pairs of one source run in chunks whose maps (N, m, C, H, W) hold at most this many bytes
+# (and at least one pair): wide convolutions where maps are small (MTI-Net's coarse scales run all
+# T-1 pairs at once), and where they are large (PAD-Net at 1/4 of 256x256: 16 MiB a map) no more
+# than one pair's maps at a time, as the authors' per-pair modules hold. The backward holds about
+# five maps of a chunk at once (grads, sigmoid, messages), so this bounds its transient memory too.
+_CHUNK_BYTES = 16 << 20
+
+
+def _sources(t: int, map_bytes: int = 0):
+    """(source l, [(target k, slot s), ...]) for every task l and every chunk of the T-1 pairs that
+    read F_l, a chunk's maps at most :data:`_CHUNK_BYTES` (``map_bytes``: one pair's map)."""
+    per_chunk = max(1, _CHUNK_BYTES // map_bytes) if map_bytes > 0 else t
     for l in range(t):
-        yield l, [(k, l if l < k else l - 1) for k in range(t) if k != l]
+        pairs = [(k, l if l < k else l - 1) for k in range(t) if k != l]
+        for i in range(0, len(pairs), per_chunk):
+            yield l, pairs[i : i + per_chunk]
+
+
+def _map_bytes(f: torch.Tensor, dtype: torch.dtype | None = None) -> int:
+    return f.numel() * (dtype or f.dtype).itemsize
 
 
 def _source_weights(weight: torch.Tensor, pairs) -> torch.Tensor:
@@ -187,7 +205,7 @@ def _inference(stacked: bool, mask_weight, message_weight, *inputs):
     features = _tasks(inputs)
     out = inputs[0].clone() if stacked else [f.clone() for f in features]
     targets = _tasks((out,)) if stacked else out
-    for l, pairs in _sources(len(features)):
+    for l, pairs in _sources(len(features), _map_bytes(features[0], _autocast_dtype(features[0]))):
         logits, messages = _maps(features[l], mask_weight, message_weight, pairs)
         gated = messages.mul_(logits.sigmoid_())
         del logits
@@ -201,7 +219,7 @@ def _differentiable(stacked: bool, mask_weight, message_weight, *inputs):
     """The same loop in out-of-place differentiable ops, for torch.compile, functorch and modes."""
     features = _tasks(inputs)
     out = list(features)
-    for l, pairs in _sources(len(features)):
+    for l, pairs in _sources(len(features), _map_bytes(features[0], _autocast_dtype(features[0]))):
         logits, messages = _maps(features[l], mask_weight, message_weight, pairs)
         gated = torch.sigmoid(logits) * messages
         for j, (k, _) in enumerate(pairs):
@@ -233,8 +251,11 @@ class _Distill(torch.autograd.Function):
         grad_features = _tasks(grad_inputs) if need_x else None
         grad_mask = torch.empty_like(mask_weight) if need_mask else None
         grad_message = torch.empty_like(message_weight) if need_message else None
-        for l, pairs in _sources(len(features)):
-            f = features[l] if ctx.cast is None else features[l].to(ctx.cast)
+        f, f_source = None, None
+        for l, pairs in _sources(len(features), _map_bytes(features[0], ctx.cast)):
+            if f_source != l:  # a source is cast once for all its chunks
+                f = features[l] if ctx.cast is None else features[l].to(ctx.cast)
+                f_source = l
             logits, messages = _maps(f, mask_weight, message_weight, pairs)
             sig = logits.sigmoid_()
             go = torch.stack([grad_out[k] for k, _ in pairs], 1).to(sig.dtype)  # (N, T-1, C, H, W)
@@ -256,7 +277,7 @@ class _Distill(torch.autograd.Function):
                     groups=1,
                     output_mask=[need_x, need_w, False],
                 )
-                if need_w:
+                if need_w:  # every pair is in exactly one chunk: each slot written once
                     for (k, s), g in zip(pairs, gw.chunk(len(pairs), 0)):
                         grad_w[k, s].copy_(g)
                 if need_x:

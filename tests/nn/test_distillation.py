@@ -323,3 +323,35 @@ def test_autocast_forward_then_backward_outside_it():
     for a, b in zip(*grads):
         assert a.dtype == b.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 2 * 4 * 5 * 7 * 8])  # one pair a chunk; two pairs
+@pytest.mark.parametrize("stacked", [False, True])
+def test_chunked_pairs_equal_per_pair_loop(monkeypatch, chunk_bytes, stacked):
+    """Large maps run their pairs in chunks (here forced small): the same outputs and gradients."""
+    from mtlfast.nn import distillation
+
+    monkeypatch.setattr(distillation, "_CHUNK_BYTES", chunk_bytes)
+    torch.manual_seed(5)
+    layer = MultiModalDistillation(4, 4).double()
+    feats = [torch.randn(2, 4, 5, 7, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    grads = [torch.randn(2, 4, 5, 7, dtype=torch.float64) for _ in range(4)]
+    x = torch.stack(feats, 1) if stacked else feats
+    out = layer(x)
+    got = list(out.unbind(1)) if stacked else out
+    for g, e in zip(got, naive(layer, feats)):
+        torch.testing.assert_close(g, e)
+    torch.autograd.backward(got, grads)
+    ours = [f.grad.clone() for f in feats] + [layer.mask_weight.grad, layer.message_weight.grad]
+    for f in feats:
+        f.grad = None
+    layer.zero_grad()
+    torch.autograd.backward(
+        distillation._differentiable(False, layer.mask_weight, layer.message_weight, *feats), grads
+    )
+    expected = [f.grad for f in feats] + [layer.mask_weight.grad, layer.message_weight.grad]
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        for g, e in zip(layer(feats), naive(layer, feats)):
+            torch.testing.assert_close(g, e)
