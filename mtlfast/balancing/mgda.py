@@ -1,5 +1,5 @@
 """MGDA-UB (Sener & Koltun, NeurIPS 2018): the min-norm convex combination of the tasks'
-gradients at the shared representation, found by Frank-Wolfe (their Alg. 2)."""
+gradients at the shared representation, found by Frank-Wolfe (their Alg. 2, with away steps)."""
 
 from __future__ import annotations
 
@@ -15,22 +15,18 @@ __all__ = ["MGDA", "min_norm_weights"]
 NORMALIZERS = ("none", "l2", "loss", "loss+")
 
 
-def _line_search(v1v1: float, v1v2: float, v2v2: float) -> float:
-    """argmin over gamma in [0, 1] of ||gamma v1 + (1 - gamma) v2||^2 (Sener & Koltun Alg. 1)."""
-    if v1v2 >= v1v1:
-        return 1.0
-    if v1v2 >= v2v2:
-        return 0.0
-    return (v2v2 - v1v2) / (v1v1 + v2v2 - 2.0 * v1v2)
-
-
-def min_norm_weights(m: np.ndarray, max_iter: int = 250, tol: float = 1e-5) -> np.ndarray:
+def min_norm_weights(m: np.ndarray, max_iter: int = 1000, tol: float = 1e-10) -> np.ndarray:
     """alpha in the simplex minimising ``||sum_t alpha_t g_t||^2``, from the Gram matrix ``m``.
 
-    Frank-Wolfe as in Sener & Koltun's Alg. 2: alpha starts at 1/T; each iteration moves towards
-    the vertex t minimising ``(M alpha)_t`` with the exact line search of Alg. 1, and stops after
-    ``max_iter`` iterations or when alpha moves by less than ``tol`` (L1). Exact in one
-    iteration for two tasks.
+    Frank-Wolfe as in Sener & Koltun's Alg. 2 (alpha starts at 1/T; each iteration moves towards
+    the vertex t minimising ``(M alpha)_t`` with an exact line search), with away steps
+    (Lacoste-Julien & Jaggi, NeurIPS 2015): when moving away from the support's worst vertex
+    promises more, it does that instead. Plain Frank-Wolfe zig-zags towards a minimum on a face of
+    the simplex (O(1/k): 0.4% above the minimum after the authors' 250 iterations on a 3-task
+    example); with away steps it converges linearly. Stops after ``max_iter`` iterations or when
+    the duality gap ``alpha M alpha - min_t (M alpha)_t``, which bounds the distance to the
+    minimum, is below ``tol`` times the squared norm. The same first step as Alg. 2: exact for
+    two tasks.
 
     Shapes: m (T, T) symmetric positive semi-definite; returns (T,) float64, summing to 1.
     """
@@ -40,14 +36,27 @@ def min_norm_weights(m: np.ndarray, max_iter: int = 250, tol: float = 1e-5) -> n
         return alpha
     for _ in range(max_iter):
         m_alpha = m @ alpha
+        norm2 = float(alpha @ m_alpha)
         k = int(np.argmin(m_alpha))
-        gamma = _line_search(float(alpha @ m_alpha), float(m_alpha[k]), float(m[k, k]))
-        new = gamma * alpha
-        new[k] += 1.0 - gamma
-        moved = np.abs(new - alpha).sum()
-        alpha = new
-        if moved < tol:
+        gap = norm2 - float(m_alpha[k])
+        if gap <= tol * norm2 or gap <= 1e-300:
             break
+        support = np.nonzero(alpha > 0)[0]
+        a = int(support[np.argmax(m_alpha[support])])
+        if gap >= float(m_alpha[a]) - norm2 or alpha[a] >= 1.0:  # towards vertex k
+            d = -alpha.copy()
+            d[k] += 1.0
+            step_max = 1.0
+        else:  # away from vertex a
+            d = alpha.copy()
+            d[a] -= 1.0
+            step_max = alpha[a] / (1.0 - alpha[a])
+        curvature = float(d @ m @ d)
+        slope = float(d @ m_alpha)  # half the directional derivative of ||.||^2
+        step = step_max if curvature <= 0 else min(max(-slope / curvature, 0.0), step_max)
+        alpha = alpha + step * d
+        alpha = np.maximum(alpha, 0.0)
+        alpha /= alpha.sum()
     return alpha
 
 
@@ -67,7 +76,7 @@ class MGDA(Balancer):
             Koltun's code: "none" (default; the paper's algorithm), "l2" (``g_t / ||g_t||``),
             "loss" (``g_t / L_t``) or "loss+" (``g_t / (L_t ||g_t||)``); the weights then
             include the normaliser (``weights[t] = alpha_t / n_t``).
-        max_iter, tol: Frank-Wolfe's limits (their code's 250 and 1e-5).
+        max_iter, tol: Frank-Wolfe's limits (:func:`min_norm_weights`).
 
     ``weights``: the last step's coefficients (1/T each before the first step).
     """
@@ -78,8 +87,8 @@ class MGDA(Balancer):
         self,
         tasks: Sequence[str],
         normalize: str = "none",
-        max_iter: int = 250,
-        tol: float = 1e-5,
+        max_iter: int = 1000,
+        tol: float = 1e-10,
     ) -> None:
         super().__init__(tasks)
         if normalize not in NORMALIZERS:
