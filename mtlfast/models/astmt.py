@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from ..backbones import Backbone, MobileNetV2, ResNet
+from ..backbones._blocks import call
 from ._build import aspp_rates
 from ._checks import check_images
-from .base import MultiTaskModel
+from .base import MultiTaskModel, _stacked_parameters
 from .heads import DeepLabV3PlusDecoder, resize
 from .tasks import resolve_tasks
 
@@ -51,6 +52,11 @@ class GradientDiscriminator(nn.Module):
     convolution. Its training weighs the losses ``0.99 * task + 0.01 * discriminator``
     (``--dscr_w``; the paper's w_d is 0.1) and ramps the reversal by Ganin et al.'s schedule.
 
+    ``per_pixel`` divides each pixel's gradient vector by its norm instead, and ``bias=False``
+    drops the first convolution's bias; with ``hidden=None`` (as wide as the input) and the
+    discriminator on the decoder's output (:meth:`ASTMT.discriminator` with ``at="decoder"``)
+    these give the release's. :class:`mtlfast.train.procedures.ASTMTProcedure` trains it.
+
     Shapes: grad (N, C, H, W) -> logits (N, T, H, W).
     """
 
@@ -58,22 +64,31 @@ class GradientDiscriminator(nn.Module):
         self,
         in_channels: int,
         num_tasks: int,
-        hidden: int = 256,
+        hidden: int | None = 256,
         normalize: bool = True,
         eps: float = 1e-12,
+        *,
+        per_pixel: bool = False,
+        bias: bool = True,
     ) -> None:
         super().__init__()
         if num_tasks < 2:
             raise ValueError(f"GradientDiscriminator: num_tasks must be >= 2, got {num_tasks}")
-        self.normalize, self.eps = normalize, eps
+        hidden = in_channels if hidden is None else hidden
+        self.normalize, self.eps, self.per_pixel = normalize, eps, per_pixel
         self.net = nn.Sequential(
-            nn.Conv2d(in_channels, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, num_tasks, 1)
+            nn.Conv2d(in_channels, hidden, 1, bias=bias),
+            nn.ReLU(),
+            nn.Conv2d(hidden, num_tasks, 1),
         )
 
     def forward(self, grad: torch.Tensor) -> torch.Tensor:
         if self.normalize:
-            norm = grad.flatten(1).norm(dim=1).clamp_min(self.eps)
-            grad = grad / norm[:, None, None, None]
+            if self.per_pixel:  # each pixel's gradient vector (the release's)
+                norm = grad.norm(dim=1, keepdim=True).clamp_min(self.eps)
+            else:  # each sample's whole gradient
+                norm = grad.flatten(1).norm(dim=1).clamp_min(self.eps)[:, None, None, None]
+            grad = grad / norm
         return self.net(grad)
 
 
@@ -325,9 +340,80 @@ class ASTMT(MultiTaskModel):
         return self.forward_all(x)
 
     def discriminator(
-        self, num_tasks: int | None = None, hidden: int = 256
+        self,
+        num_tasks: int | None = None,
+        hidden: int | None = 256,
+        *,
+        at: str = "encoder",
+        per_pixel: bool = False,
+        bias: bool = True,
     ) -> GradientDiscriminator:
-        """A gradient discriminator on the encoder output's gradients ((N, channels[-1], h, w) -> (N, T, h, w))."""
-        return GradientDiscriminator(
-            self.backbone.channels[-1], num_tasks or len(self.tasks), hidden
+        """A gradient discriminator on the gradients at the encoder's output ((N, channels[-1],
+        h, w) -> (N, T, h, w)) or, ``at="decoder"``, at the decoder's output, the input of the
+        task classifiers ((N, head_channels, h, w), the release's); other arguments as
+        :class:`GradientDiscriminator`."""
+        if at not in ("encoder", "decoder"):
+            raise ValueError(f"discriminator: at must be 'encoder' or 'decoder', got {at!r}")
+        channels = (
+            self.backbone.channels[-1]
+            if at == "encoder"
+            else next(iter(self.heads.values())).in_channels
         )
+        return GradientDiscriminator(
+            channels, num_tasks or len(self.tasks), hidden, per_pixel=per_pixel, bias=bias
+        )
+
+    # ---- per-task execution (ASTMT's training procedure, mtlfast.train.procedures) ----------
+
+    @property
+    def shared_stages(self) -> int:
+        """How many of the backbone's first stages hold no task-specific layer: the part every
+        single-task pass computes alike (the stem with a modulated encoder; the whole encoder
+        without encoder modulation, task batch norm or adapters)."""
+        t, n = len(self.tasks), 0
+        for stage in self.backbone.stages():
+            if any(_stacked_parameters(m, t) for m in stage.modules()):
+                break
+            n += 1
+        return n
+
+    def shared_part(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The shared stages on ``x``: [their output, the backbone features among them...].
+
+        Shapes: x (N, 3, H, W) -> [(N, C, h, w), features (N, channels[k], h_k, w_k)...].
+        """
+        check_images(x, type(self).__name__)
+        stages = self.backbone.stages()
+        features = []
+        for i in range(self.shared_stages):
+            x = call(stages[i], x, None)
+            if i in self.backbone.feature_stages:
+                features.append(x)
+        return [x, *features]
+
+    def task_part(
+        self, shared: Sequence[torch.Tensor], task: int | str | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rest of task ``task``'s pass from :meth:`shared_part`'s outputs (any rows of
+        them): (encoder output, decoder output), the decoder's being the task classifier's input.
+        :meth:`predict` finishes the pass; together they equal ``self(x, task)``. ``task`` may
+        be a (K,) int64 tensor, one task per row (the task-batched passes of :meth:`forward_all`).
+
+        Shapes: shared as shared_part's, K rows -> ((K, channels[-1], h, w), (K, head_channels, h4, w4)).
+        """
+        i = task if isinstance(task, torch.Tensor) else self._task_index(task)
+        stages = self.backbone.stages()
+        x, features = shared[0], list(shared[1:])
+        for k in range(self.shared_stages, len(stages)):
+            x = call(stages[k], x, i)
+            if k in self.backbone.feature_stages:
+                features.append(x)
+        features = self.backbone.neck(features)
+        return features[-1], self.decoder(features[0], features[-1], i)
+
+    def predict(self, decoded: torch.Tensor, task: int | str, size: Sequence[int]) -> torch.Tensor:
+        """Task ``task``'s classifier on the decoder's output, upsampled to ``size``.
+
+        Shapes: (K, head_channels, h, w) -> (K, C_t, size[0], size[1]).
+        """
+        return resize(self.heads[self.tasks[self._task_index(task)]](decoded), size)

@@ -1,0 +1,425 @@
+"""ASTMT's training procedure (Maninis et al., CVPR 2019, Sec. 4 and appendix): single-task passes
+with an adversarial term on the task gradients."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from ...engine import StepResult
+from ...models.astmt import ASTMT
+from ...models.base import _stacked_parameters
+from ...nn import TaskSE
+from ..async_sgd import task_parameter_groups
+from .base import Procedure
+from .reversal import ganin_weight, reverse_gradient
+from .used_weights import UsedWeightsOnly
+
+__all__ = ["ASTMTProcedure"]
+
+_IGNORE = -100
+_EXECUTIONS = ("sequential", "batched")
+_UPDATES = ("batch", "task")
+
+
+class ASTMTProcedure(Procedure):
+    """One ASTMT training step: for each task labelled in the batch, the task-modulated pass,
+    the task loss and the adversarial term on its gradient, then the update.
+
+    Per task t (Sec. 4, Fig. 4; appendix Eq. 1 and "Discriminator"):
+        - ``L_t = w_t * loss_t(model(x, t), y_t)`` on the samples labelled for t;
+        - ``g_t = dL_t / dF``, the gradient at the interface F of the shared and the
+          task-specific network, by double backprop (``create_graph=True``), so that ``g_t``
+          is differentiable in the network's weights;
+        - ``L_d`` = cross-entropy of the gradient discriminator (:meth:`ASTMT.discriminator`,
+          two 1x1 convolutions, gradients normalised by their norm) predicting t from ``g_t``
+          at every pixel where it is not zero, through gradient reversal with weight lambda, so
+          that the discriminator descends ``L_d`` and the network ascends it;
+        - the loss ``(1 - w_d) L_t + w_d L_d``, w_d = 0.1 (appendix).
+    The discriminator trains with its own learning rate (``discriminator_lr`` times the base).
+
+    Options (the paper's ablations, Table 3: ``adversarial``; modulation is the model's,
+    ``model.options`` ``se_encoder`` / ``se_decoder`` / ``adapters``):
+        adversarial: the adversarial term (False: the T single-task losses alone).
+        discriminator_weight: w_d (appendix: 0.1; the release's ``--dscr_w`` default is 0.01).
+        discriminator_lr: learning-rate factor of the discriminator (the release's ``--lr_dscr``: 10).
+        discriminator_at: F, "decoder" (the decoder's output, the task classifiers' input: the
+            release's) or "encoder" (the backbone's last feature: the gradient then runs
+            through the whole decoder twice, which needs a decoder without SE blocks,
+            ``decoder_se=False``: the fused SE op has no double backward).
+        discriminator_hidden: width of its hidden layer; None: as wide as F (the release's).
+        normalize: "pixel" (each pixel's gradient vector by its norm, the release's) or "sample".
+        reversal: "ganin", lambda = ``reversal_weight * (2 / (1 + exp(-gamma p)) - 1)`` at
+            progress ``p = (step + 1) / max_steps`` (the release's, per epoch there), or
+            "constant" lambda = ``reversal_weight``.
+        execution: "sequential" (default): the shared stages (:attr:`ASTMT.shared_stages`: the
+            stem with a modulated encoder, all of the encoder without encoder modulation) run
+            once, then each task's pass runs forward and backward in turn and is freed before
+            the next; peak memory is the shared part plus one task pass. "batched": the T passes
+            stacked into one (the fused per-sample ops, as :meth:`ASTMT.forward_all`): one
+            graph holding T passes' activations.
+        updates: "batch" (default): one optimiser step after all tasks, on the sum of their
+            gradients (with the shared layers' rate divided by T, the mean). "task": the paper's
+            and the release's T steps per batch, one after each task's pass (each task's pass
+            then recomputes the shared stages with the weights of the moment); needs
+            ``execution="sequential"``.
+        task_lr_multiplier: multiplies the learning rate of the task-specific parameters (heads
+            and the stacked per-task rows: task SE, task batch norm, adapters) by this factor
+            (appendix: the shared layers' rate is divided by T; the release: ``--lr_tsk`` = T
+            times the base rate on the task-specific ones). None: as the optimiser has it.
+
+    "Update only the weights that were used" (appendix): :class:`UsedWeightsOnly` hooks keep an
+    optimiser step from moving, by momentum or weight decay, the stacked rows of tasks that did
+    not run in it; a task's own parameters (its head) have no gradient then and are skipped.
+
+    The task-batched and the sequential execution give the same gradients where each task's
+    pass depends on its own samples only: in eval mode, or with task-specific batch norm after
+    the shared stages (the default whenever modulation is on); a shared batch norm would see
+    the T stacked copies together.
+
+    Where it departs from the release (``experiments/dense_predict/pascal_resnet/main.py``):
+    the release rebuilds its SGD optimiser at every epoch (the poly rate changes once per epoch
+    and the momentum is reset), weights the discriminator 0.01 (the appendix: 0.1), ramps lambda
+    per epoch, and labels the discriminator's targets from the ground truth's non-ignored pixels
+    resized to the feature size (here: the pixels where ``g_t`` is not zero, which the
+    normalisation would otherwise send to 0).
+
+    Usable in a user's loop: ``procedure.backward(batch, loss_fns, weights)`` leaves the
+    gradients, ``optimizer.step()`` follows (with ``updates="task"`` the procedure steps the
+    optimiser between tasks itself and needs ``optimizer``).
+
+    Args:
+        model: an :class:`mtlfast.models.ASTMT`.
+        optimizer: the optimiser of the model's parameters; the discriminator's parameters are
+            added to it as a group of their own (None: the caller trains the discriminator,
+            :attr:`discriminator`).
+        max_steps: the run's length, for the reversal schedule.
+        grad_clip: clip each per-task update's gradient norm (``updates="task"``).
+    """
+
+    name = "astmt"
+
+    def __init__(
+        self,
+        model: ASTMT,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        max_steps: int = 1,
+        adversarial: bool = True,
+        discriminator_weight: float = 0.1,
+        discriminator_lr: float = 10.0,
+        discriminator_at: str = "decoder",
+        discriminator_hidden: int | None = None,
+        normalize: str = "pixel",
+        reversal: str = "ganin",
+        reversal_gamma: float = 10.0,
+        reversal_weight: float = 1.0,
+        execution: str = "sequential",
+        updates: str = "batch",
+        task_lr_multiplier: float | None = None,
+        grad_clip: float | None = None,
+    ) -> None:
+        if not isinstance(model, ASTMT):
+            raise TypeError(
+                f"ASTMTProcedure: model must be an mtlfast.models.ASTMT, got {type(model).__name__}"
+            )
+        checks = [
+            ("execution", execution in _EXECUTIONS, f"one of {_EXECUTIONS}"),
+            ("updates", updates in _UPDATES, f"one of {_UPDATES}"),
+            (
+                "discriminator_at",
+                discriminator_at in ("decoder", "encoder"),
+                "'decoder' or 'encoder'",
+            ),
+            ("normalize", normalize in ("pixel", "sample"), "'pixel' or 'sample'"),
+            ("reversal", reversal in ("ganin", "constant"), "'ganin' or 'constant'"),
+            ("discriminator_weight", 0.0 <= discriminator_weight < 1.0, "in [0, 1)"),
+            ("discriminator_lr", discriminator_lr >= 0, "non-negative"),
+            (
+                "reversal_weight",
+                reversal_weight >= 0 and math.isfinite(reversal_weight),
+                "finite and non-negative",
+            ),
+            ("max_steps", max_steps >= 1, "at least 1"),
+            (
+                "task_lr_multiplier",
+                task_lr_multiplier is None or task_lr_multiplier > 0,
+                "positive or None",
+            ),
+        ]
+        for key, ok, what in checks:
+            if not ok:
+                raise ValueError(f"ASTMTProcedure: {key} must be {what}, got {locals()[key]!r}")
+        if updates == "task" and execution != "sequential":
+            raise ValueError(
+                "ASTMTProcedure: updates='task' steps between tasks: it needs execution='sequential'"
+            )
+        if updates == "task" and optimizer is None:
+            raise ValueError(
+                "ASTMTProcedure: updates='task' steps the optimizer between tasks: pass optimizer"
+            )
+        if (
+            adversarial
+            and discriminator_at == "encoder"
+            and any(isinstance(m, TaskSE) for m in model.decoder.modules())
+        ):
+            raise ValueError(
+                "ASTMTProcedure: discriminator_at='encoder' backpropagates twice through the "
+                "decoder, and its SE blocks' fused op (mtlfast.ops.task_se) has no double "
+                "backward; use discriminator_at='decoder' (the release's) or decoder_se=False"
+            )
+        self.model = model
+        self.optimizer = optimizer
+        self.adversarial = adversarial
+        self.w_d = float(discriminator_weight) if adversarial else 0.0
+        self.at = discriminator_at
+        self.reversal, self.gamma, self.reversal_weight = reversal, reversal_gamma, reversal_weight
+        self.execution, self.updates = execution, updates
+        self.max_steps, self.grad_clip = max_steps, grad_clip
+        self.steps = 0
+        self.discriminator = None
+        if adversarial:
+            param = next(model.parameters())
+            self.discriminator = model.discriminator(
+                hidden=discriminator_hidden,
+                at=discriminator_at,
+                per_pixel=normalize == "pixel",
+                bias=False,
+            ).to(device=param.device, dtype=param.dtype)
+        self.used = None
+        if optimizer is not None:
+            self._attach(optimizer, discriminator_lr, task_lr_multiplier)
+        self.last_discriminator_accuracy: float | None = None
+
+    # ---- optimiser --------------------------------------------------------------------------
+
+    def _attach(
+        self, optimizer: torch.optim.Optimizer, discriminator_lr: float, task_lr: float | None
+    ) -> None:
+        if task_lr is not None and task_lr != 1.0:
+            if optimizer.state:
+                raise ValueError(
+                    "ASTMTProcedure: task_lr_multiplier regroups the optimizer: pass it before its first step"
+                )
+            groups = task_parameter_groups(self.model)
+            own = {id(p) for name, ps in groups.items() if name != "shared" for p in ps}
+            t = len(self.model.tasks)
+            own |= {id(p) for m in self.model.modules() for p in _stacked_parameters(m, t)}
+            regrouped = []
+            for group in optimizer.param_groups:
+                shared = [p for p in group["params"] if id(p) not in own]
+                specific = [p for p in group["params"] if id(p) in own]
+                if shared:
+                    regrouped.append({**group, "params": shared})
+                if specific:
+                    regrouped.append({**group, "params": specific, "lr": group["lr"] * task_lr})
+            optimizer.param_groups[:] = regrouped
+        if self.discriminator is not None:
+            optimizer.add_param_group(
+                {
+                    "params": list(self.discriminator.parameters()),
+                    "lr": optimizer.defaults["lr"] * discriminator_lr,
+                }
+            )
+        self.used = UsedWeightsOnly(optimizer, self.model, len(self.model.tasks))
+
+    def reversal_lambda(self) -> float:
+        """lambda of the gradient reversal at the current step."""
+        if self.reversal == "constant":
+            return self.reversal_weight
+        progress = min((self.steps + 1) / self.max_steps, 1.0)
+        return ganin_weight(progress, self.gamma, self.reversal_weight)
+
+    # ---- one step ---------------------------------------------------------------------------
+
+    def train_backward(self, trainer: Any, batch: dict) -> StepResult:
+        return self.backward(batch, trainer.loss_fns, trainer.weights)
+
+    def backward(self, batch: dict, loss_fns: dict, weights: dict | None = None) -> StepResult:
+        """The step's passes on ``batch`` (``image``, each task's target, optional ``labeled``),
+        for the tasks of ``loss_fns`` (task -> ``fn(prediction, target)``), weighted by
+        ``weights`` (task -> w_t, default 1); leaves the gradients in ``.grad`` (with
+        ``updates="task"``, the last task's, the others having been applied).
+
+        Returns a :class:`mtlfast.engine.StepResult`: ``losses`` the unweighted task losses and,
+        with the adversarial term, ``"discriminator"`` (L_d averaged over the tasks); ``total``
+        the loss whose gradient was taken (summed over the tasks).
+        """
+        model = self.model
+        weights = weights or {}
+        x = batch["image"]
+        unknown = [t for t in loss_fns if t not in model.tasks]
+        if unknown:
+            raise ValueError(
+                f"ASTMTProcedure: loss_fns has tasks {unknown} the model does not predict"
+            )
+        runs, skipped = [], []
+        for i, name in enumerate(model.tasks):
+            if name not in loss_fns:
+                continue
+            flags = batch.get("labeled", {}).get(name)
+            if flags is None or bool(flags.all()):
+                runs.append((i, name, None))
+            elif bool(flags.any()):
+                runs.append((i, name, flags.nonzero().flatten()))
+            else:
+                skipped.append(name)
+        result = StepResult(
+            losses={}, total=torch.zeros((), device=x.device), ran=[], skipped=skipped
+        )
+        if runs:
+            lam = self.reversal_lambda()
+            if self.execution == "batched":
+                terms = self._batched(x, batch, runs, loss_fns, weights, lam, result)
+            else:
+                terms = self._sequential(x, batch, runs, loss_fns, weights, lam, result)
+            result.total = sum(terms[1:], terms[0])
+            if self.used is not None:
+                ran = [runs[-1][0]] if self.updates == "task" else [i for i, _, _ in runs]
+                self.used.set_used(ran)
+        self.steps += 1
+        return result
+
+    def _target(self, batch: dict, name: str, rows: torch.Tensor | None):
+        y = batch[name]
+        return y if rows is None else y.index_select(0, rows.to(y.device))
+
+    def _adversarial(self, g: torch.Tensor, task: torch.Tensor | int, lam: float):
+        """(L_d, correct pixels, valid pixels) of the discriminator on ``g`` with labels ``task``
+        (an int, or one per sample). Shapes: g (K, C, h, w); task (K,) or int."""
+        logits = self.discriminator(reverse_gradient(g, lam))
+        with torch.no_grad():
+            valid = g.detach().abs().amax(1) > 0
+            if isinstance(task, int):
+                labels = torch.full(valid.shape, task, dtype=torch.long, device=g.device)
+            else:
+                labels = task[:, None, None].expand(valid.shape).clone()
+            labels[~valid] = _IGNORE
+            count = int(valid.sum())
+            correct = int(((logits.argmax(1) == labels) & valid).sum())
+        if count == 0:
+            return logits.reshape(-1)[:0].sum(), 0, 0
+        return F.cross_entropy(logits.float(), labels, ignore_index=_IGNORE), correct, count
+
+    def _record(self, result: StepResult, name: str, loss: torch.Tensor) -> None:
+        result.losses[name] = loss.detach()
+        result.ran.append(name)
+
+    def _finish_discriminator(
+        self, result: StepResult, d_losses: list, correct: int, count: int
+    ) -> None:
+        if self.discriminator is None or not d_losses:
+            return
+        self._record(
+            result, "discriminator", torch.stack([d.detach().float() for d in d_losses]).mean()
+        )
+        self.last_discriminator_accuracy = correct / count if count else None
+
+    def _sequential(self, x, batch, runs, loss_fns, weights, lam, result) -> list[torch.Tensor]:
+        model, size = self.model, x.shape[-2:]
+        share = self.updates == "batch" and model.shared_stages > 0
+        if share:  # the shared part once, its graph kept; each task's pass starts from leaves
+            shared = model.shared_part(x)
+            leaves = [t.detach().requires_grad_() for t in shared]
+        terms, d_losses, correct, count = [], [], 0, 0
+        for k, (i, name, rows) in enumerate(runs):
+            inputs = leaves if share else model.shared_part(x)
+            if rows is not None:
+                inputs = [t.index_select(0, rows.to(t.device)) for t in inputs]
+            enc, dec = model.task_part(inputs, i)
+            loss = loss_fns[name](model.predict(dec, i, size), self._target(batch, name, rows))
+            wl = loss * float(weights.get(name, 1.0))
+            self._record(result, name, loss)
+            term = wl
+            if self.discriminator is not None:
+                (g,) = torch.autograd.grad(
+                    wl, dec if self.at == "decoder" else enc, create_graph=True
+                )
+                d_loss, c, n = self._adversarial(g, i, lam)
+                d_losses.append(d_loss)
+                correct, count = correct + c, count + n
+                term = (1 - self.w_d) * wl + self.w_d * d_loss
+            term.backward()
+            terms.append(term.detach())
+            del enc, dec, inputs, loss, wl, term
+            if self.updates == "task" and k < len(runs) - 1:
+                self._step_between(i, result)
+        if share:
+            pairs = [(s, leaf.grad) for s, leaf in zip(shared, leaves) if leaf.grad is not None]
+            if pairs:
+                torch.autograd.backward([s for s, _ in pairs], [g for _, g in pairs])
+        self._finish_discriminator(result, d_losses, correct, count)
+        return terms
+
+    def _step_between(self, task: int, result: StepResult) -> None:
+        """The release's per-task update, inside the step (the trainer applies the last one)."""
+        opt = self.optimizer
+        params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        norm = (
+            torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        )
+        if result.nonfinite or not bool(torch.isfinite(norm)):
+            opt.zero_grad(set_to_none=True)  # this task's update is dropped; the trainer reports it
+            return
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, norm)
+        self.used.set_used([task])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def _batched(self, x, batch, runs, loss_fns, weights, lam, result) -> list[torch.Tensor]:
+        model, size = self.model, x.shape[-2:]
+        n = x.shape[0]
+        shared = model.shared_part(x)
+        index, task, blocks = [], [], []
+        start = 0
+        for i, name, rows in runs:
+            idx = torch.arange(n, device=x.device) if rows is None else rows.to(x.device)
+            index.append(idx)
+            task.append(torch.full((idx.numel(),), i, dtype=torch.long, device=x.device))
+            blocks.append((start, start + idx.numel()))
+            start += idx.numel()
+        index, task = torch.cat(index), torch.cat(task)
+        enc, dec = model.task_part([t.index_select(0, index) for t in shared], task)
+        wls = []
+        for (i, name, rows), (a, b) in zip(runs, blocks):
+            loss = loss_fns[name](model.predict(dec[a:b], i, size), self._target(batch, name, rows))
+            self._record(result, name, loss)
+            wls.append(loss * float(weights.get(name, 1.0)))
+        if self.discriminator is None:
+            total = sum(wls[1:], wls[0])
+            total.backward()
+            return [w.detach() for w in wls]
+        # each task's loss reaches its own rows only: one gradient gives every g_t
+        (g,) = torch.autograd.grad(
+            sum(wls[1:], wls[0]), dec if self.at == "decoder" else enc, create_graph=True
+        )
+        d_losses, terms, correct, count = [], [], 0, 0
+        for (i, _, _), (a, b), wl in zip(runs, blocks, wls):
+            d_loss, c, k = self._adversarial(g[a:b], i, lam)
+            d_losses.append(d_loss)
+            correct, count = correct + c, count + k
+            terms.append((1 - self.w_d) * wl + self.w_d * d_loss)
+        total = sum(terms[1:], terms[0])
+        total.backward()
+        self._finish_discriminator(result, d_losses, correct, count)
+        return [t.detach() for t in terms]
+
+    # ---- state ------------------------------------------------------------------------------
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [] if self.discriminator is None else [self.discriminator]
+
+    def state_dict(self) -> dict:
+        state: dict = {"steps": self.steps}
+        if self.discriminator is not None:
+            state["discriminator"] = self.discriminator.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = int(state["steps"])
+        if self.discriminator is not None:
+            self.discriminator.load_state_dict(state["discriminator"])
