@@ -137,7 +137,9 @@ class ToTensor:
                 chw = np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
                 out[k] = torch.from_numpy(chw * scale)
             elif k in _LABELS:
-                out[k] = torch.from_numpy(np.ascontiguousarray(x.squeeze()).astype(np.int64))
+                # only a trailing channel axis goes: squeeze() would also drop H or W of 1
+                plane = x[..., 0] if x.ndim == 3 and x.shape[2] == 1 else x
+                out[k] = torch.from_numpy(np.ascontiguousarray(plane).astype(np.int64))
             elif k == "normals":
                 chw = np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
                 out[k] = torch.from_numpy(chw)
@@ -157,12 +159,24 @@ class Normalize:
             raise ValueError(
                 f"Normalize: std must be finite numbers > 0 (one per channel), got {std}"
             )
+        if len(mean) != len(std) and 1 not in (len(mean), len(std)):
+            raise ValueError(
+                f"Normalize: mean and std must have one value per channel (or one for all), "
+                f"got {len(mean)} and {len(std)} values"
+            )
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
 
     def __call__(self, sample: dict) -> dict:
         out = dict(sample)
-        out["image"] = (sample["image"] - self.mean) / self.std
+        image = sample["image"]
+        values = max(len(self.mean), len(self.std))
+        if values != 1 and (image.dim() < 3 or image.shape[-3] != values):
+            raise ValueError(
+                f"Normalize: mean and std have {values} values (one per channel) but the image "
+                f"has shape {tuple(image.shape)}, expected (..., {values}, H, W)"
+            )
+        out["image"] = (image - self.mean) / self.std
         return out
 
 
@@ -261,8 +275,9 @@ class RandomHorizontalFlip:
     """Mirror left-right with probability ``p``."""
 
     def __init__(self, p: float = 0.5, generator=None):
-        (self.p,) = _finite_floats("RandomHorizontalFlip", "p", p, "a probability in [0, 1]")
-        if not 0.0 <= self.p <= 1.0:
+        values = _finite_floats("RandomHorizontalFlip", "p", p, "a probability in [0, 1]")
+        self.p = values[0]
+        if len(values) != 1 or not isinstance(p, numbers.Real) or not 0.0 <= self.p <= 1.0:
             raise ValueError(f"RandomHorizontalFlip: p must be a probability in [0, 1], got {p!r}")
         self.generator = generator
 

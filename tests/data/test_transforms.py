@@ -182,6 +182,15 @@ def test_to_tensor_and_normalize():
     assert torch.equal(n["semseg"], s["semseg"])
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (1, 4), (4, 1), (1, 4, 1)])
+def test_to_tensor_keeps_labels_of_height_or_width_one(shape):
+    """Found by tests/property: squeeze() turned a (1, W) label into (W,) and (1, 1) into ()."""
+    label = np.arange(np.prod(shape), dtype=np.uint8).reshape(shape)
+    s = T.ToTensor()({"image": np.zeros((*shape[:2], 3), np.uint8), "semseg": label})
+    assert s["semseg"].shape == shape[:2]
+    assert s["semseg"].flatten().tolist() == label.flatten().tolist()
+
+
 def test_rotation_on_a_non_square_image_turns_about_the_centre():
     h, w = 41, 65  # centre (row 20, column 32)
     semseg = torch.zeros(h, w, dtype=torch.int64)
@@ -218,6 +227,13 @@ def test_rotation_on_a_non_square_image_turns_about_the_centre():
         (lambda: T.RandomHorizontalFlip(2.0), "RandomHorizontalFlip: p must be"),
         (lambda: T.RandomHorizontalFlip(-0.1), "RandomHorizontalFlip: p must be"),
         (lambda: T.RandomHorizontalFlip(float("nan")), "RandomHorizontalFlip: p must be"),
+        # found by tests/property: a list p unpacked wrongly; mean/std lengths failed in __call__
+        (lambda: T.RandomHorizontalFlip([0, 0]), "RandomHorizontalFlip: p must be"),
+        (lambda: T.Normalize(mean=(0.5, 0.5)), "Normalize: mean and std must have one value"),
+        (
+            lambda: T.Normalize(mean=(0, 0), std=(1, 1))({"image": torch.zeros(3, 2, 2)}),
+            r"Normalize: mean and std have 2 values .* expected \(\.\.\., 2, H, W\)",
+        ),
     ],
 )
 def test_nonsense_arguments_raise(make, match):
