@@ -1,7 +1,7 @@
 """Typed run configurations: YAML files loaded into dataclasses, validated, with ``a.b=c`` overrides.
 
 A config file holds the sections of :class:`Config` (``model``, ``data``, ``loss``, ``optim``,
-``schedule``, ``train``, ``eval``) plus ``seed`` and ``tasks``. Every key is checked against
+``schedule``, ``train``, ``eval``, ``balancing``) plus ``seed`` and ``tasks``. Every key is checked against
 the dataclasses: an unknown or misspelled key, a value of the wrong type or a missing required
 value raises :class:`ConfigError` naming the key and the file. A config may start from another
 with ``base: NAME`` (a shipped config or a path, resolved next to the file); its keys then
@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 __all__ = [
+    "BalancingConfig",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -173,6 +174,17 @@ class EvalConfig:
 
 
 @dataclass
+class BalancingConfig:
+    """Loss balancing: ``mtlfast.balancing.create(name, tasks, **options)``. ``name``: "fixed"
+    (the default: ``loss.weights`` as they are), "gradnorm", "uncertainty", "dwa", "mgda",
+    "pcgrad" or "cagrad"; ``options`` the method's keyword arguments (e.g. ``{alpha: 1.5}``).
+    The method's weights multiply ``loss.weights``; they are logged every step."""
+
+    name: str = "fixed"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Config:
     """A whole run. ``tasks`` and ``model.name`` are required; everything else has a default."""
 
@@ -185,6 +197,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    balancing: BalancingConfig = field(default_factory=BalancingConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -525,8 +538,19 @@ def _check_values(config: Config, where: str) -> None:
             f"{where}: loss.weights must be 'pascal', 'nyud', a mapping task -> weight or null, "
             f"got {config.loss.weights!r}"
         )
+    _check_balancing(config, where)
     if isinstance(config.data.labels, str) and config.data.labels != "random":
         raise ConfigError(
             f"{where}: data.labels must be null, 'random' or a list of task lists, "
             f"got {config.data.labels!r}"
+        )
+
+
+def _check_balancing(config: Config, where: str) -> None:
+    from ..balancing import METHODS
+
+    name = config.balancing.name
+    if name not in METHODS:
+        raise ConfigError(
+            f"{where}: balancing.name must be one of {', '.join(METHODS)}, got {name!r}"
         )

@@ -2,7 +2,8 @@
 optional ``tensorboard`` package is installed, and PNG plots drawn from the CSV.
 
 Tags are ``train/loss/<task>``, ``train/loss``, ``train/lr``, ``train/grad_norm``,
-``train/images_per_s``, ``val/<task>/<metric>``, ``val/delta_m`` and ``train/weight/<task>``.
+``train/images_per_s``, ``val/<task>/<metric>``, ``val/delta_m`` and ``train/weight/<task>``
+(every step: ``loss.weights`` times the balancing method's weight, see ``mtlfast.balancing``).
 On resume, rows and events after the checkpoint's step are dropped, so nothing is duplicated.
 """
 

@@ -19,6 +19,7 @@ import yaml
 from torch import nn
 
 from .. import __version__
+from .. import balancing as mtl_balancing
 from .. import losses as mtl_losses
 from .. import models as mtl_models
 from ..engine import StepResult, multi_branch_step
@@ -184,6 +185,7 @@ class Trainer:
         if unknown:
             raise ValueError(f"loss.options: tasks {sorted(unknown)} are not in tasks {self.tasks}")
         self.weights = _loss_weights(config)
+        self.balancer = _build_balancer(config).to(self.device)
         self.train_set, self.eval_set = datasets if datasets is not None else build_datasets(config)
         self.baselines = load_baselines(config.eval.baselines)
         if config.eval.select == "delta_m" and self.baselines is None:
@@ -264,6 +266,7 @@ class Trainer:
                 weights=weights,
                 strategy=tc.strategy,
                 segments=tc.segments,
+                balancer=self.balancer,
             )
         if scale != 1.0:
             result.total = result.total / scale
@@ -308,6 +311,11 @@ class Trainer:
             )
             self.scheduler.step()
         self.step += 1
+        if self.log is not None:  # every step: GradNorm's weights move every step
+            weights = self.balancer.weights
+            self.log.scalars(
+                self.step, {f"train/weight/{t}": self.weights[t] * weights[t] for t in self.tasks}
+            )
         result.applied = finite  # type: ignore[attr-defined]
         return result
 
@@ -465,6 +473,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "balancer": self.balancer.state_dict(),
             "rng": ckpt.capture_rng(),
             "data": {"seed": self.config.seed, "batches": self.batches, "epoch": self._epoch()},
             "config": config_to_dict(self.config),
@@ -495,6 +504,8 @@ class Trainer:
             group["lr"] = base * factor(self.scheduler.last_epoch)
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        if "balancer" in state:  # checkpoints from before balancing have none: fixed weights
+            self.balancer.load_state_dict(state["balancer"])
         self.step = int(state["step"])
         self.batches = int(state["data"]["batches"])
         t = state["trainer"]
@@ -714,6 +725,21 @@ def _loss_weights(config: Config) -> dict[str, float]:
     if unknown:
         raise ValueError(f"loss.weights: tasks {sorted(unknown)} are not in tasks {config.tasks}")
     return {t: float(w.get(t, 1.0)) for t in config.tasks}
+
+
+def _build_balancer(config: Config) -> mtl_balancing.Balancer:
+    """``mtlfast.balancing.create`` for ``config.balancing`` on the run's tasks."""
+    bc = config.balancing
+    if config.train.precision == "fp16" and bc.name != "fixed":
+        # the gradient scaler's factor rides on the loss weights and would enter the losses and
+        # gradient norms the balancer learns from
+        raise ValueError(
+            f"balancing.name {bc.name!r} does not support train.precision fp16 yet; use bf16"
+        )
+    try:
+        return mtl_balancing.create(bc.name, config.tasks, **bc.options)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"balancing: {e}") from None
 
 
 def _relative_gain(results: dict, reference: dict) -> float:
