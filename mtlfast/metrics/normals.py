@@ -21,7 +21,8 @@ class NormalsMeter:
 
     ``update(pred, target)``: pred (N, 3, H, W) any scale; target (N, 3, H, W) unit vectors or 0.
     ``compute()`` -> {"mean", "median", "rmse", "11.25", "22.5", "30": float}.
-    Non-finite predictions (NaN or +-inf) raise ValueError naming the meter.
+    Non-finite predictions (NaN or +-inf) raise ValueError naming the meter. A target with a
+    non-finite component is an invalid pixel, like the zero vector.
     """
 
     CUTS = (11.25, 22.5, 30.0)
@@ -46,7 +47,8 @@ class NormalsMeter:
             raise ValueError(f"pred and target must be (N, 3, H, W), got {tuple(pred.shape)}")
         check_finite(pred, "NormalsMeter")
         norm_t = np.linalg.norm(target, axis=1)
-        valid = norm_t != 0
+        # a label with a NaN or infinite component is invalid, as DepthMeter's non-finite depth
+        valid = (norm_t != 0) & np.isfinite(target).all(axis=1)
         p = np.moveaxis(pred, 1, -1)[valid]
         t = np.moveaxis(target, 1, -1)[valid]
         p = p / (np.linalg.norm(p, axis=1, keepdims=True) + 1e-12)

@@ -74,3 +74,12 @@ def test_depth_non_finite_target_is_invalid():
     target[0, 0, 0, 1] = np.nan
     meter.update(pred, target)
     assert meter.n == 2 and np.isfinite(meter.compute()["rmse"])
+
+
+def test_normals_non_finite_target_is_invalid():
+    """Found by tests/property: an inf or NaN label component reached np.bincount's error."""
+    meter, pred, target = _normals()
+    target[0, 0, 0, 0] = np.inf
+    target[0, 1, 0, 1] = np.nan
+    meter.update(pred, target)
+    assert meter.n == 2 and np.isfinite(meter.compute()["mean"])
