@@ -1,5 +1,5 @@
-// The portable copy of the kernels: baseline compiler flags and at::vec's DEFAULT implementation.
-// It is a portable object (linked before csrc/cpu/isa), like the dispatcher.
+// The portable copy of the kernels: at::vec's DEFAULT implementation, compiled with the baseline
+// flags like the dispatcher (setup.py gives only csrc/cpu/isa/*.cpp the wider -m flags).
 #define CPU_CAPABILITY DEFAULT
 #define CPU_CAPABILITY_DEFAULT
 #include "cpu/attention_distill_kernel.h"

@@ -25,8 +25,9 @@ Table for_isa(Table (*portable)(), Table (*avx2)(), Table (*avx512)()) {
 }
 
 // The copies of an op's kernel table, from the function `fn` that each of the namespaces DEFAULT,
-// AVX2 and AVX512 (x86-64 only) defines.
-#if defined(__x86_64__)
+// AVX2 and AVX512 (x86-64 only) defines. setup.py defines MTLFAST_NO_ISA_COPIES where it cannot
+// build the wide copies sealed off from the rest (not x86-64 Linux, no objcopy).
+#if defined(__x86_64__) && !defined(MTLFAST_NO_ISA_COPIES)
 #define MTLFAST_ISA_TABLE(fn) ::mtlfast::cpu::for_isa(&DEFAULT::fn, &AVX2::fn, &AVX512::fn)
 #else
 #define MTLFAST_ISA_TABLE(fn) ::mtlfast::cpu::for_isa(&DEFAULT::fn, &DEFAULT::fn, &DEFAULT::fn)

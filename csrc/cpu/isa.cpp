@@ -7,7 +7,7 @@ namespace mtlfast::cpu {
 namespace {
 
 Isa detect() {
-#if defined(__x86_64__)
+#if defined(__x86_64__) && !defined(MTLFAST_NO_ISA_COPIES)
   // The enum-valued at::native::get_cpu_capability() is not exported by libtorch; this one is.
   const std::string capability = at::get_cpu_capability();
   if (capability == "AVX512") {

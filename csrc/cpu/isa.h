@@ -9,7 +9,8 @@ namespace mtlfast::cpu {
 
 enum class Isa { DEFAULT, AVX2, AVX512 };
 
-// ATen's own choice for its CPU kernels (so ATEN_CPU_CAPABILITY lowers ours too), fixed at first use.
+// ATen's own choice for its CPU kernels (so ATEN_CPU_CAPABILITY lowers ours too), fixed at first use;
+// DEFAULT in a build without the wide copies (MTLFAST_NO_ISA_COPIES).
 Isa isa();
 
 // "avx512", "avx2" or "default".

@@ -5,8 +5,8 @@
 #pragma once
 
 // at::vec's headers trip GCC warnings that are noise here: the AVX512 intrinsics' self-initialised
-// placeholder vectors read as maybe uninitialised, and -Wpsabi flags lambda thunks (compiled
-// without the target pragma) of operators this file never uses.
+// placeholder vectors read as maybe uninitialised, and -Wpsabi notes that vector arguments are
+// passed differently with and without AVX (the copies only pass them to their own inline code).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wpsabi"

@@ -1,25 +1,17 @@
-// Switches the rest of the including translation unit to AVX512: include it first, before any
-// other header. setup.py has global compiler flags only, so each csrc/cpu/isa/*.cpp copy of a
-// kernel turns its instruction set on here: the features ATen compiles its AVX512 kernels for (-mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma), plus F16C.
+// Opens the AVX512 copy of an op's kernels: include it first in csrc/cpu/isa/<op>_avx512.cpp.
+// setup.py compiles these translation units, and only them, with the flags of ATen's AVX512
+// kernels (-mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma) plus -mf16c, so the compiler's own
+// feature macros select at::vec's AVX512 code; it then makes every symbol of the linked AVX512
+// objects local except the kernels() entry points, so none of their inline functions can stand in
+// for another object's.
 #pragma once
-#if !defined(__GNUC__) || defined(__clang__)
-#error "csrc/cpu/isa relies on GCC's #pragma GCC target"
+#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__) || \
+    !defined(__AVX512DQ__) || !defined(__FMA__) || !defined(__F16C__)
+#error "compile csrc/cpu/isa/*_avx512.cpp with -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c (setup.py does)"
 #endif
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")
-// In C++ (unlike C) g++ does not update the feature macros for #pragma GCC target, yet at::vec,
-// Sleef and GCC's intrinsic headers choose their code from them: define what those flags would.
-#define __SSE3__ 1
-#define __SSSE3__ 1
-#define __SSE4_1__ 1
-#define __SSE4_2__ 1
-#define __POPCNT__ 1
-#define __AVX__ 1
-#define __AVX2__ 1
-#define __FMA__ 1
-#define __F16C__ 1
-#define __AVX512F__ 1
-#define __AVX512BW__ 1
-#define __AVX512VL__ 1
-#define __AVX512DQ__ 1
+// GCC's AVX-512 intrinsics initialise placeholder vectors with themselves (__m512i __Y = __Y), which
+// -Wuninitialized reports wherever they are inlined. The same kernel code is compiled without them
+// in the DEFAULT and AVX2 copies, where the warning still applies.
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #define CPU_CAPABILITY AVX512
 #define CPU_CAPABILITY_AVX512
