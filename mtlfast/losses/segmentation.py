@@ -37,5 +37,12 @@ def cross_entropy_loss(
     if prediction.shape[0] == 0:
         return zero_loss(prediction)
     target = target.long()
+    # an id out of range would stop aten with an IndexError (a device-side assert on CUDA)
+    c = prediction.shape[1]
+    if bool(((target < 0) | (target >= c)).logical_and_(target != ignore_index).any()):
+        raise ValueError(
+            f"target holds class ids outside [0, {c}) (C = prediction.shape[1]) other than "
+            f"ignore_index = {ignore_index}"
+        )
     total = F.cross_entropy(prediction, target, ignore_index=ignore_index, reduction="sum")
     return safe_mean(total, (target != ignore_index).sum())

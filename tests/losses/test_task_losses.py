@@ -181,6 +181,16 @@ def test_bad_shapes_raise():
         for_task("albedo")
 
 
+@pytest.mark.parametrize("bad_id", (-1, 3, 254, 256))
+def test_cross_entropy_out_of_range_ids_raise_naming_target(bad_id):
+    """Found by tests/property: an id outside [0, C) reached aten's IndexError."""
+    target = torch.tensor([[[0, 255], [bad_id, 2]]])
+    with pytest.raises(ValueError, match=r"target holds class ids outside \[0, 3\)"):
+        cross_entropy_loss(torch.randn(1, 3, 2, 2), target)
+    target[0, 1, 0] = 255  # the ignore index itself is fine
+    assert torch.isfinite(cross_entropy_loss(torch.randn(1, 3, 2, 2), target))
+
+
 @pytest.mark.parametrize("task", TASKS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_reduced_precision_accumulates_in_float32(task, dtype):
