@@ -32,7 +32,7 @@ def _conv_bn(cin: int, cout: int, kernel: int, stride: int, relu: bool) -> nn.Se
         nn.BatchNorm2d(cout, momentum=BN_MOMENTUM),
     ]
     if relu:
-        layers.append(nn.ReLU())
+        layers.append(nn.ReLU(inplace=True))  # on the batch norm's fresh output, as the release
     return nn.Sequential(*layers)
 
 
@@ -84,7 +84,8 @@ class HighResolutionModule(nn.Module):
                 elif j > i:
                     # size, not scale_factor: odd sizes round up at every stride-2 step
                     y = y + resize_bilinear(layer(xs[j]), xs[i].shape[-2:])
-            out.append(self.relu(y))
+            # in place on a fresh sum (as the release), never on a branch output saved for backward
+            out.append(torch.relu_(y) if y is not xs[i] else self.relu(y))
         return tuple(out)
 
 
@@ -175,7 +176,7 @@ class HRNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(64, momentum=BN_MOMENTUM)
         self.conv2 = nn.Conv2d(64, 64, 3, stride=2, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(64, momentum=BN_MOMENTUM)
-        self.relu = nn.ReLU()
+        self.relu = nn.ReLU(inplace=True)
         self.layer1 = nn.Sequential(
             *(Bottleneck(64 if i == 0 else 256, 64, momentum=BN_MOMENTUM) for i in range(stem_blocks))
         )

@@ -38,7 +38,7 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(planes, momentum=momentum)
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes, momentum=momentum)
-        self.relu = nn.ReLU()
+        self.relu = nn.ReLU(inplace=True)  # on fresh outputs only: BN's and the residual sum
         self.downsample = projection(cin, planes, stride, momentum) if (cin != planes or stride != 1) else None
 
     def forward(self, x):
@@ -69,7 +69,7 @@ class Bottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes, momentum=momentum)
         self.conv3 = nn.Conv2d(planes, cout, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(cout, momentum=momentum)
-        self.relu = nn.ReLU()
+        self.relu = nn.ReLU(inplace=True)  # on fresh outputs only: BN's and the residual sum
         self.downsample = projection(cin, cout, stride, momentum) if (cin != cout or stride != 1) else None
 
     def forward(self, x):

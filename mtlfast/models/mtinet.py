@@ -209,7 +209,7 @@ class MTINetDecoder(nn.Module):
                 task: nn.Sequential(
                     nn.Conv2d(total, total, 1),
                     nn.BatchNorm2d(total),
-                    nn.ReLU(),
+                    nn.ReLU(inplace=True),
                     nn.Conv2d(total, self.out_channels[task], 1),
                 )
                 for task in self.task_names

@@ -37,7 +37,7 @@ class ScaleFusion(nn.Module):
         total = sum(channels)
         self.channels = total
         self.last_layer = nn.Sequential(
-            nn.Conv2d(total, total, 1), nn.BatchNorm2d(total), nn.ReLU()
+            nn.Conv2d(total, total, 1), nn.BatchNorm2d(total), nn.ReLU(inplace=True)
         )
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:

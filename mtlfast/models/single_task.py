@@ -53,7 +53,7 @@ class HighResolutionHead(nn.Module):
         self.last_layer = nn.Sequential(
             nn.Conv2d(total, total, 1),
             nn.BatchNorm2d(total),
-            nn.ReLU(),
+            nn.ReLU(inplace=True),
             nn.Conv2d(total, out_channels, 1),
         )
 
