@@ -18,8 +18,9 @@ BENCH_DIR ?= /tmp/mtlfast-bench
 DEMO_DIR ?= runs/demo
 # bench_trainer.py is a script (the whole trainer, minutes), not a pytest-benchmark suite
 SUITES := $(filter-out benchmarks/bench_trainer.py,$(wildcard benchmarks/bench_*.py))
-# glibc malloc pinned for the benchmarks: see MALLOC_ENV in benchmarks/harness.py
-MALLOC_ENV := MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296
+# glibc malloc pinned for the benchmarks: NAME=VALUE words from their one definition,
+# benchmarks/malloc_env.py (standard library only: any python3 runs it, before the venv exists)
+MALLOC_ENV = $(shell $(PYTHON) benchmarks/malloc_env.py)
 
 .PHONY: install demo test bench bench-quick clean
 

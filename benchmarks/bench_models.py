@@ -56,6 +56,7 @@ import torch
 from torch.nn import functional as F
 
 import mtlfast
+from benchmarks import malloc_env
 from benchmarks.bench_trainer import _alternate, _cpu_load
 from benchmarks.release_models import RELEASE_TASKS, ReleaseMTINet, ReleaseNet, ReleasePADNet
 from mtlfast.backbones import HRNet
@@ -461,9 +462,7 @@ def main(argv=None) -> int:
         "targets": TARGETS,
         "ratio_meaning": "mtlfast / release-style: below 1 is faster or smaller for mtlfast",
         "mtlfast_commit": _git_commit(),
-        "malloc_env": {
-            k: os.environ.get(k) for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
-        },
+        "malloc_env": malloc_env.current(),
         "other_processes_at_start": _other_processes(),
         "models": {},
     }

@@ -13,29 +13,35 @@ from dataclasses import dataclass
 
 import torch
 
+from benchmarks import malloc_env as _malloc
 from mtlfast import profiling
 
 __all__ = [
-    "Budget", "FULL", "QUICK", "is_quick", "CpuTimes", "devices", "fused_backends",
-    "device_name", "synchronize", "time_once", "copy_gbps", "peak_mem_bytes", "measure",
-    "MALLOC_ENV", "malloc_env",
+    "FULL",
+    "MALLOC_ENV",
+    "QUICK",
+    "Budget",
+    "CpuTimes",
+    "copy_gbps",
+    "device_name",
+    "devices",
+    "fused_backends",
+    "is_quick",
+    "malloc_env",
+    "measure",
+    "peak_mem_bytes",
+    "synchronize",
+    "time_once",
 ]
 
-# glibc's malloc settings the CPU benchmarks run under (set in the environment before Python
-# starts: `make bench`, `make demo`, benchmarks/results/README.md). By default glibc maps a block
-# afresh above a threshold that moves with what was last freed (up to 32 MiB), and gives the top
-# of its heap back to the OS past another: a tensor of a few MiB allocated and freed on every
-# call is then either reused or faulted in anew (the kernel zeroing every page), depending on the
-# heap's history, and identical runs of one attention_distill case measured 4 to 23 ms apart.
-# These settings fix glibc at its own steady state: blocks under 32 MiB come from the heap and
-# are reused, larger ones are mapped afresh on every call, as they are by default; every
-# implementation runs under them alike.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 32)}
+# glibc's malloc settings the CPU benchmarks run under: defined in benchmarks/malloc_env.py
+# (the Makefile reads them there too); recorded with each run by benchmarks/conftest.py.
+MALLOC_ENV = _malloc.MALLOC_ENV
 
 
 def malloc_env() -> dict[str, str | None]:
     """The values of :data:`MALLOC_ENV`'s variables in this process's environment."""
-    return {name: os.environ.get(name) for name in MALLOC_ENV}
+    return _malloc.current()
 
 
 @dataclass(frozen=True)
@@ -72,7 +78,7 @@ class CpuTimes:
     own: float
 
     @staticmethod
-    def now() -> "CpuTimes":
+    def now() -> CpuTimes:
         own = sum(
             getattr(resource.getrusage(who), field)
             for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
@@ -119,7 +125,7 @@ def fused_backends(device: str) -> list[str]:
     return [b for b in backends if b != "reference" and (device, b) not in INTERPRETED]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def device_name(device: str) -> str:
     """The CUDA device's name, or the CPU model (/proc/cpuinfo) and torch's thread count."""
     if torch.device(device).type == "cuda":
