@@ -30,15 +30,17 @@ def _fwd_kernel(
     T, S, P, n_chunks,
     f_sn, f_st, m_sn, m_st, m_ss, g_sn, g_st, g_ss, o_sn, o_st,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
-):
+):  # fmt: skip
     """out[n,t] = feats[n,t] + sum_s sigmoid(mask[n,t,s]) * msg[n,t,s] on one chunk of P."""
     n, t, start, lanes, valid = _program_span(T, P, n_chunks, BLOCK)
     acc = tl.load(feats + (n * f_sn + t * f_st + start) + lanes, mask=valid).to(ACC)
     m_base = mask + (n * m_sn + t * m_st + start)
     g_base = msg + (n * g_sn + t * g_st + start)
     for s in range(S):
-        logit = tl.load(m_base + s * m_ss + lanes, mask=valid).to(ACC)
-        acc += tl.sigmoid(logit) * tl.load(g_base + s * g_ss + lanes, mask=valid).to(ACC)
+        # In 64 bits: the JIT passes a stride below 2**31 as an i32, and s * stride can pass it.
+        s64 = tl.cast(s, tl.int64)
+        logit = tl.load(m_base + s64 * m_ss + lanes, mask=valid).to(ACC)
+        acc += tl.sigmoid(logit) * tl.load(g_base + s64 * g_ss + lanes, mask=valid).to(ACC)
     o_ptr = out + (n * o_sn + t * o_st + start) + lanes
     tl.store(o_ptr, acc.to(out.dtype.element_ty), mask=valid)
 
@@ -49,7 +51,7 @@ def _bwd_kernel(
     T, S, P, n_chunks,
     go_sn, go_st, m_sn, m_st, m_ss, g_sn, g_st, g_ss, dm_sn, dm_st, dm_ss, dg_sn, dg_st, dg_ss,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
-):
+):  # fmt: skip
     """grad_msg = g * sig, grad_mask = g * msg * sig * (1 - sig), sig recomputed, on one chunk."""
     n, t, start, lanes, valid = _program_span(T, P, n_chunks, BLOCK)
     g = tl.load(grad_out + (n * go_sn + t * go_st + start) + lanes, mask=valid).to(ACC)
@@ -58,12 +60,13 @@ def _bwd_kernel(
     dm_base = grad_mask + (n * dm_sn + t * dm_st + start)
     dg_base = grad_msg + (n * dg_sn + t * dg_st + start)
     for s in range(S):
-        sig = tl.sigmoid(tl.load(m_base + s * m_ss + lanes, mask=valid).to(ACC))
-        x = tl.load(g_base + s * g_ss + lanes, mask=valid).to(ACC)
+        s64 = tl.cast(s, tl.int64)  # as in _fwd_kernel
+        sig = tl.sigmoid(tl.load(m_base + s64 * m_ss + lanes, mask=valid).to(ACC))
+        x = tl.load(g_base + s64 * g_ss + lanes, mask=valid).to(ACC)
         g_sig = g * sig
-        tl.store(dg_base + s * dg_ss + lanes, g_sig.to(grad_msg.dtype.element_ty), mask=valid)
+        tl.store(dg_base + s64 * dg_ss + lanes, g_sig.to(grad_msg.dtype.element_ty), mask=valid)
         d_mask = g_sig * x * (1.0 - sig)
-        tl.store(dm_base + s * dm_ss + lanes, d_mask.to(grad_mask.dtype.element_ty), mask=valid)
+        tl.store(dm_base + s64 * dm_ss + lanes, d_mask.to(grad_mask.dtype.element_ty), mask=valid)
 
 
 def _launch_config(p: int, dtype: torch.dtype) -> tuple[int, int, tl.dtype]:
@@ -95,7 +98,7 @@ def forward(
         t, s, p, n_chunks,
         *_outer(feats), *_outer(mask_logits), *_outer(messages), *_outer(out),
         ACC=acc, BLOCK=block, num_warps=num_warps,
-    )
+    )  # fmt: skip
 
 
 def backward(
@@ -118,4 +121,4 @@ def backward(
         *_outer(grad_out), *_outer(mask_logits), *_outer(messages),
         *_outer(grad_mask_logits), *_outer(grad_messages),
         ACC=acc, BLOCK=block, num_warps=num_warps,
-    )
+    )  # fmt: skip
