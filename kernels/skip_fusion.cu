@@ -178,7 +178,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int k = 0; k < t.k; ++k) {
       const Layer& layer = layers.layer[k];
       const T* src = layers.scores[k] + plane * (int64_t(layer.h) * layer.w);
-      add_layer(acc, src, layer, load1(weight + k * t.c + c), at.y, at.x, t);
+      add_layer(acc, src, layer, load1(weight + int64_t(k) * t.c + c), at.y, at.x, t);
     }
     T* dst = out + plane * (int64_t(t.h) * t.w) + at.x;
 #pragma unroll
@@ -343,7 +343,8 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t offset = plane * (int64_t(layer.h) * layer.w);
       float dot = 0.0f;
       if (valid) {
-        LayerGrad<T> lg{layers.scores[k] + offset, layers.grads[k] + offset, layer, load1(weight + k * t.c + c)};
+        LayerGrad<T> lg{layers.scores[k] + offset, layers.grads[k] + offset, layer,
+                        load1(weight + int64_t(k) * t.c + c)};
         lg.run(g, at.y, at.x, t);
         dot = lg.dot;
       }
@@ -362,7 +363,7 @@ __global__ void __launch_bounds__(kThreads)
       float sum = 0.0f;
       for (int j = 0; j < parts; ++j) sum += partial[k][i * parts + j];
       const int pc = int(p % t.c);
-      if (sum != 0.0f) atomicAdd(k < t.k ? grad_weight + k * t.c + pc : grad_bias + pc, sum);
+      if (sum != 0.0f) atomicAdd(k < t.k ? grad_weight + int64_t(k) * t.c + pc : grad_bias + pc, sum);
     }
     __syncthreads();  // partial is rewritten by the next block
   }
