@@ -14,8 +14,15 @@ import torch
 import triton
 import triton.language as tl
 
-_LANES = 2048
+# Elements a program covers, and per thread (num_warps follows). The backward keeps about twice
+# the forward's values live per element (taps, weights, four scatters): at 8 a thread it took
+# 163-191 registers on sm_90 at the benchmark shapes (one 8-warp block per SM), at 4 <= 128 with
+# no spills (tests/ops/test_triton_aot.py compiles every specialization ahead of time).
+_FWD_LANES, _FWD_PER_THREAD = 2048, 8
+_BWD_LANES, _BWD_PER_THREAD = 1024, 4
 _MAX_PIXELS = 1024
+# The kernels index within one plane (an output or score map of one (n, c)) in 32 bits.
+_MAX_PLANE = 2**31 - 1
 _REDUCED = (torch.float16, torch.bfloat16)
 
 
@@ -72,7 +79,7 @@ def _fwd_kernel(
     table, scales, weight, bias, out,
     K, C, NC, H, W, n_chunks,
     HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BP: tl.constexpr, BI: tl.constexpr,
-):
+):  # fmt: skip
     """out = bias + sum_k weight[k] * bilinear(scores[k]) on BP planes x BI pixels."""
     plane, pix, valid = _lanes(NC, H * W, n_chunks, BP, BI)
     c = (plane % C)[:, None]
@@ -82,7 +89,8 @@ def _fwd_kernel(
     acc = tl.zeros([BP, BI], ACC)
     if HAS_BIAS:
         acc += tl.load(bias + c, mask=in_plane, other=0.0).to(ACC)
-    for k in range(K):
+    for layer in range(K):
+        k = tl.cast(layer, tl.int64)  # every offset into the table and weight in 64 bits
         h_k, w_k, y0, y1, ly0, ly1, x0, x1, lx0, lx1 = _layer(table, scales, k, y, x)
         src = tl.load(table + 4 * k).to(tl.pointer_type(out.dtype.element_ty))
         src += plane[:, None] * (h_k * w_k)
@@ -96,7 +104,7 @@ def _bwd_kernel(
     grad_out, table, scales, weight, grad_weight, grad_bias,
     K, C, NC, H, W, n_chunks,
     HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BP: tl.constexpr, BI: tl.constexpr,
-):
+):  # fmt: skip
     """Scatter g * weight[k] into every layer's accumulator; sum g * bilinear and g per plane."""
     plane, pix, valid = _lanes(NC, H * W, n_chunks, BP, BI)
     c = plane % C
@@ -104,7 +112,8 @@ def _bwd_kernel(
     y = pix // W
     x = pix - y * W
     g = tl.load(grad_out + plane[:, None] * (H * W) + pix, mask=valid, other=0.0).to(ACC)
-    for k in range(K):
+    for layer in range(K):
+        k = tl.cast(layer, tl.int64)  # as in _fwd_kernel
         h_k, w_k, y0, y1, ly0, ly1, x0, x1, lx0, lx1 = _layer(table, scales, k, y, x)
         offset = plane[:, None] * (h_k * w_k)
         dst = tl.load(table + 4 * k + 1).to(tl.pointer_type(ACC)) + offset
@@ -121,11 +130,14 @@ def _bwd_kernel(
         tl.atomic_add(grad_bias + c, tl.sum(g, axis=1), mask=in_plane, sem="relaxed")
 
 
-def _launch_config(nc: int, hw: int, dtype: torch.dtype) -> tuple[int, int, int, int, tl.dtype]:
-    """(planes per program, pixels per program, chunks per plane, num_warps, accumulator dtype)."""
+def _launch_config(
+    nc: int, hw: int, dtype: torch.dtype, lanes: int, per_thread: int
+) -> tuple[int, int, int, int, tl.dtype]:
+    """(planes per program, pixels per program, chunks per plane, num_warps, accumulator dtype)
+    for programs of up to ``lanes`` elements, ``per_thread`` of them a thread."""
     bi = min(_MAX_PIXELS, triton.next_power_of_2(hw))
-    bp = min(max(1, _LANES // bi), triton.next_power_of_2(nc))
-    num_warps = max(1, min(8, bp * bi // 256))
+    bp = min(max(1, lanes // bi), triton.next_power_of_2(nc))
+    num_warps = max(1, min(8, bp * bi // (32 * per_thread)))
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     return bp, bi, triton.cdiv(hw, bi), num_warps, acc
 
@@ -138,8 +150,22 @@ def _tables(scores, accs, out_hw, acc_dtype, device):
     # aten's scale, input / output size in the accumulator type (the float64 quotient rounds
     # to the same float32 as a float32 division would: it never lands on a float32 midpoint).
     scales = [[s.shape[2] / h, s.shape[3] / w] for s in scores]
-    return (torch.tensor(rows, dtype=torch.int64).to(device),
-            torch.tensor(scales, dtype=acc_dtype).to(device))
+    return (
+        torch.tensor(rows, dtype=torch.int64).to(device),
+        torch.tensor(scales, dtype=acc_dtype).to(device),
+    )
+
+
+def _check_planes(scores: list[torch.Tensor], h: int, w: int) -> None:
+    """Planes of 2**31 elements or more raise ValueError naming the argument (as the CUDA kernels)."""
+    for name, (ph, pw) in [("size", (h, w))] + [
+        (f"scores[{k}]", s.shape[2:]) for k, s in enumerate(scores)
+    ]:
+        if ph * pw > _MAX_PLANE:
+            raise ValueError(
+                f"skip_fusion (triton): {name} has planes of {ph}x{pw} elements; the kernels "
+                f"index a plane in 32 bits, so at most {_MAX_PLANE}"
+            )
 
 
 def _torch_acc(dtype: torch.dtype) -> torch.dtype:
@@ -156,13 +182,16 @@ def forward(
     n, c, h, w = out.shape
     if n * c * h * w == 0:
         return
-    bp, bi, n_chunks, num_warps, acc = _launch_config(n * c, h * w, out.dtype)
+    _check_planes(scores, h, w)
+    bp, bi, n_chunks, num_warps, acc = _launch_config(
+        n * c, h * w, out.dtype, _FWD_LANES, _FWD_PER_THREAD
+    )
     table, scales = _tables(scores, None, (h, w), _torch_acc(out.dtype), out.device)
     _fwd_kernel[(triton.cdiv(n * c, bp) * n_chunks,)](
         table, scales, weight, out if bias is None else bias, out,
         len(scores), c, n * c, h, w, n_chunks,
         HAS_BIAS=bias is not None, ACC=acc, BP=bp, BI=bi, num_warps=num_warps,
-    )
+    )  # fmt: skip
 
 
 def backward(
@@ -179,6 +208,7 @@ def backward(
     grad_bias (C,) or None.
     """
     n, c, h, w = grad_out.shape
+    _check_planes(scores, h, w)
     outputs = [*grad_scores, grad_weight] + ([grad_bias] if grad_bias is not None else [])
     acc_dtype = _torch_acc(grad_out.dtype)
     if acc_dtype == grad_out.dtype:
@@ -191,14 +221,16 @@ def backward(
         scratch = torch.zeros(sum(sizes), dtype=acc_dtype, device=grad_out.device)
         accs = [v.view(t.shape) for v, t in zip(scratch.split(sizes), outputs)]
     if n * c * h * w:
-        bp, bi, n_chunks, num_warps, acc = _launch_config(n * c, h * w, grad_out.dtype)
+        bp, bi, n_chunks, num_warps, acc = _launch_config(
+            n * c, h * w, grad_out.dtype, _BWD_LANES, _BWD_PER_THREAD
+        )
         table, scales = _tables(scores, accs[: len(scores)], (h, w), acc_dtype, grad_out.device)
         k = len(scores)
         _bwd_kernel[(triton.cdiv(n * c, bp) * n_chunks,)](
             grad_out, table, scales, weight, accs[k], accs[-1],
             k, c, n * c, h, w, n_chunks,
             HAS_BIAS=grad_bias is not None, ACC=acc, BP=bp, BI=bi, num_warps=num_warps,
-        )
+        )  # fmt: skip
     if accs is not outputs:
         for t, a in zip(outputs, accs):
             t.copy_(a)
