@@ -6,6 +6,8 @@
 #               (one suite's heap slowed the next one's largest cases up to 2.8x), and save
 #               their JSON in BENCH_DIR (and the engine's memory_vs_tasks.{json,png} next to it)
 #   make bench-quick   the op and engine suites in quick mode, with their report
+#   make triton-aot    compile every Triton kernel specialization the launchers produce for sm_90
+#               (no GPU needed) and save registers and spills in benchmarks/results/triton_aot.json
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,7 +15,7 @@ PY := $(VENV)/bin/python
 # torch==2.13.0 is the CPU wheel here; installing the project without build isolation keeps
 # pip from ever pulling another (CUDA) torch to build against.
 DEPS := torch==2.13.0 numpy scipy pillow scikit-image ninja "setuptools>=64" wheel triton pytest pytest-benchmark hypothesis matplotlib pyyaml tqdm tensorboard
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*/*.cpp csrc/*/*.h kernels/*.cu kernels/*.cuh)
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*/*.cpp csrc/*/*.h csrc/*/*/*.h kernels/*.cu kernels/*.cuh)
 BENCH_DIR ?= /tmp/mtlfast-bench
 DEMO_DIR ?= runs/demo
 # bench_trainer.py is a script (the whole trainer, minutes), not a pytest-benchmark suite
@@ -22,7 +24,7 @@ SUITES := $(filter-out benchmarks/bench_trainer.py,$(wildcard benchmarks/bench_*
 # benchmarks/malloc_env.py (standard library only: any python3 runs it, before the venv exists)
 MALLOC_ENV = $(shell $(PYTHON) benchmarks/malloc_env.py)
 
-.PHONY: install demo test bench bench-quick clean
+.PHONY: install demo test bench bench-quick triton-aot clean
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +57,9 @@ bench: install
 	$(PY) benchmarks/report.py $(patsubst benchmarks/%.py,$(BENCH_DIR)/%.json,$(SUITES))
 	$(PY) benchmarks/bench_engine.py --plot $(BENCH_DIR)/bench_engine.json
 	$(PY) benchmarks/bench_trainer.py --out $(BENCH_DIR)/bench_trainer.json
+
+triton-aot: install
+	$(PY) -m tests.ops.test_triton_aot --sweep full --jobs 2 --out benchmarks/results/triton_aot.json
 
 clean:
 	rm -rf build *.egg-info mtlfast/_C*.so $(VENV)
