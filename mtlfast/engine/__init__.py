@@ -5,7 +5,8 @@ forward and backward, each on the samples labelled for it, then one recomputing 
 See :func:`multi_branch_step`.
 """
 
+from ._context import current_strategy
 from ._segments import split_segments
 from .step import StepResult, multi_branch_step
 
-__all__ = ["StepResult", "multi_branch_step", "split_segments"]
+__all__ = ["StepResult", "current_strategy", "multi_branch_step", "split_segments"]

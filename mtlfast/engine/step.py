@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._balance import BalanceRun
+from ._context import running
 from ._graph import reaches
 from ._plan import Branch, StepPlan, index_rows
 from ._replay import device_types_of, no_autocast
@@ -183,7 +184,8 @@ def multi_branch_step(
     balance = BalanceRun(balancer, modules, plan) if balancer is not None else None
     if plan.branches:  # nothing labelled at all: nothing runs, not even the trunk
         run = _naive if strategy == "naive" else _recompute
-        run(modules, bounds, plan, images, result, terms, keep_task_grads, balance)
+        with running(strategy):
+            run(modules, bounds, plan, images, result, terms, keep_task_grads, balance)
         if balance is not None:
             balance.finish(balance.task_losses(result, plan))
     # summed one by one: losses may differ in dtype (autocast) and type promotion sorts it out

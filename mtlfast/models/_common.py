@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.checkpoint import checkpoint
 
 from ..backbones.hrnet import HRNet
 from ..ops.resize import resize_bilinear
@@ -59,8 +62,49 @@ def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return resize_bilinear(x, size)
 
 
+@contextlib.contextmanager
+def _batch_norm_frozen(module: nn.Module) -> Iterator[None]:
+    """Batch norms in ``module`` normalise with batch statistics but leave their running ones as
+    they are (the first forward updated them): momentum 0 for the block, the batch counter put
+    back after. Not ``track_running_stats=False``, which would change what the op saves for
+    backward, and the checkpoint checks that the recomputation saves the same tensors."""
+    frozen = [
+        (
+            m,
+            m.momentum,
+            m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None,
+        )
+        for m in module.modules()
+        if isinstance(m, _BatchNorm) and m.training and m.track_running_stats
+    ]
+    for m, _, _ in frozen:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum, count in frozen:
+            m.momentum = momentum
+            if count is not None:
+                with torch.no_grad():
+                    m.num_batches_tracked.copy_(count)
+
+
+def recomputed(fn: Callable[..., Any], module: nn.Module, *args: Any) -> Any:
+    """``fn(*args)`` keeping nothing of its inside for backward: torch's non-reentrant checkpoint,
+    whose recomputation in backward runs the batch norms of ``module`` (the layers ``fn`` uses)
+    without a second update of their running statistics."""
+    return checkpoint(
+        fn,
+        *args,
+        use_reentrant=False,
+        context_fn=lambda: (contextlib.nullcontext(), _batch_norm_frozen(module)),
+    )
+
+
 def _is_size_token(t: Any) -> bool:
-    return isinstance(t, torch.Tensor) and t.dtype == torch.int64 and t.dim() == 4 and t.shape[1] == 0
+    return (
+        isinstance(t, torch.Tensor) and t.dtype == torch.int64 and t.dim() == 4 and t.shape[1] == 0
+    )
 
 
 class SizeCarry(nn.Module):
@@ -92,7 +136,9 @@ class SizeCarry(nn.Module):
         return (*out, token)
 
 
-def split_size(features: Sequence[torch.Tensor], size: Sequence[int] | None) -> tuple[list[torch.Tensor], Any]:
+def split_size(
+    features: Sequence[torch.Tensor], size: Sequence[int] | None
+) -> tuple[list[torch.Tensor], Any]:
     """Features without the size token, and the output size: ``size``, else the token's, else None."""
     features = list(features) if isinstance(features, (tuple, list)) else [features]
     if features and _is_size_token(features[-1]):

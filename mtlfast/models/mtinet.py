@@ -9,12 +9,14 @@ import torch
 from torch import nn
 
 from ..backbones.residual import BasicBlock
+from ..engine import current_strategy
 from ..nn import MultiModalDistillation, TaskSE
 from ._checks import check_images
 from ._common import (
     JointDecoderModel,
     backbone_segments,
     deep_supervision_key,
+    recomputed,
     resize,
     split_size,
     task_outputs,
@@ -216,6 +218,12 @@ class MTINetDecoder(nn.Module):
             }
         )
 
+    @staticmethod
+    def _aggregate(layers: nn.Module, finest, size, *pieces: torch.Tensor) -> torch.Tensor:
+        """One task's aggregation: its features of every scale at the finest, concatenated,
+        ``layers``, resized to the output."""
+        return resize(layers(torch.cat([resize(p, finest) for p in pieces], 1)), size)
+
     @property
     def tasks(self) -> list[str]:
         keys = list(self.task_names)
@@ -245,12 +253,19 @@ class MTINetDecoder(nn.Module):
         # multi-modal distillation at every scale
         distilled = [self.distillation[s](task_features[s]) for s in range(4)]
 
-        # feature aggregation
+        # feature aggregation; under the memory engine's recompute strategy each task's layers are
+        # recomputed in backward (about 51 MiB a task kept otherwise at 256x256 batch 4), so that
+        # the decoder's memory does not grow with the tasks either
         out = {}
         finest = scales[0].shape[-2:]
+        lean = self.training and torch.is_grad_enabled() and current_strategy() == "recompute"
         for i, task in enumerate(self.task_names):
-            stacked = torch.cat([resize(distilled[s][i], finest) for s in range(4)], 1)
-            out[task] = resize(self.aggregation[task](stacked), size)
+            pieces = [distilled[s][i] for s in range(4)]
+            layers = self.aggregation[task]
+            if lean:
+                out[task] = recomputed(self._aggregate, layers, layers, finest, size, *pieces)
+            else:
+                out[task] = self._aggregate(layers, finest, size, *pieces)
         if supervise:
             for s in range(4):
                 for i, task in enumerate(self.task_names):
