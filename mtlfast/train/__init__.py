@@ -9,12 +9,14 @@ results = Trainer(config, "runs/demo").fit()                 # results.json, log
 ```
 """
 
+from .async_sgd import AsyncSGD, task_parameter_groups
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, config_to_dict, list_configs, load_config
 from .evaluate import ConstantPredictor, evaluate, recalibrate_batch_norm
 from .trainer import NonFiniteLossError, Trainer, build_model, default_threads
 
 __all__ = [
+    "AsyncSGD",
     "CheckpointError",
     "Config",
     "ConfigError",
@@ -30,4 +32,5 @@ __all__ = [
     "load_config",
     "recalibrate_batch_norm",
     "save_checkpoint",
+    "task_parameter_groups",
 ]

@@ -1,7 +1,7 @@
 """Typed run configurations: YAML files loaded into dataclasses, validated, with ``a.b=c`` overrides.
 
 A config file holds the sections of :class:`Config` (``model``, ``data``, ``loss``, ``optim``,
-``schedule``, ``train``, ``eval``, ``balancing``) plus ``seed`` and ``tasks``. Every key is checked against
+``schedule``, ``train``, ``eval``, ``balancing``, ``procedure``) plus ``seed`` and ``tasks``. Every key is checked against
 the dataclasses: an unknown or misspelled key, a value of the wrong type or a missing required
 value raises :class:`ConfigError` naming the key and the file. A config may start from another
 with ``base: NAME`` (a shipped config or a path, resolved next to the file); its keys then
@@ -28,6 +28,7 @@ __all__ = [
     "LossConfig",
     "ModelConfig",
     "OptimConfig",
+    "ProcedureConfig",
     "ScheduleConfig",
     "TrainConfig",
     "config_to_dict",
@@ -90,11 +91,16 @@ class LossConfig:
     """Task losses: ``weights`` task -> w_t, or "pascal" / "nyud" (the releases' weights), or
     None (all 1); ``options`` task -> keyword arguments of ``mtlfast.losses.for_task``
     (e.g. ``depth: {gradient_weight: 1.0}``); ``deep_supervision`` the weight factor of the
-    deep-supervision predictions relative to their task's (MTI-Net: 1)."""
+    deep-supervision predictions relative to their task's (the MTI-Net and PAD-Net releases: 1,
+    every scale's initial prediction weighted as the final one). ``auxiliary``: tasks trained
+    only through the deep supervision of the model's front end, neither a final output trained
+    nor evaluated (the MTI-Net release's auxiliary tasks, e.g. edges and normals on NYUD); they
+    need a model with deep supervision, and data labelled for them."""
 
     weights: str | dict[str, float] | None = None
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     deep_supervision: float = 1.0
+    auxiliary: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -185,6 +191,18 @@ class BalancingConfig:
 
 
 @dataclass
+class ProcedureConfig:
+    """How a step trains (:mod:`mtlfast.train.procedures`): ``name`` "standard" (the memory
+    engine's summed loss over the tasks, one update), "astmt" (ASTMT's single-task passes with
+    adversarial task gradients) or "ubernet_async" (UberNet's asynchronous per-task SGD);
+    ``options``: keyword arguments of its class (:class:`~mtlfast.train.procedures.ASTMTProcedure`,
+    :class:`~mtlfast.train.procedures.UberNetAsyncProcedure`)."""
+
+    name: Literal["standard", "astmt", "ubernet_async"] = "standard"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Config:
     """A whole run. ``tasks`` and ``model.name`` are required; everything else has a default."""
 
@@ -197,6 +215,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    procedure: ProcedureConfig = field(default_factory=ProcedureConfig)
     balancing: BalancingConfig = field(default_factory=BalancingConfig)
 
 
@@ -508,6 +527,14 @@ _RULES = [
         "at least 1",
     ),
     ("loss.deep_supervision", lambda c: c.loss.deep_supervision >= 0, "non-negative"),
+    (
+        "loss.auxiliary",
+        lambda c: (
+            len(set(c.loss.auxiliary)) == len(c.loss.auxiliary)
+            and not set(c.loss.auxiliary) & set(c.tasks)
+        ),
+        "distinct task names not in tasks",
+    ),
     (
         "eval.bn_recalibration",
         lambda c: c.eval.bn_recalibration is None or c.eval.bn_recalibration >= 0,

@@ -132,7 +132,7 @@ def build_datasets(config: Config) -> tuple[Dataset, Dataset]:
     The real datasets need ``data.root``; a missing one is a FileNotFoundError naming the path and
     the expected layout.
     """
-    data, tasks = config.data, list(config.tasks)
+    data, tasks = config.data, [*config.tasks, *config.loss.auxiliary]  # auxiliary: trained too
     if data.dataset == "synthetic":
         labels = data.labels
         train = SyntheticScenes(

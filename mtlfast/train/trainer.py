@@ -25,11 +25,13 @@ from .. import models as mtl_models
 from ..engine import StepResult, multi_branch_step
 from ..metrics import DEFAULT_METRIC, LOWER_IS_BETTER
 from . import checkpoint as ckpt
+from ._auxiliary import front_end_only
 from ._runtime import Runtime
 from .config import Config, config_to_dict, load_config
 from .data import batch_to, build_datasets, eval_loader, train_loader
 from .evaluate import ConstantPredictor, evaluate, load_baselines, recalibrate_batch_norm
 from .optim import LRFactor, build_optimizer, build_scheduler
+from .procedures import build_procedure
 from .runlog import RunLog, draw_plots
 
 __all__ = ["NonFiniteLossError", "Trainer", "build_model", "default_threads"]
@@ -83,13 +85,14 @@ def default_threads(num_workers: int = 0, load: float | None = None) -> int:
 
 
 def build_model(config: Config) -> nn.Module:
-    """``mtlfast.models.create`` for ``config.model`` on ``config.tasks``, with the output channels
-    of ``config.data.dataset``."""
+    """``mtlfast.models.create`` for ``config.model`` on ``config.tasks`` (and
+    ``config.loss.auxiliary``), with the output channels of ``config.data.dataset``."""
     options = dict(config.model.options)
     options.setdefault("dataset", config.data.dataset)  # the output channels of its data
+    tasks = [*config.tasks, *config.loss.auxiliary]
     try:
         return mtl_models.create(
-            config.model.name, config.tasks, backbone=config.model.backbone, **options
+            config.model.name, tasks, backbone=config.model.backbone, **options
         )
     except TypeError as e:  # an option the model's constructor does not take
         raise ValueError(f"model.options: {e}") from None
@@ -169,22 +172,34 @@ class Trainer:
                 "protocol the trainer drives"
             )
         self.tasks = list(config.tasks)
-        missing = [t for t in self.tasks if t not in self.model.tasks]
+        # front-end-only tasks: trained through deep supervision, never evaluated
+        self.auxiliary = list(config.loss.auxiliary)
+        missing = [t for t in self.tasks + self.auxiliary if t not in self.model.tasks]
         if missing:
             raise ValueError(
                 f"tasks: the model does not predict {missing} (its tasks: {self.model.tasks})"
             )
         self.optimizer = build_optimizer(self.model, config.optim)
+        # before the schedule: a procedure may add parameter groups (ASTMT's discriminator)
+        self.procedure = build_procedure(config, self.model, self.optimizer)
+        if self.procedure is not None and config.balancing.name != "fixed":
+            raise ValueError(
+                f"procedure {config.procedure.name!r} runs its own backward: it does not combine "
+                f"with balancing.name {config.balancing.name!r}"
+            )
         self.scheduler = build_scheduler(self.optimizer, config.schedule, tc.max_steps)
         self.autocast_dtype = _PRECISION[tc.precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.precision == "fp16")
         self.loss_fns = {
-            t: mtl_losses.for_task(t, **config.loss.options.get(t, {})) for t in self.tasks
+            t: mtl_losses.for_task(t, **config.loss.options.get(t, {}))
+            for t in self.tasks + self.auxiliary
         }
-        unknown = set(config.loss.options) - set(self.tasks)
+        unknown = set(config.loss.options) - set(self.tasks + self.auxiliary)
         if unknown:
             raise ValueError(f"loss.options: tasks {sorted(unknown)} are not in tasks {self.tasks}")
         self.weights = _loss_weights(config)
+        if self.auxiliary:
+            _check_auxiliary(self.model, self.auxiliary)
         self.balancer = _build_balancer(config).to(self.device)
         self.train_set, self.eval_set = datasets if datasets is not None else build_datasets(config)
         self.baselines = load_baselines(config.eval.baselines)
@@ -212,19 +227,23 @@ class Trainer:
 
     def _engine_inputs(self, batch: dict) -> tuple:
         model = self.model
-        targets = {t: batch[t] for t in self.tasks}
-        labeled = {t: m for t, m in batch.get("labeled", {}).items() if t in self.tasks}
+        tasks = self.tasks + self.auxiliary
+        targets = {t: batch[t] for t in tasks}
+        labeled = {t: m for t, m in batch.get("labeled", {}).items() if t in tasks}
         weights = model.expand(self.weights)
         ds = self.config.loss.deep_supervision
         if ds != 1.0:
             weights = {k: (w if k in self.weights else w * ds) for k, w in weights.items()}
-        return (
+        inputs = (
             model.engine_branches(),
             model.expand(targets),
             model.expand(self.loss_fns),
             model.expand(labeled),
             weights,
         )
+        if self.auxiliary:  # only the front end's (deep-supervision) predictions of them train
+            inputs = front_end_only(inputs, self.auxiliary)
+        return inputs
 
     def train_step(self, batch: dict) -> StepResult:
         """One update on ``batch`` (a collated batch dict on any device): the engine's forward and
@@ -256,18 +275,21 @@ class Trainer:
             else contextlib.nullcontext()
         )
         with cast:
-            result = multi_branch_step(
-                trunk,
-                heads,
-                batch["image"],
-                targets,
-                loss_fns,
-                labeled=labeled,
-                weights=weights,
-                strategy=tc.strategy,
-                segments=tc.segments,
-                balancer=self.balancer,
-            )
+            if self.procedure is not None:  # a paper's own step (config.procedure)
+                result = self.procedure.train_backward(self, batch)
+            else:
+                result = multi_branch_step(
+                    trunk,
+                    heads,
+                    batch["image"],
+                    targets,
+                    loss_fns,
+                    labeled=labeled,
+                    weights=weights,
+                    strategy=tc.strategy,
+                    segments=tc.segments,
+                    balancer=self.balancer,
+                )
         if scale != 1.0:
             result.total = result.total / scale
         bad_tasks = result.nonfinite
@@ -474,6 +496,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "balancer": self.balancer.state_dict(),
+            "procedure": self.procedure.state_dict() if self.procedure is not None else {},
             "rng": ckpt.capture_rng(),
             "data": {"seed": self.config.seed, "batches": self.batches, "epoch": self._epoch()},
             "config": config_to_dict(self.config),
@@ -506,6 +529,8 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         if "balancer" in state:  # checkpoints from before balancing have none: fixed weights
             self.balancer.load_state_dict(state["balancer"])
+        if self.procedure is not None and state.get("procedure"):
+            self.procedure.load_state_dict(state["procedure"])
         self.step = int(state["step"])
         self.batches = int(state["data"]["batches"])
         t = state["trainer"]
@@ -713,18 +738,30 @@ def _with_seed(config: Config, seed: int) -> Config:
 
 def _loss_weights(config: Config) -> dict[str, float]:
     w = config.loss.weights
+    tasks = [*config.tasks, *config.loss.auxiliary]
     if w is None:
-        return dict.fromkeys(config.tasks, 1.0)
+        return dict.fromkeys(tasks, 1.0)
     if isinstance(w, str):
         table = mtl_losses.PASCAL_WEIGHTS if w == "pascal" else mtl_losses.NYUD_WEIGHTS
-        lacking = [t for t in config.tasks if t not in table]
+        lacking = [t for t in tasks if t not in table]
         if lacking:
             raise ValueError(f"loss.weights: the {w!r} weights have no entry for tasks {lacking}")
-        return {t: float(table[t]) for t in config.tasks}
-    unknown = set(w) - set(config.tasks)
+        return {t: float(table[t]) for t in tasks}
+    unknown = set(w) - set(tasks)
     if unknown:
-        raise ValueError(f"loss.weights: tasks {sorted(unknown)} are not in tasks {config.tasks}")
-    return {t: float(w.get(t, 1.0)) for t in config.tasks}
+        raise ValueError(f"loss.weights: tasks {sorted(unknown)} are not in tasks {tasks}")
+    return {t: float(w.get(t, 1.0)) for t in tasks}
+
+
+def _check_auxiliary(model: nn.Module, auxiliary: list[str]) -> None:
+    """Each front-end-only task must reach the loss through a deep-supervision prediction."""
+    keys = model.expand(dict.fromkeys(auxiliary, 1.0)) or {}
+    lacking = [t for t in auxiliary if not any(k != t and t in k.split("/") for k in keys)]
+    if lacking:
+        raise ValueError(
+            f"loss.auxiliary: {type(model).__name__} has no deep-supervision prediction of "
+            f"{lacking}, so they would never train (MTI-Net and PAD-Net have them)"
+        )
 
 
 def _build_balancer(config: Config) -> mtl_balancing.Balancer:
@@ -737,7 +774,9 @@ def _build_balancer(config: Config) -> mtl_balancing.Balancer:
             f"balancing.name {bc.name!r} does not support train.precision fp16 yet; use bf16"
         )
     try:
-        return mtl_balancing.create(bc.name, config.tasks, **bc.options)
+        # auxiliary tasks' losses (deep supervision) are weighted by it too
+        tasks = [*config.tasks, *config.loss.auxiliary]
+        return mtl_balancing.create(bc.name, tasks, **bc.options)
     except (TypeError, ValueError) as e:
         raise ValueError(f"balancing: {e}") from None
 

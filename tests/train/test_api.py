@@ -5,6 +5,7 @@ import mtlfast.train
 
 def test_public_names():
     assert sorted(mtlfast.train.__all__) == [
+        "AsyncSGD",
         "CheckpointError",
         "Config",
         "ConfigError",
@@ -20,6 +21,7 @@ def test_public_names():
         "load_config",
         "recalibrate_batch_norm",
         "save_checkpoint",
+        "task_parameter_groups",
     ]
     for name in mtlfast.train.__all__:
         assert getattr(mtlfast.train, name).__doc__, name
