@@ -54,13 +54,19 @@ class GradNorm(Balancer):
             reading of public implementations.
         initial_steps: L_i(0) is the mean of task i's first ``initial_steps`` losses (1: its loss
             at the first step it ran, the paper's).
+        min_weight: after each Adam step, weights below it are raised to it (then renormalised,
+            so they stay positive). Not in the paper, which never says what keeps a weight
+            positive, but needed: near an equilibrium weight smaller than Adam's step (the toy's
+            sigma = 100 task settles near 0.02 with steps of 0.025) the weight crosses zero, and a
+            negative weight makes the network ascend that task's loss (the toy then diverged).
+            None: no floor, the paper's update as written.
 
     State: ``task_weights`` (T,), ``initial_losses`` and ``initial_counts`` (T,), ``steps``, the
     optimiser's moments. After each update, ``last_loss`` (L_grad) and ``last_grad``
     (dL_grad/dw, (T,)) hold what it used (not state).
 
-    A weight at exactly 0 has a zero gradient at W, from which ||grad_W L_i|| cannot be told
-    apart in the engine (which sees w_i grad L_i); the paper never lets weights reach 0.
+    With ``min_weight=None`` a weight can reach 0: its task's gradient at W is then 0, from which
+    the engine (which sees ``w_i grad L_i``) cannot recover ||grad_W L_i||, and it stays there.
     """
 
     needs = "layer"
@@ -73,6 +79,7 @@ class GradNorm(Balancer):
         layer: str | None = None,
         per_channel: bool | None = None,
         initial_steps: int = 1,
+        min_weight: float | None = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
     ) -> None:
@@ -91,7 +98,10 @@ class GradNorm(Balancer):
             or initial_steps < 1
         ):
             raise ValueError(f"initial_steps must be an int >= 1, got {initial_steps!r}")
+        if min_weight is not None and not 0 < min_weight < 1:
+            raise ValueError(f"min_weight must be in (0, 1) or None, got {min_weight!r}")
         self.alpha, self.layer, self.per_channel = float(alpha), layer, per_channel
+        self.min_weight = min_weight
         self.initial_steps = initial_steps
         t = self.num_tasks
         self.task_weights = nn.Parameter(torch.ones(t))
@@ -205,6 +215,8 @@ class GradNorm(Balancer):
         self.optimizer.step()
         w.grad = None
         with torch.no_grad():
+            if self.min_weight is not None:
+                w.clamp_(min=self.min_weight)
             w.mul_(self.num_tasks / w.sum())  # sum_i w_i = T (Sec. 3.1)
             self.steps += 1
         self.last_loss, self.last_grad = float(loss), full

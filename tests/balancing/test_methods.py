@@ -447,3 +447,18 @@ def test_fixed_is_the_engines_weighting_bit_for_bit():
         )
         out.append([p.grad for m in (trunk, heads) for p in m.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*out))
+
+
+def test_gradnorm_keeps_weights_positive():
+    """A weight pushed below zero by Adam's fixed-size steps stops at min_weight (renormalised);
+    with min_weight=None it goes negative, the paper's update as written."""
+    for floor in (1e-3, None):
+        b = balancing.GradNorm(["small", "big"], alpha=0.0, lr=0.5, min_weight=floor)
+        lowest = 1.0
+        for _ in range(10):
+            b.observe("small", [torch.ones(2, 2) * b.weights["small"]])
+            b.observe("big", [torch.ones(2, 2) * 100 * b.weights["big"]])
+            b.update({"small": torch.tensor(1.0), "big": torch.tensor(1.0)})
+            assert abs(sum(b.weights.values()) - 2) < 1e-6
+            lowest = min(lowest, b.weights["big"])
+        assert lowest > 0 if floor else lowest < 0
