@@ -75,6 +75,28 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
+    from . import distributed
+
+    if not distributed.launched_distributed():
+        return _train_here(args)
+    # torchrun: join the process group with the run's backend and timeout, train, leave it
+    from .config import load_config
+
+    if args.resume and (Path(args.resume) / "config.yaml").is_file() and not args.config:
+        config = load_config(Path(args.resume) / "config.yaml", args.overrides or None)
+    elif args.config and not args.resume:
+        config = load_config(args.config, args.overrides)
+    else:
+        return _train_here(args)  # its usage error, on every rank
+    tc = config.train
+    distributed.init_distributed(tc.dist_timeout, tc.dist_backend, tc.device)
+    try:
+        return _train_here(args)
+    finally:
+        distributed.shutdown()
+
+
+def _train_here(args) -> int:
     from .config import load_config
     from .report import results_table
     from .trainer import Trainer
@@ -88,6 +110,7 @@ def _train(args) -> int:
             raise _UsageError("a CONFIG (file or shipped name) or --resume RUN_DIR is required")
         config = load_config(args.config, args.overrides)
         out = args.out or f"runs/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out = _same_on_every_rank(out)  # the default's time stamp is rank 0's
         if (Path(out) / "checkpoints").is_dir() and any((Path(out) / "checkpoints").iterdir()):
             raise _UsageError(f"{out} already holds a run; use --resume {out} or another --out")
         trainer = Trainer(config, out)
@@ -95,6 +118,17 @@ def _train(args) -> int:
     results = trainer.fit()
     trainer.runtime.print(results_table(results, trainer.baselines))
     return 0
+
+
+def _same_on_every_rank(value):
+    """Rank 0's ``value`` on every rank of a distributed run; ``value`` on one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
 
 
 def _eval(args) -> int:

@@ -137,7 +137,11 @@ class TrainConfig:
     autograd through the engine). ``threads``: torch's intra-op threads (None: see
     :func:`mtlfast.train.default_threads`). ``precision``: fp32, bf16 (autocast) or fp16
     (autocast with a gradient scaler, CUDA). ``nonfinite``: "skip" a step whose loss or
-    gradients are not finite (at most ``max_consecutive_nonfinite`` in a row), or "raise"."""
+    gradients are not finite (at most ``max_consecutive_nonfinite`` in a row), or "raise".
+    Several processes (torchrun, :mod:`mtlfast.train.distributed`): ``sync_bn`` turns batch
+    norms into synchronised ones (statistics over the global batch); ``dist_backend`` "auto"
+    (nccl on CUDA, gloo on CPU), "nccl" or "gloo"; ``dist_timeout`` the seconds a collective
+    waits for a missing rank before the job fails."""
 
     max_steps: int = 1000
     eval_every: int = 500
@@ -156,6 +160,9 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     plots: bool = True
+    sync_bn: bool = False
+    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    dist_timeout: float = 600.0
 
 
 @dataclass
@@ -521,6 +528,7 @@ _RULES = [
     ("train.segments", lambda c: c.train.segments is None or c.train.segments >= 1, "at least 1"),
     ("train.grad_clip", lambda c: c.train.grad_clip is None or c.train.grad_clip > 0, "positive"),
     ("train.threads", lambda c: c.train.threads is None or c.train.threads >= 1, "at least 1"),
+    ("train.dist_timeout", lambda c: c.train.dist_timeout > 0, "positive"),
     (
         "train.max_consecutive_nonfinite",
         lambda c: c.train.max_consecutive_nonfinite >= 1,

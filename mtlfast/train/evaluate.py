@@ -79,6 +79,7 @@ def evaluate(
     max_batches: int | None = None,
     autocast_dtype: torch.dtype | None = None,
     progress=None,
+    reduce_over_ranks: bool = False,
 ) -> dict[str, Any]:
     """Every task's metrics over ``loader`` in eval mode (the model's mode is restored).
 
@@ -86,6 +87,8 @@ def evaluate(
     ``mtlfast.metrics.for_task(task, dataset)``; saliency and edge logits pass through a sigmoid
     first. ``num_classes`` (task -> classes; default the model's ``out_channels``) sizes the
     segmentation meters. ``baselines`` (single-task results, a dict or JSON file) adds delta_m.
+    ``reduce_over_ranks``: every rank of the ``torch.distributed`` world evaluated its shard of
+    the data; their meters are pooled (every rank must call it).
 
     Returns plain JSON-able data: ``{"tasks": {task: {metric: float, ...}}, "images": int,
     "delta_m": float or None}``; a task with no labelled sample has no entry in ``tasks``.
@@ -139,6 +142,10 @@ def evaluate(
                 progress.update(1)
     finally:
         model.train(was_training)
+    if reduce_over_ranks:
+        from .distributed import reduce_meters
+
+        images_seen = reduce_meters(meters, seen, images_seen)
     results = {t: _scalars(meters[t].compute()) for t in tasks if seen[t] > 0}
     base = load_baselines(baselines)
     dm = None

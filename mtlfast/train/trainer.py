@@ -25,6 +25,7 @@ from .. import models as mtl_models
 from ..engine import StepResult, multi_branch_step
 from ..metrics import DEFAULT_METRIC, LOWER_IS_BETTER
 from . import checkpoint as ckpt
+from . import distributed as _distributed
 from ._auxiliary import front_end_only
 from ._runtime import Runtime
 from .config import Config, config_to_dict, load_config
@@ -146,12 +147,15 @@ class Trainer:
         self.device = torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if tc.device == "auto" else tc.device
         )
+        self.device = _distributed.local_device(self.device)  # torchrun: this rank's GPU
         if tc.precision == "fp16" and self.device.type != "cuda":
             raise ValueError(
                 "train.precision: fp16 needs a CUDA device (its gradient scaler); use bf16 on CPU"
             )
         if self.device.type == "cpu":
-            threads = tc.threads or default_threads(config.data.num_workers)
+            threads = tc.threads or _distributed.threads_per_rank(
+                default_threads(config.data.num_workers)
+            )
             torch.set_num_threads(threads)
             if tc.threads is None:
                 self.runtime.print(
@@ -165,6 +169,8 @@ class Trainer:
                 torch.backends.cudnn.benchmark = False
         _seed_everything(config.seed)
         self.model = (model if model is not None else build_model(config)).to(self.device)
+        if tc.sync_bn and self.runtime.world_size > 1:
+            self.model = _distributed.convert_sync_batchnorm(self.model)
         lacking = [a for a in ("tasks", "expand", "engine_branches") if not hasattr(self.model, a)]
         if lacking:
             raise TypeError(
@@ -201,6 +207,7 @@ class Trainer:
         if self.auxiliary:
             _check_auxiliary(self.model, self.auxiliary)
         self.balancer = _build_balancer(config).to(self.device)
+        self.parallel = self._distributed_step()  # None on one process
         self.train_set, self.eval_set = datasets if datasets is not None else build_datasets(config)
         self.baselines = load_baselines(config.eval.baselines)
         if config.eval.select == "delta_m" and self.baselines is None:
@@ -222,6 +229,27 @@ class Trainer:
         self.log: RunLog | None = None
         self._resumed_from: int | None = None  # the checkpoint's step when resumed
         self._fit_start = time.perf_counter()
+
+    def _distributed_step(self) -> _distributed.DistributedStep | None:
+        """Data parallelism over the initialised process group (torchrun), None on one process."""
+        if self.runtime.world_size == 1:
+            return None
+        procedure = getattr(self, "procedure", None)
+        if procedure is not None or self.config.balancing.name != "fixed":
+            what = (
+                f"procedure {type(procedure).__name__}"
+                if procedure is not None
+                else f"balancing.name {self.config.balancing.name!r}"
+            )
+            raise NotImplementedError(
+                f"{what} does not run on several processes yet (torchrun); train it on one"
+            )
+        return _distributed.DistributedStep(
+            self.model,
+            list(self.loss_fns),
+            strategy=self.config.train.strategy,
+            extra_params=list(self.balancer.parameters()),
+        )
 
     # ------------------------------------------------------------------------------ one step
 
@@ -263,6 +291,10 @@ class Trainer:
             scale != 1.0
         ):  # fp16: the engine runs its own backward, so the scale rides on the weights
             weights = {k: w * scale for k, w in weights.items()}
+        if self.parallel is not None:  # this rank's share of the global batch's loss
+            heads, loss_fns, labeled, weights = self.parallel.before(
+                heads, batch["image"], targets, loss_fns, labeled, weights
+            )
         buffers = [
             b for b in self.model.buffers() if b.is_floating_point() or b.dtype == torch.long
         ]
@@ -290,6 +322,8 @@ class Trainer:
                     segments=tc.segments,
                     balancer=self.balancer,
                 )
+        if self.parallel is not None:  # averaged gradients; the global batch's losses
+            self.parallel.after(result)
         if scale != 1.0:
             result.total = result.total / scale
         bad_tasks = result.nonfinite
@@ -380,6 +414,7 @@ class Trainer:
             "edge_thresholds": self.config.eval.edge_thresholds,
             "max_batches": self.config.eval.max_batches,
             "autocast_dtype": self.autocast_dtype,
+            "reduce_over_ranks": self.runtime.world_size > 1,
         }
 
     def _bn_batches(self) -> int:
@@ -400,10 +435,14 @@ class Trainer:
                     _with_seed(self.config, self.config.seed + 7919),
                     self.train_set,
                     start=self.step,
+                    rank=self.runtime.rank,
+                    world_size=self.runtime.world_size,
                 )
                 recalibrate_batch_norm(
                     model, (batch_to(b, self.device) for b in loader), n, self.autocast_dtype
                 )
+                if self.parallel is not None and model is self.model:
+                    self.parallel.sync_buffers()  # norms that are not synchronised: rank 0's
             loader = eval_loader(
                 self.config,
                 self.eval_set,
@@ -662,7 +701,7 @@ class Trainer:
                 spent = time.perf_counter() - tick
                 self.train_time += spent
                 busy += spent
-                images += batch["image"].shape[0]
+                images += batch["image"].shape[0] * self.runtime.world_size  # all ranks'
                 window.append(result)
                 bar.update(1)
                 if self.step % tc.log_every == 0 or self.step == tc.max_steps:
@@ -711,7 +750,10 @@ class Trainer:
             # this call of fit(): evaluations, checkpoints and start-up included (a resumed run's
             # earlier sessions are not)
             "fit_wall_time_s": time.perf_counter() - self._fit_start,
-            "images_per_s": self.step * self.config.data.batch_size / self.train_time
+            "images_per_s": self.step
+            * self.config.data.batch_size
+            * self.runtime.world_size
+            / self.train_time
             if self.train_time
             else None,
             "peak_memory_bytes": _peak_memory_bytes(self.device),

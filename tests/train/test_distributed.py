@@ -1,0 +1,265 @@
+"""Data parallelism on CPU (gloo): two processes with batch B train as one process with 2B.
+
+One two-process job (started once, the module's slowest part) runs every case and writes what
+it found; the tests compare it with the same cases run here, on one process, with the doubled
+batch. Kill and resume go through ``torchrun -m mtlfast train``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mtlfast.train import Trainer
+from mtlfast.train.config import config_to_dict
+from mtlfast.train.data import train_loader
+
+from .helpers import tiny_config
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch.distributed is not available"
+)
+
+B = 2  # per rank
+STEPS = 3
+# (strategy, sync_bn): the cases compared with one process; without synchronised batch norm
+# the ranks' statistics differ from one process's, so that case checks agreement between ranks
+CASES = [("naive", True), ("recompute", True), ("recompute", False)]
+
+
+def _config(strategy: str, sync_bn: bool, batch: int):
+    return tiny_config(
+        f"train.strategy={strategy}",
+        f"train.sync_bn={str(sync_bn).lower()}",
+        f"data.batch_size={batch}",
+        "data.labels=random",
+        "data.label_prob=0.6",
+        "data.eval_samples=6",
+        "train.dist_timeout=60",
+        # a small step: float rounding (sums in another order, batch norm's statistics pooled
+        # over ranks) is amplified by every update, and more so by large ones
+        "optim.lr=1e-4",
+    )
+
+
+def _unlabel(batch: dict, task: str, rows) -> None:
+    """Rows ``rows`` of ``batch`` lose their label of ``task`` (target set to its ignore value)."""
+    batch["labeled"][task][rows] = False
+    fill = 0.0 if task in ("normals", "depth") else 255
+    batch[task][rows] = fill
+
+
+# step -> (task, rank whose rows lose it; None: every rank): a rank with no label of a task the
+# other has, a task labelled nowhere, then a rank with no label at all
+PATTERNS = {
+    0: [("depth", 1)],
+    1: [("normals", None), ("saliency", 0)],
+    2: [(t, 1) for t in ("semseg", "saliency", "normals", "depth")],
+}
+
+
+def _patterned(batch: dict, step: int, rank: int | None, world: int) -> dict:
+    """``batch`` with the step's label pattern: ``rank`` None means ``batch`` is the global batch
+    (rows r::world belong to rank r), else it is that rank's."""
+    for task, who in PATTERNS[step]:
+        if who is None:
+            rows = slice(None)
+        elif rank is None:
+            rows = slice(who, None, world)
+        elif rank == who:
+            rows = slice(None)
+        else:
+            continue
+        _unlabel(batch, task, rows)
+    return batch
+
+
+def run_case(strategy: str, sync_bn: bool, rank: int | None, world: int):
+    """The case's trainer after STEPS steps, and its evaluation before training."""
+    config = _config(strategy, sync_bn, B if rank is not None else B * world)
+    trainer = Trainer(config)
+    before = trainer.evaluate(recalibrate=False)
+    loader = train_loader(
+        config, trainer.train_set, rank=rank or 0, world_size=world if rank is not None else 1
+    )
+    losses = []
+    for step, batch in zip(range(STEPS), loader):
+        result = trainer.train_step(_patterned(batch, step, rank, world))
+        losses.append({t: float(v) for t, v in result.losses.items()})
+    return trainer, before, losses
+
+
+WORKER = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from tests.train.test_distributed import CASES, run_case
+from mtlfast.train import distributed
+from mtlfast.train.cli import main
+out = sys.argv[2]
+distributed.init_distributed(timeout_s=60)
+rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+for strategy, sync_bn in CASES:
+    trainer, before, losses = run_case(strategy, sync_bn, rank, world)
+    name = f"{out}/{strategy}-{sync_bn}-{rank}"
+    torch.save({k: v.clone() for k, v in trainer.model.state_dict().items()}, name + ".pt")
+    json.dump({"before": before, "losses": losses}, open(name + ".json", "w"))
+sys.exit(main(["train", sys.argv[3], "--out", f"{out}/reference"]))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(rank: int, world: int, port: int) -> dict:
+    env = dict(os.environ)
+    env.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
+    return env
+
+
+def _run_config(tmp: Path) -> Path:
+    """The CLI run of the kill/resume tests: 6 steps, checkpoints every 2, on 2 ranks."""
+    config = _config("recompute", True, B)
+    path = tmp / "run.yaml"
+    data = config_to_dict(config)
+    data["train"].update(max_steps=6, checkpoint_every=2, eval_every=3, keep_last=3)
+    data["data"]["labels"] = None
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The two-process job's output directory."""
+    out = tmp_path_factory.mktemp("ranks")
+    config = _run_config(out)
+    root = str(Path(__file__).resolve().parents[2])
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, root, str(out), str(config)],
+            env=_env(r, 2, port),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    try:
+        errors = [p.communicate(timeout=240)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errors)
+    return out
+
+
+@pytest.mark.parametrize("strategy,sync_bn", CASES)
+def test_two_ranks_train_as_one_process_with_the_doubled_batch(two_ranks, strategy, sync_bn):
+    name = f"{strategy}-{sync_bn}"
+    ranks = [torch.load(two_ranks / f"{name}-{r}.pt", weights_only=True) for r in range(2)]
+    for k in ranks[0]:  # the ranks hold the same model, bit for bit
+        assert torch.equal(ranks[0][k], ranks[1][k]), k
+    if not sync_bn:
+        return
+    trainer, before, losses = run_case(strategy, sync_bn, None, 2)
+    report = json.loads((two_ranks / f"{name}-0.json").read_text())
+    for k, v in trainer.model.state_dict().items():
+        torch.testing.assert_close(ranks[0][k], v, rtol=2e-4, atol=2e-5, msg=k)
+    for mine, theirs in zip(losses, report["losses"]):
+        assert set(mine) == set(theirs)
+        for t in mine:
+            assert theirs[t] == pytest.approx(mine[t], rel=1e-4, abs=1e-6), t
+    # evaluation: each rank its shard, the meters pooled
+    assert report["before"]["images"] == before["images"]
+    for task, metrics in before["tasks"].items():
+        for m, v in metrics.items():
+            assert report["before"]["tasks"][task][m] == pytest.approx(v, rel=1e-5, abs=1e-6)
+
+
+def _torchrun(args, port):
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+            "-m",
+            "mtlfast",
+            "train",
+            *args,
+        ],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _children_with_rank(pid: int, rank: int) -> int | None:
+    """The pid of torchrun's worker of ``rank`` (read from /proc)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in environ:
+                return int(child)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc")
+def test_killed_rank_fails_the_job_and_resume_continues_bitwise(two_ranks, tmp_path):
+    config = two_ranks / "run.yaml"
+    run = tmp_path / "run"
+    proc = _torchrun([str(config), "--out", str(run)], _free_port())
+    try:
+        end = time.monotonic() + 180
+        while not (run / "checkpoints" / "step_00000002.pt").exists():
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < end, "no checkpoint came"
+            time.sleep(0.05)
+        victim = _children_with_rank(proc.pid, 1)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        start = time.monotonic()
+        proc.wait(timeout=90)  # no hang: torchrun ends the other rank and fails
+        assert proc.returncode != 0
+        assert time.monotonic() - start < 90
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    resumed = _torchrun(["--resume", str(run)], _free_port())
+    _, err = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, err[-3000:]
+    expected = torch.load(two_ranks / "reference" / "checkpoints" / "last.pt", weights_only=True)
+    got = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert got["step"] == expected["step"] == 6
+    for k, v in expected["model"].items():
+        assert torch.equal(got["model"][k], v), k
