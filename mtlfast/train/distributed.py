@@ -35,7 +35,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from ..balancing import Fixed
 from . import _dist_losses as losses
+from ._dist_balancing import GlobalBalancer
 from ._dist_meters import merge_meters
 from ._grad_sync import DEFAULT_BUCKET_BYTES, GradientSync, parameters_in_gradient_order
 from ._sync_bn import SyncBatchNorm, convert_sync_batchnorm, is_sync_batchnorm
@@ -172,7 +174,11 @@ class DistributedStep:
         strategy: the engine's "recompute" or "naive" (how a head labelled only elsewhere runs).
         group: the process group (default the world).
         bucket_bytes: :class:`GradientSync`'s bucket size.
-        extra_params: other parameters the step's backward reaches (a balancer's), averaged too.
+        extra_params: other parameters the step's backward reaches, averaged too.
+        balancer: the run's ``mtlfast.balancing`` method: :attr:`balancer` is what to hand the
+            engine (the method itself when its weights are fixed, else a
+            :class:`~mtlfast.train._dist_balancing.GlobalBalancer` feeding it the global
+            batch's losses and gradients; every task labelled on any rank then runs on all).
 
     Attributes: ``timings`` of the last step: ``agree_s`` (the first all-reduce), ``grads`` (the
     GradientSync's ``stats``) and ``after_s`` (the rest of :meth:`after`).
@@ -187,6 +193,7 @@ class DistributedStep:
         group=None,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         extra_params: list[torch.Tensor] | tuple = (),
+        balancer: Any = None,
     ) -> None:
         if not dist.is_initialized():
             raise RuntimeError(
@@ -198,6 +205,13 @@ class DistributedStep:
         self.trunk = list(trunk)
         self.heads = dict(heads.items())
         self.synced = any(is_sync_batchnorm(m) for m in model.modules())
+        self.balancer = balancer
+        if balancer is not None and not isinstance(balancer, Fixed):
+            device = next(model.parameters()).device
+            self.balancer = GlobalBalancer(balancer, device, group)
+        # collectives inside the step (batch norm statistics, a balancer's reductions) must pair
+        # up: every task labelled on some rank then runs on every rank
+        self.force = self.synced or isinstance(self.balancer, GlobalBalancer)
         names = {id(p): n for n, p in model.named_parameters()}
         rest = [*model.parameters(), *extra_params]
         modules = [h for h in self.heads.values() if isinstance(h, nn.Module)]
@@ -289,10 +303,11 @@ class DistributedStep:
     def _force_heads(
         self, heads, loss_fns, labeled, weights, key_task, stats, masks, n, device
     ) -> set[str]:
-        """With synchronised batch norm: a head whose tasks are labelled on another rank but not
-        here runs anyway, on no sample (recompute) or on the batch (naive), with a zero loss."""
+        """With synchronised batch norm or a balancer: a head whose tasks are labelled on another
+        rank but not here runs anyway, on no sample (recompute) or on the batch (naive), with a
+        zero loss."""
         fake: set[str] = set()
-        if not self.synced:
+        if not self.force:
             return fake
         for name, head in list(heads.items()):
             keys = [k for k in self._head_keys(name, head) if k in key_task]

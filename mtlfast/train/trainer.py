@@ -235,20 +235,16 @@ class Trainer:
         if self.runtime.world_size == 1:
             return None
         procedure = getattr(self, "procedure", None)
-        if procedure is not None or self.config.balancing.name != "fixed":
-            what = (
-                f"procedure {type(procedure).__name__}"
-                if procedure is not None
-                else f"balancing.name {self.config.balancing.name!r}"
-            )
+        if procedure is not None:
             raise NotImplementedError(
-                f"{what} does not run on several processes yet (torchrun); train it on one"
+                f"procedure {type(procedure).__name__} does not run on several processes yet "
+                "(torchrun); train it on one"
             )
         return _distributed.DistributedStep(
             self.model,
             list(self.loss_fns),
             strategy=self.config.train.strategy,
-            extra_params=list(self.balancer.parameters()),
+            balancer=self.balancer,
         )
 
     # ------------------------------------------------------------------------------ one step
@@ -320,7 +316,7 @@ class Trainer:
                     weights=weights,
                     strategy=tc.strategy,
                     segments=tc.segments,
-                    balancer=self.balancer,
+                    balancer=self.balancer if self.parallel is None else self.parallel.balancer,
                 )
         if self.parallel is not None:  # averaged gradients; the global batch's losses
             self.parallel.after(result)

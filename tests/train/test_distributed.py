@@ -32,13 +32,27 @@ pytestmark = pytest.mark.skipif(
 
 B = 2  # per rank
 STEPS = 3
-# (strategy, sync_bn): the cases compared with one process; without synchronised batch norm
-# the ranks' statistics differ from one process's, so that case checks agreement between ranks
-CASES = [("naive", True), ("recompute", True), ("recompute", False)]
+# (strategy, sync_bn, balancing): the cases compared with one process; without synchronised
+# batch norm the ranks' statistics differ from one process's, so that case checks agreement
+# between ranks
+METHODS = ["gradnorm", "uncertainty", "dwa", "mgda", "pcgrad", "cagrad"]
+CASES = [
+    ("naive", True, "fixed"),
+    ("recompute", True, "fixed"),
+    ("recompute", False, "fixed"),
+    *(("recompute", True, m) for m in METHODS),
+]
+OPTIONS = {
+    "gradnorm": "{alpha: 1.5, lr: 0.05}",
+    "uncertainty": "{lr: 0.05}",
+    "mgda": "{normalize: loss+}",
+}
 
 
-def _config(strategy: str, sync_bn: bool, batch: int):
+def _config(strategy: str, sync_bn: bool, batch: int, balancing: str = "fixed"):
     return tiny_config(
+        f"balancing.name={balancing}",
+        f"balancing.options={OPTIONS.get(balancing, '{}')}",
         f"train.strategy={strategy}",
         f"train.sync_bn={str(sync_bn).lower()}",
         f"data.batch_size={batch}",
@@ -84,11 +98,12 @@ def _patterned(batch: dict, step: int, rank: int | None, world: int) -> dict:
     return batch
 
 
-def run_case(strategy: str, sync_bn: bool, rank: int | None, world: int):
-    """The case's trainer after STEPS steps, and its evaluation before training."""
-    config = _config(strategy, sync_bn, B if rank is not None else B * world)
+def run_case(strategy: str, sync_bn: bool, balancing: str, rank: int | None, world: int):
+    """The case's trainer after STEPS steps, its evaluation before training (fixed weights
+    only), and each step's losses and balancing weights."""
+    config = _config(strategy, sync_bn, B if rank is not None else B * world, balancing)
     trainer = Trainer(config)
-    before = trainer.evaluate(recalibrate=False)
+    before = trainer.evaluate(recalibrate=False) if balancing == "fixed" else None
     loader = train_loader(
         config, trainer.train_set, rank=rank or 0, world_size=world if rank is not None else 1
     )
@@ -96,6 +111,7 @@ def run_case(strategy: str, sync_bn: bool, rank: int | None, world: int):
     for step, batch in zip(range(STEPS), loader):
         result = trainer.train_step(_patterned(batch, step, rank, world))
         losses.append({t: float(v) for t, v in result.losses.items()})
+        losses[-1]["weights"] = trainer.balancer.weights
     return trainer, before, losses
 
 
@@ -108,9 +124,9 @@ from mtlfast.train.cli import main
 out = sys.argv[2]
 distributed.init_distributed(timeout_s=60)
 rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-for strategy, sync_bn in CASES:
-    trainer, before, losses = run_case(strategy, sync_bn, rank, world)
-    name = f"{out}/{strategy}-{sync_bn}-{rank}"
+for case in CASES:
+    trainer, before, losses = run_case(*case, rank, world)
+    name = f"{out}/{'-'.join(map(str, case))}-{rank}"
     torch.save({k: v.clone() for k, v in trainer.model.state_dict().items()}, name + ".pt")
     json.dump({"before": before, "losses": losses}, open(name + ".json", "w"))
 sys.exit(main(["train", sys.argv[3], "--out", f"{out}/reference"]))
@@ -176,15 +192,17 @@ def two_ranks(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("strategy,sync_bn", CASES)
-def test_two_ranks_train_as_one_process_with_the_doubled_batch(two_ranks, strategy, sync_bn):
-    name = f"{strategy}-{sync_bn}"
+@pytest.mark.parametrize("strategy,sync_bn,balancing", CASES)
+def test_two_ranks_train_as_one_process_with_the_doubled_batch(
+    two_ranks, strategy, sync_bn, balancing
+):
+    name = f"{strategy}-{sync_bn}-{balancing}"
     ranks = [torch.load(two_ranks / f"{name}-{r}.pt", weights_only=True) for r in range(2)]
     for k in ranks[0]:  # the ranks hold the same model, bit for bit
         assert torch.equal(ranks[0][k], ranks[1][k]), k
     if not sync_bn:
         return
-    trainer, before, losses = run_case(strategy, sync_bn, None, 2)
+    trainer, before, losses = run_case(strategy, sync_bn, balancing, None, 2)
     report = json.loads((two_ranks / f"{name}-0.json").read_text())
     for k, v in trainer.model.state_dict().items():
         torch.testing.assert_close(ranks[0][k], v, rtol=2e-4, atol=2e-5, msg=k)
@@ -192,6 +210,8 @@ def test_two_ranks_train_as_one_process_with_the_doubled_batch(two_ranks, strate
         assert set(mine) == set(theirs)
         for t in mine:
             assert theirs[t] == pytest.approx(mine[t], rel=1e-4, abs=1e-6), t
+    if before is None:
+        return
     # evaluation: each rank its shard, the meters pooled
     assert report["before"]["images"] == before["images"]
     for task, metrics in before["tasks"].items():
