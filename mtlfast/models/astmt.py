@@ -125,10 +125,10 @@ class ASTMT(MultiTaskModel):
     ``forward(x, task)``: ``task`` an int (or a task name) -> that task's prediction
     (N, C_t, H, W); an (N,) int64 tensor (one task per sample) -> dict task -> the predictions of
     the samples of that task, in batch order; None -> :meth:`forward_all`. ``forward_all(x)``
-    stacks the batch T times with task ids 0..T-1 and runs one pass (the fused ops take a task
-    per sample): it equals T single-task calls exactly in eval mode, and in training mode
-    wherever batch norm after the stem is task-specific (a shared batch norm would see all T
-    copies; the stem's sees T copies of the same batch, whose statistics are one copy's).
+    runs the shared stages (the stem) once, stacks their output T times with task ids 0..T-1
+    and runs the rest as one pass (the fused ops take a task per sample): it equals T
+    single-task calls exactly in eval mode, and in training mode wherever batch norm after the
+    shared stages is task-specific (a shared batch norm would see all T copies).
 
     Where the paper is silent, the release is followed: the SE-ResNet bottlenecks stride on
     their first 1x1 convolution (Caffe's layout; the release's ImageNet SE-ResNets and
@@ -325,11 +325,15 @@ class ASTMT(MultiTaskModel):
         return resize(self.heads[name](self._features(x, i)), x.shape[-2:])
 
     def forward_all(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every task's prediction from one task-batched pass. Shapes: (N, 3, H, W) -> {task: (N, C_t, H, W)}."""
+        """Every task's prediction from one task-batched pass: the shared stages
+        (:attr:`shared_stages`) once, the rest on their output stacked T times.
+
+        Shapes: (N, 3, H, W) -> {task: (N, C_t, H, W)}."""
         check_images(x, type(self).__name__)
         n, t = x.shape[0], len(self.tasks)
         task = torch.arange(t, device=x.device).repeat_interleave(n)
-        decoded = self._features(x.repeat(t, 1, 1, 1), task)
+        shared = [s.repeat(t, *(1,) * (s.dim() - 1)) for s in self.shared_part(x)]
+        _, decoded = self.task_part(shared, task)
         return {
             name: resize(self.heads[name](decoded[i * n : (i + 1) * n]), x.shape[-2:])
             for i, name in enumerate(self.tasks)
