@@ -103,7 +103,7 @@ def make_batch(n: int, size: int, seed: int = 0) -> dict:
     }
 
 
-def make_trainer(model, strategy: str, threads: int, lr: float) -> Trainer:
+def make_trainer(model, strategy: str, threads: int, lr: float, precision: str = "fp32") -> Trainer:
     """The trainer on ``model`` as a config would build it: PASCAL loss weights, SGD momentum 0.9."""
     config = load_config(
         "mtinet_pascal",
@@ -111,6 +111,7 @@ def make_trainer(model, strategy: str, threads: int, lr: float) -> Trainer:
             "train.progress=false",
             f"train.threads={threads}",
             f"train.strategy={strategy}",
+            f"train.precision={precision}",
             "optim.name=sgd",
             f"optim.lr={lr}",
             "optim.momentum=0.9",
@@ -309,8 +310,8 @@ def _max_diff(a: dict, b: dict) -> float:
 
 def measure(name: str, args, batch) -> dict:
     ours, release, kind, names, note = build(name, args)
-    trainer = make_trainer(ours, "recompute", args.threads, args.lr)
-    naive = make_trainer(copy.deepcopy(ours), "naive", args.threads, args.lr)
+    trainer = make_trainer(ours, "recompute", args.threads, args.lr, args.precision)
+    naive = make_trainer(copy.deepcopy(ours), "naive", args.threads, args.lr, args.precision)
     side = ReleaseSide(release, names, kind, trainer.loss_fns, trainer.weights, args.lr)
     params = sum(p.numel() for p in ours.parameters())
     release_params = sum(p.numel() for p in release.parameters())
@@ -437,6 +438,12 @@ def main(argv=None) -> int:
     p.add_argument("--ubernet-backbone", default="vgg16")
     p.add_argument("--ubernet-width", type=float, default=1.0)
     p.add_argument("--quick", action="store_true", help="64x64, 1 round: a smoke test")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="mtlfast's train.precision (the release-style side stays fp32); inference stays fp32",
+    )
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
@@ -455,6 +462,7 @@ def main(argv=None) -> int:
         "size": args.size,
         "batch": args.batch,
         "threads": args.threads,
+        "precision_mtlfast": args.precision,
         "rounds": args.rounds,
         "lr": args.lr,
         "optimiser": "SGD momentum 0.9, weight decay 1e-4, constant rate, both sides",
