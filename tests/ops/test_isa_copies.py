@@ -12,6 +12,7 @@ VEX (c4/c5) or EVEX (62) in the DEFAULT copy, or EVEX in the AVX2 copy, fails th
 
 from __future__ import annotations
 
+import platform
 import re
 import shutil
 import subprocess
@@ -38,6 +39,7 @@ _INSN = re.compile(r"^\s*([0-9a-f]+):\t([0-9a-f ]+)\t(.*)$")
 _REF = re.compile(r"\b([0-9a-f]+) <([^>]+)>")
 
 pytestmark = [
+    pytest.mark.skipif(platform.machine() != "x86_64", reason="the ISA copies are x86-64 only"),
     pytest.mark.skipif(not has_extension(), reason="mtlfast._C is not built"),
     pytest.mark.skipif(OBJDUMP is None or CXXFILT is None, reason="needs binutils (objdump)"),
 ]

@@ -388,8 +388,12 @@ _TOOLS = importlib.util.find_spec("triton") is not None
 def report(tmp_path_factory) -> dict:
     from triton import knobs
 
-    if not Path(knobs.nvidia.ptxas.path).exists():
-        pytest.skip("Triton's ptxas is missing")
+    try:
+        tools = [Path(knobs.nvidia.ptxas.path), Path(knobs.nvidia.cuobjdump.path)]
+    except Exception as exc:  # noqa: BLE001 (a Triton without its NVIDIA tools)
+        pytest.skip(f"Triton's NVIDIA tools are unavailable: {exc}")
+    if not all(t.exists() for t in tools):
+        pytest.skip("Triton's ptxas or cuobjdump is missing")
     out = tmp_path_factory.mktemp("aot") / "triton_aot.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-m", "tests.ops.test_triton_aot", "--sweep", "ci", "--out", str(out)]
