@@ -12,8 +12,8 @@ PASCAL loss weights, SGD momentum 0.9, w_d 0.1, one process on ``--threads`` thr
   the unused parameters' gradients set to None after tracing the graph (``make_closure_fast``),
   an SGD step;
 * mtlfast's :class:`mtlfast.train.procedures.ASTMTProcedure` on the same weights
-  (``ASTMT(**release_options(state))``): ``task_passes`` (``updates="task"``: T separate passes
-  and T steps, the release's way on mtlfast's model), ``sequential`` (the default: the shared
+  (``ASTMT(**release_options(state))``): ``task_passes`` (``updates="task"``, the default and
+  the paper's: T separate passes and T steps), ``sequential`` (``updates="batch"``: the shared
   stem once, each task's pass forward and backward in turn, one step) and ``batched`` (the T
   passes stacked into one graph, one step).
 
@@ -159,8 +159,8 @@ def main(argv=None) -> int:
         steps["release"] = lambda: release_step(release, release_opt, batch, loss_fns, 0.5)
     modes = {
         "task_passes": {"updates": "task"},
-        "sequential": {},
-        "batched": {"execution": "batched"},
+        "sequential": {"updates": "batch"},
+        "batched": {"updates": "batch", "execution": "batched"},
     }
     for name, options in modes.items():
         if name not in sides:

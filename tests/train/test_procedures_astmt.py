@@ -88,12 +88,14 @@ def test_ganin_schedule():
         0.5 * (2 / (1 + math.exp(-5)) - 1)
     )
     # the procedure's lambda: the release's formula at (step + 1) / max_steps
-    proc = ASTMTProcedure(_model(), max_steps=60)
+    proc = ASTMTProcedure(_model(), max_steps=60, updates="batch")
     for step in (0, 10, 59, 100):
         proc.steps = step
         p = min((step + 1) / 60, 1.0)
         assert proc.reversal_lambda() == pytest.approx(2 / (1 + math.exp(-10 * p)) - 1)
-    proc = ASTMTProcedure(_model(), max_steps=5, reversal="constant", reversal_weight=0.25)
+    proc = ASTMTProcedure(
+        _model(), max_steps=5, reversal="constant", reversal_weight=0.25, updates="batch"
+    )
     assert proc.reversal_lambda() == 0.25
     with pytest.raises(ValueError, match="progress"):
         ganin_weight(1.5)
@@ -131,7 +133,12 @@ def test_adversarial_gradient_equals_hand_written_double_backprop(at, normalize)
     model = _model() if at == "decoder" else _model(se_decoder=False, decoder_se=False)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     proc = ASTMTProcedure(
-        model, max_steps=10, discriminator_at=at, normalize=normalize, discriminator_weight=0.1
+        model,
+        max_steps=10,
+        discriminator_at=at,
+        normalize=normalize,
+        discriminator_weight=0.1,
+        updates="batch",
     )
     with torch.no_grad():  # a discriminator whose gradient is not negligible
         for p in proc.discriminator.parameters():
@@ -165,7 +172,9 @@ def test_batched_step_equals_sequential_passes(partial, adversarial):
     for execution in ("sequential", "batched"):
         model.load_state_dict(state)
         model.zero_grad(set_to_none=True)
-        proc = ASTMTProcedure(model, max_steps=4, execution=execution, adversarial=adversarial)
+        proc = ASTMTProcedure(
+            model, max_steps=4, execution=execution, adversarial=adversarial, updates="batch"
+        )
         if adversarial:
             torch.manual_seed(3)
             for p in proc.discriminator.parameters():
@@ -185,7 +194,7 @@ def test_sequential_equals_t_separate_passes():
     assert model.shared_stages == 1
     state = {k: v.clone() for k, v in model.state_dict().items()}
     batch = _batch()
-    ASTMTProcedure(model, adversarial=False).backward(batch, LOSSES, WEIGHTS)
+    ASTMTProcedure(model, adversarial=False, updates="batch").backward(batch, LOSSES, WEIGHTS)
     ours = _grads(model)
     model.load_state_dict(state)
     model.zero_grad(set_to_none=True)
@@ -210,10 +219,11 @@ def _sgd_step(model, proc, optimizer, batch):
     optimizer.zero_grad(set_to_none=True)
 
 
-def test_only_the_weights_that_were_used_move():
+@pytest.mark.parametrize("updates", ["task", "batch"])
+def test_only_the_weights_that_were_used_move(updates):
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
-    proc = ASTMTProcedure(model, optimizer, adversarial=False)
+    proc = ASTMTProcedure(model, optimizer, adversarial=False, updates=updates)
     _sgd_step(model, proc, optimizer, _batch())  # momentum for every task's rows
     se = model.backbone.layer2[0].se
     before = se.w1.detach().clone(), optimizer.state[se.w1]["momentum_buffer"].clone()
@@ -262,6 +272,6 @@ def test_bad_options_name_the_argument():
     with pytest.raises(ValueError, match="discriminator_weight"):
         ASTMTProcedure(model, discriminator_weight=1.5)
     with pytest.raises(ValueError, match="no double backward"):
-        ASTMTProcedure(model, discriminator_at="encoder")
+        ASTMTProcedure(model, discriminator_at="encoder", updates="batch")
     with pytest.raises(TypeError, match="ASTMT"):
         ASTMTProcedure(torch.nn.Linear(2, 2))

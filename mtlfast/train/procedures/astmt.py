@@ -55,17 +55,18 @@ class ASTMTProcedure(Procedure):
         reversal: "ganin", lambda = ``reversal_weight * (2 / (1 + exp(-gamma p)) - 1)`` at
             progress ``p = (step + 1) / max_steps`` (the release's, per epoch there), or
             "constant" lambda = ``reversal_weight``.
-        execution: "sequential" (default): the shared stages (:attr:`ASTMT.shared_stages`: the
-            stem with a modulated encoder, all of the encoder without encoder modulation) run
-            once, then each task's pass runs forward and backward in turn and is freed before
-            the next; peak memory is the shared part plus one task pass. "batched": the T passes
-            stacked into one (the fused per-sample ops, as :meth:`ASTMT.forward_all`): one
-            graph holding T passes' activations.
-        updates: "batch" (default): one optimiser step after all tasks, on the sum of their
-            gradients (with the shared layers' rate divided by T, the mean). "task": the paper's
-            and the release's T steps per batch, one after each task's pass (each task's pass
-            then recomputes the shared stages with the weights of the moment); needs
-            ``execution="sequential"``.
+        updates: "task" (default): the paper's and the release's T optimiser steps per batch,
+            one after each task's pass ("T updates are happening for the same mini-batch on the
+            shared part", appendix), each pass freed with its gradients before the next (peak
+            memory: one task pass); needs ``optimizer``. "batch": one step after all tasks on
+            the sum of their gradients (the task-batched variant: every gradient is held across
+            the T passes).
+        execution: with ``updates="batch"``: "sequential" (default): the shared stages
+            (:attr:`ASTMT.shared_stages`: the stem with a modulated encoder, all of the encoder
+            without encoder modulation) run once, then each task's pass runs forward and
+            backward in turn and is freed before the next; "batched": the T passes stacked into
+            one (the fused per-sample ops, as :meth:`ASTMT.forward_all`): one graph holding T
+            passes' activations. With ``updates="task"`` each pass runs the whole network.
         task_lr_multiplier: multiplies the learning rate of the task-specific parameters (heads
             and the stacked per-task rows: task SE, task batch norm, adapters) by this factor
             (appendix: the shared layers' rate is divided by T; the release: ``--lr_tsk`` = T
@@ -118,7 +119,7 @@ class ASTMTProcedure(Procedure):
         reversal_gamma: float = 10.0,
         reversal_weight: float = 1.0,
         execution: str = "sequential",
-        updates: str = "batch",
+        updates: str = "task",
         task_lr_multiplier: float | None = None,
         grad_clip: float | None = None,
     ) -> None:
@@ -155,11 +156,13 @@ class ASTMTProcedure(Procedure):
                 raise ValueError(f"ASTMTProcedure: {key} must be {what}, got {locals()[key]!r}")
         if updates == "task" and execution != "sequential":
             raise ValueError(
-                "ASTMTProcedure: updates='task' steps between tasks: it needs execution='sequential'"
+                "ASTMTProcedure: updates='task' steps between tasks: it needs execution='sequential' "
+                "(execution='batched' goes with updates='batch')"
             )
         if updates == "task" and optimizer is None:
             raise ValueError(
-                "ASTMTProcedure: updates='task' steps the optimizer between tasks: pass optimizer"
+                "ASTMTProcedure: updates='task' (the default) steps the optimizer between tasks: "
+                "pass optimizer, or updates='batch'"
             )
         if (
             adversarial
