@@ -42,15 +42,16 @@ class GradientDiscriminator(nn.Module):
     Its input is the gradient of one task's loss with respect to the shared features; with
     ``normalize`` each sample's gradient is first divided by its L2 norm ("we normalize the
     gradient of the losses of the tasks by their norm", appendix). Training it (cross-entropy
-    against the source task, w_d = 0.1) and reversing its gradient into the network is the
-    trainer's business. ``hidden`` is not given in the paper; 256 here.
+    against the source task, w_d = 0.1) and reversing its gradient into the network is
+    :class:`mtlfast.train.procedures.ASTMTProcedure`'s. ``hidden`` is not given in the paper;
+    256 here by default.
 
     The release's (``FullyConvDiscriminator``, depth 2, kernel 1) differs where the paper is
-    silent, and is not reproduced yet: it reads the gradient at the decoder's output (the
-    input of the task classifiers, ``head_channels`` wide), divides each pixel's gradient
-    vector by its norm (+1e-10), is as wide as its input and has no bias in its first
-    convolution. Its training weighs the losses ``0.99 * task + 0.01 * discriminator``
-    (``--dscr_w``; the paper's w_d is 0.1) and ramps the reversal by Ganin et al.'s schedule.
+    silent: it reads the gradient at the decoder's output (the input of the task classifiers,
+    ``head_channels`` wide), divides each pixel's gradient vector by its norm (+1e-10), is as
+    wide as its input and has no bias in its first convolution (the options below give it).
+    Its training weighs the losses ``0.99 * task + 0.01 * discriminator`` (``--dscr_w``; the
+    paper's w_d is 0.1) and ramps the reversal by Ganin et al.'s schedule.
 
     ``per_pixel`` divides each pixel's gradient vector by its norm instead, and ``bias=False``
     drops the first convolution's bias; with ``hidden=None`` (as wide as the input) and the
@@ -154,10 +155,10 @@ class ASTMT(MultiTaskModel):
     release's ``C // reduction`` is 0 for narrower layers (only test widths reach them);
     SE-MobileNetV2 places SE (reduction 16) at the end of each inverted residual and its
     decoder is the ResNet one made separable (the release's SE-MobileNet network, with
-    reduction-4 SE and grouped 1x1 convolutions, is not reproduced); the discriminator is our
-    own (see :class:`GradientDiscriminator`; the release's sits on the decoder's output, is
-    ``head_channels`` wide, its first convolution without bias, and normalises each pixel's
-    gradient). The paper's headline method (Tables 3e, 4: SE modulation with adversarial
+    reduction-4 SE and grouped 1x1 convolutions, is not reproduced); :meth:`discriminator`
+    defaults to the encoder's output (``at="decoder", hidden=None, per_pixel=True,
+    bias=False`` give the release's, which :class:`mtlfast.train.procedures.ASTMTProcedure`
+    trains). The paper's headline method (Tables 3e, 4: SE modulation with adversarial
     training) has no adapters, hence ``adapters=False``; the release's PASCAL configuration and
     checkpoint add them (``adapters=True``: 31.27M parameters for its five tasks on
     SE-ResNet-26, as in the release without its 4.4k-parameter discriminator). The reported
