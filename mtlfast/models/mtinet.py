@@ -312,7 +312,8 @@ class MTINet(JointDecoderModel):
       ``softmax_grouping="release"`` restores the release's, which its trained weights need:
       :func:`mtlfast.models.release_mtinet.load_release_checkpoint` sets it);
     - every task is predicted at every stage: the release's auxiliary tasks (predicted only in
-      the front-end, e.g. edges and normals on NYUD) are not separated;
+      the front-end, e.g. edges and normals on NYUD) are the trainer's ``loss.auxiliary``,
+      whose final outputs are computed here but feed no loss (config ``mtinet_nyud_aux``);
     - the SE hidden width is ``max(C // 16, 1)`` (:class:`mtlfast.nn.TaskSE`); equal for C >= 16.
     """
 

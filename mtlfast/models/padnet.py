@@ -168,7 +168,8 @@ class PADNet(JointDecoderModel):
     Deviations from the PAD-Net paper (Xu et al.) and MTI-Net's release (models/padnet.py): as in
     MTI-Net's comparison, the backbone is multi-scale (HRNet-18) with its scales fused at 1/4,
     instead of PAD-Net's single-scale encoder with deconvolutions; distillation is the spatial
-    attention variant only; every task is final (no front-end-only auxiliary tasks); upsampling
+    attention variant only; every task is final (front-end-only auxiliary tasks are the
+    trainer's ``loss.auxiliary``: their final outputs feed no loss); upsampling
     uses exact sizes, so odd image sizes work.
 
     The release's trained weights load with
