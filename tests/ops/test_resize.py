@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from mtlfast.ops import resize_bilinear, use_backend
 from mtlfast.ops import resize as resize_module
+from mtlfast.ops import resize_bilinear, use_backend
 
 SHAPES = [  # (N, C, H, W) -> (h, w): up, down, odd factors, one-pixel sides, non-square
     ((2, 3, 8, 8), (32, 32)),
