@@ -181,7 +181,9 @@ class DistributedStep:
             batch's losses and gradients; every task labelled on any rank then runs on all).
 
     Attributes: ``timings`` of the last step: ``agree_s`` (the first all-reduce), ``grads`` (the
-    GradientSync's ``stats``) and ``after_s`` (the rest of :meth:`after`).
+    GradientSync's ``stats``) and ``after_s`` (the rest of :meth:`after`). After :meth:`before`,
+    for a procedure running its own engine step: ``inputs`` (what it returned), ``labelled``
+    (task -> labelled samples on all ranks) and ``global_batch`` (samples on all ranks).
     """
 
     def __init__(
@@ -293,6 +295,9 @@ class DistributedStep:
             heads, loss_fns, labeled, weights, key_task, stats, masks, n, device
         )
         self._step = {"keys": keys, "key_task": key_task, "stats": stats, "fake": fake}
+        self.inputs = (heads, loss_fns, labeled, weights)
+        self.labelled = {t: int(stats[t][1][0]) for t in self.tasks}
+        self.global_batch = n * self.world  # the sampler gives every rank the same batch size
         self.grads.start(self._absent(heads, labeled, key_task, stats, fake))
         self.timings = {"agree_s": time.perf_counter() - tick}
         return heads, loss_fns, labeled, weights

@@ -235,7 +235,7 @@ class Trainer:
         if self.runtime.world_size == 1:
             return None
         procedure = getattr(self, "procedure", None)
-        if procedure is not None:
+        if procedure is not None and not getattr(procedure, "distributed", False):
             raise NotImplementedError(
                 f"procedure {type(procedure).__name__} does not run on several processes yet "
                 "(torchrun); train it on one"

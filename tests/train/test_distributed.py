@@ -41,6 +41,7 @@ CASES = [
     ("recompute", True, "fixed"),
     ("recompute", False, "fixed"),
     *(("recompute", True, m) for m in METHODS),
+    ("recompute", True, "ubernet_async"),  # UberNet's asynchronous SGD: global counters
 ]
 OPTIONS = {
     "gradnorm": "{alpha: 1.5, lr: 0.05}",
@@ -49,10 +50,17 @@ OPTIONS = {
 }
 
 
-def _config(strategy: str, sync_bn: bool, batch: int, balancing: str = "fixed"):
+def _config(strategy: str, sync_bn: bool, batch: int, method: str = "fixed"):
+    """The tiny config with a balancing method, or with UberNet's procedure."""
+    if method == "ubernet_async":
+        extra = [
+            "procedure.name=ubernet_async",
+            "procedure.options={shared_batch: 6, task_batch: 3}",
+        ]
+    else:
+        extra = [f"balancing.name={method}", f"balancing.options={OPTIONS.get(method, '{}')}"]
     return tiny_config(
-        f"balancing.name={balancing}",
-        f"balancing.options={OPTIONS.get(balancing, '{}')}",
+        *extra,
         f"train.strategy={strategy}",
         f"train.sync_bn={str(sync_bn).lower()}",
         f"data.batch_size={batch}",
@@ -283,3 +291,22 @@ def test_killed_rank_fails_the_job_and_resume_continues_bitwise(two_ranks, tmp_p
     assert got["step"] == expected["step"] == 6
     for k, v in expected["model"].items():
         assert torch.equal(got["model"][k], v), k
+
+
+def test_public_names():
+    from mtlfast.train import distributed
+
+    assert sorted(distributed.__all__) == [
+        "DistributedStep",
+        "GradientSync",
+        "SyncBatchNorm",
+        "convert_sync_batchnorm",
+        "init_distributed",
+        "launched_distributed",
+        "local_device",
+        "reduce_meters",
+        "shutdown",
+        "threads_per_rank",
+    ]
+    assert not distributed.launched_distributed() or "RANK" in os.environ
+    assert not distributed.init_distributed() or torch.distributed.is_initialized()

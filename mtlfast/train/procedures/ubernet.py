@@ -39,6 +39,8 @@ class UberNetAsyncProcedure(Procedure):
     """
 
     name = "ubernet_async"
+    #: trains on several ranks (mtlfast.train.distributed): counters advance by every rank's samples
+    distributed = True
 
     def __init__(
         self,
@@ -85,6 +87,11 @@ class UberNetAsyncProcedure(Procedure):
             owner = [part for part in key.split("/") if part in per_task]
             return per_task[owner[0]] if owner else n
 
+        parallel = getattr(trainer, "parallel", None)
+        if parallel is not None:  # several ranks: this rank's share of the step, global counts
+            heads, loss_fns, labeled, weights = parallel.inputs
+            per_task.update(parallel.labelled)
+            n = parallel.global_batch
         summed = {k: w * samples(k) for k, w in weights.items()}
         result = multi_branch_step(
             trunk,
@@ -97,7 +104,10 @@ class UberNetAsyncProcedure(Procedure):
             strategy=tc.strategy,
             segments=tc.segments,
         )
-        self.async_sgd.observe(self.counts(batch, tasks))
+        counts = self.counts(batch, tasks)
+        if parallel is not None:
+            counts = {g: n if g == SHARED else per_task.get(g, c) for g, c in counts.items()}
+        self.async_sgd.observe(counts)
         terms = [result.losses[k].float() * float(weights.get(k, 1.0)) for k in result.ran]
         if terms:
             result.total = sum(terms[1:], terms[0])
