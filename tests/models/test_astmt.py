@@ -59,6 +59,11 @@ def test_forward_all_equals_per_task_loop(backbone, options, training):
         torch.testing.assert_close(together[task], alone, rtol=tol, atol=tol)
         assert alone.shape == (2, model.out_channels[task], H, W)
     assert model(x, "edge").shape == (2, 1, H, W)
+    with torch.no_grad():  # inference runs the task passes one after the other: the same values
+        model.load_state_dict(state)
+        one_by_one = model.forward_all(x)
+    for task in TASKS:
+        torch.testing.assert_close(one_by_one[task], together[task], rtol=2e-4, atol=2e-4)
 
 
 def test_per_sample_tasks():
