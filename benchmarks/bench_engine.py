@@ -151,8 +151,9 @@ def network(tasks: int, size: tuple[int, int], output_stride: int):
 
 def make_step(case: Case, max_tasks: int | None = None) -> tuple[Callable[[], object], int]:
     """One training step of ``case`` as a call, and the bytes of the parameters it trains."""
-    trunk, all_heads = network(max(case.tasks, max_tasks or max(TASKS)), case.size,
-                               case.output_stride)
+    trunk, all_heads = network(
+        max(case.tasks, max_tasks or max(TASKS)), case.size, case.output_stride
+    )
     names = list(engine_models.task_kinds(case.tasks))
     heads = {name: all_heads[name] for name in names}
     images, targets = engine_models.batch(case.tasks, case.n, case.size)
@@ -166,8 +167,9 @@ def make_step(case: Case, max_tasks: int | None = None) -> tuple[Callable[[], ob
     if case.strategy == "checkpoint":
 
         def step():
-            return engine_models.checkpoint_step(trunk, heads, images, targets, losses, labeled,
-                                                 segments=case.segments)
+            return engine_models.checkpoint_step(
+                trunk, heads, images, targets, losses, labeled, segments=case.segments
+            )
 
     else:
         from mtlfast.engine import multi_branch_step
@@ -175,8 +177,16 @@ def make_step(case: Case, max_tasks: int | None = None) -> tuple[Callable[[], ob
         strategy = case.strategy.removesuffix("_all_rows")
 
         def step():
-            return multi_branch_step(trunk, heads, images, targets, losses, labeled=labeled,
-                                     strategy=strategy, segments=case.segments)
+            return multi_branch_step(
+                trunk,
+                heads,
+                images,
+                targets,
+                losses,
+                labeled=labeled,
+                strategy=strategy,
+                segments=case.segments,
+            )
 
     return step, param_bytes
 
@@ -222,17 +232,27 @@ def test_engine(benchmark, case, rounds):
     step()  # oneDNN's primitives, every .grad allocated
     memory = measure_memory(step)
     benchmark.extra_info.update(
-        suite="engine", strategy=case.strategy, T=case.tasks, labels=case.labels, n=case.n,
-        size=list(case.size), output_stride=case.output_stride, segments=case.segments,
-        device="cpu", device_name=harness.device_name("cpu"), param_bytes=param_bytes, **memory,
+        suite="engine",
+        strategy=case.strategy,
+        T=case.tasks,
+        labels=case.labels,
+        n=case.n,
+        size=list(case.size),
+        output_stride=case.output_stride,
+        segments=case.segments,
+        device="cpu",
+        device_name=harness.device_name("cpu"),
+        param_bytes=param_bytes,
+        **memory,
     )
     warmup, timed = rounds
     start = harness.CpuTimes.now()
     benchmark.pedantic(step, rounds=timed, warmup_rounds=warmup, iterations=1)
     seconds = benchmark.stats.stats.min if benchmark.stats else None
     median = benchmark.stats.stats.median if benchmark.stats else None
-    benchmark.extra_info.update(step_s=seconds, step_median_s=median,
-                                other_cpu_fraction=start.other_fraction_since())
+    benchmark.extra_info.update(
+        step_s=seconds, step_median_s=median, other_cpu_fraction=start.other_fraction_since()
+    )
     benchmark.extra_info.update(ratios(case, seconds, memory["peak_extra_bytes"]))
     _MEASURED[(case.labels, case.strategy, case.tasks)] = (seconds, memory["peak_extra_bytes"])
 
@@ -252,8 +272,12 @@ def plot(figures: dict, path: str) -> None:
     markers = {"naive": "o", "recompute": "s", "checkpoint": "^"}
     for strategy, by_t in figures["peak_extra_bytes"].items():
         ts = sorted(by_t, key=int)
-        ax.plot([int(t) for t in ts], [by_t[t] / 2**20 for t in ts],
-                marker=markers.get(strategy, "x"), label=strategy)
+        ax.plot(
+            [int(t) for t in ts],
+            [by_t[t] / 2**20 for t in ts],
+            marker=markers.get(strategy, "x"),
+            label=strategy,
+        )
     ax.set_xscale("log", base=2)
     ts = sorted({int(t) for by_t in figures["peak_extra_bytes"].values() for t in by_t})
     ax.set_xticks(ts, [str(t) for t in ts])
@@ -261,13 +285,21 @@ def plot(figures: dict, path: str) -> None:
     ax.set_xlabel("tasks T")
     ax.set_ylabel("peak memory of a training step (MiB)")
     setup = figures.get("setup", {})
-    ax.set_title(f"ResNet-50 trunk (output stride {setup.get('output_stride')}), 3-layer heads, "
-                 f"batch {setup.get('n')} at {'x'.join(map(str, setup.get('size', [])))}\n"
-                 "peak allocated above the model and its .grad, CPU, float32", fontsize=9)
+    ax.set_title(
+        f"ResNet-50 trunk (output stride {setup.get('output_stride')}), 3-layer heads, "
+        f"batch {setup.get('n')} at {'x'.join(map(str, setup.get('size', [])))}\n"
+        "peak allocated above the model and its .grad, CPU, float32",
+        fontsize=9,
+    )
     ax.grid(True, alpha=0.3)
     ax.legend()
-    fig.text(0.01, 0.01, f"{figures.get('device_name', '')}; torch {figures.get('torch', '?')}",
-             fontsize=7, alpha=0.7)
+    fig.text(
+        0.01,
+        0.01,
+        f"{figures.get('device_name', '')}; torch {figures.get('torch', '?')}",
+        fontsize=7,
+        alpha=0.7,
+    )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -293,10 +325,16 @@ def write_figures(results: str, out_dir: str | None = None) -> tuple[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Figures of the engine benchmarks.")
-    parser.add_argument("--plot", metavar="RESULTS.json", required=True,
-                        help="pytest-benchmark JSON of a run of benchmarks/bench_engine.py")
-    parser.add_argument("--out-dir", help="where to write memory_vs_tasks.{json,png} "
-                        "(default: next to RESULTS.json)")
+    parser.add_argument(
+        "--plot",
+        metavar="RESULTS.json",
+        required=True,
+        help="pytest-benchmark JSON of a run of benchmarks/bench_engine.py",
+    )
+    parser.add_argument(
+        "--out-dir",
+        help="where to write memory_vs_tasks.{json,png} (default: next to RESULTS.json)",
+    )
     args = parser.parse_args(argv)
     for path in write_figures(args.plot, args.out_dir):
         print(path)

@@ -139,8 +139,9 @@ def pytest_generate_tests(metafunc):
 
 
 @functools.lru_cache(maxsize=1)
-def inputs(device: str, dtype: torch.dtype, chw: tuple[int, int, int], tasks: int,
-           channels_last: bool) -> tuple:
+def inputs(
+    device: str, dtype: torch.dtype, chw: tuple[int, int, int], tasks: int, channels_last: bool
+) -> tuple:
     """x, residual, task, (w1, b1, w2, b2), grad_out; kept for the consecutive cases sharing
     them."""
     c, h, w = chw
@@ -156,8 +157,12 @@ def inputs(device: str, dtype: torch.dtype, chw: tuple[int, int, int], tasks: in
         u = torch.rand(shape, generator=generator, device=device, dtype=dtype)
         return (2 * u - 1) / fan_in**0.5
 
-    params = (uniform(c, tasks, r, c), uniform(c, tasks, r), uniform(r, tasks, c, r),
-              uniform(r, tasks, c))
+    params = (
+        uniform(c, tasks, r, c),
+        uniform(c, tasks, r),
+        uniform(r, tasks, c, r),
+        uniform(r, tasks, c),
+    )
     task = torch.arange(tasks, device=device).repeat_interleave(IMAGES[device])
     return randn(), randn(), task, params, randn()
 
@@ -173,7 +178,9 @@ class SELayer(nn.Module):
         super().__init__()
         self.avg_pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Sequential(
-            nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels),
+            nn.Linear(channels, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, channels),
             nn.Sigmoid(),
         )
 

@@ -24,8 +24,19 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "STAGES", "TRUNK_BLOCKS", "Bottleneck", "resnet50_trunk", "Head", "TaskKind", "KINDS",
-    "task_kinds", "make_heads", "loss_fns", "batch", "one_task_per_sample", "checkpoint_step",
+    "KINDS",
+    "STAGES",
+    "TRUNK_BLOCKS",
+    "Bottleneck",
+    "Head",
+    "TaskKind",
+    "batch",
+    "checkpoint_step",
+    "loss_fns",
+    "make_heads",
+    "one_task_per_sample",
+    "resnet50_trunk",
+    "task_kinds",
 ]
 
 STAGES = ((64, 3), (128, 4), (256, 6), (512, 3))  # (bottleneck width, blocks): ResNet-50
@@ -36,15 +47,22 @@ EXPANSION = 4
 class Bottleneck(nn.Module):
     """ResNet v1.5 bottleneck: 1x1, 3x3 (stride, dilation), 1x1, each with BN; + shortcut, ReLU."""
 
-    def __init__(self, inplanes: int, width: int, stride: int = 1, dilation: int = 1,
-                 first_dilation: int | None = None) -> None:
+    def __init__(
+        self,
+        inplanes: int,
+        width: int,
+        stride: int = 1,
+        dilation: int = 1,
+        first_dilation: int | None = None,
+    ) -> None:
         super().__init__()
         out = width * EXPANSION
         first_dilation = dilation if first_dilation is None else first_dilation
         self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, padding=first_dilation,
-                               dilation=first_dilation, bias=False)
+        self.conv2 = nn.Conv2d(
+            width, width, 3, stride, padding=first_dilation, dilation=first_dilation, bias=False
+        )
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = nn.Conv2d(width, out, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out)
@@ -72,7 +90,9 @@ def resnet50_trunk(output_stride: int = 16) -> nn.Sequential:
     if output_stride not in (8, 16, 32):
         raise ValueError(f"output_stride: expected 8, 16 or 32, got {output_stride}")
     stem = nn.Sequential(
-        nn.Conv2d(3, 64, 7, 2, padding=3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+        nn.Conv2d(3, 64, 7, 2, padding=3, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(inplace=True),
         nn.MaxPool2d(3, 2, padding=1),
     )
     blocks: list[nn.Module] = [stem]
@@ -84,8 +104,15 @@ def resnet50_trunk(output_stride: int = 16) -> nn.Sequential:
         if index >= len(STAGES) - dilated:
             dilation, stride = dilation * stride, 1
         for b in range(count):
-            blocks.append(Bottleneck(inplanes, width, stride if b == 0 else 1, dilation,
-                                     previous if b == 0 else dilation))
+            blocks.append(
+                Bottleneck(
+                    inplanes,
+                    width,
+                    stride if b == 0 else 1,
+                    dilation,
+                    previous if b == 0 else dilation,
+                )
+            )
             inplanes = width * EXPANSION
     return nn.Sequential(*blocks)
 
@@ -94,13 +121,16 @@ class Head(nn.Module):
     """A task branch: conv3x3 (in -> hidden), ReLU, conv3x3 (hidden -> hidden), ReLU,
     conv1x1 (hidden -> channels); (N, in, h, w) -> (N, channels, *size), upsampled bilinearly."""
 
-    def __init__(self, in_channels: int, channels: int, size: tuple[int, int],
-                 hidden: int = 256) -> None:
+    def __init__(
+        self, in_channels: int, channels: int, size: tuple[int, int], hidden: int = 256
+    ) -> None:
         super().__init__()
         self.size = size
         self.layers = nn.Sequential(
-            nn.Conv2d(in_channels, hidden, 3, padding=1), nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(in_channels, hidden, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, padding=1),
+            nn.ReLU(inplace=True),
             nn.Conv2d(hidden, channels, 1),
         )
 
@@ -181,10 +211,15 @@ def one_task_per_sample(tasks: int, n: int) -> dict[str, torch.Tensor]:
     return {f"t{t}": owner == t for t in range(tasks)}
 
 
-def checkpoint_step(trunk: nn.Sequential, heads: Mapping[str, nn.Module], images: torch.Tensor,
-                    targets: Mapping[str, torch.Tensor], losses: Mapping[str, Callable],
-                    labeled: Mapping[str, torch.Tensor] | None = None,
-                    segments: int | None = None) -> torch.Tensor:
+def checkpoint_step(
+    trunk: nn.Sequential,
+    heads: Mapping[str, nn.Module],
+    images: torch.Tensor,
+    targets: Mapping[str, torch.Tensor],
+    losses: Mapping[str, Callable],
+    labeled: Mapping[str, torch.Tensor] | None = None,
+    segments: int | None = None,
+) -> torch.Tensor:
     """One training step's forward and backward with ``torch.utils.checkpoint`` on the trunk
     alone (``checkpoint_sequential``, ``segments`` default round(sqrt(L)), non-reentrant), every
     head on every sample, each task's loss on its labelled rows, one backward of their sum.

@@ -209,8 +209,9 @@ def measure(
     call()
     seconds = max(time_once(call), time_once(call))
     peak = peak_mem_bytes(call, device)
-    benchmark.extra_info.update(info, device=device, device_name=device_name(device), bytes=nbytes,
-                                peak_mem_bytes=peak)
+    benchmark.extra_info.update(
+        info, device=device, device_name=device_name(device), bytes=nbytes, peak_mem_bytes=peak
+    )
     benchmark.pedantic(call, rounds=budget.rounds(seconds), warmup_rounds=0)
     if not benchmark.stats:  # --benchmark-disable: one plain call, nothing measured
         return

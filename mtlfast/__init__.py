@@ -5,6 +5,15 @@ from . import backbones, balancing, data, engine, losses, metrics, models, nn, o
 __version__ = "0.1.0"
 
 __all__ = [
-    "backbones", "balancing", "data", "engine", "losses", "metrics", "models", "ops", "nn", "profiling",
     "__version__",
+    "backbones",
+    "balancing",
+    "data",
+    "engine",
+    "losses",
+    "metrics",
+    "models",
+    "nn",
+    "ops",
+    "profiling",
 ]

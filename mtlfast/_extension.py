@@ -7,15 +7,15 @@ import importlib
 
 import torch
 
-__all__ = ["extension_error", "has_extension", "has_cuda_kernels", "cpu_isa"]
+__all__ = ["cpu_isa", "extension_error", "has_cuda_kernels", "has_extension"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load() -> str | None:
     """Import ``mtlfast._C`` once; return the error text if it is missing or broken."""
     try:
         importlib.import_module("mtlfast._C")
-    except Exception as exc:  # a broken build can raise anything: ImportError, OSError, ...
+    except Exception as exc:  # noqa: BLE001 - a broken build can raise anything: ImportError, OSError, ...
         return f"{type(exc).__name__}: {exc}"
     return None
 
@@ -30,12 +30,14 @@ def has_extension() -> bool:
     return _load() is None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def has_cuda_kernels() -> bool:
     """True when the extension was built with its CUDA kernels."""
     if not has_extension():
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("mtlfast_C::attention_distill_fwd", "CUDA")
+    return torch._C._dispatch_has_kernel_for_dispatch_key(
+        "mtlfast_C::attention_distill_fwd", "CUDA"
+    )
 
 
 def cpu_isa() -> str | None:

@@ -78,11 +78,12 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-__all__ = ["memory", "MemoryStats"]
+__all__ = ["MemoryStats", "memory"]
 
 
 @dataclass
@@ -235,7 +236,7 @@ class _PeakWatch:
 class _CudaCounter(_Counter):
     """The CUDA caching allocator's allocated bytes on one device."""
 
-    _by_device: dict[torch.device, _CudaCounter] = {}
+    _by_device: ClassVar[dict[torch.device, _CudaCounter]] = {}
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -360,8 +361,10 @@ class _CpuAllocationEvents:
 
     def _start(self) -> None:
         profiler = torch.profiler.profile(
-            activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
-            record_shapes=False, with_stack=False,
+            activities=[torch.profiler.ProfilerActivity.CPU],
+            profile_memory=True,
+            record_shapes=False,
+            with_stack=False,
         )
         profiler.__enter__()
         self.profiler = profiler

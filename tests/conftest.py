@@ -8,7 +8,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
 
 def pytest_collection_modifyitems(config, items):
@@ -51,5 +51,7 @@ def require_backend(backend: str, device: str = "cpu") -> None:
         return
     required = {b.strip() for b in os.environ.get("MTLFAST_REQUIRE_BACKENDS", "").split(",")}
     if backend in required and device == "cpu":
-        pytest.fail(f"backend {backend!r} is required (MTLFAST_REQUIRE_BACKENDS) but unavailable on {device}")
+        pytest.fail(
+            f"backend {backend!r} is required (MTLFAST_REQUIRE_BACKENDS) but unavailable on {device}"
+        )
     pytest.skip(f"backend {backend!r} unavailable on {device}")

@@ -3,6 +3,7 @@ and its figures, report and plot come out of a pytest-benchmark JSON."""
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,21 +58,42 @@ def test_cases():
 
 def _fake_results():
     benchmarks = []
-    for labels, strategies, ts in (("all", bench_engine.STRATEGIES, (1, 2, 4)),
-                                   ("one_per_sample", bench_engine.PARTIAL_STRATEGIES, (7,))):
+    for labels, strategies, ts in (
+        ("all", bench_engine.STRATEGIES, (1, 2, 4)),
+        ("one_per_sample", bench_engine.PARTIAL_STRATEGIES, (7,)),
+    ):
         for t in ts:
             for strategy in strategies:
-                peak = {"naive": 100 + 10 * t, "recompute": 50, "checkpoint": 60 + 10 * t,
-                        "naive_all_rows": 100, "recompute_all_rows": 50}
+                peak = {
+                    "naive": 100 + 10 * t,
+                    "recompute": 50,
+                    "checkpoint": 60 + 10 * t,
+                    "naive_all_rows": 100,
+                    "recompute_all_rows": 50,
+                }
                 seconds = {"naive": 1.0, "recompute": 1.3, "checkpoint": 1.25}
                 if labels != "all":
-                    seconds = {"naive_all_rows": 2.5, "naive": 2.0, "recompute": 1.0,
-                               "recompute_all_rows": 1.5}
-                info = {"suite": "engine", "strategy": strategy, "T": t, "labels": labels,
-                        "n": 4, "size": [256, 256], "output_stride": 16, "segments": 4,
-                        "device_name": "test CPU", "param_bytes": 1000 * t,
-                        "peak_extra_bytes": peak[strategy] * 2**20, "saved_bytes": 1,
-                        "other_cpu_fraction": 0.0}
+                    seconds = {
+                        "naive_all_rows": 2.5,
+                        "naive": 2.0,
+                        "recompute": 1.0,
+                        "recompute_all_rows": 1.5,
+                    }
+                info = {
+                    "suite": "engine",
+                    "strategy": strategy,
+                    "T": t,
+                    "labels": labels,
+                    "n": 4,
+                    "size": [256, 256],
+                    "output_stride": 16,
+                    "segments": 4,
+                    "device_name": "test CPU",
+                    "param_bytes": 1000 * t,
+                    "peak_extra_bytes": peak[strategy] * 2**20,
+                    "saved_bytes": 1,
+                    "other_cpu_fraction": 0.0,
+                }
                 benchmarks.append({"extra_info": info, "stats": {"median": seconds[strategy]}})
     return {"machine_info": {"torch": "x", "other_cpu_fraction": 0.01}, "benchmarks": benchmarks}
 
@@ -79,8 +101,11 @@ def _fake_results():
 def test_report_and_figures(tmp_path):
     data = _fake_results()
     figures = report.engine_figures(data)
-    assert figures["peak_extra_bytes"]["naive"] == {"1": 110 * 2**20, "2": 120 * 2**20,
-                                                    "4": 140 * 2**20}
+    assert figures["peak_extra_bytes"]["naive"] == {
+        "1": 110 * 2**20,
+        "2": 120 * 2**20,
+        "4": 140 * 2**20,
+    }
     met = {t["name"]: t["met"] for t in figures["targets"]}
     assert all(met.values()), met
     lines = report.render({}, {}, False, figures)
@@ -92,5 +117,5 @@ def test_report_and_figures(tmp_path):
     if importlib.util.find_spec("matplotlib") is None:
         pytest.skip("matplotlib is not installed: the plot is not tested")
     json_path, png_path = bench_engine.write_figures(str(path))
-    assert json.loads(open(json_path).read())["partial"]["recompute"]["step_s"] == 1.0
-    assert open(png_path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(Path(json_path).read_text())["partial"]["recompute"]["step_s"] == 1.0
+    assert Path(png_path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -116,11 +116,10 @@ def test_nested_blocks():
 
 
 def test_figures_are_none_inside_block_and_set_after_error():
-    with pytest.raises(ZeroDivisionError):
-        with profiling.memory("cpu") as m:
-            assert m.peak_extra_bytes is None
-            a = torch.empty(MB, dtype=torch.uint8)
-            1 / 0
+    with pytest.raises(ZeroDivisionError), profiling.memory("cpu") as m:
+        assert m.peak_extra_bytes is None
+        a = torch.empty(MB, dtype=torch.uint8)
+        _ = 1 / 0
     assert m.peak_extra_bytes == MB
     del a
     with profiling.memory("cpu") as again:  # the profiler session was closed
@@ -147,10 +146,12 @@ def test_cuda_without_cuda():
 
 
 def test_refuses_while_another_profiler_runs():
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
-        with pytest.raises(RuntimeError, match="already running"):
-            with profiling.memory("cpu"):
-                pass
+    with (
+        torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]),
+        pytest.raises(RuntimeError, match="already running"),
+        profiling.memory("cpu"),
+    ):
+        pass
     with profiling.memory("cpu") as m:  # and works once it is gone
         torch.empty(8)
     assert m.peak_extra_bytes == 32
@@ -159,9 +160,8 @@ def test_refuses_while_another_profiler_runs():
 def test_failed_entry_leaves_nothing_running():
     """Saved-tensors hooks disabled: entering fails, and the profiler it started is stopped."""
     with torch.autograd.graph.disable_saved_tensors_hooks("no hooks here"):
-        with pytest.raises(RuntimeError, match="no hooks here"):
-            with profiling.memory("cpu"):
-                pass
+        with pytest.raises(RuntimeError, match="no hooks here"), profiling.memory("cpu"):
+            pass
         with profiling.memory("cpu", saved_tensors=False) as m:
             torch.empty(8)
     assert m.peak_extra_bytes == 32
@@ -172,9 +172,8 @@ def test_enter_once():
     measurement = profiling.memory("cpu")
     with measurement:
         pass
-    with pytest.raises(RuntimeError, match="only once"):
-        with measurement:
-            pass
+    with pytest.raises(RuntimeError, match="only once"), measurement:
+        pass
 
 
 @pytest.mark.gpu

@@ -16,7 +16,21 @@ from .resnet import ResNet
 from .vgg import VGG16
 
 __all__ = [
-    "Backbone", "CONVERTERS", "FPN", "HRNet", "LoadResult", "MobileNetV2", "ResNet", "VGG16", "create_backbone",
-    "hrnet_state_dict_from_release", "hrnet_w18_small_v2", "list_backbones", "load_hrnet_pretrained",
-    "load_pretrained", "register_backbone", "register_converter", "to_torchvision",
+    "CONVERTERS",
+    "FPN",
+    "VGG16",
+    "Backbone",
+    "HRNet",
+    "LoadResult",
+    "MobileNetV2",
+    "ResNet",
+    "create_backbone",
+    "hrnet_state_dict_from_release",
+    "hrnet_w18_small_v2",
+    "list_backbones",
+    "load_hrnet_pretrained",
+    "load_pretrained",
+    "register_backbone",
+    "register_converter",
+    "to_torchvision",
 ]

@@ -42,7 +42,9 @@ class Backbone(nn.Module):
         """The module holding the neck's parameters (None when the neck has none)."""
         return None
 
-    def forward(self, x: torch.Tensor, task: int | torch.Tensor | None = None) -> list[torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, task: int | torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{type(self).__name__}: x must have shape (N, 3, H, W), got {got}")

@@ -56,7 +56,9 @@ class TopDown(nn.Module):
     def __init__(self, in_channels: list[int], out_channels: int = 256) -> None:
         super().__init__()
         self.inner_blocks = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in in_channels)
-        self.layer_blocks = nn.ModuleList(nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in in_channels)
+        self.layer_blocks = nn.ModuleList(
+            nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in in_channels
+        )
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_uniform_(m.weight, a=1)

@@ -53,7 +53,8 @@ class HighResolutionModule(nn.Module):
         super().__init__()
         self.channels = list(channels)
         self.branches = nn.ModuleList(
-            nn.Sequential(*(BasicBlock(c, c, momentum=momentum) for _ in range(blocks))) for c in channels
+            nn.Sequential(*(BasicBlock(c, c, momentum=momentum) for _ in range(blocks)))
+            for c in channels
         )
         fuse = []
         for i, ci in enumerate(channels):
@@ -61,7 +62,9 @@ class HighResolutionModule(nn.Module):
             for j, cj in enumerate(channels):
                 if j > i:
                     row.append(
-                        nn.Sequential(nn.Conv2d(cj, ci, 1, bias=False), nn.BatchNorm2d(ci, momentum=momentum))
+                        nn.Sequential(
+                            nn.Conv2d(cj, ci, 1, bias=False), nn.BatchNorm2d(ci, momentum=momentum)
+                        )
                     )
                 elif j == i:
                     row.append(None)
@@ -97,7 +100,9 @@ class Transition(nn.ModuleList):
     Shapes: a tensor or tuple of B tensors in, a tuple of len(self) tensors out.
     """
 
-    def __init__(self, cin: Sequence[int], cout: Sequence[int], momentum: float = BN_MOMENTUM) -> None:
+    def __init__(
+        self, cin: Sequence[int], cout: Sequence[int], momentum: float = BN_MOMENTUM
+    ) -> None:
         entries: list[nn.Module | None] = []
         for i, c in enumerate(cout):
             if i < len(cin):
@@ -124,7 +129,13 @@ class _Stem(nn.Module):
 
     def __init__(self, net: HRNet) -> None:
         super().__init__()
-        self.conv1, self.bn1, self.conv2, self.bn2, self.relu = net.conv1, net.bn1, net.conv2, net.bn2, net.relu
+        self.conv1, self.bn1, self.conv2, self.bn2, self.relu = (
+            net.conv1,
+            net.bn1,
+            net.conv2,
+            net.bn2,
+            net.relu,
+        )
 
     def forward(self, x):
         return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
@@ -169,7 +180,9 @@ class HRNet(nn.Module):
     ) -> None:
         super().__init__()
         if len(channels) != 4 or len(modules) != 3:
-            raise ValueError(f"HRNet: expected 4 channels and 3 module counts, got {channels} and {modules}")
+            raise ValueError(
+                f"HRNet: expected 4 channels and 3 module counts, got {channels} and {modules}"
+            )
         self.channels = list(channels)
         self.strides = [4, 8, 16, 32]
         self.conv1 = nn.Conv2d(3, 64, 3, stride=2, padding=1, bias=False)
@@ -178,7 +191,10 @@ class HRNet(nn.Module):
         self.bn2 = nn.BatchNorm2d(64, momentum=BN_MOMENTUM)
         self.relu = nn.ReLU(inplace=True)
         self.layer1 = nn.Sequential(
-            *(Bottleneck(64 if i == 0 else 256, 64, momentum=BN_MOMENTUM) for i in range(stem_blocks))
+            *(
+                Bottleneck(64 if i == 0 else 256, 64, momentum=BN_MOMENTUM)
+                for i in range(stem_blocks)
+            )
         )
         prev = [256]
         for stage, count in zip((2, 3, 4), modules):
@@ -258,5 +274,7 @@ def load_hrnet_pretrained(model: nn.Module, path: str) -> LoadResult:
         )
     result = load_pretrained(net, path)
     if result.mismatched:
-        raise RuntimeError(f"load_hrnet_pretrained: size mismatch for {result.mismatched} (a different HRNet width?)")
+        raise RuntimeError(
+            f"load_hrnet_pretrained: size mismatch for {result.mismatched} (a different HRNet width?)"
+        )
     return result

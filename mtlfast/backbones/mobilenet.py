@@ -11,7 +11,15 @@ from .base import Backbone
 __all__ = ["InvertedResidual", "MobileNetV2"]
 
 #: (expansion t, channels c, repeats n, stride s), torchvision's inverted residual setting.
-SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+SETTING = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
 
 
 def _divisible(v: float, divisor: int = 8) -> int:
@@ -20,12 +28,23 @@ def _divisible(v: float, divisor: int = 8) -> int:
     return new + divisor if new < 0.9 * v else new
 
 
-def _conv_bn_act(cin: int, cout: int, kernel: int = 3, stride: int = 1, dilation: int = 1, groups: int = 1,
-                 num_tasks: int = 1, task_bn: bool = False) -> TaskSequential:
+def _conv_bn_act(
+    cin: int,
+    cout: int,
+    kernel: int = 3,
+    stride: int = 1,
+    dilation: int = 1,
+    groups: int = 1,
+    num_tasks: int = 1,
+    task_bn: bool = False,
+) -> TaskSequential:
     """torchvision's Conv2dNormActivation with ReLU6: keys ``0.weight`` (conv), ``1.*`` (batch norm)."""
     pad = (kernel - 1) // 2 * dilation
-    return TaskSequential(nn.Conv2d(cin, cout, kernel, stride, pad, dilation=dilation, groups=groups, bias=False),
-                          make_norm(cout, num_tasks, task_bn), nn.ReLU6())
+    return TaskSequential(
+        nn.Conv2d(cin, cout, kernel, stride, pad, dilation=dilation, groups=groups, bias=False),
+        make_norm(cout, num_tasks, task_bn),
+        nn.ReLU6(),
+    )
 
 
 class InvertedResidual(nn.Module):
@@ -39,17 +58,31 @@ class InvertedResidual(nn.Module):
 
     takes_task = True
 
-    def __init__(self, cin: int, cout: int, stride: int, expand: int, dilation: int = 1, *, se: bool = False,
-                 num_tasks: int = 1, task_se: bool = False, task_bn: bool = False) -> None:
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        stride: int,
+        expand: int,
+        dilation: int = 1,
+        *,
+        se: bool = False,
+        num_tasks: int = 1,
+        task_se: bool = False,
+        task_bn: bool = False,
+    ) -> None:
         super().__init__()
-        hidden = int(round(cin * expand))
+        hidden = round(cin * expand)
         self.out_channels = cout
         self.use_residual = stride == 1 and cin == cout
         layers: list[nn.Module] = []
         if expand != 1:
             layers.append(_conv_bn_act(cin, hidden, 1, num_tasks=num_tasks, task_bn=task_bn))
-        layers += [_conv_bn_act(hidden, hidden, 3, stride, dilation, hidden, num_tasks, task_bn),
-                   nn.Conv2d(hidden, cout, 1, bias=False), make_norm(cout, num_tasks, task_bn)]
+        layers += [
+            _conv_bn_act(hidden, hidden, 3, stride, dilation, hidden, num_tasks, task_bn),
+            nn.Conv2d(hidden, cout, 1, bias=False),
+            make_norm(cout, num_tasks, task_bn),
+        ]
         self.conv = TaskSequential(*layers)
         self.se = make_se(cout, num_tasks, task_se) if se else None
 
@@ -80,15 +113,22 @@ class MobileNetV2(Backbone):
 
     classifier_prefixes = ("classifier.", "features.18.")
 
-    def __init__(self, output_stride: int = 32, width: float = 1.0, se: bool = False, num_tasks: int = 1,
-                 task_se: bool = False, task_bn: bool = False) -> None:
+    def __init__(
+        self,
+        output_stride: int = 32,
+        width: float = 1.0,
+        se: bool = False,
+        num_tasks: int = 1,
+        task_se: bool = False,
+        task_bn: bool = False,
+    ) -> None:
         super().__init__()
         if output_stride not in (8, 16, 32):
             raise ValueError(f"MobileNetV2: output_stride must be 8, 16 or 32, got {output_stride}")
         if width <= 0:
             raise ValueError(f"MobileNetV2: width must be > 0, got {width}")
         self.output_stride = output_stride
-        opts = dict(se=se, num_tasks=num_tasks, task_se=task_se, task_bn=task_bn)
+        opts = {"se": se, "num_tasks": num_tasks, "task_se": task_se, "task_bn": task_bn}
         cin = _divisible(32 * width)
         layers: list[nn.Module] = [_conv_bn_act(3, cin, 3, 2, num_tasks=num_tasks, task_bn=task_bn)]
         stride_now, nominal, dilation = 2, 2, 1

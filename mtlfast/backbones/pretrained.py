@@ -15,7 +15,7 @@ from ..nn import ResidualAdapter, TaskBatchNorm2d
 from .base import Backbone
 from .fpn import FPN
 
-__all__ = ["LoadResult", "CONVERTERS", "load_pretrained", "register_converter", "to_torchvision"]
+__all__ = ["CONVERTERS", "LoadResult", "load_pretrained", "register_converter", "to_torchvision"]
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 CONVERTERS: dict[type, Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]] = {}
 
 
-def register_converter(cls: type, fn: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]) -> None:
+def register_converter(
+    cls: type, fn: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]]
+) -> None:
     """Makes ``fn`` the key mapping used for ``cls`` and its subclasses (e.g. an HRNet converter)."""
     CONVERTERS[cls] = fn
 
@@ -90,7 +92,9 @@ def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
     return prefixes
 
 
-def load_pretrained(model: nn.Module, path: str | os.PathLike, *, strict: bool = False) -> LoadResult:
+def load_pretrained(
+    model: nn.Module, path: str | os.PathLike, *, strict: bool = False
+) -> LoadResult:
     """Loads the local checkpoint at ``path`` into ``model`` (a backbone, or a model with ``.backbone``).
 
     The checkpoint is read with ``torch.load(weights_only=True)``: a state dict with torchvision's
@@ -111,7 +115,9 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, strict: bool =
         model = model.backbone
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"load_pretrained: no checkpoint file at {path!r} (mtlfast never downloads weights)")
+        raise FileNotFoundError(
+            f"load_pretrained: no checkpoint file at {path!r} (mtlfast never downloads weights)"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, truncated files, non-checkpoint files
@@ -124,7 +130,9 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, strict: bool =
     if not isinstance(state, Mapping) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
-        raise TypeError(f"load_pretrained: {path!r} must hold a state dict (str -> tensor), got {type(state).__name__}")
+        raise TypeError(
+            f"load_pretrained: {path!r} must hold a state dict (str -> tensor), got {type(state).__name__}"
+        )
     result = LoadResult()
     prefixes = _classifier_prefixes(model)
     kept = {}
@@ -153,16 +161,26 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, *, strict: bool =
     result.missing = [k for k in target if k not in done and not k.endswith("num_batches_tracked")]
     problems = {name: getattr(result, name) for name in ("missing", "unexpected", "mismatched")}
     if strict and any(problems.values()):
-        raise RuntimeError(f"load_pretrained(strict=True) into {type(model).__name__}: "
-                           + "; ".join(f"{n}: {v[:5]}{'...' if len(v) > 5 else ''}" for n, v in problems.items() if v))
+        raise RuntimeError(
+            f"load_pretrained(strict=True) into {type(model).__name__}: "
+            + "; ".join(
+                f"{n}: {v[:5]}{'...' if len(v) > 5 else ''}" for n, v in problems.items() if v
+            )
+        )
     with torch.no_grad():
         for k, v in copies:
             target[k].copy_(v)
-    summary = (f"load_pretrained {path}: {len(result.loaded)} loaded, {len(result.broadcast)} broadcast to tasks, "
-               + ", ".join(f"{len(v)} {n}" for n, v in problems.items()) + f", {len(result.ignored)} classifier keys ignored")
+    summary = (
+        f"load_pretrained {path}: {len(result.loaded)} loaded, {len(result.broadcast)} broadcast to tasks, "
+        + ", ".join(f"{len(v)} {n}" for n, v in problems.items())
+        + f", {len(result.ignored)} classifier keys ignored"
+    )
     log.info(summary)
     if any(problems.values()):
-        warnings.warn(summary + "; first: " + "; ".join(f"{n} {v[:3]}" for n, v in problems.items() if v), stacklevel=2)
+        warnings.warn(
+            summary + "; first: " + "; ".join(f"{n} {v[:3]}" for n, v in problems.items() if v),
+            stacklevel=2,
+        )
     return result
 
 

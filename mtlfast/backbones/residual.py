@@ -14,7 +14,9 @@ def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 
 def projection(cin: int, cout: int, stride: int = 1, momentum: float = 0.1) -> nn.Sequential:
     """The shortcut of a residual block whose shape changes: 1x1 convolution (no bias) and batch norm."""
-    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout, momentum=momentum))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout, momentum=momentum)
+    )
 
 
 class BasicBlock(nn.Module):
@@ -39,7 +41,9 @@ class BasicBlock(nn.Module):
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes, momentum=momentum)
         self.relu = nn.ReLU(inplace=True)  # on fresh outputs only: BN's and the residual sum
-        self.downsample = projection(cin, planes, stride, momentum) if (cin != planes or stride != 1) else None
+        self.downsample = (
+            projection(cin, planes, stride, momentum) if (cin != planes or stride != 1) else None
+        )
 
     def forward(self, x):
         out = self.relu(self.bn1(self.conv1(x)))
@@ -70,7 +74,9 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(planes, cout, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(cout, momentum=momentum)
         self.relu = nn.ReLU(inplace=True)  # on fresh outputs only: BN's and the residual sum
-        self.downsample = projection(cin, cout, stride, momentum) if (cin != cout or stride != 1) else None
+        self.downsample = (
+            projection(cin, cout, stride, momentum) if (cin != cout or stride != 1) else None
+        )
 
     def forward(self, x):
         out = self.relu(self.bn1(self.conv1(x)))

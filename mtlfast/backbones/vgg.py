@@ -60,8 +60,14 @@ class VGG16(Backbone):
 
     def stages(self) -> list[nn.Module]:
         f = self.features
-        return [f[0:4], f[4:9], f[9:16], f[16:23], f[23:30],
-                nn.Sequential(f[30], self.fc6, nn.ReLU(), self.fc7, nn.ReLU())]
+        return [
+            f[0:4],
+            f[4:9],
+            f[9:16],
+            f[16:23],
+            f[23:30],
+            nn.Sequential(f[30], self.fc6, nn.ReLU(), self.fc7, nn.ReLU()),
+        ]
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}"

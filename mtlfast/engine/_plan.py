@@ -58,7 +58,11 @@ def index_rows(tree: Any, index: torch.Tensor | None) -> Any:
 
 def _batch_sizes(tree: Any) -> list[int | None]:
     # None for a 0-dim tensor, which has no batch dimension to index
-    return [t.shape[0] if t.dim() > 0 else None for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
+    return [
+        t.shape[0] if t.dim() > 0 else None
+        for t in tree_flatten(tree)[0]
+        if isinstance(t, torch.Tensor)
+    ]
 
 
 def _items(mapping: Any, what: str) -> dict[str, Any]:
@@ -109,10 +113,16 @@ class StepPlan:
         declared: list[tuple[str, Any, tuple[str, ...] | None, bool]] = []
         for name, head in heads.items():
             if not callable(head):
-                raise TypeError(f"heads[{name!r}] must be a module (callable), got {type(head).__name__}")
+                raise TypeError(
+                    f"heads[{name!r}] must be a module (callable), got {type(head).__name__}"
+                )
             tasks = getattr(head, "tasks", None)
             if tasks is not None:
-                if not isinstance(tasks, (list, tuple)) or not tasks or not all(isinstance(t, str) for t in tasks):
+                if (
+                    not isinstance(tasks, (list, tuple))
+                    or not tasks
+                    or not all(isinstance(t, str) for t in tasks)
+                ):
                     raise TypeError(
                         f"heads[{name!r}].tasks must be a non-empty list or tuple of task names, got {tasks!r}"
                     )
@@ -130,11 +140,15 @@ class StepPlan:
         self.weights: dict[str, Any] = {}
         for task, w in _items(weights, "weights").items():
             if task not in self._owner and not (undeclared and task in self.loss_fns):
-                raise ValueError(f"weights has task {task!r}, which no head predicts (tasks: {sorted(self._owner)})")
+                raise ValueError(
+                    f"weights has task {task!r}, which no head predicts (tasks: {sorted(self._owner)})"
+                )
             if isinstance(w, bool) or not (
                 isinstance(w, numbers.Real) or (isinstance(w, torch.Tensor) and w.numel() == 1)
             ):
-                raise TypeError(f"weights[{task!r}] must be a float or a one-element tensor, got {w!r}")
+                raise TypeError(
+                    f"weights[{task!r}] must be a float or a one-element tensor, got {w!r}"
+                )
             self.weights[task] = float(w) if isinstance(w, numbers.Real) else w.reshape(())
 
         self.undeclared = undeclared
@@ -149,7 +163,9 @@ class StepPlan:
                 continue
             rows = [self.task_rows(t) for t in tasks]
             self.skipped += [t for t, r in zip(tasks, rows) if r.count == 0]
-            if any(r.count for r in rows):  # lazy evaluation: a head with nothing to learn does not run
+            if any(
+                r.count for r in rows
+            ):  # lazy evaluation: a head with nothing to learn does not run
                 self.branches.append(Branch(name, head, tasks, joint, self._union(rows)))
 
     def check_labeled(self, final: bool = False) -> None:
@@ -174,14 +190,18 @@ class StepPlan:
 
     def _claim(self, task: str, head: str) -> None:
         if task in self._owner:
-            raise ValueError(f"task {task!r} is predicted by two heads: {self._owner[task]!r} and {head!r}")
+            raise ValueError(
+                f"task {task!r} is predicted by two heads: {self._owner[task]!r} and {head!r}"
+            )
         self._owner[task] = head
 
     def _check_task(self, task: str) -> None:
         """Loss function, labelled flags and (if any sample is labelled) target of ``task``."""
         fn = self.loss_fns.get(task)
         if fn is None:
-            raise ValueError(f"no loss function for task {task!r}: loss_fns has {sorted(self.loss_fns)}")
+            raise ValueError(
+                f"no loss function for task {task!r}: loss_fns has {sorted(self.loss_fns)}"
+            )
         if not callable(fn):
             raise TypeError(f"loss_fns[{task!r}] must be callable, got {type(fn).__name__}")
         if self.task_rows(task).count == 0:
@@ -190,7 +210,9 @@ class StepPlan:
             raise ValueError(f"no target for task {task!r}: targets has {sorted(self.targets)}")
         sizes = _batch_sizes(self.targets[task])
         if not sizes:
-            raise TypeError(f"targets[{task!r}] must be a tensor (N, ...) or a structure of such tensors")
+            raise TypeError(
+                f"targets[{task!r}] must be a tensor (N, ...) or a structure of such tensors"
+            )
         if any(n != self.batch_size for n in sizes):
             raise ValueError(
                 f"targets[{task!r}] has batch size {sizes[0] if len(set(sizes)) == 1 else sizes}, "
@@ -218,7 +240,9 @@ class StepPlan:
             return self._rows[task]
         source = self._label_source(task)
         if source is not None and source != task:
-            rows = self.task_rows(source)  # shared: one host sync per mask, however many keys use it
+            rows = self.task_rows(
+                source
+            )  # shared: one host sync per mask, however many keys use it
             self._rows[task] = rows
             return rows
         n = self.batch_size
@@ -227,8 +251,14 @@ class StepPlan:
             rows = TaskRows(None, None, n)
         else:
             if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-                got = f"a {mask.dtype} tensor" if isinstance(mask, torch.Tensor) else type(mask).__name__
-                raise TypeError(f"labeled[{task!r}] must be a bool tensor of shape ({n},), got {got}")
+                got = (
+                    f"a {mask.dtype} tensor"
+                    if isinstance(mask, torch.Tensor)
+                    else type(mask).__name__
+                )
+                raise TypeError(
+                    f"labeled[{task!r}] must be a bool tensor of shape ({n},), got {got}"
+                )
             if mask.shape != (n,):
                 raise ValueError(
                     f"labeled[{task!r}] has shape {tuple(mask.shape)}, but images have batch size {n}: "
@@ -252,7 +282,11 @@ class StepPlan:
             mask |= r.mask.to(mask.device)
         index = mask.nonzero().squeeze(1)
         count = index.numel()
-        return TaskRows(None, None, count) if count == self.batch_size else TaskRows(mask, index, count)
+        return (
+            TaskRows(None, None, count)
+            if count == self.batch_size
+            else TaskRows(mask, index, count)
+        )
 
     def positions(self, task: TaskRows, branch: TaskRows) -> torch.Tensor | None:
         """Where ``task``'s labelled samples sit among the rows a branch ran on (None: all of them).
@@ -282,7 +316,9 @@ class StepPlan:
         if branch.tasks is None:
             for task in out:
                 if not isinstance(task, str):
-                    raise TypeError(f"head {branch.name!r} returned a dict with a non-str key {task!r}")
+                    raise TypeError(
+                        f"head {branch.name!r} returned a dict with a non-str key {task!r}"
+                    )
                 if self._owner.get(task) != branch.name:
                     self._claim(task, branch.name)
                     self._check_task(task)
@@ -308,7 +344,11 @@ class StepPlan:
         """
         loss = self.loss_fns[task](prediction, target)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            got = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+            got = (
+                f"shape {tuple(loss.shape)}"
+                if isinstance(loss, torch.Tensor)
+                else type(loss).__name__
+            )
             raise ValueError(f"loss_fns[{task!r}] must return a scalar tensor, got {got}")
         if not loss.requires_grad:
             raise ValueError(

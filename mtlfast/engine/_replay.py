@@ -35,18 +35,26 @@ def no_autocast(device_types: Iterable[str]) -> Iterator[None]:
 
 def _rng_module(device_type: str) -> Any:
     module = getattr(torch, device_type, None)
-    if module is None or not hasattr(module, "get_rng_state") or not hasattr(module, "set_rng_state"):
+    if (
+        module is None
+        or not hasattr(module, "get_rng_state")
+        or not hasattr(module, "set_rng_state")
+    ):
         return None
     return module
 
 
-def _get_rng_states(devices: Sequence[torch.device]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+def _get_rng_states(
+    devices: Sequence[torch.device],
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     return torch.get_rng_state(), [
         m.get_rng_state(d) if (m := _rng_module(d.type)) is not None else None for d in devices
     ]
 
 
-def _set_rng_states(devices: Sequence[torch.device], states: tuple[torch.Tensor, list[torch.Tensor | None]]) -> None:
+def _set_rng_states(
+    devices: Sequence[torch.device], states: tuple[torch.Tensor, list[torch.Tensor | None]]
+) -> None:
     cpu_state, device_states = states
     torch.set_rng_state(cpu_state)
     for d, state in zip(devices, device_states):
@@ -92,9 +100,12 @@ class SegmentReplay:
                 if id(m) not in seen:
                     seen.add(id(m))
                     self.modules.append(m)
-        tensors = flat + [t for m in self.modules for t in (*m.parameters(False), *m.buffers(False))]
+        tensors = flat + [
+            t for m in self.modules for t in (*m.parameters(False), *m.buffers(False))
+        ]
         self.devices = sorted(
-            {t.device for t in tensors if t.device.type not in ("cpu", "meta")}, key=lambda d: (d.type, d.index or 0)
+            {t.device for t in tensors if t.device.type not in ("cpu", "meta")},
+            key=lambda d: (d.type, d.index or 0),
         )
         self.device_types = {"cpu"} | {d.type for d in self.devices}
         self.rng = _get_rng_states(self.devices)
@@ -122,7 +133,9 @@ class SegmentReplay:
     def after_forward(self) -> None:
         """Keeps the pre-forward copies of the modules the forward modified, drops the others."""
         changed = {
-            id(m) for m, name, b, version, _ in self.buffers if m._buffers.get(name) is not b or b._version != version
+            id(m)
+            for m, name, b, version, _ in self.buffers
+            if m._buffers.get(name) is not b or b._version != version
         }
         self.buffers = [entry for entry in self.buffers if id(entry[0]) in changed]
 
@@ -138,7 +151,9 @@ class SegmentReplay:
             with contextlib.ExitStack() as stack:
                 for dt, enabled, dtype in self.autocast:
                     stack.enter_context(
-                        torch.autocast(dt, dtype=dtype, enabled=enabled, cache_enabled=self.autocast_cache)
+                        torch.autocast(
+                            dt, dtype=dtype, enabled=enabled, cache_enabled=self.autocast_cache
+                        )
                     )
                 yield
         finally:

@@ -33,7 +33,9 @@ def split_segments(num_modules: int, segments: int | None = None) -> list[tuple[
     elif isinstance(segments, bool) or not isinstance(segments, int):
         raise TypeError(f"segments must be an int or None, got {type(segments).__name__}")
     if not 1 <= segments <= num_modules:
-        raise ValueError(f"segments must be in [1, {num_modules}] for a trunk of {num_modules} modules, got {segments}")
+        raise ValueError(
+            f"segments must be in [1, {num_modules}] for a trunk of {num_modules} modules, got {segments}"
+        )
     base, extra = divmod(num_modules, segments)
     bounds, start = [], 0
     for s in range(segments):
@@ -150,7 +152,9 @@ class CheckpointedTrunk:
         self.kept_device_types = device_types_of(anchor, out)
         out_leaves, out_spec = tree_flatten(out)
         del out
-        return tree_unflatten([o.detach() if isinstance(o, torch.Tensor) else o for o in out_leaves], out_spec)
+        return tree_unflatten(
+            [o.detach() if isinstance(o, torch.Tensor) else o for o in out_leaves], out_spec
+        )
 
     def backward(self, grads: list[torch.Tensor | None], spec: Any) -> None:
         """Backpropagates ``grads`` (the representation's flattened gradient, ``spec`` its structure).
@@ -160,7 +164,9 @@ class CheckpointedTrunk:
         recomputed forward re-enters the autocast state its first forward had, so the caller's
         context at this point does not matter.
         """
-        device_types = self.kept_device_types.union(*(r.device_types for r in self.replays if r is not None))
+        device_types = self.kept_device_types.union(
+            *(r.device_types for r in self.replays if r is not None)
+        )
         with no_autocast(device_types):
             self._backward(grads, spec)
         self.anchors.clear()
@@ -193,7 +199,9 @@ class CheckpointedTrunk:
                     _backprop(s, box, grads, spec)
             if s == 0:
                 break
-            grads = [a.grad if isinstance(a, torch.Tensor) and a.requires_grad else None for a in leaves]
+            grads = [
+                a.grad if isinstance(a, torch.Tensor) and a.requires_grad else None for a in leaves
+            ]
             spec = anchor_spec
             del leaves
 
@@ -210,7 +218,9 @@ def _backprop(s: int, box: list[Any], grads: list[torch.Tensor | None], spec: An
             f"trunk segment {s} produced a different structure on recomputation: {out_spec} vs {spec}"
         )
     pairs = [
-        (o, g) for o, g in zip(out_leaves, grads) if g is not None and isinstance(o, torch.Tensor) and o.requires_grad
+        (o, g)
+        for o, g in zip(out_leaves, grads)
+        if g is not None and isinstance(o, torch.Tensor) and o.requires_grad
     ]
     # drop the caller's references too: each gradient dies once its segment is done
     del out_leaves

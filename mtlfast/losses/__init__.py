@@ -14,10 +14,10 @@ from .normals import normals_loss
 from .segmentation import cross_entropy_loss
 
 __all__ = [
-    "MultiTaskLoss",
     "NYUD_WEIGHTS",
     "PASCAL_WEIGHTS",
     "TASK_LOSSES",
+    "MultiTaskLoss",
     "balanced_bce_loss",
     "cross_entropy_loss",
     "depth_gradient_loss",

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from ._labeled import safe_mean, select_labeled, zero_loss
 
-__all__ = ["depth_loss", "depth_gradient_loss"]
+__all__ = ["depth_gradient_loss", "depth_loss"]
 
 
 def _sobel(x: torch.Tensor) -> torch.Tensor:

@@ -13,13 +13,17 @@ from .depth import depth_loss
 from .normals import normals_loss
 from .segmentation import cross_entropy_loss
 
-__all__ = ["PASCAL_WEIGHTS", "NYUD_WEIGHTS", "TASK_LOSSES", "for_task", "MultiTaskLoss"]
+__all__ = ["NYUD_WEIGHTS", "PASCAL_WEIGHTS", "TASK_LOSSES", "MultiTaskLoss", "for_task"]
 
 LossFn = Callable[..., torch.Tensor]
 
 #: ASTMT (appendix; release ``LOSS_MULT``) and MTI-Net ``configs/pascal/*.yml``.
 PASCAL_WEIGHTS: dict[str, float] = {
-    "edge": 50.0, "semseg": 1.0, "parts": 2.0, "normals": 10.0, "saliency": 5.0
+    "edge": 50.0,
+    "semseg": 1.0,
+    "parts": 2.0,
+    "normals": 10.0,
+    "saliency": 5.0,
 }
 #: MTI-Net ``configs/nyud/hrnet18/mti_net+edges_normals.yml`` (semseg and depth alone: 1 and 1).
 NYUD_WEIGHTS: dict[str, float] = {"semseg": 1.0, "depth": 1.0, "normals": 10.0, "edge": 50.0}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-__all__ = ["delta_m", "DEFAULT_METRIC", "LOWER_IS_BETTER", "HIGHER_IS_BETTER"]
+__all__ = ["DEFAULT_METRIC", "HIGHER_IS_BETTER", "LOWER_IS_BETTER", "delta_m"]
 
 #: task -> the metric MTI-Net's ``calculate_multi_task_performance`` compares.
 DEFAULT_METRIC = {

@@ -18,8 +18,12 @@ def make_backbone(backbone: str | nn.Module, **options) -> nn.Module:
     if isinstance(backbone, nn.Module):
         if options:
             raise ValueError(f"backbone options {sorted(options)} given with a backbone instance")
-        if not all(isinstance(getattr(backbone, a, None), (list, tuple)) for a in ("channels", "strides")):
-            raise TypeError(f"backbone {type(backbone).__name__} must have `channels` and `strides` lists")
+        if not all(
+            isinstance(getattr(backbone, a, None), (list, tuple)) for a in ("channels", "strides")
+        ):
+            raise TypeError(
+                f"backbone {type(backbone).__name__} must have `channels` and `strides` lists"
+            )
         return backbone
     if not isinstance(backbone, str):
         raise TypeError(f"backbone must be a name or an nn.Module, got {type(backbone).__name__}")

@@ -32,7 +32,9 @@ def _stacked_parameters(module: nn.Module, num_tasks: int) -> list[nn.Parameter]
         return []
     for cls, names in _STACKED:
         if isinstance(module, cls):
-            return [p for n, p in module.named_parameters(recurse=False) if names is None or n in names]
+            return [
+                p for n, p in module.named_parameters(recurse=False) if names is None or n in names
+            ]
     return []
 
 

@@ -23,10 +23,19 @@ class DeepLabTaskHead(nn.Module):
     level) and f_K (ASPP input).
     """
 
-    def __init__(self, low_channels: int, high_channels: int, out_channels: int, channels: int = 256,
-                 rates: tuple[int, ...] = (6, 12, 18), separable: bool = False) -> None:
+    def __init__(
+        self,
+        low_channels: int,
+        high_channels: int,
+        out_channels: int,
+        channels: int = 256,
+        rates: tuple[int, ...] = (6, 12, 18),
+        separable: bool = False,
+    ) -> None:
         super().__init__()
-        self.decoder = DeepLabV3PlusDecoder(low_channels, high_channels, channels, rates=rates, separable=separable)
+        self.decoder = DeepLabV3PlusDecoder(
+            low_channels, high_channels, channels, rates=rates, separable=separable
+        )
         self.classifier = nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, rep: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -72,9 +81,18 @@ class MTLBaseline(MultiTaskModel):
     Shapes: x (N, 3, H, W) -> {task: (N, C_t, H, W)}.
     """
 
-    def __init__(self, tasks: Sequence[str], backbone: str | nn.Module = "resnet50", *, dataset: str = "pascal",
-                 out_channels: Mapping[str, int] | None = None, head: str = "deeplab", head_channels: int = 256,
-                 output_stride: int | None = None, **backbone_options) -> None:
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        backbone: str | nn.Module = "resnet50",
+        *,
+        dataset: str = "pascal",
+        out_channels: Mapping[str, int] | None = None,
+        head: str = "deeplab",
+        head_channels: int = 256,
+        output_stride: int | None = None,
+        **backbone_options,
+    ) -> None:
         super().__init__()
         self.out_channels = resolve_tasks(tasks, dataset, out_channels)
         self.tasks = list(self.out_channels)
@@ -89,11 +107,14 @@ class MTLBaseline(MultiTaskModel):
         c = self.backbone.channels
         separable = "mobilenet" in type(self.backbone).__name__.lower()
         rates = aspp_rates(self.backbone.strides[-1])
-        self.heads = nn.ModuleDict({
-            t: DeepLabTaskHead(c[0], c[-1], n, head_channels, rates, separable) if head == "deeplab"
-            else SimpleTaskHead(c[-1], n, head_channels)
-            for t, n in self.out_channels.items()
-        })
+        self.heads = nn.ModuleDict(
+            {
+                t: DeepLabTaskHead(c[0], c[-1], n, head_channels, rates, separable)
+                if head == "deeplab"
+                else SimpleTaskHead(c[-1], n, head_channels)
+                for t, n in self.out_channels.items()
+            }
+        )
 
 
 class SingleTask(MTLBaseline):
@@ -102,7 +123,9 @@ class SingleTask(MTLBaseline):
     Shapes: x (N, 3, H, W) -> {task: (N, C_t, H, W)}.
     """
 
-    def __init__(self, tasks: Sequence[str] | str, backbone: str | nn.Module = "resnet50", **options) -> None:
+    def __init__(
+        self, tasks: Sequence[str] | str, backbone: str | nn.Module = "resnet50", **options
+    ) -> None:
         tasks = [tasks] if isinstance(tasks, str) else list(tasks)
         if len(tasks) != 1:
             raise ValueError(f"single_task takes exactly one task, got {tasks!r}")

@@ -54,7 +54,9 @@ register("astmt", ASTMT)
 def _cross_task(cls: type[nn.Module]) -> Callable[..., nn.Module]:
     """MTI-Net / PAD-Net from a backbone name (default HRNet-18) or instance."""
 
-    def factory(tasks: Sequence[str], backbone: str | nn.Module = "hrnet18", **options) -> nn.Module:
+    def factory(
+        tasks: Sequence[str], backbone: str | nn.Module = "hrnet18", **options
+    ) -> nn.Module:
         return cls(tasks, backbone=make_backbone(backbone), **options)
 
     factory.__doc__ = cls.__doc__

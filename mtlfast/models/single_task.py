@@ -57,7 +57,9 @@ class HighResolutionHead(nn.Module):
             nn.Conv2d(total, out_channels, 1),
         )
 
-    def forward(self, features: Sequence[torch.Tensor], size: Sequence[int] | None = None) -> torch.Tensor:
+    def forward(
+        self, features: Sequence[torch.Tensor], size: Sequence[int] | None = None
+    ) -> torch.Tensor:
         scales, size = split_size(features, size)
         finest = scales[0].shape[-2:]
         if size is None:
@@ -86,15 +88,23 @@ class HRNetSingleTask(MultiTaskModel):
     Shapes: x (N, 3, H, W) -> {task: (N, C_t, H, W)}.
     """
 
-    def __init__(self, tasks: Sequence[str] | str, backbone: str | nn.Module = "hrnet18", *,
-                 dataset: str = "pascal", out_channels: Mapping[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        tasks: Sequence[str] | str,
+        backbone: str | nn.Module = "hrnet18",
+        *,
+        dataset: str = "pascal",
+        out_channels: Mapping[str, int] | None = None,
+    ) -> None:
         super().__init__()
         self.out_channels = resolve_tasks([_one_task(tasks)], dataset, out_channels)
         self.tasks = list(self.out_channels)
         self.backbone = make_backbone(backbone)
         channels, strides = list(self.backbone.channels), list(self.backbone.strides)
         if len(channels) != 4 or len(strides) != 4:
-            raise ValueError(f"HRNetSingleTask: the backbone must give 4 scales, got channels {channels}")
+            raise ValueError(
+                f"HRNetSingleTask: the backbone must give 4 scales, got channels {channels}"
+            )
         self.heads = nn.ModuleDict(
             {t: HighResolutionHead(channels, c, strides[0]) for t, c in self.out_channels.items()}
         )
@@ -109,8 +119,13 @@ class HRNetSingleTask(MultiTaskModel):
         return {t: head(features, size=x.shape[-2:]) for t, head in self.heads.items()}
 
 
-def single_task(tasks: Sequence[str] | str, backbone: str | nn.Module | None = None, *,
-                like: str | None = None, **options: Any) -> MultiTaskModel:
+def single_task(
+    tasks: Sequence[str] | str,
+    backbone: str | nn.Module | None = None,
+    *,
+    like: str | None = None,
+    **options: Any,
+) -> MultiTaskModel:
     """The single-task network of model family ``like`` for one task (``create("single_task", ...)``).
 
     - None or "mtl_baseline": :class:`SingleTask`, :class:`MTLBaseline` with its one head (default

@@ -37,8 +37,12 @@ class ModelSummary:
     input_size: tuple[int, ...]
 
     def __str__(self) -> str:
-        rows = [(f"input {self.input_size}: {self.params_total / 1e6:.2f}M parameters, "
-                 f"{self.params_shared / 1e6:.2f}M shared, {self.macs / 1e9:.2f} GMACs")]
+        rows = [
+            (
+                f"input {self.input_size}: {self.params_total / 1e6:.2f}M parameters, "
+                f"{self.params_shared / 1e6:.2f}M shared, {self.macs / 1e9:.2f} GMACs"
+            )
+        ]
         rows += [f"  {t}: {n / 1e6:.3f}M own parameters" for t, n in self.params_per_task.items()]
         return "\n".join(rows)
 
@@ -53,7 +57,9 @@ def summary(model: nn.Module, input_size: Sequence[int]) -> ModelSummary:
     if len(size) == 2:
         size = (1, 3, *size)
     if len(size) != 4:
-        raise ValueError(f"summary: input_size must be (H, W) or (N, 3, H, W), got {tuple(input_size)}")
+        raise ValueError(
+            f"summary: input_size must be (H, W) or (N, 3, H, W), got {tuple(input_size)}"
+        )
     total = sum(p.numel() for p in model.parameters())
     if hasattr(model, "parameter_split"):
         shared, per_task = model.parameter_split()

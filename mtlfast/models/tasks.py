@@ -17,8 +17,11 @@ DEFAULT_OUT_CHANNELS = {
 }
 
 
-def resolve_tasks(tasks: Sequence[str] | str, dataset: str = "pascal",
-                  out_channels: Mapping[str, int] | None = None) -> dict[str, int]:
+def resolve_tasks(
+    tasks: Sequence[str] | str,
+    dataset: str = "pascal",
+    out_channels: Mapping[str, int] | None = None,
+) -> dict[str, int]:
     """task -> output channels, in the given order: ``out_channels`` first, then ``dataset``'s defaults."""
     if isinstance(tasks, str):
         tasks = [tasks]
@@ -28,7 +31,9 @@ def resolve_tasks(tasks: Sequence[str] | str, dataset: str = "pascal",
     if len(set(tasks)) != len(tasks):
         raise ValueError(f"tasks must be distinct, got {tasks!r}")
     if any("/" in t for t in tasks):
-        raise ValueError(f"task names may not contain '/' (it separates deep-supervision keys), got {tasks!r}")
+        raise ValueError(
+            f"task names may not contain '/' (it separates deep-supervision keys), got {tasks!r}"
+        )
     if dataset not in DEFAULT_OUT_CHANNELS:
         raise ValueError(f"dataset must be one of {sorted(DEFAULT_OUT_CHANNELS)}, got {dataset!r}")
     out_channels = dict(out_channels or {})
@@ -40,8 +45,10 @@ def resolve_tasks(tasks: Sequence[str] | str, dataset: str = "pascal",
     for t in tasks:
         c = out_channels.get(t, defaults.get(t))
         if c is None:
-            raise ValueError(f"task {t!r} has no default output channels for dataset {dataset!r}; "
-                             "give them in out_channels")
+            raise ValueError(
+                f"task {t!r} has no default output channels for dataset {dataset!r}; "
+                "give them in out_channels"
+            )
         if not isinstance(c, int) or c < 1:
             raise ValueError(f"out_channels[{t!r}] must be a positive int, got {c!r}")
         result[t] = c

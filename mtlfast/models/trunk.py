@@ -28,7 +28,14 @@ from torch.nn import functional as F
 
 from ..backbones import Backbone
 
-__all__ = ["PyramidInput", "PyramidOutput", "PyramidStage", "WholeBackbone", "build_trunk", "split_scales"]
+__all__ = [
+    "PyramidInput",
+    "PyramidOutput",
+    "PyramidStage",
+    "WholeBackbone",
+    "build_trunk",
+    "split_scales",
+]
 
 
 class PyramidInput(nn.Module):
@@ -58,8 +65,8 @@ class PyramidStage(nn.Module):
 
     def forward(self, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         s = self.num_scales
-        new = tuple(self.stage(x) for x in state[1:1 + s])
-        return (state[0], *new, *state[1 + s:], *(new if self.is_feature else ()))
+        new = tuple(self.stage(x) for x in state[1 : 1 + s])
+        return (state[0], *new, *state[1 + s :], *(new if self.is_feature else ()))
 
 
 class PyramidOutput(nn.Module):
@@ -71,7 +78,7 @@ class PyramidOutput(nn.Module):
 
     def forward(self, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         s = self.num_scales
-        collected = state[1 + s:]
+        collected = state[1 + s :]
         out = [state[0]]
         for i in range(s):
             features = list(collected[i::s])
@@ -88,7 +95,7 @@ class WholeBackbone(nn.Module):
 
     def forward(self, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         out = [state[0]]
-        for x in state[1:1 + self.num_scales]:
+        for x in state[1 : 1 + self.num_scales]:
             out += list(self.backbone(x))
         return tuple(out)
 
@@ -106,7 +113,9 @@ def build_trunk(backbone: nn.Module, scales: Sequence[float] = (1.0,)) -> nn.Seq
     return nn.Sequential(*mods)
 
 
-def split_scales(rep: Sequence[torch.Tensor], num_scales: int) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+def split_scales(
+    rep: Sequence[torch.Tensor], num_scales: int
+) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
     """(image, per-scale features) from a trunk output: image (N, 3, H, W), features[s][k]."""
     k = (len(rep) - 1) // num_scales
-    return rep[0], [list(rep[1 + s * k:1 + (s + 1) * k]) for s in range(num_scales)]
+    return rep[0], [list(rep[1 + s * k : 1 + (s + 1) * k]) for s in range(num_scales)]

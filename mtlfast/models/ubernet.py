@@ -41,11 +41,15 @@ class UberNetTaskHead(nn.Module):
     Shapes: rep (image (N, 3, H, W), f[0][0..K-1], ..., f[S-1][K-1]) -> {key: (N, C, H, W)}.
     """
 
-    def __init__(self, task: str, in_channels: Sequence[int], out_channels: int, scales: Sequence[float]) -> None:
+    def __init__(
+        self, task: str, in_channels: Sequence[int], out_channels: int, scales: Sequence[float]
+    ) -> None:
         super().__init__()
         self.task, self.scales = task, tuple(scales)
         self.fusion = SkipScoreFusion(in_channels, out_channels)
-        self.scale_weight = nn.Parameter(torch.full((len(self.scales), out_channels), 1.0 / len(self.scales)))
+        self.scale_weight = nn.Parameter(
+            torch.full((len(self.scales), out_channels), 1.0 / len(self.scales))
+        )
         self.scale_bias = nn.Parameter(torch.zeros(out_channels))
 
     @property
@@ -62,7 +66,10 @@ class UberNetTaskHead(nn.Module):
         fused = skip_fusion(scores, self.scale_weight, self.scale_bias, size)
         if not (self.training and len(self.scales) > 1):
             return {self.task: fused}
-        return {self.task: fused, **{scale_key(self.task, s): p for s, p in zip(self.scales, scores)}}
+        return {
+            self.task: fused,
+            **{scale_key(self.task, s): p for s, p in zip(self.scales, scores)},
+        }
 
 
 class UberNet(MultiTaskModel):
@@ -102,9 +109,16 @@ class UberNet(MultiTaskModel):
     Shapes: x (N, 3, H, W) -> {task: (N, C_t, H, W)} (plus per-scale keys in training).
     """
 
-    def __init__(self, tasks: Sequence[str], backbone: str | nn.Module = "vgg16", *, dataset: str = "pascal",
-                 out_channels: Mapping[str, int] | None = None, scales: Sequence[float] = (1.0, 0.75, 0.5),
-                 **backbone_options) -> None:
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        backbone: str | nn.Module = "vgg16",
+        *,
+        dataset: str = "pascal",
+        out_channels: Mapping[str, int] | None = None,
+        scales: Sequence[float] = (1.0, 0.75, 0.5),
+        **backbone_options,
+    ) -> None:
         super().__init__()
         self.out_channels = resolve_tasks(tasks, dataset, out_channels)
         self.tasks = list(self.out_channels)
@@ -115,6 +129,9 @@ class UberNet(MultiTaskModel):
         if isinstance(backbone, str) and "resnet" in backbone:
             backbone_options.setdefault("output_stride", 8)
         self.backbone = make_backbone(backbone, **backbone_options)
-        self.heads = nn.ModuleDict({
-            t: UberNetTaskHead(t, self.backbone.channels, c, scales) for t, c in self.out_channels.items()
-        })
+        self.heads = nn.ModuleDict(
+            {
+                t: UberNetTaskHead(t, self.backbone.channels, c, scales)
+                for t, c in self.out_channels.items()
+            }
+        )

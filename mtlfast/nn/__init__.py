@@ -6,4 +6,10 @@ from .skip_fusion import SkipScoreFusion
 from .task_norm import TaskBatchNorm2d
 from .task_se import TaskSE
 
-__all__ = ["MultiModalDistillation", "ResidualAdapter", "SkipScoreFusion", "TaskBatchNorm2d", "TaskSE"]
+__all__ = [
+    "MultiModalDistillation",
+    "ResidualAdapter",
+    "SkipScoreFusion",
+    "TaskBatchNorm2d",
+    "TaskSE",
+]

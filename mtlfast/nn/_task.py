@@ -16,7 +16,9 @@ def check_task(
     compiled with ``fullgraph=True`` cannot do; there an out-of-range index fails in the indexing.
     """
     if isinstance(task, bool) or not isinstance(task, (int, torch.Tensor)):
-        raise TypeError(f"{layer}: task must be an int or an (N,) int64 tensor, got {type(task).__name__}")
+        raise TypeError(
+            f"{layer}: task must be an int or an (N,) int64 tensor, got {type(task).__name__}"
+        )
     if isinstance(task, int):
         if not 0 <= task < num_tasks:
             raise ValueError(f"{layer}: task must lie in [0, {num_tasks}), got {task}")
@@ -25,11 +27,15 @@ def check_task(
     if task.dtype != torch.int64:
         raise TypeError(f"{layer}: task must be an int64 tensor of task indices, got {task.dtype}")
     if task.dim() != 1 or task.shape[0] != n:
-        raise ValueError(f"{layer}: task must be an int or have shape (N,) = ({n},), got {tuple(task.shape)}")
+        raise ValueError(
+            f"{layer}: task must be an int or have shape (N,) = ({n},), got {tuple(task.shape)}"
+        )
     if task.device != x.device:
         raise ValueError(f"{layer}: task is on {task.device} but x is on {x.device}")
     if check_range and n and not torch.compiler.is_compiling():
         low, high = int(task.min()), int(task.max())
         if low < 0 or high >= num_tasks:
-            raise ValueError(f"{layer}: task indices must lie in [0, {num_tasks}), got values in [{low}, {high}]")
+            raise ValueError(
+                f"{layer}: task indices must lie in [0, {num_tasks}), got values in [{low}, {high}]"
+            )
     return task

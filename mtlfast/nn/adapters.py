@@ -38,10 +38,16 @@ class ResidualAdapter(nn.Module):
     adapters, row t being the weight of task t's ``nn.Conv2d(C_in, C_out, 1, bias=False)``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, num_tasks: int, stride: int = 1) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, num_tasks: int, stride: int = 1
+    ) -> None:
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
-                            ("num_tasks", num_tasks), ("stride", stride)):
+        for name, value in (
+            ("in_channels", in_channels),
+            ("out_channels", out_channels),
+            ("num_tasks", num_tasks),
+            ("stride", stride),
+        ):
             if value < 1:
                 raise ValueError(f"ResidualAdapter: {name} must be >= 1, got {value}")
         self.in_channels = in_channels
@@ -58,7 +64,9 @@ class ResidualAdapter(nn.Module):
     def forward(self, x: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"ResidualAdapter: x must have shape (N, C_in={self.in_channels}, H, W), got {got}")
+            raise ValueError(
+                f"ResidualAdapter: x must have shape (N, C_in={self.in_channels}, H, W), got {got}"
+            )
         task = check_task("ResidualAdapter", task, x, self.num_tasks)
         if isinstance(task, int):
             weight = self.conv.weight + F.pad(self.adapter_weight[task], (1, 1, 1, 1))
@@ -67,8 +75,12 @@ class ResidualAdapter(nn.Module):
         n, _, h, w = shared.shape
         sampled = x[:, :, :: self.stride, :: self.stride].reshape(n, self.in_channels, h * w)
         adapters = self.adapter_weight.flatten(2)[task]
-        return torch.baddbmm(shared.reshape(n, self.out_channels, h * w), adapters, sampled).view(shared.shape)
+        return torch.baddbmm(shared.reshape(n, self.out_channels, h * w), adapters, sampled).view(
+            shared.shape
+        )
 
     def extra_repr(self) -> str:
-        return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
-                f"num_tasks={self.num_tasks}, stride={self.stride}")
+        return (
+            f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
+            f"num_tasks={self.num_tasks}, stride={self.stride}"
+        )

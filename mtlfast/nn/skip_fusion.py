@@ -46,8 +46,13 @@ class SkipScoreFusion(nn.Module):
     ``weight`` is (K, C), ``bias`` (C,).
     """
 
-    def __init__(self, in_channels: Sequence[int], out_channels: int, eps: float = 1e-5,
-                 momentum: float | None = 0.1) -> None:
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        out_channels: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+    ) -> None:
         super().__init__()
         in_channels = tuple(in_channels)
         if not in_channels or any(not isinstance(c, int) or c < 1 for c in in_channels):
@@ -58,8 +63,12 @@ class SkipScoreFusion(nn.Module):
             raise ValueError(f"SkipScoreFusion: out_channels must be >= 1, got {out_channels}")
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.norms = nn.ModuleList(nn.BatchNorm2d(c, eps=eps, momentum=momentum) for c in in_channels[:-1])
-        self.projections = nn.ModuleList(nn.Conv2d(c, out_channels, 1, bias=False) for c in in_channels)
+        self.norms = nn.ModuleList(
+            nn.BatchNorm2d(c, eps=eps, momentum=momentum) for c in in_channels[:-1]
+        )
+        self.projections = nn.ModuleList(
+            nn.Conv2d(c, out_channels, 1, bias=False) for c in in_channels
+        )
         self.weight = nn.Parameter(torch.ones(len(in_channels), out_channels))
         self.bias = nn.Parameter(torch.zeros(out_channels))
 
@@ -76,7 +85,9 @@ class SkipScoreFusion(nn.Module):
         in eval mode. The last layer has no batch norm: its weight and a zero shift.
         """
         if not 0 <= k < len(self.in_channels):
-            raise ValueError(f"SkipScoreFusion: k must lie in [0, {len(self.in_channels)}), got {k}")
+            raise ValueError(
+                f"SkipScoreFusion: k must lie in [0, {len(self.in_channels)}), got {k}"
+            )
         w = self.projections[k].weight
         if k == len(self.norms):
             return w, w.new_zeros(self.out_channels)
@@ -103,10 +114,14 @@ class SkipScoreFusion(nn.Module):
         k = len(self.in_channels)
         if not isinstance(features, (list, tuple)) or len(features) != k:
             got = len(features) if isinstance(features, (list, tuple)) else type(features).__name__
-            raise ValueError(f"SkipScoreFusion: features must be a list of {k} tensors (N, C_k, H_k, W_k), got {got}")
+            raise ValueError(
+                f"SkipScoreFusion: features must be a list of {k} tensors (N, C_k, H_k, W_k), got {got}"
+            )
         for i, (f, c) in enumerate(zip(features, self.in_channels)):
             if not isinstance(f, torch.Tensor):
-                raise TypeError(f"SkipScoreFusion: features[{i}] must be a torch.Tensor, got {type(f).__name__}")
+                raise TypeError(
+                    f"SkipScoreFusion: features[{i}] must be a torch.Tensor, got {type(f).__name__}"
+                )
             if f.dim() != 4 or f.shape[1] != c or f.shape[0] != features[0].shape[0]:
                 raise ValueError(
                     f"SkipScoreFusion: features[{i}] must have shape (N, C_{i}={c}, H, W) with the N of features[0], "

@@ -38,7 +38,9 @@ class TaskBatchNorm2d(nn.Module):
     ``num_batches_tracked`` is (T,): row t holds task t's ``nn.BatchNorm2d`` state.
     """
 
-    def __init__(self, channels: int, num_tasks: int, eps: float = 1e-5, momentum: float | None = 0.1) -> None:
+    def __init__(
+        self, channels: int, num_tasks: int, eps: float = 1e-5, momentum: float | None = 0.1
+    ) -> None:
         super().__init__()
         if channels < 1:
             raise ValueError(f"TaskBatchNorm2d: channels must be >= 1, got {channels}")
@@ -71,7 +73,9 @@ class TaskBatchNorm2d(nn.Module):
     def forward(self, x: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.channels:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"TaskBatchNorm2d: x must have shape (N, C={self.channels}, H, W), got {got}")
+            raise ValueError(
+                f"TaskBatchNorm2d: x must have shape (N, C={self.channels}, H, W), got {got}"
+            )
         task = check_task("TaskBatchNorm2d", task, x, self.num_tasks)
         if isinstance(task, int):
             # batch_norm takes the cumulative average's factor as a float, read from the per-task
@@ -94,7 +98,14 @@ class TaskBatchNorm2d(nn.Module):
         factor = self.momentum if self.training else 0.0
         # Row views: batch_norm updates task t's running statistics in place.
         return F.batch_norm(
-            x, self.running_mean[t], self.running_var[t], self.weight[t], self.bias[t], self.training, factor, self.eps
+            x,
+            self.running_mean[t],
+            self.running_var[t],
+            self.weight[t],
+            self.bias[t],
+            self.training,
+            factor,
+            self.eps,
         )
 
     def _per_sample(self, x: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
@@ -103,7 +114,9 @@ class TaskBatchNorm2d(nn.Module):
         if not self.training:
             scale = self.weight * torch.rsqrt(self.running_var + self.eps)
             shift = self.bias - self.running_mean * scale
-            return torch.addcmul(shift[task][:, :, None, None], xa, scale[task][:, :, None, None]).to(x.dtype)
+            return torch.addcmul(
+                shift[task][:, :, None, None], xa, scale[task][:, :, None, None]
+            ).to(x.dtype)
         _, c, h, w = x.shape
         per_task = xa.new_zeros(self.num_tasks, c)
         # Counted by comparison: inductor (torch 2.13) fails to generate an index_add of ones at a
@@ -117,10 +130,14 @@ class TaskBatchNorm2d(nn.Module):
         var = per_task.index_add(0, task, centred.square().sum((2, 3))) / divisor
         self._update_running_stats(mean, var, count)
         scale = self.weight * torch.rsqrt(var + self.eps)
-        return torch.addcmul(self.bias[task][:, :, None, None], centred, scale[task][:, :, None, None]).to(x.dtype)
+        return torch.addcmul(
+            self.bias[task][:, :, None, None], centred, scale[task][:, :, None, None]
+        ).to(x.dtype)
 
     @torch.no_grad()
-    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
+    def _update_running_stats(
+        self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor
+    ) -> None:
         present = count > 0
         self.num_batches_tracked.add_(present.long())
         if self.momentum is None:

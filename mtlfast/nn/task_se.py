@@ -57,13 +57,20 @@ class TaskSE(nn.Module):
 
     def reset_parameters(self) -> None:
         """nn.Linear's default initialisation, per task: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-        for fan_in, params in ((self.channels, (self.w1, self.b1)), (self.hidden, (self.w2, self.b2))):
+        for fan_in, params in (
+            (self.channels, (self.w1, self.b1)),
+            (self.hidden, (self.w2, self.b2)),
+        ):
             bound = 1.0 / math.sqrt(fan_in)
             for p in params:
                 nn.init.uniform_(p, -bound, bound)
 
     def forward(
-        self, x: torch.Tensor, task: int | torch.Tensor, residual: torch.Tensor | None = None, relu: bool = False
+        self,
+        x: torch.Tensor,
+        task: int | torch.Tensor,
+        residual: torch.Tensor | None = None,
+        relu: bool = False,
     ) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.channels:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__

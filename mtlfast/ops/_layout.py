@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["inner_order", "is_dense_in_order", "to_inner_order", "empty_in_order"]
+__all__ = ["empty_in_order", "inner_order", "is_dense_in_order", "to_inner_order"]
 
 
 def is_dense_in_order(t: torch.Tensor, order: tuple[int, ...], inner: int = 3) -> bool:
@@ -33,8 +33,9 @@ def inner_order(t: torch.Tensor, inner: int = 3) -> tuple[int, ...] | None:
     return order if is_dense_in_order(t, order, inner) else None
 
 
-def empty_in_order(shape: torch.Size | tuple[int, ...], order: tuple[int, ...], like: torch.Tensor,
-                   inner: int = 3) -> torch.Tensor:
+def empty_in_order(
+    shape: torch.Size | tuple[int, ...], order: tuple[int, ...], like: torch.Tensor, inner: int = 3
+) -> torch.Tensor:
     """Uninitialised tensor of ``shape``: outer dims contiguous, inner block dense in ``order``."""
     base = len(shape) - inner
     perm = list(range(base)) + [base + d for d in order]

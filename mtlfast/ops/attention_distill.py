@@ -11,9 +11,16 @@ import torch
 
 from . import reference
 from ._checks import check_same, check_tensor, shape_str
+from ._dispatch import (
+    autograd_function,
+    choose,
+    kernel,
+    register_kernel,
+    remember_backend,
+    remembered_backend,
+    runs_directly,
+)
 from ._layout import empty_in_order, inner_order, to_inner_order
-from ._dispatch import (autograd_function, choose, kernel, register_kernel, remember_backend, remembered_backend,
-                       runs_directly)
 
 __all__ = ["attention_distill"]
 
@@ -48,11 +55,15 @@ def _order(*tensors: torch.Tensor) -> tuple[int, int, int]:
     return (0, 1, 2)
 
 
-def _forward(feats: torch.Tensor, mask_logits: torch.Tensor, messages: torch.Tensor) -> torch.Tensor:
+def _forward(
+    feats: torch.Tensor, mask_logits: torch.Tensor, messages: torch.Tensor
+) -> torch.Tensor:
     return kernel("attention_distill", feats.device, feats.dtype)(feats, mask_logits, messages)
 
 
-_attention_distill = torch.library.custom_op("mtlfast::attention_distill", _forward, mutates_args=())
+_attention_distill = torch.library.custom_op(
+    "mtlfast::attention_distill", _forward, mutates_args=()
+)
 
 
 @_attention_distill.register_fake
@@ -63,7 +74,9 @@ def _(feats, mask_logits, messages):
 def _backward_kernel(
     grad_out: torch.Tensor, mask_logits: torch.Tensor, messages: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return kernel("attention_distill_backward", grad_out.device, grad_out.dtype)(grad_out, mask_logits, messages)
+    return kernel("attention_distill_backward", grad_out.device, grad_out.dtype)(
+        grad_out, mask_logits, messages
+    )
 
 
 _attention_distill_backward = torch.library.custom_op(
@@ -74,7 +87,9 @@ _attention_distill_backward = torch.library.custom_op(
 @_attention_distill_backward.register_fake
 def _(grad_out, mask_logits, messages):
     order = _order(messages, mask_logits, grad_out)
-    return empty_in_order(messages.shape, order, messages), empty_in_order(messages.shape, order, messages)
+    return empty_in_order(messages.shape, order, messages), empty_in_order(
+        messages.shape, order, messages
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -89,7 +104,11 @@ def _backward(ctx, grad_out):
     grad_mask = grad_messages = None
     if need_mask or need_messages:
         with remembered_backend(ctx):
-            op = _backward_kernel if runs_directly(grad_out, mask_logits, messages) else _attention_distill_backward
+            op = (
+                _backward_kernel
+                if runs_directly(grad_out, mask_logits, messages)
+                else _attention_distill_backward
+            )
             grad_mask, grad_messages = op(grad_out, mask_logits, messages)
     return grad_out, grad_mask if need_mask else None, grad_messages if need_messages else None
 
@@ -98,7 +117,9 @@ _attention_distill.register_autograd(_backward, setup_context=_setup_context)
 _AttentionDistill = autograd_function("_AttentionDistill", _forward, _setup_context, _backward)
 
 
-def attention_distill(feats: torch.Tensor, mask_logits: torch.Tensor, messages: torch.Tensor) -> torch.Tensor:
+def attention_distill(
+    feats: torch.Tensor, mask_logits: torch.Tensor, messages: torch.Tensor
+) -> torch.Tensor:
     """Fused multi-modal distillation: feats plus the sigmoid-gated messages of the other tasks.
 
     Args:
@@ -123,7 +144,12 @@ def attention_distill(feats: torch.Tensor, mask_logits: torch.Tensor, messages: 
 
 def _canonical(feats, mask_logits, messages):
     order = _order(messages, mask_logits, feats)
-    return order, to_inner_order(feats, order), to_inner_order(mask_logits, order), to_inner_order(messages, order)
+    return (
+        order,
+        to_inner_order(feats, order),
+        to_inner_order(mask_logits, order),
+        to_inner_order(messages, order),
+    )
 
 
 def _compiled_forward(launch):

@@ -8,14 +8,22 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["attention_distill", "attention_distill_backward", "skip_fusion", "skip_fusion_backward", "task_se"]
+__all__ = [
+    "attention_distill",
+    "attention_distill_backward",
+    "skip_fusion",
+    "skip_fusion_backward",
+    "task_se",
+]
 
 
 def _acc(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def attention_distill(feats: torch.Tensor, mask_logits: torch.Tensor, messages: torch.Tensor) -> torch.Tensor:
+def attention_distill(
+    feats: torch.Tensor, mask_logits: torch.Tensor, messages: torch.Tensor
+) -> torch.Tensor:
     """MTI-Net's distillation (Eq. 1) after its convolutions.
 
     feats (N,T,C,H,W); mask_logits, messages (N,T,T-1,C,H,W) -> (N,T,C,H,W):
@@ -41,7 +49,10 @@ def attention_distill_backward(
 
 
 def skip_fusion(
-    scores: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None, size: tuple[int, int]
+    scores: list[torch.Tensor],
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    size: tuple[int, int],
 ) -> torch.Tensor:
     """UberNet's skip-layer score fusion (Eq. 1-2) with a learned linear combination of layers.
 
@@ -50,7 +61,9 @@ def skip_fusion(
     """
     out = None
     for k, s in enumerate(scores):
-        up = torch.nn.functional.interpolate(_acc(s), size=tuple(size), mode="bilinear", align_corners=False)
+        up = torch.nn.functional.interpolate(
+            _acc(s), size=tuple(size), mode="bilinear", align_corners=False
+        )
         term = _acc(weight[k])[None, :, None, None] * up
         out = term if out is None else out + term
     if bias is not None:
@@ -73,7 +86,9 @@ def skip_fusion_backward(
         weighted = g * _acc(weight[k])[None, :, None, None]
         adjoint = torch.ops.aten.upsample_bilinear2d_backward(weighted, size, list(s.shape), False)
         grad_scores.append(adjoint.to(s.dtype))
-        up = torch.nn.functional.interpolate(_acc(s), size=size, mode="bilinear", align_corners=False)
+        up = torch.nn.functional.interpolate(
+            _acc(s), size=size, mode="bilinear", align_corners=False
+        )
         grad_weight.append((g * up).sum(dim=(0, 2, 3)))
     grad_bias = g.sum(dim=(0, 2, 3))
     return grad_scores, torch.stack(grad_weight).to(weight.dtype), grad_bias.to(weight.dtype)

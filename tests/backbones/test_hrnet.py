@@ -103,7 +103,11 @@ def test_release_key_names(net):
 def _release_checkpoint(net, prefix=""):
     """A checkpoint as the release ships it: the backbone, a classification head, no
     num_batches_tracked (the release predates them)."""
-    state = {prefix + k: v.clone() for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    state = {
+        prefix + k: v.clone()
+        for k, v in net.state_dict().items()
+        if not k.endswith("num_batches_tracked")
+    }
     state.update({prefix + k: torch.randn(s) for k, s in HEAD_KEYS.items()})
     return state
 

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from mtlfast.backbones import (
-    CONVERTERS, FPN, MobileNetV2, ResNet, VGG16, create_backbone, load_pretrained, register_converter, to_torchvision,
+    CONVERTERS,
+    FPN,
+    VGG16,
+    MobileNetV2,
+    ResNet,
+    create_backbone,
+    load_pretrained,
+    register_converter,
+    to_torchvision,
 )
 
 
@@ -20,10 +28,15 @@ def _save(tmp_path, state, name="ckpt.pth"):
     return path
 
 
-@pytest.mark.parametrize("factory", [
-    lambda: ResNet(18, width=0.125), lambda: ResNet(50, width=0.125, output_stride=16),
-    lambda: MobileNetV2(width=0.25), lambda: VGG16(width=1 / 16),
-])
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: ResNet(18, width=0.125),
+        lambda: ResNet(50, width=0.125, output_stride=16),
+        lambda: MobileNetV2(width=0.25),
+        lambda: VGG16(width=1 / 16),
+    ],
+)
 def test_round_trip(tmp_path, factory):
     source, target = factory(), factory()
     state = _randomised(to_torchvision(source))
@@ -36,13 +49,26 @@ def test_round_trip(tmp_path, factory):
 
 
 def test_known_torchvision_names():
-    assert {"conv1.weight", "bn1.running_var", "layer1.0.conv1.weight", "layer1.0.downsample.0.weight",
-            "layer4.2.bn3.bias"} <= set(ResNet(50).state_dict())
+    assert {
+        "conv1.weight",
+        "bn1.running_var",
+        "layer1.0.conv1.weight",
+        "layer1.0.downsample.0.weight",
+        "layer4.2.bn3.bias",
+    } <= set(ResNet(50).state_dict())
     assert {"layer1.0.conv2.weight", "layer2.0.downsample.1.weight"} <= set(ResNet(18).state_dict())
-    assert {"features.0.0.weight", "features.0.1.running_mean", "features.1.conv.0.0.weight",
-            "features.1.conv.1.weight", "features.2.conv.0.0.weight", "features.2.conv.3.bias",
-            "features.17.conv.2.weight"} <= set(MobileNetV2().state_dict())
-    assert {"features.0.weight", "features.0.bias", "features.28.weight"} <= set(VGG16().state_dict())
+    assert {
+        "features.0.0.weight",
+        "features.0.1.running_mean",
+        "features.1.conv.0.0.weight",
+        "features.1.conv.1.weight",
+        "features.2.conv.0.0.weight",
+        "features.2.conv.3.bias",
+        "features.17.conv.2.weight",
+    } <= set(MobileNetV2().state_dict())
+    assert {"features.0.weight", "features.0.bias", "features.28.weight"} <= set(
+        VGG16().state_dict()
+    )
 
 
 def test_classifier_and_vgg_fc_are_reported(tmp_path):
@@ -76,8 +102,16 @@ def test_missing_and_unexpected(tmp_path):
 def test_task_specific_backbone_takes_shared_weights(tmp_path):
     plain = ResNet(26, width=0.125, output_stride=16)
     state = _randomised(to_torchvision(plain))
-    model = ResNet(26, width=0.125, output_stride=16, se=True, num_tasks=3, task_se=True, adapters=True,
-                   task_bn=True)
+    model = ResNet(
+        26,
+        width=0.125,
+        output_stride=16,
+        se=True,
+        num_tasks=3,
+        task_se=True,
+        adapters=True,
+        task_bn=True,
+    )
     with pytest.warns(UserWarning, match="missing"):  # SE blocks and adapters are new
         result = load_pretrained(model, _save(tmp_path, state))
     assert not result.unexpected and not result.mismatched
@@ -85,7 +119,9 @@ def test_task_specific_backbone_takes_shared_weights(tmp_path):
     torch.testing.assert_close(model.layer1[0].conv2.conv.weight, state["layer1.0.conv2.weight"])
     assert model.layer1[0].bn1.weight.shape == (3, 8)
     for t in range(3):
-        torch.testing.assert_close(model.layer1[0].bn1.running_mean[t], state["layer1.0.bn1.running_mean"])
+        torch.testing.assert_close(
+            model.layer1[0].bn1.running_mean[t], state["layer1.0.bn1.running_mean"]
+        )
     assert "layer1.0.bn1.weight" in result.broadcast
 
 
@@ -137,4 +173,6 @@ def test_a_model_loads_into_its_backbone(tmp_path):
     state = _randomised(to_torchvision(ResNet(18, width=0.125)))
     result = load_pretrained(model, _save(tmp_path, state))
     assert not result.missing and not result.unexpected
-    torch.testing.assert_close(model.backbone.layer1[0].conv1.weight, state["layer1.0.conv1.weight"])
+    torch.testing.assert_close(
+        model.backbone.layer1[0].conv1.weight, state["layer1.0.conv1.weight"]
+    )

@@ -89,7 +89,9 @@ def seg_loss(pred, target):
 def targets_for(outs: dict[str, int], n: int = N, size: int = H) -> dict[str, torch.Tensor]:
     """Segmentation targets for the task named 'seg', regression targets for the others."""
     return {
-        t: torch.randint(0, o, (n, size, size)) if t == "seg" else torch.randn(n, o, size, size, dtype=torch.float64)
+        t: torch.randint(0, o, (n, size, size))
+        if t == "seg"
+        else torch.randn(n, o, size, size, dtype=torch.float64)
         for t, o in outs.items()
     }
 

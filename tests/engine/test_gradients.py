@@ -8,10 +8,10 @@ from mtlfast.engine import multi_branch_step
 
 from .models import (
     H,
-    N,
     Head,
     JointHead,
     MultiScaleHead,
+    N,
     PairConv,
     TwoScales,
     assert_same_grads,
@@ -33,7 +33,14 @@ def single_scale():
 def test_single_tensor_trunk_output():
     trunk, heads = single_scale()
     images = torch.randn(N, 3, H, H, dtype=torch.float64)
-    out = run_both(trunk, heads, images, targets_for(OUTS), loss_fns_for(OUTS), weights={"seg": 2.0, "depth": 0.5})
+    out = run_both(
+        trunk,
+        heads,
+        images,
+        targets_for(OUTS),
+        loss_fns_for(OUTS),
+        weights={"seg": 2.0, "depth": 0.5},
+    )
     assert_same_grads(out, **TIGHT)
     naive, rec = out["naive"][2], out["recompute"][2]
     assert naive.ran == rec.ran == list(OUTS) and naive.skipped == rec.skipped == []
@@ -51,11 +58,21 @@ def test_tuple_trunk_output_and_tuple_anchors():
     heads = nn.ModuleDict({t: MultiScaleHead(o) for t, o in OUTS.items()}).double()
     images = torch.randn(N, 3, H, H, dtype=torch.float64)
     labeled = {"seg": torch.tensor([1, 0, 1, 1, 0, 0], dtype=torch.bool)}
-    out = run_both(trunk, heads, images, targets_for(OUTS), loss_fns_for(OUTS), labeled=labeled,
-                   segments=5, keep_task_grads=True)
+    out = run_both(
+        trunk,
+        heads,
+        images,
+        targets_for(OUTS),
+        loss_fns_for(OUTS),
+        labeled=labeled,
+        segments=5,
+        keep_task_grads=True,
+    )
     assert_same_grads(out, **TIGHT)
     g = out["recompute"][2].task_grads["seg"]
-    assert isinstance(g, tuple) and g[0].shape == (N, 4, H, H) and g[1].shape == (N, 4, H // 2, H // 2)
+    assert (
+        isinstance(g, tuple) and g[0].shape == (N, 4, H, H) and g[1].shape == (N, 4, H // 2, H // 2)
+    )
     assert_same_tree(out["naive"][2].task_grads["seg"], g, **TIGHT)
 
 
@@ -69,7 +86,9 @@ def test_partial_labels_and_an_unlabelled_task():
     }
     targets = targets_for(OUTS)
     del targets["normals"]  # an unlabelled task needs no target
-    out = run_both(trunk, heads, images, targets, loss_fns_for(OUTS), labeled=labeled, keep_task_grads=True)
+    out = run_both(
+        trunk, heads, images, targets, loss_fns_for(OUTS), labeled=labeled, keep_task_grads=True
+    )
     assert_same_grads(out, **TIGHT)
     for strategy in ("naive", "recompute"):
         _, h, result, _ = out[strategy]
@@ -92,11 +111,15 @@ def test_loss_averages_over_labelled_samples_only():
         seen.append(pred.shape[0])
         return ((pred - target) ** 2).mean()
 
-    result = multi_branch_step(trunk, heads, images, targets, {"depth": loss}, labeled={"depth": mask})
+    result = multi_branch_step(
+        trunk, heads, images, targets, {"depth": loss}, labeled={"depth": mask}
+    )
     assert seen == [3]
     with torch.no_grad():
         pred = heads["depth"](trunk(images))
-    torch.testing.assert_close(result.losses["depth"], ((pred - targets["depth"])[mask] ** 2).mean(), **TIGHT)
+    torch.testing.assert_close(
+        result.losses["depth"], ((pred - targets["depth"])[mask] ** 2).mean(), **TIGHT
+    )
 
 
 @pytest.mark.parametrize("declare", [True, False], ids=["declared", "undeclared"])
@@ -110,8 +133,16 @@ def test_joint_decoder(declare):
         "depth": torch.tensor([0, 0, 1, 1, 0, 0], dtype=torch.bool),
     }
     all_outs = {**outs, "normals": 3}
-    out = run_both(trunk, heads, images, targets_for(all_outs), loss_fns_for(all_outs), labeled=labeled,
-                   weights={"depth": 3.0}, keep_task_grads=True)
+    out = run_both(
+        trunk,
+        heads,
+        images,
+        targets_for(all_outs),
+        loss_fns_for(all_outs),
+        labeled=labeled,
+        weights={"depth": 3.0},
+        keep_task_grads=True,
+    )
     assert_same_grads(out, **TIGHT)
     naive, rec = out["naive"][2], out["recompute"][2]
     assert naive.ran == rec.ran == ["seg", "depth", "normals"]
@@ -127,8 +158,14 @@ def test_joint_decoder_with_all_tasks_unlabelled_does_not_run():
     heads = nn.ModuleDict({"mti": JointHead(outs), "normals": Head(3)}).double()
     none = torch.zeros(N, dtype=torch.bool)
     targets = {"normals": targets_for({"normals": 3})["normals"]}
-    out = run_both(trunk, heads, torch.randn(N, 3, H, H, dtype=torch.float64), targets,
-                   loss_fns_for({**outs, "normals": 3}), labeled={"seg": none, "depth": none})
+    out = run_both(
+        trunk,
+        heads,
+        torch.randn(N, 3, H, H, dtype=torch.float64),
+        targets,
+        loss_fns_for({**outs, "normals": 3}),
+        labeled={"seg": none, "depth": none},
+    )
     assert_same_grads(out, **TIGHT)
     for _, h, result, _ in out.values():
         assert result.ran == ["normals"] and result.skipped == ["seg", "depth"]
@@ -140,10 +177,20 @@ def test_keep_task_grads_sum_to_the_branch_point_gradient():
     images = torch.randn(N, 3, H, H, dtype=torch.float64)
     labeled = {"depth": torch.tensor([1, 1, 0, 1, 0, 1], dtype=torch.bool)}
     weights = {"seg": 0.3, "normals": 2.0}
-    out = run_both(trunk, heads, images, targets_for(OUTS), loss_fns_for(OUTS), labeled=labeled,
-                   weights=weights, keep_task_grads=True)
+    out = run_both(
+        trunk,
+        heads,
+        images,
+        targets_for(OUTS),
+        loss_fns_for(OUTS),
+        labeled=labeled,
+        weights=weights,
+        keep_task_grads=True,
+    )
     for t in OUTS:
-        torch.testing.assert_close(out["recompute"][2].task_grads[t], out["naive"][2].task_grads[t], **TIGHT)
+        torch.testing.assert_close(
+            out["recompute"][2].task_grads[t], out["naive"][2].task_grads[t], **TIGHT
+        )
     # the branch-point gradient of plain autograd on the same loss
     with torch.no_grad():
         rep = trunk(images)
@@ -157,8 +204,16 @@ def test_keep_task_grads_sum_to_the_branch_point_gradient():
     (expected,) = torch.autograd.grad(total, rep)
     torch.manual_seed(0)
     targets = targets_for(OUTS)
-    out = run_both(trunk, heads, images, targets, loss_fns_for(OUTS), labeled=labeled, weights=weights,
-                   keep_task_grads=True)
+    out = run_both(
+        trunk,
+        heads,
+        images,
+        targets,
+        loss_fns_for(OUTS),
+        labeled=labeled,
+        weights=weights,
+        keep_task_grads=True,
+    )
     for strategy in ("naive", "recompute"):
         summed = sum(out[strategy][2].task_grads.values())
         torch.testing.assert_close(summed, expected, **TIGHT)
@@ -194,7 +249,13 @@ def test_frozen_stem_is_not_recomputed():
         p.requires_grad_(False)
     calls = []
     trunk[0].register_forward_hook(lambda *_: calls.append(0))
-    out = run_both(trunk, heads, torch.randn(N, 3, H, H, dtype=torch.float64), targets_for({"depth": 1}),
-                   loss_fns_for({"depth": 1}), segments=3)
+    out = run_both(
+        trunk,
+        heads,
+        torch.randn(N, 3, H, H, dtype=torch.float64),
+        targets_for({"depth": 1}),
+        loss_fns_for({"depth": 1}),
+        segments=3,
+    )
     assert_same_grads(out, **TIGHT)
     assert len(calls) == 2  # once per strategy: the recompute strategy's backward skips segment 0

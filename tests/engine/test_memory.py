@@ -8,7 +8,7 @@ from torch import nn
 
 from mtlfast.engine import multi_branch_step
 
-from .models import H, N, Head, conv_trunk, loss_fns_for, targets_for
+from .models import H, Head, N, conv_trunk, loss_fns_for, targets_for
 
 
 class _Box:
@@ -34,7 +34,9 @@ class Spy(nn.Module):
         return out
 
 
-@pytest.mark.parametrize("strategy,segments", [("naive", None), ("recompute", None), ("recompute", 1)])
+@pytest.mark.parametrize(
+    "strategy,segments", [("naive", None), ("recompute", None), ("recompute", 1)]
+)
 def test_branch_is_freed_before_the_next_runs(strategy, segments):
     outs = {"seg": 3, "depth": 1, "normals": 3}
     log = {"refs": [], "alive_at_start": []}
@@ -48,8 +50,15 @@ def test_branch_is_freed_before_the_next_runs(strategy, segments):
         return box
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.t):
-        multi_branch_step(trunk, heads, torch.randn(N, 3, H, H), targets, loss_fns_for(outs), strategy=strategy,
-                          segments=segments)
+        multi_branch_step(
+            trunk,
+            heads,
+            torch.randn(N, 3, H, H),
+            targets,
+            loss_fns_for(outs),
+            strategy=strategy,
+            segments=segments,
+        )
     if strategy == "recompute":
         # nothing of branches 1 and 2 (activations, predictions, saved tensors, loss graphs) is
         # alive when branch 2 (3) starts: only what the trunk's forward saved, which is the kept

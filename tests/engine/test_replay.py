@@ -9,8 +9,8 @@ from mtlfast.engine import multi_branch_step
 from .models import (
     C,
     H,
-    N,
     Head,
+    N,
     assert_same_grads,
     conv_trunk,
     loss_fns_for,
@@ -30,17 +30,31 @@ def assert_same_buffers(out):
     a, b = buffers(out["naive"][0]), buffers(out["recompute"][0])
     assert a.keys() == b.keys() and a
     for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            b[name], a[name], rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 def test_batch_norm_in_trunk_updates_running_statistics_once():
-    extra = (nn.BatchNorm2d(C), nn.ReLU(), nn.Conv2d(C, C, 3, padding=1), nn.BatchNorm2d(C, momentum=None))
+    extra = (
+        nn.BatchNorm2d(C),
+        nn.ReLU(),
+        nn.Conv2d(C, C, 3, padding=1),
+        nn.BatchNorm2d(C, momentum=None),
+    )
     trunk = conv_trunk(2, extra).double()
     heads = nn.ModuleDict({t: Head(o) for t, o in OUTS.items()}).double()
     before = buffers(trunk)
     labeled = {"depth": torch.tensor([1, 0, 1, 0, 1, 1], dtype=torch.bool)}
-    out = run_both(trunk, heads, torch.randn(N, 3, H, H, dtype=torch.float64), targets_for(OUTS),
-                   loss_fns_for(OUTS), labeled=labeled, segments=3)
+    out = run_both(
+        trunk,
+        heads,
+        torch.randn(N, 3, H, H, dtype=torch.float64),
+        targets_for(OUTS),
+        loss_fns_for(OUTS),
+        labeled=labeled,
+        segments=3,
+    )
     assert_same_grads(out, **TIGHT)
     assert_same_buffers(out)
     after = buffers(out["recompute"][0])
@@ -51,8 +65,16 @@ def test_batch_norm_in_trunk_updates_running_statistics_once():
 
 def test_batch_norm_in_heads_with_full_labels():
     trunk = conv_trunk(3, (nn.BatchNorm2d(C),)).double()
-    heads = nn.ModuleDict({t: nn.Sequential(nn.BatchNorm2d(C), Head(o)) for t, o in OUTS.items()}).double()
-    out = run_both(trunk, heads, torch.randn(N, 3, H, H, dtype=torch.float64), targets_for(OUTS), loss_fns_for(OUTS))
+    heads = nn.ModuleDict(
+        {t: nn.Sequential(nn.BatchNorm2d(C), Head(o)) for t, o in OUTS.items()}
+    ).double()
+    out = run_both(
+        trunk,
+        heads,
+        torch.randn(N, 3, H, H, dtype=torch.float64),
+        targets_for(OUTS),
+        loss_fns_for(OUTS),
+    )
     assert_same_grads(out, **TIGHT)
     for name, b in out["naive"][1].named_buffers():
         assert torch.equal(dict(out["recompute"][1].named_buffers())[name], b)
@@ -61,22 +83,39 @@ def test_batch_norm_in_heads_with_full_labels():
 def test_other_stateful_buffers_are_replayed_from_their_state_before_the_forward():
     # InstanceNorm's running statistics move on every train forward whatever the flag; spectral
     # norm's power iteration changes its vectors, and the weight it gives, on every forward
-    trunk = conv_trunk(2, (
-        nn.InstanceNorm2d(C, track_running_stats=True, affine=True),
-        spectral_norm(nn.Conv2d(C, C, 3, padding=1)),
-        nn.ReLU(),
-    )).double()
+    trunk = conv_trunk(
+        2,
+        (
+            nn.InstanceNorm2d(C, track_running_stats=True, affine=True),
+            spectral_norm(nn.Conv2d(C, C, 3, padding=1)),
+            nn.ReLU(),
+        ),
+    ).double()
     heads = nn.ModuleDict({t: Head(o) for t, o in OUTS.items()}).double()
     # three segments: both stateful modules in the middle one, which is recomputed
-    out = run_both(trunk, heads, torch.randn(N, 3, H, H, dtype=torch.float64), targets_for(OUTS),
-                   loss_fns_for(OUTS), segments=3)
+    out = run_both(
+        trunk,
+        heads,
+        torch.randn(N, 3, H, H, dtype=torch.float64),
+        targets_for(OUTS),
+        loss_fns_for(OUTS),
+        segments=3,
+    )
     assert_same_grads(out, **TIGHT)
     assert_same_buffers(out)
 
 
 def test_dropout_in_trunk_draws_the_same_masks_and_rng_ends_in_the_same_state():
-    trunk = conv_trunk(2, (nn.Dropout(0.5), nn.Conv2d(C, C, 3, padding=1), nn.Dropout2d(0.3), nn.ReLU(),
-                           nn.Conv2d(C, C, 1))).double()
+    trunk = conv_trunk(
+        2,
+        (
+            nn.Dropout(0.5),
+            nn.Conv2d(C, C, 3, padding=1),
+            nn.Dropout2d(0.3),
+            nn.ReLU(),
+            nn.Conv2d(C, C, 1),
+        ),
+    ).double()
     heads = nn.ModuleDict({t: Head(o) for t, o in OUTS.items()}).double()
     images = torch.randn(N, 3, H, H, dtype=torch.float64)
     # four segments: both dropouts recomputed (the last segment, the 1x1 conv, is kept)
@@ -87,15 +126,25 @@ def test_dropout_in_trunk_draws_the_same_masks_and_rng_ends_in_the_same_state():
     torch.manual_seed(7)
     assert not torch.equal(torch.get_rng_state(), out["recompute"][3])
     # a different seed gives a different gradient: the comparison above is not vacuous
-    other = run_both(trunk, heads, images, targets_for(OUTS), loss_fns_for(OUTS), segments=4, seed=8)
+    other = run_both(
+        trunk, heads, images, targets_for(OUTS), loss_fns_for(OUTS), segments=4, seed=8
+    )
     a = out["recompute"][0][0].weight.grad
     assert not torch.allclose(other["recompute"][0][0].weight.grad, a)
 
 
 def test_dropout_in_heads_with_full_labels():
     trunk = conv_trunk(4).double()
-    heads = nn.ModuleDict({t: nn.Sequential(nn.Dropout(0.5), Head(o)) for t, o in OUTS.items()}).double()
-    out = run_both(trunk, heads, torch.randn(N, 3, H, H, dtype=torch.float64), targets_for(OUTS), loss_fns_for(OUTS))
+    heads = nn.ModuleDict(
+        {t: nn.Sequential(nn.Dropout(0.5), Head(o)) for t, o in OUTS.items()}
+    ).double()
+    out = run_both(
+        trunk,
+        heads,
+        torch.randn(N, 3, H, H, dtype=torch.float64),
+        targets_for(OUTS),
+        loss_fns_for(OUTS),
+    )
     assert_same_grads(out, **TIGHT)
     assert torch.equal(out["naive"][3], out["recompute"][3])
 
@@ -113,7 +162,10 @@ def test_autocast_bf16_on_cpu():
     # the recomputation ran in bf16 too (a float32 recompute would not match the forward)
     assert seen == [(torch.bfloat16, True), (torch.bfloat16, False), (torch.bfloat16, True)]
     assert_same_grads(out, rtol=2e-2, atol=2e-3)
-    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in out["recompute"][0].parameters())
+    assert all(
+        p.grad is not None and p.grad.dtype == torch.float32
+        for p in out["recompute"][0].parameters()
+    )
     assert torch.equal(out["naive"][3], out["recompute"][3])
 
 
@@ -128,6 +180,8 @@ def test_recomputation_restores_autocast_state_of_the_forward():
     )
     targets = {"depth": torch.randn(N, 1, H, H)}
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        multi_branch_step(trunk, heads, torch.randn(N, 3, H, H), targets, loss_fns_for({"depth": 1}), segments=2)
+        multi_branch_step(
+            trunk, heads, torch.randn(N, 3, H, H), targets, loss_fns_for({"depth": 1}), segments=2
+        )
     assert dtypes == [(True, False), (True, True)]
     assert not torch.is_autocast_enabled("cpu")

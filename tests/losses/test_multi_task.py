@@ -67,8 +67,14 @@ def test_engine_accepts_task_losses():
     _, targets = _sample()
     labeled = {"edge": torch.tensor([True, False, True])}
     result = multi_branch_step(
-        trunk, heads, images, {t: targets[t] for t in heads}, {t: for_task(t) for t in heads},
-        labeled=labeled, weights={"semseg": 1.0, "edge": 50.0}, strategy="naive",
+        trunk,
+        heads,
+        images,
+        {t: targets[t] for t in heads},
+        {t: for_task(t) for t in heads},
+        labeled=labeled,
+        weights={"semseg": 1.0, "edge": 50.0},
+        strategy="naive",
     )
     feats = trunk(images)
     want = for_task("edge")(heads["edge"](feats), targets["edge"], labeled["edge"])

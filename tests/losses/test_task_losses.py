@@ -87,11 +87,11 @@ def test_saliency_balance_uses_labeled_rows_only():
 def test_normals_hand_computed():
     pred = torch.zeros(1, 3, 1, 3)
     target = torch.zeros(1, 3, 1, 3)
-    pred[0, :, 0, 0] = torch.tensor([2.0, 0, 0])   # normalised to (1, 0, 0): error 0
+    pred[0, :, 0, 0] = torch.tensor([2.0, 0, 0])  # normalised to (1, 0, 0): error 0
     target[0, :, 0, 0] = torch.tensor([1.0, 0, 0])
-    pred[0, :, 0, 1] = torch.tensor([5.0, 0, 0])   # (1, 0, 0) vs (0, 1, 0): |1| + |1| + 0
+    pred[0, :, 0, 1] = torch.tensor([5.0, 0, 0])  # (1, 0, 0) vs (0, 1, 0): |1| + |1| + 0
     target[0, :, 0, 1] = torch.tensor([0.0, 1, 0])
-    pred[0, :, 0, 2] = torch.tensor([9.0, 9, 9])   # invalid label: ignored
+    pred[0, :, 0, 2] = torch.tensor([9.0, 9, 9])  # invalid label: ignored
     assert normals_loss(pred, target).item() == pytest.approx(2 / 6, rel=1e-6)
 
 
@@ -167,7 +167,7 @@ def test_gradcheck_float64():
         pred = pred.detach().double().requires_grad_()
         target = target.double() if target.is_floating_point() else target
         fn = for_task(task, gradient_weight=1.0) if task == "depth" else for_task(task)
-        assert torch.autograd.gradcheck(lambda p: fn(p, target), (pred,))
+        assert torch.autograd.gradcheck(lambda p, fn=fn, target=target: fn(p, target), (pred,))
 
 
 def test_bad_shapes_raise():

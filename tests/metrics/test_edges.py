@@ -48,9 +48,9 @@ def test_counts_of_a_shifted_line():
     gt = np.zeros((20, 20))
     gt[10, 2:18] = 1
     pred = np.zeros((20, 20))
-    pred[11, 2:18] = 0.9                     # one pixel off: matched when radius >= 1
-    pred[3, 3] = 0.4                         # a weak false positive
-    radius = 0.05 * np.hypot(20, 20)         # ~1.41 px
+    pred[11, 2:18] = 0.9  # one pixel off: matched when radius >= 1
+    pred[3, 3] = 0.4  # a weak false positive
+    radius = 0.05 * np.hypot(20, 20)  # ~1.41 px
     counts = edge_counts(pred, gt, thresholds=[0.3, 0.5, 0.95], max_dist=0.05)
     np.testing.assert_array_equal(counts, [[16, 16, 16, 17], [16, 16, 16, 16], [0, 16, 0, 0]])
     assert radius > 1
@@ -62,12 +62,12 @@ def test_thinning_and_ignore():
     gt = np.zeros((12, 12))
     gt[6, :] = 1
     pred = np.zeros((12, 12))
-    pred[5:8, :] = 0.8                        # a 3-pixel-thick band thins to about one line
+    pred[5:8, :] = 0.8  # a 3-pixel-thick band thins to about one line
     thick = edge_counts(pred, gt, thresholds=[0.5], max_dist=0.01, thin=False)[0]
     thin = edge_counts(pred, gt, thresholds=[0.5], max_dist=0.01, thin=True)[0]
     assert thick[3] == 36 and thin[3] < 20
     gt_ignored = gt.copy()
-    gt_ignored[:, :6] = 255                   # ground truth and predictions there count nowhere
+    gt_ignored[:, :6] = 255  # ground truth and predictions there count nowhere
     c = edge_counts(pred, gt_ignored, thresholds=[0.5], max_dist=0.01, thin=False)[0]
     assert c[1] == 6 and c[3] == 18
 
@@ -90,10 +90,12 @@ def test_perfect_and_empty_predictions():
 def test_scores_hand_computed():
     t = [0.25, 0.5, 0.75]
     # image 0 is best at threshold 0 (F = 1), image 1 at threshold 2 (F = 1).
-    counts = np.array([
-        [[10, 10, 10, 10], [5, 10, 5, 5], [0, 10, 0, 0]],
-        [[10, 10, 10, 40], [10, 10, 10, 20], [10, 10, 10, 10]],
-    ])
+    counts = np.array(
+        [
+            [[10, 10, 10, 10], [5, 10, 5, 5], [0, 10, 0, 0]],
+            [[10, 10, 10, 40], [10, 10, 10, 20], [10, 10, 10, 10]],
+        ]
+    )
     out = edge_scores(counts, t)
     assert out["oisF"] == pytest.approx(1.0)
     # Pooled: R = [1, 0.75, 0.5], P = [0.4, 0.6, 1.0]; F = [0.571, 0.667, 0.667].

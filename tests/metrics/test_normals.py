@@ -11,11 +11,11 @@ def test_hand_computed():
     pred = np.zeros((1, 3, 1, 5))
     # (1, 0, 0) at pixels 0-3; pixel 4 invalid.
     target[0, :, 0, :4] = [[1, 1, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0]]
-    pred[0, :, 0, 0] = [3, 0, 0]                                      # 0 deg
-    pred[0, :, 0, 1] = [1, 1, 0]                                      # 45 deg
-    pred[0, :, 0, 2] = [0, 2, 0]                                      # 90 deg
+    pred[0, :, 0, 0] = [3, 0, 0]  # 0 deg
+    pred[0, :, 0, 1] = [1, 1, 0]  # 45 deg
+    pred[0, :, 0, 2] = [0, 2, 0]  # 90 deg
     pred[0, :, 0, 3] = [np.cos(np.radians(20)), np.sin(np.radians(20)), 0]  # 20 deg
-    pred[0, :, 0, 4] = [-1, 0, 0]                                     # ignored
+    pred[0, :, 0, 4] = [-1, 0, 0]  # ignored
     m = NormalsMeter()
     m.update(pred, target)
     out = m.compute()

@@ -39,7 +39,11 @@ def grads_of(loss: torch.Tensor, module: torch.nn.Module) -> dict[str, torch.Ten
 
 def touched(grads: dict, prefix: str) -> list[str]:
     """Parameters under ``prefix`` with a nonzero gradient."""
-    return [n for n, g in grads.items() if n.startswith(prefix) and g is not None and bool(g.abs().sum() > 0)]
+    return [
+        n
+        for n, g in grads.items()
+        if n.startswith(prefix) and g is not None and bool(g.abs().sum() > 0)
+    ]
 
 
 def all_params(module: torch.nn.Module, prefix: str) -> list[str]:
@@ -49,8 +53,8 @@ def all_params(module: torch.nn.Module, prefix: str) -> list[str]:
 class TinyBackbone(nn.Module):
     """Any 4-scale backbone with channels/strides plugs in (no segments(): one trunk module)."""
 
-    channels = [4, 8, 8, 16]
-    strides = [4, 8, 16, 32]
+    channels = (4, 8, 8, 16)
+    strides = (4, 8, 16, 32)
 
     def __init__(self):
         super().__init__()

@@ -33,7 +33,11 @@ def test_recompute_matches_naive_and_plain_backward(name, backbone, options):
 
     results = []
     for m, strategy in zip(models[:2], ("naive", "recompute")):
-        results.append(multi_branch_step(m.trunk, m.heads, x, targets, loss_fns, weights=weights, strategy=strategy))
+        results.append(
+            multi_branch_step(
+                m.trunk, m.heads, x, targets, loss_fns, weights=weights, strategy=strategy
+            )
+        )
     out = models[2](x)
     sum(weights[k] * F.mse_loss(out[k], targets[k]) for k in keys).backward()
 
@@ -46,11 +50,19 @@ def test_recompute_matches_naive_and_plain_backward(name, backbone, options):
 
 
 def test_lazy_task_skips_its_head():
-    model = build("ubernet", "resnet18", {"width": 0.125, "scales": (1.0,)}, tasks=["semseg", "edge"])
+    model = build(
+        "ubernet", "resnet18", {"width": 0.125, "scales": (1.0,)}, tasks=["semseg", "edge"]
+    )
     x = torch.randn(2, 3, H, W)
     targets = {"semseg": torch.randn(2, 21, H, W), "edge": torch.randn(2, 1, H, W)}
-    result = multi_branch_step(model.trunk, model.heads, x, targets, {t: F.mse_loss for t in targets},
-                               labeled={"edge": torch.zeros(2, dtype=torch.bool)})
+    result = multi_branch_step(
+        model.trunk,
+        model.heads,
+        x,
+        targets,
+        {t: F.mse_loss for t in targets},
+        labeled={"edge": torch.zeros(2, dtype=torch.bool)},
+    )
     assert result.skipped == ["edge"]
     assert all(p.grad is None for p in model.heads["edge"].parameters())
     assert all(p.grad is not None for p in model.heads["semseg"].parameters())
@@ -65,14 +77,18 @@ class _TwoScaleNet(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.a = torch.nn.Conv2d(3, 4, 3, stride=2, padding=1)
-        self.b = torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3, stride=2, padding=1), torch.nn.BatchNorm2d(6))
+        self.b = torch.nn.Sequential(
+            torch.nn.Conv2d(4, 6, 3, stride=2, padding=1), torch.nn.BatchNorm2d(6)
+        )
 
     def forward(self, x):
         f = torch.relu(self.a(x))
         return [f, self.b(f)]
 
 
-@pytest.mark.parametrize("name, options", [("ubernet", {"scales": (1.0, 0.5)}), ("mtl_baseline", {"head_channels": 8})])
+@pytest.mark.parametrize(
+    "name, options", [("ubernet", {"scales": (1.0, 0.5)}), ("mtl_baseline", {"head_channels": 8})]
+)
 def test_any_backbone_module(name, options):
     from mtlfast.models import create
 
@@ -91,7 +107,9 @@ def test_any_backbone_module(name, options):
         create(name, ["edge"], backbone=torch.nn.Conv2d(3, 3, 1))
 
 
-@pytest.mark.parametrize("options", [{"adapters": True}, {"se_encoder": False}], ids=("adapters", "se_decoder"))
+@pytest.mark.parametrize(
+    "options", [{"adapters": True}, {"se_encoder": False}], ids=("adapters", "se_decoder")
+)
 def test_astmt_single_task_passes_under_the_engine(options):
     """ASTMT's T single-task passes as the engine's branches: naive's gradients, lazy tasks skipped."""
     model = build("astmt", "se_resnet26", {"width": 0.125, "head_channels": 16, **options})
@@ -101,7 +119,9 @@ def test_astmt_single_task_passes_under_the_engine(options):
     labeled = {model.tasks[-1]: torch.zeros(4, dtype=torch.bool)}  # the last task: no label here
     models = [copy.deepcopy(model) for _ in range(3)]
     for m, strategy in zip(models[:2], ("naive", "recompute")):
-        result = multi_branch_step(*m.engine_branches(), x, targets, loss_fns, labeled=labeled, strategy=strategy)
+        result = multi_branch_step(
+            *m.engine_branches(), x, targets, loss_fns, labeled=labeled, strategy=strategy
+        )
         assert result.skipped == [model.tasks[-1]]
     sum(F.mse_loss(models[2](x, t), targets[t]) for t in model.tasks[:-1]).backward()
 
@@ -111,5 +131,7 @@ def test_astmt_single_task_passes_under_the_engine(options):
     for n in naive:
         torch.testing.assert_close(recompute[n], naive[n], rtol=1e-4, atol=1e-5, msg=n)
         torch.testing.assert_close(plain[n], naive[n], rtol=1e-4, atol=1e-5, msg=n)
-    trunk, _ = model.engine_branches()  # no shared trunk: the identity, the branches are whole passes
+    trunk, _ = (
+        model.engine_branches()
+    )  # no shared trunk: the identity, the branches are whole passes
     assert [type(m) for m in trunk] == [type(m) for m in model.trunk] == [torch.nn.Identity]

@@ -7,7 +7,9 @@ from mtlfast.models import MTINet, PADNet, create, summary
 
 
 def test_resnet50_baseline_shares_the_encoder():
-    model = create("mtl_baseline", ["semseg", "normals"], backbone="resnet50", head="simple", head_channels=16)
+    model = create(
+        "mtl_baseline", ["semseg", "normals"], backbone="resnet50", head="simple", head_channels=16
+    )
     s = summary(model, (33, 47))
     assert abs(s.params_shared - 23.5e6) < 0.05e6  # ResNet-50 without fc
     assert s.params_shared + sum(s.params_per_task.values()) == s.params_total
@@ -17,7 +19,9 @@ def test_resnet50_baseline_shares_the_encoder():
 
 def test_resnet50_multiply_adds():
     s = summary(ResNet(50), (1, 3, 224, 224))
-    assert abs(s.macs / 1e9 - 4.09) < 0.03  # torchvision's 4.09 GMACs, less the 2M of the classifier
+    assert (
+        abs(s.macs / 1e9 - 4.09) < 0.03
+    )  # torchvision's 4.09 GMACs, less the 2M of the classifier
     assert s.params_shared == s.params_total == 23_508_032
 
 
@@ -26,7 +30,9 @@ def test_astmt_counts_task_rows_and_all_tasks():
     s = summary(model, (33, 47))
     assert s.params_shared + sum(s.params_per_task.values()) == s.params_total
     heads = {t: sum(p.numel() for p in model.heads[t].parameters()) for t in model.tasks}
-    assert all(s.params_per_task[t] > heads[t] for t in model.tasks)  # adapters, task SE and BN rows
+    assert all(
+        s.params_per_task[t] > heads[t] for t in model.tasks
+    )  # adapters, task SE and BN rows
     one = create("astmt", ["semseg"], width=0.125, head_channels=16, adapters=True)
     assert summary(one, (33, 47)).macs < s.macs  # forward_all runs every task
 
@@ -45,12 +51,17 @@ def test_mtinet_counts_its_decoder_per_task():
     assert s.params_shared + sum(s.params_per_task.values()) == s.params_total
     d, t = model.decoder, 3
     for task in model.tasks:
-        own = _count(*(d.initial[i].refinement[task] for i in range(4)), *(d.initial[i].decoders[task] for i in range(4)),
-                     d.aggregation[task])
+        own = _count(
+            *(d.initial[i].refinement[task] for i in range(4)),
+            *(d.initial[i].decoders[task] for i in range(4)),
+            d.aggregation[task],
+        )
         rows = _count(*(p.se for p in d.propagation), *d.distillation)  # one row per task, stacked
         assert rows % t == 0
         assert s.params_per_task[task] == own + rows // t, task
-    harmonisation = _count(*(nn.ModuleList([p.non_linear, p.dimensionality_reduction]) for p in d.propagation))
+    harmonisation = _count(
+        *(nn.ModuleList([p.non_linear, p.dimensionality_reduction]) for p in d.propagation)
+    )
     assert s.params_shared == _count(model.backbone) + harmonisation
 
 

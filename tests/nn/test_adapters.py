@@ -15,9 +15,13 @@ def randomised(*args, **kwargs):
 
 
 def naive_modules(layer):
-    conv = nn.Conv2d(layer.in_channels, layer.out_channels, 3, stride=layer.stride, padding=1, bias=False).double()
+    conv = nn.Conv2d(
+        layer.in_channels, layer.out_channels, 3, stride=layer.stride, padding=1, bias=False
+    ).double()
     adapters = [
-        nn.Conv2d(layer.in_channels, layer.out_channels, 1, stride=layer.stride, bias=False).double()
+        nn.Conv2d(
+            layer.in_channels, layer.out_channels, 1, stride=layer.stride, bias=False
+        ).double()
         for _ in range(layer.num_tasks)
     ]
     with torch.no_grad():
@@ -53,7 +57,9 @@ def test_forward_and_gradients_equal_conv_plus_adapters(task, c_in, c_out, t, hw
     expected.backward(grad_out)
     torch.testing.assert_close(x.grad, x2.grad)
     torch.testing.assert_close(layer.conv.weight.grad, conv.weight.grad)
-    want = torch.stack([torch.zeros_like(a.weight) if a.weight.grad is None else a.weight.grad for a in adapters])
+    want = torch.stack(
+        [torch.zeros_like(a.weight) if a.weight.grad is None else a.weight.grad for a in adapters]
+    )
     torch.testing.assert_close(layer.adapter_weight.grad, want)
 
 

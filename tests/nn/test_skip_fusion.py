@@ -54,10 +54,15 @@ CASES = [
 
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("in_channels, out_channels, sizes, size", CASES)
-def test_forward_gradients_and_running_stats_equal_naive(training, in_channels, out_channels, sizes, size):
+def test_forward_gradients_and_running_stats_equal_naive(
+    training, in_channels, out_channels, sizes, size
+):
     layer = randomised(in_channels, out_channels).train(training)
     norms, convs, weight, bias = naive_modules(layer)
-    features = [torch.randn(3, c, *hw, dtype=torch.float64, requires_grad=True) for c, hw in zip(in_channels, sizes)]
+    features = [
+        torch.randn(3, c, *hw, dtype=torch.float64, requires_grad=True)
+        for c, hw in zip(in_channels, sizes)
+    ]
     features2 = [f.detach().clone().requires_grad_() for f in features]
 
     out = layer(features, size)
@@ -83,7 +88,9 @@ def test_folded_projection_equals_batch_norm_then_projection():
     layer = randomised([3, 2], 4).eval()
     f = torch.randn(2, 3, 5, 7, dtype=torch.float64)
     w, shift = layer.folded_projection(0)
-    torch.testing.assert_close(F.conv2d(f, w) + shift[:, None, None], layer.projections[0](layer.norms[0](f)))
+    torch.testing.assert_close(
+        F.conv2d(f, w) + shift[:, None, None], layer.projections[0](layer.norms[0](f))
+    )
     w, shift = layer.folded_projection(1)
     assert w is layer.projections[1].weight and not shift.any()
 
@@ -94,13 +101,18 @@ def test_initial_fusion_is_a_plain_sum():
     assert all(p.bias is None for p in layer.projections) and len(layer.norms) == 1
     features = [torch.randn(2, 3, 6, 6), torch.randn(2, 2, 3, 3)]
     scores = [layer.projections[0](layer.norms[0](features[0])), layer.projections[1](features[1])]
-    expected = sum(F.interpolate(s, size=(6, 6), mode="bilinear", align_corners=False) for s in scores)
+    expected = sum(
+        F.interpolate(s, size=(6, 6), mode="bilinear", align_corners=False) for s in scores
+    )
     torch.testing.assert_close(layer(features, (6, 6)), expected)
 
 
 def test_channels_last_features():
     layer = randomised([3, 4], 5)
-    features = [torch.randn(2, 3, 7, 5, dtype=torch.float64), torch.randn(2, 4, 4, 3, dtype=torch.float64)]
+    features = [
+        torch.randn(2, 3, 7, 5, dtype=torch.float64),
+        torch.randn(2, 4, 4, 3, dtype=torch.float64),
+    ]
     for training in (False, True):
         layer.train(training)
         expected = layer(features, (9, 8))
@@ -110,7 +122,10 @@ def test_channels_last_features():
 
 @pytest.mark.parametrize("training", [True, False])
 def test_compile_fullgraph_matches_eager(training):
-    features = [torch.randn(2, 3, 7, 5, requires_grad=True), torch.randn(2, 4, 4, 3, requires_grad=True)]
+    features = [
+        torch.randn(2, 3, 7, 5, requires_grad=True),
+        torch.randn(2, 4, 4, 3, requires_grad=True),
+    ]
     eager_layer = SkipScoreFusion([3, 4], 5).train(training)
     layer = SkipScoreFusion([3, 4], 5).train(training)
     layer.load_state_dict(eager_layer.state_dict())
@@ -138,7 +153,9 @@ def test_bad_arguments():
         layer(good[:1], (5, 5))
     with pytest.raises(ValueError, match=r"features\[1\] must have shape \(N, C_1=3, H, W\)"):
         layer([good[0], torch.randn(2, 2, 3, 3)], (5, 5))
-    with pytest.raises(ValueError, match=r"features\[1\] must have shape .* with the N of features\[0\]"):
+    with pytest.raises(
+        ValueError, match=r"features\[1\] must have shape .* with the N of features\[0\]"
+    ):
         layer([good[0], torch.randn(1, 3, 3, 3)], (5, 5))
     with pytest.raises(TypeError, match=r"features\[0\] must be a torch.Tensor"):
         layer([None, good[1]], (5, 5))

@@ -23,7 +23,9 @@ def batch_norms(layer):
     """One nn.BatchNorm2d per task, each a copy of the layer's row for that task."""
     bns = []
     for t in range(layer.num_tasks):
-        bn = nn.BatchNorm2d(layer.channels, eps=layer.eps, momentum=layer.momentum).to(layer.weight.dtype)
+        bn = nn.BatchNorm2d(layer.channels, eps=layer.eps, momentum=layer.momentum).to(
+            layer.weight.dtype
+        )
         with torch.no_grad():
             bn.weight.copy_(layer.weight[t]), bn.bias.copy_(layer.bias[t])
             bn.running_mean.copy_(layer.running_mean[t]), bn.running_var.copy_(layer.running_var[t])
@@ -45,12 +47,16 @@ def naive(bns, x, task):
 
 def assert_state_equal(layer, bns):
     for name in ("running_mean", "running_var", "num_batches_tracked"):
-        torch.testing.assert_close(getattr(layer, name), torch.stack([getattr(bn, name) for bn in bns]), msg=name)
+        torch.testing.assert_close(
+            getattr(layer, name), torch.stack([getattr(bn, name) for bn in bns]), msg=name
+        )
 
 
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("task", [1, "mixed"])
-@pytest.mark.parametrize("c, t, hw, momentum", [(1, 2, (7, 5), 0.1), (4, 3, (5, 6), None), (3, 3, (1, 1), 0.3)])
+@pytest.mark.parametrize(
+    "c, t, hw, momentum", [(1, 2, (7, 5), 0.1), (4, 3, (5, 6), None), (3, 3, (1, 1), 0.3)]
+)
 def test_forward_gradients_and_running_stats_equal_batch_norms(training, task, c, t, hw, momentum):
     layer = randomise(TaskBatchNorm2d(c, t, momentum=momentum).double()).train(training)
     task = torch.tensor(MIXED) if task == "mixed" else task
@@ -153,12 +159,16 @@ def test_bad_arguments():
         layer(torch.randn(3, 4, 5), 0)
     with pytest.raises(ValueError, match=r"task must lie in \[0, 2\), got -1"):
         layer(x, -1)
-    with pytest.raises(ValueError, match=r"task indices must lie in \[0, 2\), got values in \[0, 3\]"):
+    with pytest.raises(
+        ValueError, match=r"task indices must lie in \[0, 2\), got values in \[0, 3\]"
+    ):
         layer(x, torch.tensor([0, 3, 1]))
     with pytest.raises(ValueError, match=r"task must be an int or have shape \(N,\)"):
         layer(x, torch.tensor([[0, 1, 1]]))
     with pytest.raises(TypeError, match="task must be an int64 tensor"):
         layer(x, torch.tensor([0, 1, 1], dtype=torch.int32))
-    with pytest.raises(ValueError, match=r"more than 1 value per channel when training, but tasks \[1\]"):
+    with pytest.raises(
+        ValueError, match=r"more than 1 value per channel when training, but tasks \[1\]"
+    ):
         layer(torch.randn(3, 4, 1, 1), torch.tensor([0, 1, 0]))
     assert layer.num_batches_tracked.tolist() == [0, 0]

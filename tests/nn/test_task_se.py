@@ -22,7 +22,9 @@ def se_blocks(layer):
 
 def naive(blocks, x, task, residual=None, relu=False):
     tasks = [task] * x.shape[0] if isinstance(task, int) else task.tolist()
-    y = torch.cat([x[n : n + 1] * blocks[t](x[n : n + 1])[:, :, None, None] for n, t in enumerate(tasks)])
+    y = torch.cat(
+        [x[n : n + 1] * blocks[t](x[n : n + 1])[:, :, None, None] for n, t in enumerate(tasks)]
+    )
     if residual is not None:
         y = y + residual
     return torch.relu(y) if relu else y
@@ -62,7 +64,9 @@ def test_forward_and_gradients_equal_se_blocks(task, c, t, reduction, hw, fused)
     torch.testing.assert_close(x.grad, x2.grad)
     if fused:
         torch.testing.assert_close(residual.grad, r2.grad)
-    for got, want in zip((layer.w1.grad, layer.b1.grad, layer.w2.grad, layer.b2.grad), stacked_grads(blocks)):
+    for got, want in zip(
+        (layer.w1.grad, layer.b1.grad, layer.w2.grad, layer.b2.grad), stacked_grads(blocks)
+    ):
         torch.testing.assert_close(got, want)
 
 
@@ -78,14 +82,16 @@ def test_hidden_width_and_parameter_count_equal_t_se_blocks():
         layer = TaskSE(c, t, reduction)
         assert layer.hidden == hidden
         plain = nn.Sequential(nn.Linear(c, hidden), nn.ReLU(), nn.Linear(hidden, c), nn.Sigmoid())
-        assert sum(p.numel() for p in layer.parameters()) == t * sum(p.numel() for p in plain.parameters())
+        assert sum(p.numel() for p in layer.parameters()) == t * sum(
+            p.numel() for p in plain.parameters()
+        )
 
 
 def test_initialisation_is_nn_linear_per_task():
     c, t = 64, 4
     layer = TaskSE(c, t, reduction=4)
     for p, fan_in in ((layer.w1, c), (layer.b1, c), (layer.w2, c // 4), (layer.b2, c // 4)):
-        bound = fan_in ** -0.5
+        bound = fan_in**-0.5
         assert p.abs().max() <= bound and p.abs().max() > 0.9 * bound
         # Independent draws per task, not one block repeated.
         assert not torch.equal(p[0], p[1])

@@ -8,10 +8,10 @@ from tests.conftest import require_backend
 from tests.ops.conftest import LAYOUTS, make
 
 TOL = {
-    torch.float32: dict(rtol=1e-5, atol=1e-5),
-    torch.float16: dict(rtol=2e-3, atol=2e-3),
-    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
-    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: {"rtol": 1e-5, "atol": 1e-5},
+    torch.float16: {"rtol": 2e-3, "atol": 2e-3},
+    torch.bfloat16: {"rtol": 1.6e-2, "atol": 1.6e-2},
+    torch.float64: {"rtol": 1e-10, "atol": 1e-10},
 }
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CPU_BACKENDS = ("reference", "cpu", "triton")
@@ -56,7 +56,11 @@ def test_matches_reference(backend, dtype, chw, t):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
     "layouts",
-    [(l, l, l) for l in LAYOUTS] + [("contiguous", "channels_last", "outer_strided"), ("inner_strided", "contiguous", "channels_last")],
+    [(l, l, l) for l in LAYOUTS]
+    + [
+        ("contiguous", "channels_last", "outer_strided"),
+        ("inner_strided", "contiguous", "channels_last"),
+    ],
     ids="-".join,
 )
 def test_any_strides(backend, dtype, layouts):
@@ -93,7 +97,14 @@ def test_empty_batch(backend):
 @pytest.mark.parametrize("backend", ("reference", "cpu"))
 def test_gradcheck_float64(backend):
     require_backend(backend)
-    f, m, v = inputs(2, 3, (2, 3, 2), torch.float64, ("contiguous", "channels_last", "outer_strided"), requires_grad=True)
+    f, m, v = inputs(
+        2,
+        3,
+        (2, 3, 2),
+        torch.float64,
+        ("contiguous", "channels_last", "outer_strided"),
+        requires_grad=True,
+    )
     with use_backend(backend):
         assert torch.autograd.gradcheck(attention_distill, (f, m, v))
 
@@ -106,7 +117,9 @@ def test_opcheck(backend):
         g = torch.randn(f.shape)
         with use_backend(backend):
             torch.library.opcheck(torch.ops.mtlfast.attention_distill.default, (f, m, v))
-            torch.library.opcheck(torch.ops.mtlfast.attention_distill_backward.default, (g, m.detach(), v.detach()))
+            torch.library.opcheck(
+                torch.ops.mtlfast.attention_distill_backward.default, (g, m.detach(), v.detach())
+            )
 
 
 def test_backward_saves_only_inputs():
@@ -121,7 +134,9 @@ def test_backward_saves_only_inputs():
 def test_compile_fullgraph():
     f, m, v = inputs(2, 3, (4, 5, 5), torch.float32, ("contiguous",) * 3)
     compiled = torch.compile(attention_distill, fullgraph=True)
-    torch.testing.assert_close(compiled(f, m, v), reference.attention_distill(f, m, v), **TOL[torch.float32])
+    torch.testing.assert_close(
+        compiled(f, m, v), reference.attention_distill(f, m, v), **TOL[torch.float32]
+    )
 
 
 # ---- bad input -----------------------------------------------------------------------------
@@ -135,14 +150,34 @@ def good():
     "mutate, error, match",
     [
         (lambda f, m, v: (f[0], m, v), ValueError, r"feats must have shape \(N, T, C, H, W\)"),
-        (lambda f, m, v: (f, m[:, :, :1], v), ValueError, r"mask_logits must have shape \(N, T, T-1, C, H, W\)"),
+        (
+            lambda f, m, v: (f, m[:, :, :1], v),
+            ValueError,
+            r"mask_logits must have shape \(N, T, T-1, C, H, W\)",
+        ),
         (lambda f, m, v: (f, m, v[..., :4]), ValueError, r"messages must have shape"),
-        (lambda f, m, v: (f[:1], m, v), ValueError, r"mask_logits must have shape .* to match feats"),
+        (
+            lambda f, m, v: (f[:1], m, v),
+            ValueError,
+            r"mask_logits must have shape .* to match feats",
+        ),
         (lambda f, m, v: (f[:, :1], m[:, :1, :0], v[:, :1, :0]), ValueError, r"T >= 2"),
         (lambda f, m, v: (f.long(), m, v), TypeError, r"feats must be a floating-point tensor"),
-        (lambda f, m, v: (f, m.int(), v), TypeError, r"mask_logits must be a floating-point tensor"),
-        (lambda f, m, v: (f, m.double(), v), TypeError, r"mask_logits has dtype torch.float64 but feats has torch.float32"),
-        (lambda f, m, v: (f, m, v.to("meta")), ValueError, r"messages is on meta but feats is on cpu"),
+        (
+            lambda f, m, v: (f, m.int(), v),
+            TypeError,
+            r"mask_logits must be a floating-point tensor",
+        ),
+        (
+            lambda f, m, v: (f, m.double(), v),
+            TypeError,
+            r"mask_logits has dtype torch.float64 but feats has torch.float32",
+        ),
+        (
+            lambda f, m, v: (f, m, v.to("meta")),
+            ValueError,
+            r"messages is on meta but feats is on cpu",
+        ),
         (lambda f, m, v: (f.numpy(), m, v), TypeError, r"feats must be a torch.Tensor"),
     ],
 )
@@ -157,7 +192,11 @@ def test_bad_input(mutate, error, match):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ("cuda", "triton"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("layouts", [(l, l, l) for l in LAYOUTS] + [("contiguous", "channels_last", "outer_strided")], ids="-".join)
+@pytest.mark.parametrize(
+    "layouts",
+    [(l, l, l) for l in LAYOUTS] + [("contiguous", "channels_last", "outer_strided")],
+    ids="-".join,
+)
 @pytest.mark.parametrize("chw", SIZES + ((18, 64, 64), (256, 33, 31)), ids=str)
 def test_gpu_matches_reference(backend, dtype, layouts, chw):
     require_backend(backend, "cuda")

@@ -9,8 +9,15 @@ import pytest
 import torch
 
 from mtlfast import _extension
-from mtlfast.ops import _dispatch, available_backends, current_backend, reference, use_backend
-from mtlfast.ops import skip_fusion, task_se
+from mtlfast.ops import (
+    _dispatch,
+    available_backends,
+    current_backend,
+    reference,
+    skip_fusion,
+    task_se,
+    use_backend,
+)
 from mtlfast.ops.attention_distill import attention_distill
 
 
@@ -42,9 +49,11 @@ def test_use_backend_nests_and_restores():
 
 
 def test_unknown_backend_names_choices():
-    with pytest.raises(ValueError, match="unknown backend 'fast'.*reference, cpu, triton, cuda"):
-        with use_backend("fast"):
-            pass
+    with (
+        pytest.raises(ValueError, match="unknown backend 'fast'.*reference, cpu, triton, cuda"),
+        use_backend("fast"),
+    ):
+        pass
 
 
 def test_env_override(monkeypatch):
@@ -56,9 +65,11 @@ def test_env_override(monkeypatch):
 
 
 def test_forced_backend_for_wrong_device_is_an_error():
-    with use_backend("cuda"):
-        with pytest.raises(RuntimeError, match="backend 'cuda' cannot run cpu tensors"):
-            attention_distill(*small())
+    with (
+        use_backend("cuda"),
+        pytest.raises(RuntimeError, match="backend 'cuda' cannot run cpu tensors"),
+    ):
+        attention_distill(*small())
 
 
 def test_missing_extension_falls_back_with_one_warning(monkeypatch):
@@ -80,8 +91,11 @@ def test_backward_runs_on_the_backend_of_its_forward(monkeypatch):
     # use_backend block; calling it after the block has closed shows the same thing on CPU.
     calls = []
     fn, dtypes = _dispatch._kernels[("attention_distill_backward", "reference")]
-    monkeypatch.setitem(_dispatch._kernels, ("attention_distill_backward", "reference"),
-                        (lambda *a: calls.append(1) or fn(*a), dtypes))
+    monkeypatch.setitem(
+        _dispatch._kernels,
+        ("attention_distill_backward", "reference"),
+        (lambda *a: calls.append(1) or fn(*a), dtypes),
+    )
     f, m, v = (t.requires_grad_() for t in small())
     with use_backend("reference"):
         out = attention_distill(f, m, v)
@@ -117,12 +131,14 @@ def test_runs_directly_only_where_no_one_needs_the_op():
         pass
 
     assert not _dispatch.runs_directly(x.as_subclass(Sub))
-    assert not torch.compile(lambda t: t + _dispatch.runs_directly(t), fullgraph=True)(x).ne(x).any()
+    assert (
+        not torch.compile(lambda t: t + _dispatch.runs_directly(t), fullgraph=True)(x).ne(x).any()
+    )
 
 
 def test_choose_routes_each_call_by_who_must_see_the_op():
     x, p = torch.randn(3), torch.nn.Parameter(torch.randn(3))
-    route = lambda *t: _dispatch.choose("kernel", "function", "op", *t)  # noqa: E731
+    route = lambda *t: _dispatch.choose("kernel", "function", "op", *t)
     assert route(x, None) == "kernel"
     assert route(x, p) == "function"  # plain eager autograd
     with torch.no_grad():
@@ -138,11 +154,17 @@ def test_choose_routes_each_call_by_who_must_see_the_op():
 
 
 def test_plain_eager_skips_the_custom_op_and_gives_its_results(monkeypatch):
-    module = sys.modules["mtlfast.ops.attention_distill"]  # the package exports the function by that name
+    module = sys.modules[
+        "mtlfast.ops.attention_distill"
+    ]  # the package exports the function by that name
     calls = []
     op, backward_op = module._attention_distill, module._attention_distill_backward
     monkeypatch.setattr(module, "_attention_distill", lambda *a: calls.append("forward") or op(*a))
-    monkeypatch.setattr(module, "_attention_distill_backward", lambda *a: calls.append("backward") or backward_op(*a))
+    monkeypatch.setattr(
+        module,
+        "_attention_distill_backward",
+        lambda *a: calls.append("backward") or backward_op(*a),
+    )
     f, m, v = small()
     with torch.no_grad():
         direct = attention_distill(f, m, v)

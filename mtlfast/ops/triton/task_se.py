@@ -36,8 +36,18 @@ def _relu_grad(g, x, gate, res_ptr, offs, mask, RELU: tl.constexpr, HAS_RES: tl.
 
 @triton.jit
 def _contribution(
-    go_ptr, x_ptr, res_ptr, gres_ptr, offs, mask, gate,
-    GRAD: tl.constexpr, RELU: tl.constexpr, HAS_RES: tl.constexpr, HAS_GRES: tl.constexpr, ACC: tl.constexpr,
+    go_ptr,
+    x_ptr,
+    res_ptr,
+    gres_ptr,
+    offs,
+    mask,
+    gate,
+    GRAD: tl.constexpr,
+    RELU: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    HAS_GRES: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """What elements add to their planes' sums: x (pool), or g' * x, g' stored to grad_residual."""
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -52,10 +62,22 @@ def _contribution(
 
 @triton.jit
 def _reduce_nchw_kernel(
-    go_ptr, x_ptr, gate_ptr, res_ptr, gres_ptr, out_ptr,
-    planes, HW, divisor,
-    GRAD: tl.constexpr, RELU: tl.constexpr, HAS_RES: tl.constexpr, HAS_GRES: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_HW: tl.constexpr, ACC: tl.constexpr,
+    go_ptr,
+    x_ptr,
+    gate_ptr,
+    res_ptr,
+    gres_ptr,
+    out_ptr,
+    planes,
+    HW,
+    divisor,
+    GRAD: tl.constexpr,
+    RELU: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    HAS_GRES: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """out[p] = sum of the contributions of plane p / divisor, for ROWS consecutive planes p."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -69,16 +91,35 @@ def _reduce_nchw_kernel(
         cols = h0 + tl.arange(0, BLOCK_HW)
         offs = rows[:, None] * HW + cols[None, :]
         mask = row_ok[:, None] & (cols < HW)[None, :]
-        acc += _contribution(go_ptr, x_ptr, res_ptr, gres_ptr, offs, mask, gate, GRAD, RELU, HAS_RES, HAS_GRES, ACC)
+        acc += _contribution(
+            go_ptr, x_ptr, res_ptr, gres_ptr, offs, mask, gate, GRAD, RELU, HAS_RES, HAS_GRES, ACC
+        )
     tl.store(out_ptr + rows, tl.sum(acc, axis=1) / divisor, mask=row_ok)
 
 
 @triton.jit
 def _reduce_nhwc_kernel(
-    go_ptr, x_ptr, gate_ptr, res_ptr, gres_ptr, out_ptr,
-    C, HW, chunks, splits, split_pixels, steps, divisor,
-    GRAD: tl.constexpr, RELU: tl.constexpr, HAS_RES: tl.constexpr, HAS_GRES: tl.constexpr,
-    ATOMIC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
+    go_ptr,
+    x_ptr,
+    gate_ptr,
+    res_ptr,
+    gres_ptr,
+    out_ptr,
+    C,
+    HW,
+    chunks,
+    splits,
+    split_pixels,
+    steps,
+    divisor,
+    GRAD: tl.constexpr,
+    RELU: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    HAS_GRES: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """Program (n, chunk, split), split fastest: out[n, chunk] (+)= its pixels' sum / divisor."""
     pid = tl.program_id(0).to(tl.int64)
@@ -98,7 +139,9 @@ def _reduce_nhwc_kernel(
         pix = p_begin + s * BLOCK_P + tl.arange(0, BLOCK_P)
         offs = (n * HW + pix)[:, None] * C + ch[None, :]
         mask = (pix < p_end)[:, None] & ch_ok[None, :]
-        acc += _contribution(go_ptr, x_ptr, res_ptr, gres_ptr, offs, mask, gate, GRAD, RELU, HAS_RES, HAS_GRES, ACC)
+        acc += _contribution(
+            go_ptr, x_ptr, res_ptr, gres_ptr, offs, mask, gate, GRAD, RELU, HAS_RES, HAS_GRES, ACC
+        )
     total = tl.sum(acc, axis=0) / divisor
     if ATOMIC:
         tl.atomic_add(out_ptr + n * C + ch, total, mask=ch_ok, sem="relaxed")
@@ -129,9 +172,19 @@ def _gate_index(offs, C, HW, CHANNELS_LAST: tl.constexpr):
 
 @triton.jit
 def _scale_kernel(
-    x_ptr, gate_ptr, res_ptr, out_ptr, numel, C, HW,
-    CHANNELS_LAST: tl.constexpr, RELU: tl.constexpr, HAS_RES: tl.constexpr,
-    WIDE: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+    x_ptr,
+    gate_ptr,
+    res_ptr,
+    out_ptr,
+    numel,
+    C,
+    HW,
+    CHANNELS_LAST: tl.constexpr,
+    RELU: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    WIDE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """out = x * gate[n, c] (+ residual), ReLU if RELU, on one BLOCK of the flat tensor."""
     offs, mask = _flat_span(numel, WIDE, BLOCK)
@@ -146,9 +199,21 @@ def _scale_kernel(
 
 @triton.jit
 def _input_grad_kernel(
-    go_ptr, x_ptr, gate_ptr, res_ptr, gp_ptr, gx_ptr, numel, C, HW,
-    CHANNELS_LAST: tl.constexpr, RELU: tl.constexpr, HAS_RES: tl.constexpr,
-    WIDE: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+    go_ptr,
+    x_ptr,
+    gate_ptr,
+    res_ptr,
+    gp_ptr,
+    gx_ptr,
+    numel,
+    C,
+    HW,
+    CHANNELS_LAST: tl.constexpr,
+    RELU: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    WIDE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """grad_x = g' * gate[n, c] + grad_pooled[n, c] / HW on one BLOCK of the flat tensor."""
     offs, mask = _flat_span(numel, WIDE, BLOCK)
@@ -181,39 +246,74 @@ def _nhwc_geometry(n: int, c: int, hw: int, elem_bytes: int) -> tuple[int, int, 
     return chunk, chunks, triton.cdiv(hw, split_pixels), split_pixels
 
 
-def _reduce(grad_out, x, gate, residual, relu, out, grad_residual, grad: bool, divisor: float) -> None:
+def _reduce(
+    grad_out, x, gate, residual, relu, out, grad_residual, grad: bool, divisor: float
+) -> None:
     """out[n, c] = (sum over the pixels of x, or of g' * x when grad) / divisor; HW > 0, N*C > 0."""
     n, c, h, w = x.shape
     hw = h * w
     args = (
-        x if grad_out is None else grad_out, x, x if gate is None else gate,
-        x if residual is None else residual, x if grad_residual is None else grad_residual, out,
+        x if grad_out is None else grad_out,
+        x,
+        x if gate is None else gate,
+        x if residual is None else residual,
+        x if grad_residual is None else grad_residual,
+        out,
     )
-    flags = dict(GRAD=grad, RELU=relu, HAS_RES=residual is not None, HAS_GRES=grad_residual is not None)
+    flags = {
+        "GRAD": grad,
+        "RELU": relu,
+        "HAS_RES": residual is not None,
+        "HAS_GRES": grad_residual is not None,
+    }
     if _channels_last(x):
         chunk, chunks, splits, split_pixels = _nhwc_geometry(n, c, hw, x.element_size())
         block_p = max(1, _TILE // chunk)
         if splits > 1:
             out.zero_()
         _reduce_nhwc_kernel[(n * chunks * splits,)](
-            *args, c, hw, chunks, splits, split_pixels, triton.cdiv(split_pixels, block_p), divisor,
-            **flags, ATOMIC=splits > 1, BLOCK_C=chunk, BLOCK_P=block_p, ACC=_acc(x.dtype), num_warps=_NUM_WARPS,
+            *args,
+            c,
+            hw,
+            chunks,
+            splits,
+            split_pixels,
+            triton.cdiv(split_pixels, block_p),
+            divisor,
+            **flags,
+            ATOMIC=splits > 1,
+            BLOCK_C=chunk,
+            BLOCK_P=block_p,
+            ACC=_acc(x.dtype),
+            num_warps=_NUM_WARPS,
         )
     else:
         block_hw = triton.next_power_of_2(hw)
         rows = _TILE // block_hw if block_hw <= _TILE // 2 else 1
         block_hw = min(block_hw, _TILE)
         _reduce_nchw_kernel[(triton.cdiv(n * c, rows),)](
-            *args, n * c, hw, divisor,
-            **flags, ROWS=rows, BLOCK_HW=block_hw, ACC=_acc(x.dtype), num_warps=_NUM_WARPS,
+            *args,
+            n * c,
+            hw,
+            divisor,
+            **flags,
+            ROWS=rows,
+            BLOCK_HW=block_hw,
+            ACC=_acc(x.dtype),
+            num_warps=_NUM_WARPS,
         )
 
 
 def _elementwise_flags(x: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> dict:
-    return dict(
-        CHANNELS_LAST=_channels_last(x), RELU=relu, HAS_RES=residual is not None,
-        WIDE=x.numel() + _TILE > 2**31 - 1, BLOCK=_TILE, ACC=_acc(x.dtype), num_warps=_NUM_WARPS,
-    )
+    return {
+        "CHANNELS_LAST": _channels_last(x),
+        "RELU": relu,
+        "HAS_RES": residual is not None,
+        "WIDE": x.numel() + _TILE > 2**31 - 1,
+        "BLOCK": _TILE,
+        "ACC": _acc(x.dtype),
+        "num_warps": _NUM_WARPS,
+    }
 
 
 def pool(x: torch.Tensor, pooled: torch.Tensor) -> None:
@@ -228,14 +328,24 @@ def pool(x: torch.Tensor, pooled: torch.Tensor) -> None:
 
 
 def scale(
-    x: torch.Tensor, gate: torch.Tensor, residual: torch.Tensor | None, relu: bool, out: torch.Tensor
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    residual: torch.Tensor | None,
+    relu: bool,
+    out: torch.Tensor,
 ) -> None:
     """out = x * gate[n, c] (+ residual), then ReLU if relu; x, residual, out (N, C, H, W), gate (N, C)."""
     if x.numel() == 0:
         return
-    n, c, h, w = x.shape
+    _, c, h, w = x.shape
     _scale_kernel[(triton.cdiv(x.numel(), _TILE),)](
-        x, gate, x if residual is None else residual, out, x.numel(), c, h * w,
+        x,
+        gate,
+        x if residual is None else residual,
+        out,
+        x.numel(),
+        c,
+        h * w,
         **_elementwise_flags(x, residual, relu),
     )
 
@@ -260,7 +370,9 @@ def backward_gate(
         grad_gate.zero_()
         return
     # Without the ReLU the residual does not enter g'; leaving it out spares its reads.
-    _reduce(grad_out, x, gate, residual if relu else None, relu, grad_gate, grad_residual, True, 1.0)
+    _reduce(
+        grad_out, x, gate, residual if relu else None, relu, grad_gate, grad_residual, True, 1.0
+    )
 
 
 def backward_input(
@@ -275,9 +387,17 @@ def backward_input(
     """grad_x = g' * gate[n, c] + grad_pooled[n, c] / (H*W), g' as in backward_gate; (N, C, H, W), (N, C)."""
     if x.numel() == 0:
         return
-    n, c, h, w = x.shape
+    _, c, h, w = x.shape
     residual = residual if relu else None
     _input_grad_kernel[(triton.cdiv(x.numel(), _TILE),)](
-        grad_out, x, gate, x if residual is None else residual, grad_pooled, grad_x, x.numel(), c, h * w,
+        grad_out,
+        x,
+        gate,
+        x if residual is None else residual,
+        grad_pooled,
+        grad_x,
+        x.numel(),
+        c,
+        h * w,
         **_elementwise_flags(x, residual, relu),
     )
