@@ -130,6 +130,7 @@ PUBLIC = {
         "prediction_for_meter",
     ],
     "mtlfast.train": [
+        "AsyncSGD",
         "CheckpointError",
         "Config",
         "ConfigError",
@@ -145,6 +146,7 @@ PUBLIC = {
         "load_config",
         "recalibrate_batch_norm",
         "save_checkpoint",
+        "task_parameter_groups",
     ],
 }
 #: names a subpackage may export beyond its pin while they are being written
