@@ -2,6 +2,7 @@
 #   make demo   install everything, then the main job: train the `synthetic` config (MTI-Net on
 #               the embedded scenes, 6 tasks) on the CPU and print the per-task table
 #   make test   install everything, then run the whole test suite
+#   make lint   ruff check and ruff format --check over the whole tree (CI runs it first)
 #   make bench  install everything, then run the full benchmark suites, each in its own process
 #               (one suite's heap slowed the next one's largest cases up to 2.8x), and save
 #               their JSON in BENCH_DIR (and the engine's memory_vs_tasks.{json,png} next to it)
@@ -14,7 +15,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch==2.13.0 is the CPU wheel here; installing the project without build isolation keeps
 # pip from ever pulling another (CUDA) torch to build against.
-DEPS := torch==2.13.0 numpy scipy pillow scikit-image ninja "setuptools>=64" wheel triton pytest pytest-benchmark hypothesis matplotlib pyyaml tqdm tensorboard
+DEPS := torch==2.13.0 numpy scipy pillow scikit-image ninja "setuptools>=64" wheel triton pytest pytest-benchmark hypothesis ruff matplotlib pyyaml tqdm tensorboard
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*/*.cpp csrc/*/*.h csrc/*/*/*.h kernels/*.cu kernels/*.cuh)
 BENCH_DIR ?= /tmp/mtlfast-bench
 DEMO_DIR ?= runs/demo
@@ -24,7 +25,7 @@ SUITES := $(filter-out benchmarks/bench_trainer.py,$(wildcard benchmarks/bench_*
 # benchmarks/malloc_env.py (standard library only: any python3 runs it, before the venv exists)
 MALLOC_ENV = $(shell $(PYTHON) benchmarks/malloc_env.py)
 
-.PHONY: install demo test bench bench-quick triton-aot clean
+.PHONY: install lint demo test bench bench-quick triton-aot clean
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +38,11 @@ $(VENV)/.built: $(VENV)/.deps $(SOURCES)
 	touch $@
 
 install: $(VENV)/.built
+
+# ruff with the pyproject's settings, lint and format, over the whole tree (Python and Markdown)
+lint: $(VENV)/.deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: install
 	MTLFAST_REQUIRE_BACKENDS=cpu,triton $(PY) -m pytest tests -q
