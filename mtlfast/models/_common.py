@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -62,31 +62,39 @@ def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return resize_bilinear(x, size)
 
 
-@contextlib.contextmanager
-def _batch_norm_frozen(module: nn.Module) -> Iterator[None]:
+class _BatchNormFrozen:
     """Batch norms in ``module`` normalise with batch statistics but leave their running ones as
-    they are (the first forward updated them): momentum 0 for the block, the batch counter put
+    they are (the first forward updated them): momentum 0 inside the block, the batch counter put
     back after. Not ``track_running_stats=False``, which would change what the op saves for
-    backward, and the checkpoint checks that the recomputation saves the same tensors."""
-    frozen = [
-        (
-            m,
-            m.momentum,
-            m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None,
-        )
-        for m in module.modules()
-        if isinstance(m, _BatchNorm) and m.training and m.track_running_stats
-    ]
-    for m, _, _ in frozen:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, momentum, count in frozen:
+    backward, and the checkpoint checks that the recomputation saves the same tensors.
+
+    Re-enterable: a graph run backward more than once (the per-task gradients of the balancing
+    methods, ``keep_task_grads``) recomputes the same checkpoint each time."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.frozen: list[tuple[_BatchNorm, Any, torch.Tensor | None]] = []
+
+    def __enter__(self) -> None:
+        self.frozen = [
+            (
+                m,
+                m.momentum,
+                m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None,
+            )
+            for m in self.module.modules()
+            if isinstance(m, _BatchNorm) and m.training and m.track_running_stats
+        ]
+        for m, _, _ in self.frozen:
+            m.momentum = 0.0
+
+    def __exit__(self, *exc: object) -> None:
+        for m, momentum, count in self.frozen:
             m.momentum = momentum
             if count is not None:
                 with torch.no_grad():
                     m.num_batches_tracked.copy_(count)
+        self.frozen = []
 
 
 def recomputed(fn: Callable[..., Any], module: nn.Module, *args: Any) -> Any:
@@ -97,7 +105,7 @@ def recomputed(fn: Callable[..., Any], module: nn.Module, *args: Any) -> Any:
         fn,
         *args,
         use_reentrant=False,
-        context_fn=lambda: (contextlib.nullcontext(), _batch_norm_frozen(module)),
+        context_fn=lambda: (contextlib.nullcontext(), _BatchNormFrozen(module)),
     )
 
 
