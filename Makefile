@@ -15,7 +15,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch==2.13.0 is the CPU wheel here; installing the project without build isolation keeps
 # pip from ever pulling another (CUDA) torch to build against.
-DEPS := torch==2.13.0 numpy scipy pillow scikit-image ninja "setuptools>=64" wheel triton pytest pytest-benchmark hypothesis ruff matplotlib pyyaml tqdm tensorboard
+DEPS := torch==2.13.0 numpy scipy pillow scikit-image ninja "setuptools>=64" wheel triton pytest pytest-benchmark hypothesis ruff==0.17.6 matplotlib pyyaml tqdm tensorboard
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*/*.cpp csrc/*/*.h csrc/*/*/*.h kernels/*.cu kernels/*.cuh)
 BENCH_DIR ?= /tmp/mtlfast-bench
 DEMO_DIR ?= runs/demo
