@@ -30,9 +30,10 @@ from .backends import current_backend
 __all__ = ["resize_bilinear"]
 
 # Sides up to these lengths are contracted as dense products; longer ones go to aten. Measured
-# with benchmarks/resize_crossover.py (1 thread, this 2-core EPYC): from inputs of 64 pixels a side
-# to outputs of 256 the products win forward (1.06-7.6x) and forward+backward (2.5-6.9x); from 128
-# to 256 the forward loses (0.79x), and a 256 -> 128 downsampling loses both ways (0.31x, 0.53x).
+# with benchmarks/resize_crossover.py (1 thread, this 2-core EPYC, two runs on a busy machine):
+# from inputs of 64 pixels a side to outputs of 256 the products win forward+backward (2.0-7.0x)
+# and forward in all but one case of one run ((4, 21, 64, 64) -> 256: 1.57x, then 0.89x); from
+# 128 to 256 the forward loses (0.79x, 0.87x), and a 256 -> 128 downsampling loses both ways.
 _MAX_IN = 64
 _MAX_OUT = 256
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16)
