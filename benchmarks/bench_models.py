@@ -15,9 +15,11 @@ one process, ``--threads`` torch threads:
   (the latter upsampled to the input, as the release's loss does), backward, an SGD step. ASTMT:
   the release script's batch loop, T single-task passes each with its own forward, backward and
   SGD update. UberNet has no public release: its "release" is plain autograd over mtlfast's own
-  model (forward over all tasks and scales, weighted sum, backward, SGD), no engine;
-* inference: an eval-mode forward under ``torch.no_grad`` (ASTMT: mtlfast's task-batched
-  ``forward_all`` against the release's T single-task forwards).
+  model (forward over all tasks and scales, weighted sum, backward, SGD), no engine. The
+  release-style side runs under ``use_backend("reference")``: pure-PyTorch ops, aten's resize
+  (for UberNet also the reference skip_fusion, which materialises each layer's resized map);
+* inference: an eval-mode forward under ``torch.no_grad`` (ASTMT: mtlfast's inference
+  ``forward_all``, one task pass after the other, against the release's T single-task forwards).
 
 Time: ``--rounds`` (3) rounds of one step per side, the sides alternating
 (``bench_trainer._alternate``), after one untimed step each; ``--time-naive`` also times the naive
@@ -221,7 +223,8 @@ def build(name: str, args) -> tuple[torch.nn.Module, torch.nn.Module, str, dict,
     release = copy.deepcopy(ours)
     note = (
         "UberNet has no public release: the other side is plain autograd over the same mtlfast "
-        f"model (backbone {args.ubernet_backbone}, width {args.ubernet_width}), no engine"
+        f"model (backbone {args.ubernet_backbone}, width {args.ubernet_width}), no engine, "
+        "reference (pure PyTorch) ops"
     )
     return ours, release, "ubernet", {t: t for t in PASCAL_TASKS}, note
 
