@@ -70,3 +70,35 @@ class TinyBackbone(nn.Module):
             x = torch.relu(conv(x))
             out.append(x)
         return tuple(out)
+
+
+def recompute_runs(model, decoder_cls: type, method: str, monkeypatch) -> tuple[dict, dict]:
+    """One naive and one recompute engine step, each on a copy of ``model`` in training mode:
+    (strategy -> the engine strategy every call of ``decoder_cls.method`` saw, strategy -> the
+    state dict after the step). ``method`` is a staticmethod of the decoder."""
+    import copy
+
+    from mtlfast.engine import current_strategy, multi_branch_step
+
+    calls: list = []
+    original = getattr(decoder_cls, method)
+
+    def counted(*args):
+        calls.append(current_strategy())
+        return original(*args)
+
+    monkeypatch.setattr(decoder_cls, method, staticmethod(counted))
+    x = torch.randn(N, 3, H, W)
+    outputs = model.decoder.out_channels
+    targets, loss_fns = targets_for(outputs), loss_fns_for(outputs)
+    seen, states = {}, {}
+    for strategy in ("naive", "recompute"):
+        m = copy.deepcopy(model).train()
+        calls.clear()
+        multi_branch_step(
+            m.trunk, m.heads, x, m.expand(targets), m.expand(loss_fns), strategy=strategy
+        )
+        seen[strategy] = list(calls)
+        states[strategy] = {k: v.clone() for k, v in m.state_dict().items()}
+    assert current_strategy() is None
+    return seen, states

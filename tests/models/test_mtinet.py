@@ -16,6 +16,7 @@ from .decoder_helpers import (
     all_params,
     grads_of,
     loss_fns_for,
+    recompute_runs,
     targets_for,
     touched,
 )
@@ -255,33 +256,10 @@ def test_softmax_grouping_option():
 def test_recompute_strategy_recomputes_aggregation_with_one_statistics_update(model, monkeypatch):
     """Under the engine's recompute strategy each task's aggregation keeps nothing for backward and
     runs again there, its batch norm updating its running statistics once, as under naive."""
-    import copy
-
-    from mtlfast.engine import current_strategy
     from mtlfast.models.mtinet import MTINetDecoder
 
-    calls = []
-    aggregate = MTINetDecoder._aggregate
-
-    def counted(*args):
-        calls.append(current_strategy())
-        return aggregate(*args)
-
-    monkeypatch.setattr(MTINetDecoder, "_aggregate", staticmethod(counted))
-    x = torch.randn(N, 3, H, W)
-    outputs = model.decoder.out_channels
-    targets, loss_fns = targets_for(outputs), loss_fns_for(outputs)
-    seen, states = {}, {}
-    for strategy in ("naive", "recompute"):
-        m = copy.deepcopy(model).train()
-        calls.clear()
-        multi_branch_step(
-            m.trunk, m.heads, x, m.expand(targets), m.expand(loss_fns), strategy=strategy
-        )
-        seen[strategy] = list(calls)
-        states[strategy] = {k: v.clone() for k, v in m.state_dict().items()}
+    seen, states = recompute_runs(model, MTINetDecoder, "_aggregate", monkeypatch)
     assert seen == {"naive": ["naive"] * 2, "recompute": ["recompute"] * 4}  # 2 tasks
-    assert current_strategy() is None
     for k, v in states["naive"].items():
         torch.testing.assert_close(states["recompute"][k], v, rtol=1e-4, atol=1e-6, msg=k)
 

@@ -14,6 +14,7 @@ from .decoder_helpers import (
     all_params,
     grads_of,
     loss_fns_for,
+    recompute_runs,
     targets_for,
     touched,
 )
@@ -113,32 +114,10 @@ def test_width_must_split_into_bottlenecks():
 def test_recompute_strategy_recomputes_heads_with_one_statistics_update(model, monkeypatch):
     """Under the engine's recompute strategy each task's initial and final heads keep nothing for
     backward and run again there, batch norms updating their statistics once, as under naive."""
-    import copy
-
-    from mtlfast.engine import current_strategy
     from mtlfast.models.padnet import PADNetDecoder
 
-    calls = []
-    head = PADNetDecoder._head
-
-    def counted(*args):
-        calls.append(current_strategy())
-        return head(*args)
-
-    monkeypatch.setattr(PADNetDecoder, "_head", staticmethod(counted))
-    x = torch.randn(N, 3, H, W)
-    outputs = model.decoder.out_channels
-    targets, loss_fns = targets_for(outputs), loss_fns_for(outputs)
-    seen, states = {}, {}
-    for strategy in ("naive", "recompute"):
-        m = copy.deepcopy(model).train()
-        calls.clear()
-        multi_branch_step(
-            m.trunk, m.heads, x, m.expand(targets), m.expand(loss_fns), strategy=strategy
-        )
-        seen[strategy] = list(calls)
-        states[strategy] = {k: v.clone() for k, v in m.state_dict().items()}
-    heads = 2 * len(outputs)  # an initial and a final head a task
+    seen, states = recompute_runs(model, PADNetDecoder, "_head", monkeypatch)
+    heads = 2 * len(model.decoder.out_channels)  # an initial and a final head a task
     assert seen == {"naive": ["naive"] * heads, "recompute": ["recompute"] * (2 * heads)}
     for k, v in states["naive"].items():
         torch.testing.assert_close(states["recompute"][k], v, rtol=1e-4, atol=1e-6, msg=k)
