@@ -165,8 +165,10 @@ class DistributedStep:
     made global, heads labelled only elsewhere run on no sample when batch norm is
     synchronised) and arms the gradient hooks; run the engine; ``after(result)`` waits for the
     averaged gradients and rewrites ``result`` as the global step's: ``losses`` (each task's
-    loss over the global batch), ``total``, ``ran`` and ``skipped``. ``task_grads`` stay this
-    rank's. Parameters and buffers are broadcast from rank 0 when it is built.
+    loss over the global batch; an entry that is no loss key, a procedure's own such as ASTMT's
+    ``"discriminator"``, is kept as the procedure made it global), ``total``, ``ran`` and
+    ``skipped``. ``task_grads`` stay this rank's. Parameters and buffers are broadcast from
+    rank 0 when it is built.
 
     Args:
         model: a ``mtlfast.models.MultiTaskModel`` (after :func:`convert_sync_batchnorm`, if wanted).
@@ -255,8 +257,16 @@ class DistributedStep:
         loss_fns: Mapping[str, Any],
         labeled: Mapping[str, torch.Tensor],
         weights: Mapping[str, Any],
+        *,
+        arm: bool = True,
     ) -> tuple[dict, dict, dict, dict]:
-        """(heads, loss_fns, labeled, weights) for this rank's engine step; see the class."""
+        """(heads, loss_fns, labeled, weights) for this rank's engine step; see the class.
+
+        ``arm`` False: the gradient hooks are left unarmed, for a procedure that runs several
+        backward passes in one step (ASTMT's): it calls ``grads.start(...)`` before each pass
+        whose gradients are to be averaged (``grads.finish()`` after it), and leaves the last
+        one armed for :meth:`after`.
+        """
         tick = time.perf_counter()
         heads, loss_fns, labeled, weights = (
             dict(heads),
@@ -298,7 +308,8 @@ class DistributedStep:
         self.inputs = (heads, loss_fns, labeled, weights)
         self.labelled = {t: int(stats[t][1][0]) for t in self.tasks}
         self.global_batch = n * self.world  # the sampler gives every rank the same batch size
-        self.grads.start(self._absent(heads, labeled, key_task, stats, fake))
+        if arm:
+            self.grads.start(self._absent(heads, labeled, key_task, stats, fake))
         self.timings = {"agree_s": time.perf_counter() - tick}
         return heads, loss_fns, labeled, weights
 
@@ -342,6 +353,7 @@ class DistributedStep:
         """Parameters whose gradient will not come on this rank: heads that do not run here, and
         the trunk too when none does (nothing is labelled here)."""
         absent: list[torch.Tensor] = []
+        used: set[int] = set()  # a parameter shared with a head that runs (ASTMT's) still comes
         running = 0
         for name, head in heads.items():
             keys = self._head_keys(name, head)
@@ -350,11 +362,13 @@ class DistributedStep:
                 k in fake or (k in key_task and stats[key_task[k]][0][0] > 0) for k in keys
             )
             running += runs
-            if not runs:
+            if runs:
+                used.update(id(p) for p in self._head_params.get(name, []))
+            else:
                 absent += self._head_params.get(name, [])
         if not running:
             absent += self._trunk_params
-        return absent
+        return [p for p in absent if id(p) not in used]
 
     # ------------------------------------------------------------------------------ after
 
@@ -363,6 +377,8 @@ class DistributedStep:
         self.grads.finish()
         tick = time.perf_counter()
         keys, key_task, stats, fake = (self._step[k] for k in ("keys", "key_task", "stats", "fake"))
+        # a procedure's own entries (ASTMT's "discriminator") come already global
+        own = {k: v for k, v in result.losses.items() if k not in keys}
         values = [float(result.total)]
         for k in keys:
             real = k in result.losses and k not in fake
@@ -388,6 +404,8 @@ class DistributedStep:
             value = float("nan") if bad else (weighted / d_all if d_all else 0.0)
             result.losses[k] = torch.tensor(value, dtype=torch.float32, device=vec.device)
             result.ran.append(k)
+        result.losses.update(own)
+        result.ran += list(own)
         if self._buffers:
             _broadcast(self._buffers, self.group)
         self.timings["grads"] = dict(self.grads.stats)

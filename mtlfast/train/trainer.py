@@ -240,11 +240,13 @@ class Trainer:
                 f"procedure {type(procedure).__name__} does not run on several processes yet "
                 "(torchrun); train it on one"
             )
+        extra = [p for m in procedure.modules() for p in m.parameters()] if procedure else []
         return _distributed.DistributedStep(
             self.model,
             list(self.loss_fns),
             strategy=self.config.train.strategy,
             balancer=self.balancer,
+            extra_params=extra,  # ASTMT's discriminator: broadcast and averaged as the model
         )
 
     # ------------------------------------------------------------------------------ one step
@@ -289,7 +291,14 @@ class Trainer:
             weights = {k: w * scale for k, w in weights.items()}
         if self.parallel is not None:  # this rank's share of the global batch's loss
             heads, loss_fns, labeled, weights = self.parallel.before(
-                heads, batch["image"], targets, loss_fns, labeled, weights
+                heads,
+                batch["image"],
+                targets,
+                loss_fns,
+                labeled,
+                weights,
+                # a procedure with several backward passes per step arms the sync per pass
+                arm=not getattr(self.procedure, "syncs_per_pass", False),
             )
         buffers = [
             b for b in self.model.buffers() if b.is_floating_point() or b.dtype == torch.long

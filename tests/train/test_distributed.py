@@ -42,6 +42,11 @@ CASES = [
     ("recompute", False, "fixed"),
     *(("recompute", True, m) for m in METHODS),
     ("recompute", True, "ubernet_async"),  # UberNet's asynchronous SGD: global counters
+    # ASTMT's procedure, adversarial term, an update after each task's pass (each pass's
+    # gradients averaged before it); without synchronised batch norm a rank skips the passes of
+    # tasks it has no sample of (and still joins their collectives)
+    ("naive", True, "astmt"),
+    ("naive", False, "astmt"),
 ]
 OPTIONS = {
     "gradnorm": "{alpha: 1.5, lr: 0.05}",
@@ -51,12 +56,27 @@ OPTIONS = {
 
 
 def _config(strategy: str, sync_bn: bool, batch: int, method: str = "fixed"):
-    """The tiny config with a balancing method, or with UberNet's procedure."""
+    """The tiny config with a balancing method, or with UberNet's or ASTMT's procedure."""
+    last = []
     if method == "ubernet_async":
         extra = [
             "procedure.name=ubernet_async",
             "procedure.options={shared_batch: 6, task_batch: 3}",
         ]
+    elif method == "astmt":
+        # a tiny ASTMT: with synchronised batch norm a plain one (its task BN keeps per-rank
+        # statistics), else its default task BN (the ranks then agree with each other); SGD,
+        # whose steps follow the gradients' scale (Adam's would hide a wrong one), at a rate
+        # small enough for T updates per step; every sample labelled before PATTERNS
+        extra = [
+            "model.name=astmt",
+            "model.backbone=se_resnet26",
+            "model.options={width: 0.125, head_channels: 8"
+            + (", task_bn: false}" if sync_bn else "}"),
+            "procedure.name=astmt",
+            "optim.name=sgd",
+        ]
+        last = ["data.labels=null", "optim.lr=1e-3"]
     else:
         extra = [f"balancing.name={method}", f"balancing.options={OPTIONS.get(method, '{}')}"]
     return tiny_config(
@@ -71,6 +91,7 @@ def _config(strategy: str, sync_bn: bool, batch: int, method: str = "fixed"):
         # a small step: float rounding (sums in another order, batch norm's statistics pooled
         # over ranks) is amplified by every update, and more so by large ones
         "optim.lr=1e-4",
+        *last,
     )
 
 
@@ -109,7 +130,12 @@ def _patterned(batch: dict, step: int, rank: int | None, world: int) -> dict:
 def run_case(strategy: str, sync_bn: bool, balancing: str, rank: int | None, world: int):
     """The case's trainer after STEPS steps, its evaluation before training (fixed weights
     only), and each step's losses and balancing weights."""
-    config = _config(strategy, sync_bn, B if rank is not None else B * world, balancing)
+    # ASTMT: 3 per rank, so that each task pass has 3 samples or none on a rank (one pass on 2
+    # normalises its image pooling's 2 values to +-1, amplifying rounding by 1 / |a - b|)
+    per_rank = 3 if balancing == "astmt" else B
+    config = _config(
+        strategy, sync_bn, per_rank if rank is not None else per_rank * world, balancing
+    )
     trainer = Trainer(config)
     before = trainer.evaluate(recalibrate=False) if balancing == "fixed" else None
     loader = train_loader(
@@ -123,10 +149,19 @@ def run_case(strategy: str, sync_bn: bool, balancing: str, rank: int | None, wor
     return trainer, before, losses
 
 
+def _state(trainer) -> dict:
+    """The model's state and its procedure's modules' (ASTMT's discriminator)."""
+    state = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    modules = trainer.procedure.modules() if trainer.procedure is not None else []
+    for i, module in enumerate(modules):
+        state.update({f"procedure.{i}.{k}": v.clone() for k, v in module.state_dict().items()})
+    return state
+
+
 WORKER = """
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
-from tests.train.test_distributed import CASES, run_case
+from tests.train.test_distributed import CASES, _state, run_case
 from mtlfast.train import distributed
 from mtlfast.train.cli import main
 out = sys.argv[2]
@@ -135,7 +170,7 @@ rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
 for case in CASES:
     trainer, before, losses = run_case(*case, rank, world)
     name = f"{out}/{'-'.join(map(str, case))}-{rank}"
-    torch.save({k: v.clone() for k, v in trainer.model.state_dict().items()}, name + ".pt")
+    torch.save(_state(trainer), name + ".pt")
     json.dump({"before": before, "losses": losses}, open(name + ".json", "w"))
 sys.exit(main(["train", sys.argv[3], "--out", f"{out}/reference"]))
 """
@@ -206,13 +241,16 @@ def test_two_ranks_train_as_one_process_with_the_doubled_batch(
 ):
     name = f"{strategy}-{sync_bn}-{balancing}"
     ranks = [torch.load(two_ranks / f"{name}-{r}.pt", weights_only=True) for r in range(2)]
-    for k in ranks[0]:  # the ranks hold the same model, bit for bit
+    for k in ranks[0]:  # the ranks hold the same model (and discriminator), bit for bit
         assert torch.equal(ranks[0][k], ranks[1][k]), k
     if not sync_bn:
         return
     trainer, before, losses = run_case(strategy, sync_bn, balancing, None, 2)
     report = json.loads((two_ranks / f"{name}-0.json").read_text())
-    for k, v in trainer.model.state_dict().items():
+    state = _state(trainer)
+    assert set(state) == set(ranks[0])
+    assert balancing != "astmt" or any(k.startswith("procedure.0.") for k in state)
+    for k, v in state.items():
         torch.testing.assert_close(ranks[0][k], v, rtol=2e-4, atol=2e-5, msg=k)
     for mine, theirs in zip(losses, report["losses"]):
         assert set(mine) == set(theirs)

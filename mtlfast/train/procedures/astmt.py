@@ -7,12 +7,15 @@ import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.nn import functional as F
 
 from ...engine import StepResult
 from ...models.astmt import ASTMT
 from ...models.base import _stacked_parameters
 from ...nn import TaskSE
+from .._dist_losses import zero_loss
+from .._sync_bn import is_sync_batchnorm
 from ..async_sgd import task_parameter_groups
 from .base import Procedure
 from .reversal import ganin_weight, reverse_gradient
@@ -88,6 +91,35 @@ class ASTMTProcedure(Procedure):
     resized to the feature size (here: the pixels where ``g_t`` is not zero, which the
     normalisation would otherwise send to 0).
 
+    On several ranks (``torchrun``; :mod:`mtlfast.train.distributed`), K ranks with batch B take
+    the steps of one process with batch KB (tested to float tolerance with the adversarial
+    term, ``updates="task"``, partial labels and ``train.sync_bn``). Every rank runs the tasks
+    labelled on any rank, in the same order; a rank with none of a task's samples contributes
+    a zero gradient but takes part in the collectives (with synchronised batch norm it runs the
+    pass on no row, so that the norms' collectives pair up; else it skips it). Each rank weights
+    its task loss by its share ``K d_r / D`` of the global denominator (as the engine's step,
+    :mod:`mtlfast.train._dist_losses`), takes ``g_t`` of the global loss (its rows of one
+    process's ``g_t``) and sums its pixels' cross-entropy over the valid pixels of all ranks,
+    so that L_d is the mean over the global batch. Per task pass it communicates:
+
+        - one all-reduce of 2 numbers, before the backward: the valid pixels of ``g_t`` (L_d's
+          global denominator) and whether a loss is not finite (the update's decision); none
+          with ``updates="batch"`` and no adversarial term;
+        - with ``updates="task"``, the pass's gradients of the model and the discriminator,
+          averaged by :class:`~mtlfast.train.distributed.GradientSync` (buckets sent while the
+          backward runs) before the update, whose clipping and non-finite check so see the same
+          global gradient on every rank: T times the parameters' bytes per step, where the
+          engine's step and ``updates="batch"`` (after its passes; the task-batched execution
+          during its backward) send them once;
+
+    and per step one all-reduce of 2 numbers (the global L_d, the discriminator's accuracy)
+    besides the DistributedStep's (the loss denominators before, the losses and rank 0's
+    batch-norm buffers after). The reversal's lambda follows :attr:`steps`, which every rank
+    advances alike; :class:`UsedWeightsOnly` gets the same tasks on every rank. Task batch norm
+    (:class:`mtlfast.nn.TaskBatchNorm2d`, ASTMT's default with modulation) is not synchronised by
+    ``train.sync_bn``: its statistics are each rank's, so the ranks agree with each other but
+    equal one process with batch KB only in eval mode or with ``task_bn=False``.
+
     Usable in a user's loop: ``procedure.backward(batch, loss_fns, weights)`` leaves the
     gradients, ``optimizer.step()`` follows (with ``updates="task"`` the procedure steps the
     optimiser between tasks itself and needs ``optimizer``).
@@ -102,6 +134,10 @@ class ASTMTProcedure(Procedure):
     """
 
     name = "astmt"
+    #: trains on several ranks (mtlfast.train.distributed): see "On several ranks" above
+    distributed = True
+    #: arms the DistributedStep's gradient sync itself, once per backward pass
+    syncs_per_pass = True
 
     def __init__(
         self,
@@ -239,13 +275,25 @@ class ASTMTProcedure(Procedure):
     # ---- one step ---------------------------------------------------------------------------
 
     def train_backward(self, trainer: Any, batch: dict) -> StepResult:
-        return self.backward(batch, trainer.loss_fns, trainer.weights)
+        return self.backward(
+            batch,
+            trainer.loss_fns,
+            trainer.weights,
+            parallel=getattr(trainer, "parallel", None),
+        )
 
-    def backward(self, batch: dict, loss_fns: dict, weights: dict | None = None) -> StepResult:
+    def backward(
+        self, batch: dict, loss_fns: dict, weights: dict | None = None, *, parallel: Any = None
+    ) -> StepResult:
         """The step's passes on ``batch`` (``image``, each task's target, optional ``labeled``),
         for the tasks of ``loss_fns`` (task -> ``fn(prediction, target)``), weighted by
         ``weights`` (task -> w_t, default 1); leaves the gradients in ``.grad`` (with
         ``updates="task"``, the last task's, the others having been applied).
+
+        ``parallel``: on several ranks, the :class:`mtlfast.train.distributed.DistributedStep`
+        built with the discriminator's parameters as ``extra_params``, after its
+        ``before(..., arm=False)`` on this batch; its ``after(result)`` follows (the trainer
+        does both). ``batch`` is then this rank's share of the global batch.
 
         Returns a :class:`mtlfast.engine.StepResult`: ``losses`` the unweighted task losses and,
         with the adversarial term, ``"discriminator"`` (L_d averaged over the tasks); ``total``
@@ -259,12 +307,27 @@ class ASTMTProcedure(Procedure):
             raise ValueError(
                 f"ASTMTProcedure: loss_fns has tasks {unknown} the model does not predict"
             )
+        ranks = None
+        if parallel is not None:
+            ranks = self._ranks(parallel)
+            # each task's loss as this rank's share of the global batch's (global denominators,
+            # the saliency balance of the global batch): the weights carry K * d_r / D
+            _, fns, _, scaled = parallel.inputs
+            loss_fns = {t: fns.get(t, fn) for t, fn in loss_fns.items()}
+            weights = {t: scaled.get(t, weights.get(t, 1.0)) for t in loss_fns}
         runs, skipped = [], []
         for i, name in enumerate(model.tasks):
             if name not in loss_fns:
                 continue
             flags = batch.get("labeled", {}).get(name)
-            if flags is None or bool(flags.all()):
+            if ranks is not None:  # a task labelled on any rank runs on all (on none of its rows)
+                if not parallel.labelled.get(name, 0):
+                    skipped.append(name)
+                elif flags is None or bool(flags.all()):
+                    runs.append((i, name, None))
+                else:
+                    runs.append((i, name, flags.nonzero().flatten()))
+            elif flags is None or bool(flags.all()):
                 runs.append((i, name, None))
             elif bool(flags.any()):
                 runs.append((i, name, flags.nonzero().flatten()))
@@ -275,7 +338,10 @@ class ASTMTProcedure(Procedure):
         )
         if runs:
             lam = self.reversal_lambda()
-            if self.execution == "batched":
+            if ranks is not None:
+                run = self._batched_ranks if self.execution == "batched" else self._sequential_ranks
+                terms = run(x, batch, runs, loss_fns, weights, lam, result, ranks)
+            elif self.execution == "batched":
                 terms = self._batched(x, batch, runs, loss_fns, weights, lam, result)
             else:
                 terms = self._sequential(x, batch, runs, loss_fns, weights, lam, result)
@@ -283,6 +349,8 @@ class ASTMTProcedure(Procedure):
             if self.used is not None:
                 ran = [runs[-1][0]] if self.updates == "task" else [i for i, _, _ in runs]
                 self.used.set_used(ran)
+        elif ranks is not None:  # no task labelled on any rank: after() still pairs the sync
+            ranks.grads.start(ranks.params)
         self.steps += 1
         return result
 
@@ -290,9 +358,11 @@ class ASTMTProcedure(Procedure):
         y = batch[name]
         return y if rows is None else y.index_select(0, rows.to(y.device))
 
-    def _adversarial(self, g: torch.Tensor, task: torch.Tensor | int, lam: float):
-        """(L_d, correct pixels, valid pixels) of the discriminator on ``g`` with labels ``task``
-        (an int, or one per sample). Shapes: g (K, C, h, w); task (K,) or int."""
+    def _discriminate(self, g: torch.Tensor, task: torch.Tensor | int, lam: float):
+        """(logits, labels, correct pixels, valid pixels) of the discriminator on ``g`` through
+        the reversal: labels ``task`` (an int, or one per sample) where ``g`` is not zero, else
+        ignored. Shapes: g (K, C, h, w); task (K,) or int; logits (K, T, h, w); labels (K, h, w).
+        """
         logits = self.discriminator(reverse_gradient(g, lam))
         with torch.no_grad():
             valid = g.detach().abs().amax(1) > 0
@@ -303,6 +373,12 @@ class ASTMTProcedure(Procedure):
             labels[~valid] = _IGNORE
             count = int(valid.sum())
             correct = int(((logits.argmax(1) == labels) & valid).sum())
+        return logits, labels, correct, count
+
+    def _adversarial(self, g: torch.Tensor, task: torch.Tensor | int, lam: float):
+        """(L_d, correct pixels, valid pixels) of the discriminator on ``g`` with labels ``task``
+        (an int, or one per sample). Shapes: g (K, C, h, w); task (K,) or int."""
+        logits, labels, correct, count = self._discriminate(g, task, lam)
         if count == 0:
             return logits.reshape(-1)[:0].sum(), 0, 0
         return F.cross_entropy(logits.float(), labels, ignore_index=_IGNORE), correct, count
@@ -357,14 +433,18 @@ class ASTMTProcedure(Procedure):
         self._finish_discriminator(result, d_losses, correct, count)
         return terms
 
-    def _step_between(self, task: int, result: StepResult) -> None:
-        """The release's per-task update, inside the step (the trainer applies the last one)."""
+    def _step_between(self, task: int, result: StepResult, bad: bool | None = None) -> None:
+        """The release's per-task update, inside the step (the trainer applies the last one).
+        ``bad``: whether a loss of the step so far is not finite (None: ``result``'s; on several
+        ranks: on any rank); the gradients are then the averaged ones, so every rank decides
+        alike."""
         opt = self.optimizer
         params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
         norm = (
             torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
         )
-        if result.nonfinite or not bool(torch.isfinite(norm)):
+        bad = bool(result.nonfinite) if bad is None else bad
+        if bad or not bool(torch.isfinite(norm)):
             opt.zero_grad(set_to_none=True)  # this task's update is dropped; the trainer reports it
             return
         if self.grad_clip is not None:
@@ -411,6 +491,151 @@ class ASTMTProcedure(Procedure):
         self._finish_discriminator(result, d_losses, correct, count)
         return [t.detach() for t in terms]
 
+    # ---- on several ranks -------------------------------------------------------------------
+
+    def _ranks(self, parallel: Any) -> _Ranks:
+        if not dist.is_initialized():
+            raise RuntimeError("ASTMTProcedure: parallel given without a process group")
+        if (
+            self.discriminator is not None
+            and self.at == "encoder"
+            and any(is_sync_batchnorm(m) for m in self.model.decoder.modules())
+        ):
+            raise ValueError(
+                "ASTMTProcedure: discriminator_at='encoder' backpropagates twice through the "
+                "decoder, and synchronised batch norm has no double backward across ranks; use "
+                "discriminator_at='decoder' (the release's) or train.sync_bn false"
+            )
+        params = [*self.model.parameters(), *(p for m in self.modules() for p in m.parameters())]
+        return _Ranks(parallel, params)
+
+    def _others(self, name: str) -> list[torch.Tensor]:
+        """The heads' parameters but task ``name``'s: no gradient comes to them in its pass."""
+        return [p for t, h in self.model.heads.items() if t != name for p in h.parameters()]
+
+    def _sequential_ranks(self, x, batch, runs, loss_fns, weights, lam, result, ranks):
+        """:meth:`_sequential` on this rank's rows of the global batch (see the class)."""
+        model, size, device = self.model, x.shape[-2:], x.device
+        per_task = self.updates == "task"
+        share = not per_task and model.shared_stages > 0
+        if share:
+            shared = model.shared_part(x)
+            leaves = [t.detach().requires_grad_() for t in shared]
+        terms, shares, correct, count, bad = [], [], 0, 0, False
+        for k, (i, name, rows) in enumerate(runs):
+            here = rows is None or rows.numel() > 0
+            term, local_bad, valid = None, False, 0
+            # no rows here: a pass on none keeps synchronised batch norm's collectives paired
+            if here or ranks.synced:
+                inputs = leaves if share else model.shared_part(x)
+                if rows is not None:
+                    inputs = [t.index_select(0, rows.to(t.device)) for t in inputs]
+                enc, dec = model.task_part(inputs, i)
+                pred, target = model.predict(dec, i, size), self._target(batch, name, rows)
+                if here:
+                    loss = loss_fns[name](pred, target)
+                    self._record(result, name, loss)
+                    local_bad = not bool(torch.isfinite(loss.detach()))
+                    term = loss * float(weights.get(name, 1.0))
+                else:
+                    term = zero_loss(pred, target)
+                if self.discriminator is not None:
+                    # g of the global loss (the weight carries K): one process's rows of g_t
+                    (g,) = torch.autograd.grad(
+                        term / ranks.world, dec if self.at == "decoder" else enc, create_graph=True
+                    )
+                    logits, labels, c, valid = self._discriminate(g, i, lam)
+                    correct += c
+            if self.discriminator is not None or per_task:
+                total_valid, any_bad = ranks.sum([valid, float(local_bad)], device)
+                count, bad = count + int(total_valid), bad or any_bad > 0
+            if term is not None and self.discriminator is not None:
+                # L_d, the mean over every rank's valid pixels: this rank's share of it
+                d_share = F.cross_entropy(
+                    logits.float(), labels, ignore_index=_IGNORE, reduction="sum"
+                ) / max(total_valid, 1.0)
+                shares.append(d_share.detach())
+                term = (1 - self.w_d) * term + self.w_d * ranks.world * d_share
+            if per_task:
+                ranks.grads.start(self._others(name) if term is not None else ranks.params)
+            if term is not None:
+                term.backward()
+                terms.append(term.detach())
+            term = inputs = enc = dec = pred = logits = g = None
+            if per_task and k < len(runs) - 1:
+                ranks.grads.finish()
+                self._step_between(i, result, bad)
+        if share:
+            pairs = [(s, leaf.grad) for s, leaf in zip(shared, leaves) if leaf.grad is not None]
+            if pairs:
+                torch.autograd.backward([s for s, _ in pairs], [g for _, g in pairs])
+        if not per_task:  # the gradients summed over the passes, averaged in after()
+            ranks.grads.start()
+        self._finish_ranks(result, shares, correct, count, len(runs), ranks, device)
+        return terms or [torch.zeros((), device=device)]
+
+    def _batched_ranks(self, x, batch, runs, loss_fns, weights, lam, result, ranks):
+        """:meth:`_batched` on this rank's rows of the global batch (see the class)."""
+        model, size, device = self.model, x.shape[-2:], x.device
+        n = x.shape[0]
+        index, task, blocks = [], [], []
+        start = 0
+        for i, _, rows in runs:
+            idx = torch.arange(n, device=device) if rows is None else rows.to(device)
+            index.append(idx)
+            task.append(torch.full((idx.numel(),), i, dtype=torch.long, device=device))
+            blocks.append((start, start + idx.numel()))
+            start += idx.numel()
+        running = start > 0 or ranks.synced
+        wls, pieces, valid, correct = [], [], [0] * len(runs), 0
+        if running:
+            shared = model.shared_part(x)
+            index, task = torch.cat(index), torch.cat(task)
+            enc, dec = model.task_part([t.index_select(0, index) for t in shared], task)
+            for (i, name, rows), (a, b) in zip(runs, blocks):
+                pred, target = model.predict(dec[a:b], i, size), self._target(batch, name, rows)
+                if b > a:
+                    loss = loss_fns[name](pred, target)
+                    self._record(result, name, loss)
+                    wls.append(loss * float(weights.get(name, 1.0)))
+                else:
+                    wls.append(zero_loss(pred, target))
+            if self.discriminator is not None:
+                (g,) = torch.autograd.grad(
+                    sum(wls[1:], wls[0]) / ranks.world,
+                    dec if self.at == "decoder" else enc,
+                    create_graph=True,
+                )
+                for k, ((i, _, _), (a, b)) in enumerate(zip(runs, blocks)):
+                    logits, labels, c, valid[k] = self._discriminate(g[a:b], i, lam)
+                    pieces.append((logits, labels))
+                    correct += c
+        terms, shares = wls, []
+        if self.discriminator is not None:
+            valid = ranks.sum(valid, device)
+            if running:
+                terms = []
+                for (logits, labels), wl, v in zip(pieces, wls, valid):
+                    d_share = F.cross_entropy(
+                        logits.float(), labels, ignore_index=_IGNORE, reduction="sum"
+                    ) / max(v, 1.0)
+                    shares.append(d_share.detach())
+                    terms.append((1 - self.w_d) * wl + self.w_d * ranks.world * d_share)
+        ranks.grads.start(() if running else ranks.params)
+        if running:
+            sum(terms[1:], terms[0]).backward()
+        self._finish_ranks(result, shares, correct, int(sum(valid)), len(runs), ranks, device)
+        return [t.detach() for t in terms] or [torch.zeros((), device=device)]
+
+    def _finish_ranks(self, result, shares, correct, count, tasks, ranks, device) -> None:
+        """The global batch's L_d (averaged over the tasks) and the discriminator's accuracy."""
+        if self.discriminator is None:
+            return
+        mine = sum(float(s) for s in shares) / tasks
+        d_loss, correct = ranks.sum([mine, correct], device)
+        self._record(result, "discriminator", torch.tensor(d_loss, device=device))
+        self.last_discriminator_accuracy = correct / count if count else None
+
     # ---- state ------------------------------------------------------------------------------
 
     def modules(self) -> list[torch.nn.Module]:
@@ -426,3 +651,20 @@ class ASTMTProcedure(Procedure):
         self.steps = int(state["steps"])
         if self.discriminator is not None:
             self.discriminator.load_state_dict(state["discriminator"])
+
+
+class _Ranks:
+    """This rank's side of a data-parallel ASTMT step: the trainer's DistributedStep's process
+    group and gradient sync, and every parameter the step trains (the model's, the
+    discriminator's)."""
+
+    def __init__(self, parallel: Any, params: list[torch.Tensor]) -> None:
+        self.world, self.group, self.synced = parallel.world, parallel.group, parallel.synced
+        self.grads = parallel.grads
+        self.params = params
+
+    def sum(self, values: list[float], device: torch.device) -> list[float]:
+        """``values`` summed over the ranks (one all-reduce, float64)."""
+        vec = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+        dist.all_reduce(vec, group=self.group)
+        return vec.tolist()
