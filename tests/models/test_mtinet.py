@@ -190,10 +190,13 @@ def test_multi_branch_step_matches_naive_and_plain_backward(model, train):
         if name in unused:
             assert grads["naive"][name] is None and grads["recompute"][name] is None
             continue
+        # the naive strategy's distillation saves its maps and sums the backward in another
+        # order than the recomputing one: float32 rounding relative to the largest entry
+        atol = 4e-6 * max(1.0, float(grad.abs().max()))
         torch.testing.assert_close(
-            grads["recompute"][name], grads["naive"][name], rtol=1e-4, atol=1e-6, msg=name
+            grads["recompute"][name], grads["naive"][name], rtol=1e-4, atol=atol, msg=name
         )
-        torch.testing.assert_close(grads["naive"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(grads["naive"][name], grad, rtol=1e-4, atol=atol, msg=name)
 
 
 def test_channels_last_input_gives_the_same_predictions(model):

@@ -99,10 +99,13 @@ def test_multi_branch_step_matches_naive_and_plain_backward(model):
     out = model(x)
     sum(loss_fns[k](y, targets[k]) for k, y in out.items()).backward()
     for name, p in model.named_parameters():
+        # the naive strategy's distillation saves its maps and sums the backward in another
+        # order than the recomputing one: float32 rounding relative to the largest entry
+        atol = 4e-6 * max(1.0, float(p.grad.abs().max()))
         torch.testing.assert_close(
-            grads["recompute"][name], grads["naive"][name], rtol=1e-4, atol=1e-6, msg=name
+            grads["recompute"][name], grads["naive"][name], rtol=1e-4, atol=atol, msg=name
         )
-        torch.testing.assert_close(grads["naive"][name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(grads["naive"][name], p.grad, rtol=1e-4, atol=atol, msg=name)
     model.zero_grad(set_to_none=True)
 
 

@@ -307,6 +307,42 @@ def test_recompute_false_saves_the_maps_for_the_same_gradients():
     assert "recompute=False" in repr(layers[1])
 
 
+@pytest.mark.parametrize("strategy", [None, "recompute", "naive"])
+def test_default_follows_the_engine_strategy(strategy):
+    """recompute=None saves the maps inside a naive engine step only, for the same gradients."""
+    from mtlfast.engine._context import running
+
+    torch.manual_seed(6)
+    layer = MultiModalDistillation(4, 4)
+    reference = MultiModalDistillation(4, 4, recompute=True)
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(*MAP[:1], 4, *MAP[1:])
+    grads, saved = [], []
+    for module, mode in ((layer, strategy), (reference, None)):
+        xi = x.clone().requires_grad_()
+        with mtlfast.profiling.memory("cpu") as m:
+            if mode is None:
+                out = module(xi)
+            else:
+                with running(mode):
+                    out = module(xi)
+            out.square().sum().backward()
+        grads.append((xi.grad, module.mask_weight.grad, module.message_weight.grad))
+        saved.append(m.saved_bytes - 2 * module.mask_weight.numel() * 4)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    if strategy == "naive":
+        assert saved[0] >= (8 + 2 * 12) * MAP_BYTES
+    else:
+        assert saved[0] <= 8 * MAP_BYTES + 1024
+    assert "recompute=None" in repr(layer)
+
+
+def test_recompute_must_be_a_bool_or_none():
+    with pytest.raises(TypeError, match="recompute"):
+        MultiModalDistillation(3, 4, recompute="yes")
+
+
 def test_autocast_forward_then_backward_outside_it():
     """The memory engine runs backward with autocast off: the recomputation replays the bf16 casts."""
     torch.manual_seed(5)
