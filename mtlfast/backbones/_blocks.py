@@ -8,6 +8,7 @@ from torch.nn import functional as F
 
 from ..nn import ResidualAdapter, TaskBatchNorm2d, TaskSE
 from ..nn._task import check_task
+from ..nn.adapters import merged_conv2d
 
 __all__ = [
     "AtrousResidualAdapter",
@@ -79,9 +80,10 @@ class AtrousResidualAdapter(ResidualAdapter):
     With dilation 1 and ``kernel_size`` 3 it is the parent layer. With dilation d the shared
     convolution is ``conv3x3(x, dilation=d, padding=d)``; the adapter is still a 1x1 convolution,
     which reads the same pixel as the centre tap, so an int task still folds it into the centre
-    tap. ``kernel_size`` 1 puts a task's 1x1 adapter beside a shared 1x1 convolution (the ASTMT
-    release's decoder adapters); an int task then adds the two weights. DeepLab's dilated stages
-    have stride 1, the only case the per-sample path needs beyond the parent's.
+    tap (the merged weight, as the parent's, not kept for backward). ``kernel_size`` 1 puts a
+    task's 1x1 adapter beside a shared 1x1 convolution (the ASTMT release's decoder adapters);
+    an int task then adds the two weights. DeepLab's dilated stages have stride 1, the only case
+    the per-sample path needs beyond the parent's.
 
     Shapes: as :class:`mtlfast.nn.ResidualAdapter`.
     """
@@ -121,10 +123,7 @@ class AtrousResidualAdapter(ResidualAdapter):
         task = check_task("AtrousResidualAdapter", task, x, self.num_tasks)
         opts = {"stride": self.stride, "padding": self.padding, "dilation": self.dilation}
         if isinstance(task, int):
-            k = self.kernel_size // 2
-            return F.conv2d(
-                x, self.conv.weight + F.pad(self.adapter_weight[task], (k, k, k, k)), **opts
-            )
+            return merged_conv2d(x, self.conv.weight, self.adapter_weight[task], **opts)
         shared = F.conv2d(x, self.conv.weight, **opts)
         n, _, h, w = shared.shape
         sampled = x[:, :, :: self.stride, :: self.stride].reshape(n, self.in_channels, h * w)

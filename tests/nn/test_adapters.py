@@ -3,8 +3,10 @@
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from mtlfast.nn import ResidualAdapter
+from mtlfast.nn.adapters import merged_conv2d
 
 
 def randomised(*args, **kwargs):
@@ -121,3 +123,134 @@ def test_bad_arguments():
         layer(x, torch.tensor([0, -1]))
     with pytest.raises(TypeError, match="task must be an int or an"):
         layer(x, [0, 1])
+
+
+# ---- the int-task path: the merged weight is rebuilt in backward, not kept ------------------------
+
+MERGED_CASES = [  # (c_in, c_out, hw, k, stride, padding, dilation)
+    (3, 4, (7, 5), 3, 1, 1, 1),
+    (2, 3, (7, 5), 3, 2, 1, 1),
+    (1, 2, (9, 6), 3, 1, 2, 2),
+    (3, 1, (5, 7), 1, 2, 0, 1),
+    (2, 2, (1, 1), 3, 2, 1, 1),
+]
+MERGED_IDS = [f"k{k}s{s}d{d}-{c_in}x{hw[0]}x{hw[1]}" for c_in, _, hw, k, s, _, d in MERGED_CASES]
+
+
+def plain_merged(x, weight, adapter, stride, padding, dilation):
+    k = weight.shape[-1] // 2
+    merged = weight + F.pad(adapter, (k, k, k, k))
+    return F.conv2d(x, merged, None, stride, padding, dilation)
+
+
+def merged_inputs(c_in, c_out, hw, k, layout="contiguous", dtype=torch.float64):
+    x = torch.randn(3, c_in, *hw, dtype=dtype)
+    if layout == "non-contiguous":  # every other sample of a batch twice as large
+        x = torch.randn(6, c_in, *hw, dtype=dtype)[::2]
+        assert not x.is_contiguous()
+    elif layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(c_out, c_in, k, k, dtype=dtype)
+    adapter = torch.randn(c_out, c_in, 1, 1, dtype=dtype)
+    return [t.requires_grad_() for t in (x, weight, adapter)]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "non-contiguous", "channels_last"])
+@pytest.mark.parametrize(
+    "c_in, c_out, hw, k, stride, padding, dilation", MERGED_CASES, ids=MERGED_IDS
+)
+def test_merged_conv_equals_plain_formulation(
+    c_in, c_out, hw, k, stride, padding, dilation, layout
+):
+    inputs = merged_inputs(c_in, c_out, hw, k, layout)
+    copies = [t.detach().clone().requires_grad_() for t in inputs]
+    out = merged_conv2d(*inputs, stride, padding, dilation)
+    expected = plain_merged(*copies, stride, padding, dilation)
+    torch.testing.assert_close(out, expected)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    expected.backward(grad_out)
+    for a, b in zip(inputs, copies):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize(
+    "c_in, c_out, hw, k, stride, padding, dilation", MERGED_CASES, ids=MERGED_IDS
+)
+def test_merged_conv_gradcheck_and_gradgradcheck(c_in, c_out, hw, k, stride, padding, dilation):
+    x, weight, adapter = merged_inputs(c_in, c_out, hw, k, "non-contiguous")
+    x = x[:2].detach().requires_grad_()  # a small batch, still a strided view
+
+    def fn(x, weight, adapter):
+        return merged_conv2d(x, weight, adapter, stride, padding, dilation)
+
+    assert torch.autograd.gradcheck(fn, (x, weight, adapter))
+    assert torch.autograd.gradgradcheck(fn, (x, weight, adapter))
+
+
+def test_merged_conv_create_graph_equals_plain_formulation():
+    """A gradient taken with create_graph (ASTMT's adversarial term) and differentiated again."""
+    inputs = merged_inputs(3, 4, (7, 5), 3)
+    copies = [t.detach().clone().requires_grad_() for t in inputs]
+    grads = []
+    for fn, (x, w, a) in ((merged_conv2d, inputs), (plain_merged, copies)):
+        out = fn(x, w, a, 2, 1, 1)
+        (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        (g.square().sum() + out.sum()).backward()
+        grads.append([x.grad, w.grad, a.grad])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_merged_conv_under_autocast_equals_plain_formulation():
+    inputs = merged_inputs(4, 6, (9, 7), 3, dtype=torch.float32)
+    copies = [t.detach().clone().requires_grad_() for t in inputs]
+    outs = []
+    for fn, args in ((merged_conv2d, inputs), (plain_merged, copies)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(*args, 1, 1, 1)
+        out.float().square().sum().backward()
+        outs.append(out)
+    assert outs[0].dtype == outs[1].dtype == torch.bfloat16
+    torch.testing.assert_close(outs[0], outs[1])
+    for a, b in zip(inputs, copies):
+        assert a.grad.dtype == torch.float32
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def saved_storages(fn):
+    """The storages autograd saves for backward while ``fn()`` runs: data pointer -> bytes."""
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return saved, out
+
+
+@pytest.mark.parametrize("layer_cls", ["plain", "atrous"])
+def test_int_task_saves_no_merged_weight(layer_cls):
+    """Backward keeps x and the parameters (which exist anyway), not a merged weight."""
+    if layer_cls == "plain":
+        layer = ResidualAdapter(8, 16, 3, stride=2)
+    else:
+        from mtlfast.backbones._blocks import AtrousResidualAdapter
+
+        layer = AtrousResidualAdapter(8, 16, 3, dilation=2)
+    x = torch.randn(2, 8, 9, 7, requires_grad=True)
+    saved, out = saved_storages(lambda: layer(x, 1))
+    own = {t.untyped_storage().data_ptr() for t in (x, layer.conv.weight, layer.adapter_weight)}
+    assert set(saved) <= own
+    out.sum().backward()  # and backward runs from what was saved
+    assert layer.adapter_weight.grad[1].abs().sum() > 0
+    assert not layer.adapter_weight.grad[[0, 2]].any()
+    # the plain formulation keeps one more storage, the merged weight, as large as the shared one
+    opts = (layer.stride, getattr(layer, "padding", 1), getattr(layer, "dilation", 1))
+    weights = (layer.conv.weight, layer.adapter_weight[1])
+    plain, _ = saved_storages(lambda: plain_merged(x, *weights, *opts))
+    extra = set(plain) - own
+    assert [plain[p] for p in extra] == [layer.conv.weight.untyped_storage().nbytes()]
