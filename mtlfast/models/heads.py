@@ -194,4 +194,18 @@ def resize(x: torch.Tensor, size) -> torch.Tensor:
     return resize_bilinear(x, size)
 
 
-__all__ += ["resize"]
+def resize_prediction(x: torch.Tensor, size) -> torch.Tensor:
+    """A prediction resized to the image (:func:`resize`), NCHW whatever x's layout.
+
+    A channels-last network (``train.memory_format``) would otherwise hand the losses and
+    metrics channels-last maps at image size, on which cross-entropy forward and backward took
+    1.6x the NCHW time ((4, 21, 256, 256), 2 threads, this 2-core EPYC); converting x, 16 times
+    smaller than the result at stride 4, costs less than converting the result or the losses'
+    extra time. An NCHW x is not copied.
+
+    Shapes: x (N, C, h, w) -> (N, C, size[0], size[1]), contiguous.
+    """
+    return resize_bilinear(x.contiguous(), size)
+
+
+__all__ += ["resize", "resize_prediction"]

@@ -22,6 +22,7 @@ from ._common import (
     task_outputs,
     trunk_of,
 )
+from .heads import resize_prediction
 
 __all__ = ["FeaturePropagation", "InitialTaskPrediction", "MTINet", "MTINetDecoder"]
 
@@ -139,13 +140,20 @@ class FeaturePropagation(nn.Module):
         n, _, h, w = concat.shape
         # feature harmonisation: attention over tasks, per channel and pixel
         logits = self.non_linear(concat)
-        if self.softmax_grouping == "paper":
-            mask = logits.view(n, t, c, h, w).softmax(dim=1).view(n, t * c, h, w)
-        else:
-            mask = logits.view(n, c, t, h, w).softmax(dim=2).view(n, t * c, h, w)
+        paper = self.softmax_grouping == "paper"
+        if logits.is_contiguous() or not logits.is_contiguous(memory_format=torch.channels_last):
+            if paper:
+                mask = logits.view(n, t, c, h, w).softmax(dim=1).view(n, t * c, h, w)
+            else:
+                mask = logits.view(n, c, t, h, w).softmax(dim=2).view(n, t * c, h, w)
+        else:  # channels-last: the same softmax over the (N, H, W, T*C) storage, no NCHW copy
+            groups, dim = ((t, c), 3) if paper else ((c, t), 4)
+            nhwc = logits.permute(0, 2, 3, 1).view(n, h, w, *groups).softmax(dim=dim)
+            mask = nhwc.view(n, h, w, t * c).permute(0, 3, 1, 2)
         shared = self.dimensionality_reduction(mask * concat)
-        # refinement: task k's SE gate on the shared representation, plus task k's features
-        repeated = shared.unsqueeze(0).expand(t, n, c, h, w).reshape(t * n, c, h, w)
+        # refinement: task k's SE gate on the shared representation, plus task k's features;
+        # cat keeps a channels-last input's layout (a reshape of the expansion would not)
+        repeated = torch.cat([shared] * t, 0)
         task = torch.arange(t, device=shared.device).repeat_interleave(n)
         refined = self.se(repeated, task, residual=torch.cat(list(features), 0))
         return list(refined.unflatten(0, (t, n)).unbind(0))  # split(n) gives one chunk at N = 0
@@ -221,8 +229,8 @@ class MTINetDecoder(nn.Module):
     @staticmethod
     def _aggregate(layers: nn.Module, finest, size, *pieces: torch.Tensor) -> torch.Tensor:
         """One task's aggregation: its features of every scale at the finest, concatenated,
-        ``layers``, resized to the output."""
-        return resize(layers(torch.cat([resize(p, finest) for p in pieces], 1)), size)
+        ``layers``, resized to the output (NCHW, see :func:`resize_prediction`)."""
+        return resize_prediction(layers(torch.cat([resize(p, finest) for p in pieces], 1)), size)
 
     @property
     def tasks(self) -> list[str]:
@@ -269,7 +277,7 @@ class MTINetDecoder(nn.Module):
         if supervise:
             for s in range(4):
                 for i, task in enumerate(self.task_names):
-                    out[deep_supervision_key(s, task)] = resize(initial[s][i], size)
+                    out[deep_supervision_key(s, task)] = resize_prediction(initial[s][i], size)
         return out
 
 

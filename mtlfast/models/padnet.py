@@ -22,6 +22,7 @@ from ._common import (
     task_outputs,
     trunk_of,
 )
+from .heads import resize_prediction
 
 __all__ = ["PADNet", "PADNetDecoder", "ScaleFusion"]
 
@@ -101,9 +102,10 @@ class PADNetDecoder(nn.Module):
 
     @staticmethod
     def _head(layers: nn.Module, x: torch.Tensor, size=None) -> torch.Tensor:
-        """``layers(x)``, resized to ``size`` when given."""
+        """``layers(x)``, resized to ``size`` when given (a prediction: NCHW, see
+        :func:`mtlfast.models.heads.resize_prediction`)."""
         y = layers(x)
-        return y if size is None else resize(y, size)
+        return y if size is None else resize_prediction(y, size)
 
     @property
     def tasks(self) -> list[str]:
@@ -143,7 +145,7 @@ class PADNetDecoder(nn.Module):
         out = {t: head(self.final[t], distilled[i], size) for i, t in enumerate(self.task_names)}
         if self.training and self.deep_supervision:
             for i, t in enumerate(self.task_names):
-                out[deep_supervision_key(INITIAL, t)] = resize(
+                out[deep_supervision_key(INITIAL, t)] = resize_prediction(
                     self.initial_out[t](task_features[i]), size
                 )
         return out

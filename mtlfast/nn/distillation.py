@@ -191,9 +191,14 @@ def _map_bytes(f: torch.Tensor, dtype: torch.dtype | None = None) -> int:
     return f.numel() * (dtype or f.dtype).itemsize
 
 
-def _source_weights(weight: torch.Tensor, pairs) -> torch.Tensor:
-    """The pairs' kernels stacked along output channels: ((T-1) C, C, 3, 3)."""
-    return torch.cat([weight[k, s] for k, s in pairs], 0)
+def _source_weights(weight: torch.Tensor, pairs, f: torch.Tensor) -> torch.Tensor:
+    """The pairs' kernels stacked along output channels: ((T-1) C, C, 3, 3), in f's dtype and,
+    for a channels-last f, channels-last (gathered so in one copy: a contiguous kernel would be
+    converted by the convolution, forward and backward, for every chunk)."""
+    if f.is_contiguous() or not f.is_contiguous(memory_format=torch.channels_last):
+        return torch.cat([weight[k, s] for k, s in pairs], 0).to(f.dtype)
+    nhwc = torch.stack([weight[k, s].permute(0, 2, 3, 1) for k, s in pairs]).to(f.dtype)
+    return nhwc.flatten(0, 1).permute(0, 3, 1, 2)
 
 
 def _maps(f: torch.Tensor, mask_weight: torch.Tensor, message_weight: torch.Tensor, pairs):
@@ -201,8 +206,8 @@ def _maps(f: torch.Tensor, mask_weight: torch.Tensor, message_weight: torch.Tens
     convolution each, T-1 kernels wide, rather than T-1 narrow ones (the same products)."""
     n, c, h, w = f.shape
     m = len(pairs)
-    logits = F.conv2d(f, _source_weights(mask_weight, pairs).to(f.dtype), padding=1)
-    messages = F.conv2d(f, _source_weights(message_weight, pairs).to(f.dtype), padding=1)
+    logits = F.conv2d(f, _source_weights(mask_weight, pairs, f), padding=1)
+    messages = F.conv2d(f, _source_weights(message_weight, pairs, f), padding=1)
     return logits.view(n, m, c, h, w), messages.view(n, m, c, h, w)
 
 
@@ -272,7 +277,10 @@ class _Distill(torch.autograd.Function):
                 f_source = l
             logits, messages = _maps(f, mask_weight, message_weight, pairs)
             sig = logits.sigmoid_()
-            go = torch.stack([grad_out[k] for k, _ in pairs], 1).to(sig.dtype)  # (N, T-1, C, H, W)
+            # (N, T-1, C, H, W) in the maps' layout, so that channels-last maps stay so
+            go = torch.empty_like(sig)
+            for j, (k, _) in enumerate(pairs):
+                go[:, j].copy_(grad_out[k])
             # d/dmessages = go * sigmoid; d/dlogits = go * messages * sigmoid * (1 - sigmoid)
             grad_messages = go * sig
             grad_logits = messages.mul_(go).mul_(sig)
@@ -285,7 +293,7 @@ class _Distill(torch.autograd.Function):
                 gx, gw, _ = torch.ops.aten.convolution_backward(
                     grad_map.flatten(1, 2),
                     f,
-                    _source_weights(weight, pairs).to(f.dtype),
+                    _source_weights(weight, pairs, f),
                     None,
                     **_CONV,
                     groups=1,

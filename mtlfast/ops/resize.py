@@ -15,6 +15,10 @@ equal ``F.interpolate(x, size, mode="bilinear", align_corners=False)`` to float 
 sums run in another order). On other devices, for other dtypes, for long sides and under
 ``use_backend("reference")`` (so that a release-style network can be timed with aten's own
 kernel) the call is ``F.interpolate`` itself.
+
+A channels-last x is contracted over its (N, H, W, C) storage (batched products over the rows
+of the other side), so that a channels-last network (``train.memory_format``) pays no layout
+conversion here: the result, and the gradient of x, come in x's layout, as aten's kernel gives.
 """
 
 from __future__ import annotations
@@ -68,19 +72,56 @@ def _apply(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> torch.Tenso
     return torch.matmul(torch.matmul(a_h, x), a_w.t())
 
 
+def _is_channels_last(x: torch.Tensor) -> bool:
+    """x is dense channels-last and not also contiguous (C = 1, or 1x1 maps, are both)."""
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _apply_channels_last(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> torch.Tensor:
+    """:func:`_apply` for a channels-last x, over its (N, H, W, C) storage: the height product
+    contracts (N, H, W*C) rows, the width product (N*H, W, C) blocks, so neither x nor the result
+    is copied to another layout. The result is channels-last."""
+    n, c, h_in, w_in = x.shape
+    h_out, w_out = a_h.shape[0], a_w.shape[0]
+    nhwc = x.permute(0, 2, 3, 1)  # contiguous
+    width_first = h_in * w_in * w_out + h_out * h_in * w_out
+    height_first = h_out * h_in * w_in + h_out * w_in * w_out
+    if width_first <= height_first:
+        y = torch.matmul(a_w, nhwc)  # (N, H, w, C)
+        out = torch.matmul(a_h, y.view(n, h_in, w_out * c)).view(n, h_out, w_out, c)
+    else:
+        y = torch.matmul(a_h, nhwc.view(n, h_in, w_in * c)).view(n, h_out, w_in, c)
+        out = torch.matmul(a_w, y)  # (N, h, w, C)
+    return out.permute(0, 3, 1, 2)
+
+
+def _apply_any(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> torch.Tensor:
+    """:func:`_apply` in x's memory format: channels-last in, channels-last out. A tensor with
+    channels innermost but not dense (a channel slice of a channels-last one: the gradient of a
+    concatenation's part) is copied to channels-last, not to NCHW."""
+    if not _is_channels_last(x) and not x.is_contiguous() and x.shape[1] > 1 and x.stride(1) == 1:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return _apply_channels_last(x, a_h, a_w) if _is_channels_last(x) else _apply(x, a_h, a_w)
+
+
 class _ResizeBilinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         a_h = _matrix(x.shape[-2], size[0], x.dtype, x.device)
         a_w = _matrix(x.shape[-1], size[1], x.dtype, x.device)
         ctx.matrices = (a_h, a_w)  # cached constants, not activations: nothing else is kept
-        return _apply(x, a_h, a_w)
+        ctx.channels_last = _is_channels_last(x)
+        return _apply_any(x, a_h, a_w)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         a_h, a_w = ctx.matrices
         with torch.autocast(grad.device.type, enabled=False):
-            return _apply(grad.to(a_h.dtype), a_h.t(), a_w.t()), None
+            out = _apply_any(grad.to(a_h.dtype), a_h.t(), a_w.t())
+        # in x's layout, as the layers before it (and a leaf's .grad) take it: a copy only when
+        # the gradient came in the other one, and then of the smaller side (upsampling's input)
+        fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
+        return out.contiguous(memory_format=fmt), None
 
 
 def _use_products(x: torch.Tensor, size: tuple[int, int]) -> bool:
@@ -99,7 +140,8 @@ def resize_bilinear(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
     ``F.interpolate(x, size, mode="bilinear", align_corners=False)`` to float rounding, computed
     as two matrix products on the CPU (see the module docstring); x itself when already that size.
-    Under autocast the products run in x's dtype, as aten's kernel does.
+    Under autocast the products run in x's dtype, as aten's kernel does. A channels-last x gives
+    a channels-last result (and gradient), as aten's kernel does, without a copy to NCHW.
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__

@@ -201,6 +201,30 @@ def test_channels_last_features():
         torch.testing.assert_close(f.grad, p.grad)
 
 
+@pytest.mark.parametrize("recompute", [True, False])
+def test_channels_last_keeps_its_layout_and_weight_gradients(recompute):
+    """Channels-last features: channels-last outputs, kernels handed to the convolutions
+    channels-last (no conversion inside them), and the NCHW run's weight gradients."""
+    from mtlfast.nn.distillation import _source_weights
+
+    torch.manual_seed(0)
+    layer = MultiModalDistillation(3, 4, recompute=recompute).double()
+    feats = [torch.randn(2, 4, 6, 5, dtype=torch.float64) for _ in range(3)]
+    grads = {}
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        layer.zero_grad(set_to_none=True)
+        out = layer([f.clone(memory_format=fmt) for f in feats])
+        assert all(o.is_contiguous(memory_format=fmt) for o in out)
+        sum((o * o).sum() for o in out).backward()
+        grads[fmt] = (layer.mask_weight.grad.clone(), layer.message_weight.grad.clone())
+    for a, b in zip(grads[torch.contiguous_format], grads[torch.channels_last]):
+        torch.testing.assert_close(a, b)
+    f = feats[0].contiguous(memory_format=torch.channels_last)
+    w = _source_weights(layer.mask_weight, [(1, 0), (2, 0)], f)
+    assert w.shape == (8, 4, 3, 3) and w.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(w, torch.cat([layer.mask_weight[1, 0], layer.mask_weight[2, 0]]))
+
+
 def test_compile_fullgraph_matches_eager():
     layer = MultiModalDistillation(3, 4)
     x = torch.randn(2, 3, 4, 9, 7, requires_grad=True)

@@ -55,18 +55,56 @@ def test_bfloat16_close_to_interpolate():
         lambda x: x.transpose(2, 3),
         lambda x: x[:, ::2],
         lambda x: x[:1].expand(3, -1, -1, -1),
+        lambda x: x.contiguous(memory_format=torch.channels_last)[:, 1:3],
     ],
-    ids=["channels_last", "transposed", "strided", "expanded"],
+    ids=["channels_last", "transposed", "strided", "expanded", "channels_last_slice"],
 )
 def test_any_strides(make):
     x = make(torch.randn(3, 4, 10, 10))
     torch.testing.assert_close(resize_bilinear(x, (23, 17)), _aten(x, (23, 17)))
 
 
+@pytest.mark.parametrize(("shape", "size"), SHAPES)
+@pytest.mark.parametrize("grad_format", ["channels_last", "contiguous"])
+def test_channels_last_in_channels_last_out(shape, size, grad_format):
+    """A channels-last x is resized over its NHWC storage: result and gradient channels-last (as
+    aten's), equal to F.interpolate, whatever the layout of the incoming gradient."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    grad = torch.randn(shape[0], shape[1], *size, generator=g, dtype=torch.float64)
+    if grad_format == "channels_last":
+        grad = grad.contiguous(memory_format=torch.channels_last)
+    a = x.clone(memory_format=torch.channels_last).requires_grad_()
+    b = x.clone().requires_grad_()
+    ya, yb = resize_bilinear(a, size), _aten(b, size)
+    torch.testing.assert_close(ya, yb, atol=1e-12, rtol=1e-12)
+    ya.backward(grad)
+    yb.backward(grad)
+    torch.testing.assert_close(a.grad, b.grad, atol=1e-11, rtol=1e-12)
+    if not a.is_contiguous():  # C = 1 or 1x1 maps: both layouts at once, either result will do
+        assert ya.is_contiguous(memory_format=torch.channels_last)
+        assert a.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_contiguous_x_gets_a_contiguous_gradient_from_a_channels_last_one():
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    grad = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = resize_bilinear(x, (32, 32))
+    assert y.is_contiguous()
+    y.backward(grad)
+    assert x.grad.is_contiguous()
+    (expected,) = torch.autograd.grad(_aten(x, (32, 32)), x, grad)
+    torch.testing.assert_close(x.grad, expected)
+
+
 def test_gradcheck():
     x = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: resize_bilinear(t, (7, 9)), (x,))
     assert torch.autograd.gradgradcheck(lambda t: resize_bilinear(t, (7, 9)), (x,))
+    x = torch.randn(1, 3, 5, 4, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: resize_bilinear(t, (7, 9)), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: resize_bilinear(t, (3, 2)), (x,))
 
 
 def test_saves_no_activation():
