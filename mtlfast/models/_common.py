@@ -12,6 +12,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
 from ..backbones.hrnet import HRNet
+from ..nn import TaskBatchNorm2d
 from ..ops.resize import resize_bilinear
 from .base import MultiTaskModel
 from .tasks import DEFAULT_OUT_CHANNELS, resolve_tasks
@@ -66,7 +67,9 @@ class _BatchNormFrozen:
     """Batch norms in ``module`` normalise with batch statistics but leave their running ones as
     they are (the first forward updated them): momentum 0 inside the block, the batch counter put
     back after. Not ``track_running_stats=False``, which would change what the op saves for
-    backward, and the checkpoint checks that the recomputation saves the same tensors.
+    backward, and the checkpoint checks that the recomputation saves the same tensors. Task batch
+    norms (:class:`mtlfast.nn.TaskBatchNorm2d`, whose code path depends on its momentum) keep
+    theirs: their running statistics and counters, (T, C) and (T,), are put back after instead.
 
     Re-enterable: a graph run backward more than once (the per-task gradients of the balancing
     methods, ``keep_task_grads``) recomputes the same checkpoint each time."""
@@ -74,6 +77,7 @@ class _BatchNormFrozen:
     def __init__(self, module: nn.Module) -> None:
         self.module = module
         self.frozen: list[tuple[_BatchNorm, Any, torch.Tensor | None]] = []
+        self.kept: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def __enter__(self) -> None:
         self.frozen = [
@@ -87,6 +91,12 @@ class _BatchNormFrozen:
         ]
         for m, _, _ in self.frozen:
             m.momentum = 0.0
+        self.kept = [
+            (b, b.clone())
+            for m in self.module.modules()
+            if isinstance(m, TaskBatchNorm2d) and m.training
+            for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+        ]
 
     def __exit__(self, *exc: object) -> None:
         for m, momentum, count in self.frozen:
@@ -94,7 +104,10 @@ class _BatchNormFrozen:
             if count is not None:
                 with torch.no_grad():
                     m.num_batches_tracked.copy_(count)
-        self.frozen = []
+        with torch.no_grad():
+            for buffer, value in self.kept:
+                buffer.copy_(value)
+        self.frozen, self.kept = [], []
 
 
 def recomputed(fn: Callable[..., Any], module: nn.Module, *args: Any) -> Any:

@@ -160,3 +160,66 @@ def test_discriminator():
     torch.testing.assert_close(
         disc(g * 7.0), logits
     )  # normalised gradients: the scale does not matter
+
+
+# ---- the trainer's default step: task passes in turn, the encoder recomputed ------------------
+
+LEAN_CASES = [  # (options, training, task batch norm momentum)
+    ({"adapters": True}, True, 0.1),  # task batch norm after the shared stem
+    ({"adapters": True}, True, None),  # its cumulative average: the per-sample path
+    ({"se_encoder": False, "se_decoder": True}, False, 0.1),  # shared encoder, eval-mode BN
+]
+
+
+@pytest.mark.parametrize(
+    "options, training, momentum", LEAN_CASES, ids=["task-bn", "task-bn-cumulative", "eval"]
+)
+def test_engine_step_recomputes_the_encoder_with_the_stacked_gradients(
+    options, training, momentum, monkeypatch
+):
+    """The trainer's default step (the engine's recompute strategy over engine_branches: the T
+    task passes in turn, each freed before the next, every encoder block and the decoder
+    recomputed in backward)
+    gives the gradients of the task-batched graph (forward_all) and naive's gradients and
+    batch-norm statistics (float64)."""
+    import copy
+
+    from torch.nn import functional as F
+
+    from mtlfast.engine import multi_branch_step
+    from mtlfast.models import astmt
+    from mtlfast.ops import use_backend
+
+    model = _model(**options).double().train(training)
+    for m in model.modules():
+        if isinstance(m, TaskBatchNorm2d):
+            m.momentum = momentum
+    x = torch.randn(2, 3, H, W, dtype=torch.float64)
+    targets = {
+        t: torch.randn(2, c, H, W, dtype=torch.float64) for t, c in model.out_channels.items()
+    }
+    loss_fns = {t: F.mse_loss for t in TASKS}
+    calls = []
+    original = astmt.recomputed
+    monkeypatch.setattr(astmt, "recomputed", lambda *a: calls.append(a[1]) or original(*a))
+    grads, states, blocks = {}, {}, {}
+    with use_backend("reference"):  # float64
+        for strategy in ("naive", "recompute", "stacked"):
+            m = copy.deepcopy(model)
+            calls.clear()
+            if strategy == "stacked":
+                out = m.forward_all(x)
+                sum(F.mse_loss(out[t], targets[t]) for t in TASKS).backward()
+            else:
+                multi_branch_step(*m.engine_branches(), x, targets, loss_fns, strategy=strategy)
+            grads[strategy] = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+            states[strategy] = m.state_dict()
+            blocks[strategy] = len(calls)
+    # the stem whole, each of the eight bottlenecks and the decoder, once per task
+    assert blocks == {"naive": 0, "recompute": 10 * len(TASKS), "stacked": 0}
+    assert set(grads["naive"]) == set(grads["recompute"]) == set(grads["stacked"])
+    for n, g in grads["naive"].items():
+        torch.testing.assert_close(grads["recompute"][n], g, rtol=1e-9, atol=1e-12, msg=n)
+        torch.testing.assert_close(grads["stacked"][n], g, rtol=1e-9, atol=1e-12, msg=n)
+    for k, v in states["naive"].items():  # every running statistic updated once per pass
+        torch.testing.assert_close(states["recompute"][k], v, rtol=1e-12, atol=1e-12, msg=k)

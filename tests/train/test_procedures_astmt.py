@@ -275,3 +275,48 @@ def test_bad_options_name_the_argument():
         ASTMTProcedure(model, discriminator_at="encoder", updates="batch")
     with pytest.raises(TypeError, match="ASTMT"):
         ASTMTProcedure(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize(
+    "at, updates", [("decoder", "task"), ("decoder", "batch"), ("encoder", "batch")]
+)
+def test_recompute_strategy_recomputes_the_encoder_with_the_same_step(at, updates, monkeypatch):
+    """Under the trainer's train.strategy "recompute" each task pass's encoder blocks are
+    recomputed in backward: the double backprop (at the decoder's or the encoder's output) and
+    the step give naive's gradients, parameters and batch-norm statistics (float64)."""
+    from types import SimpleNamespace
+
+    from mtlfast.models import astmt
+
+    options = {} if at == "decoder" else {"se_decoder": False, "decoder_se": False}
+    model = _model(adapters=True, **options).double()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = {
+        k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+        for k, v in _batch(partial=True).items()
+    }
+    calls = []
+    original = astmt.recomputed
+    monkeypatch.setattr(astmt, "recomputed", lambda *a: calls.append(1) or original(*a))
+    after = []
+    for strategy in ("naive", "recompute"):
+        model.load_state_dict(state)
+        model.zero_grad(set_to_none=True)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        proc = ASTMTProcedure(model, optimizer, discriminator_at=at, updates=updates)
+        torch.manual_seed(3)
+        for p in proc.discriminator.parameters():
+            torch.nn.init.normal_(p, 0, 0.5)
+        trainer = SimpleNamespace(
+            config=SimpleNamespace(train=SimpleNamespace(strategy=strategy)),
+            loss_fns=LOSSES,
+            weights=WEIGHTS,
+        )
+        calls.clear()
+        with use_backend("reference"):
+            proc.train_backward(trainer, batch)
+        assert bool(calls) == (strategy == "recompute")
+        found = _grads(model, proc.discriminator)
+        found.update({f"_{k}": v.clone() for k, v in model.state_dict().items()})
+        after.append(found)
+    _close(*after, tol=1e-9)

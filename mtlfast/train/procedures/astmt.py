@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from ...engine import StepResult
+from ...engine._context import running
 from ...models.astmt import ASTMT
 from ...models.base import _stacked_parameters
 from ...nn import TaskSE
@@ -275,12 +276,16 @@ class ASTMTProcedure(Procedure):
     # ---- one step ---------------------------------------------------------------------------
 
     def train_backward(self, trainer: Any, batch: dict) -> StepResult:
-        return self.backward(
-            batch,
-            trainer.loss_fns,
-            trainer.weights,
-            parallel=getattr(trainer, "parallel", None),
-        )
+        # under train.strategy, as the engine's step: with "recompute" each task's pass keeps only
+        # the inputs of its encoder blocks and decoder and recomputes them in backward (ASTMT's
+        # _lean; the double backprop from the decoder's or encoder's output works through them)
+        with running(trainer.config.train.strategy):
+            return self.backward(
+                batch,
+                trainer.loss_fns,
+                trainer.weights,
+                parallel=getattr(trainer, "parallel", None),
+            )
 
     def backward(
         self, batch: dict, loss_fns: dict, weights: dict | None = None, *, parallel: Any = None
