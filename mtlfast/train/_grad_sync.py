@@ -52,7 +52,9 @@ class _Bucket:
         present = [p.grad is not None for p in self.params]
         for p, view, has in zip(self.params, views, present):
             if has:
-                view.copy_(p.grad.reshape(-1))
+                # NCHW element order whatever the gradient's layout (channels-last weights,
+                # train.memory_format): one strided copy, and every rank's buffer pairs up
+                view.view_as(p).copy_(p.grad)
             else:
                 view.zero_()
         flags.copy_(torch.tensor(present, dtype=flags.dtype))
@@ -64,8 +66,8 @@ class _Bucket:
         for p, view, flag in zip(self.params, grads.split(self.sizes), flags.tolist()):
             if flag == 0:
                 continue  # no rank had a gradient: it stays None, as on one process
-            if p.grad is None:
-                p.grad = view.view_as(p).clone()
+            if p.grad is None:  # in the parameter's layout, as autograd would have made it
+                p.grad = torch.empty_like(p).copy_(view.view_as(p))
             else:
                 p.grad.copy_(view.view_as(p))
 

@@ -141,7 +141,14 @@ class TrainConfig:
     Several processes (torchrun, :mod:`mtlfast.train.distributed`): ``sync_bn`` turns batch
     norms into synchronised ones (statistics over the global batch); ``dist_backend`` "auto"
     (nccl on CUDA, gloo on CPU), "nccl" or "gloo"; ``dist_timeout`` the seconds a collective
-    waits for a missing rank before the job fails."""
+    waits for a missing rank before the job fails.
+    ``memory_format``: the layout of the model's 4-d weights and of every batch's images, in
+    training and evaluation: "contiguous" (NCHW) or "channels_last" (NHWC); checkpoints load in
+    either. The default stays "contiguous" because channels-last paid for only half of the models
+    (benchmarks/channels_last_step.py, PASCAL's five tasks at 256x256, batch 4, 2 threads, this
+    2-core EPYC, median step time channels-last / NCHW): MTI-Net 0.86x, UberNet 0.76x, but
+    PAD-Net 1.09x and ASTMT 1.08x (rounds of both on either side of 1); and it is unmeasured on
+    CUDA. Set it for MTI-Net and UberNet on a CPU."""
 
     max_steps: int = 1000
     eval_every: int = 500
@@ -163,6 +170,7 @@ class TrainConfig:
     sync_bn: bool = False
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
     dist_timeout: float = 600.0
+    memory_format: Literal["contiguous", "channels_last"] = "contiguous"
 
 
 @dataclass

@@ -38,6 +38,7 @@ from .runlog import RunLog, draw_plots
 __all__ = ["NonFiniteLossError", "Trainer", "build_model", "default_threads"]
 
 _PRECISION = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_MEMORY_FORMAT = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -97,6 +98,16 @@ def build_model(config: Config) -> nn.Module:
         )
     except TypeError as e:  # an option the model's constructor does not take
         raise ValueError(f"model.options: {e}") from None
+
+
+def _to_memory_format(model: nn.Module, memory_format: torch.memory_format) -> None:
+    """The model's 4-d parameters and buffers in ``memory_format``, in place (the same
+    Parameter objects). Not ``model.to(memory_format=...)``, which takes 5-d tensors too and
+    refuses channels-last for them (ASTMT's stacked per-task adapter kernels)."""
+    with torch.no_grad():
+        for t in (*model.parameters(), *model.buffers()):
+            if t.dim() == 4 and not t.is_contiguous(memory_format=memory_format):
+                t.data = t.data.contiguous(memory_format=memory_format)
 
 
 def _peak_memory_bytes(device: torch.device) -> int:
@@ -169,6 +180,9 @@ class Trainer:
                 torch.backends.cudnn.benchmark = False
         _seed_everything(config.seed)
         self.model = (model if model is not None else build_model(config)).to(self.device)
+        # the layout of the 4-d weights, kept by the optimiser's state and every batch's images
+        self.memory_format = _MEMORY_FORMAT[tc.memory_format]
+        _to_memory_format(self.model, self.memory_format)
         if tc.sync_bn and self.runtime.world_size > 1:
             self.model = _distributed.convert_sync_batchnorm(self.model)
         lacking = [a for a in ("tasks", "expand", "engine_branches") if not hasattr(self.model, a)]
@@ -271,6 +285,14 @@ class Trainer:
             inputs = front_end_only(inputs, self.auxiliary)
         return inputs
 
+    def _formatted(self, batch: dict) -> dict:
+        """``batch`` with its images in ``train.memory_format``: a new dict, the same tensor when
+        the images already have that layout (always so for NCHW batches and "contiguous")."""
+        image = batch.get("image")
+        if isinstance(image, torch.Tensor) and image.dim() == 4:
+            batch = {**batch, "image": image.contiguous(memory_format=self.memory_format)}
+        return batch
+
     def train_step(self, batch: dict) -> StepResult:
         """One update on ``batch`` (a collated batch dict on any device): the engine's forward and
         backward, gradient clipping, the optimiser and schedule steps. A step whose loss or
@@ -281,7 +303,7 @@ class Trainer:
         unscaled).
         """
         tc = self.config.train
-        batch = batch_to(batch, self.device)
+        batch = self._formatted(batch_to(batch, self.device))
         self.model.train()
         (trunk, heads), targets, loss_fns, labeled, weights = self._engine_inputs(batch)
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
@@ -444,7 +466,10 @@ class Trainer:
                     world_size=self.runtime.world_size,
                 )
                 recalibrate_batch_norm(
-                    model, (batch_to(b, self.device) for b in loader), n, self.autocast_dtype
+                    model,
+                    (self._formatted(batch_to(b, self.device)) for b in loader),
+                    n,
+                    self.autocast_dtype,
                 )
                 if self.parallel is not None and model is self.model:
                     self.parallel.sync_buffers()  # norms that are not synchronised: rank 0's
@@ -463,7 +488,7 @@ class Trainer:
             with self.runtime.progress(total, "eval", unit="batch", leave=False) as bar:
                 return evaluate(
                     model,
-                    loader,
+                    (self._formatted(b) for b in loader),
                     self.tasks,
                     baselines=self.baselines,
                     progress=bar,
