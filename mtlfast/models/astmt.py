@@ -207,13 +207,15 @@ class ASTMT(MultiTaskModel):
     passes (``strategy="naive"``, plain autograd, keeps all T graphs until its one backward).
     Under ``strategy="recompute"`` (:func:`mtlfast.engine.current_strategy`; also inside
     :class:`mtlfast.train.procedures.ASTMTProcedure` run by the trainer) each pass keeps less:
-    every encoder block (the stem whole) and the decoder run through a checkpoint that keeps
-    their inputs only and are recomputed in backward, batch norms (task ones included) updating
-    their running statistics once. At 256x256, batch 4, five tasks, the release's network with
-    adapters: 315 MiB peak against the release's 476 (0.66x; naive 2321 MiB), of which 119 MiB
-    are the gradients of all 31.27M parameters and 72 MiB the blocks' kept inputs; the rest is
-    the decoder's backward (oneDNN's weight gradient of the rate-12 and rate-18 ASPP
-    convolutions takes a 72 MiB buffer at batch 4).
+    every encoder block (the stem whole) runs through a checkpoint that keeps its input only and
+    is recomputed in backward, batch norms (task ones included) updating their running
+    statistics once. The decoder is not: it is the first part the backward reaches, so its
+    activations are alive at that moment whether kept or recomputed, and recomputing it cost
+    time (about 10% of the step) for no lower peak. At 256x256, batch 4, five tasks, the
+    release's network with adapters: 315 MiB peak against the release's 476 (0.66x; naive 2321
+    MiB), of which 119 MiB are the gradients of all 31.27M parameters and 72 MiB the blocks' kept
+    inputs; the rest is the decoder's backward (oneDNN's weight gradient of the rate-12 and
+    rate-18 ASPP convolutions takes a 72 MiB buffer at batch 4).
 
     Shapes: x (N, 3, H, W); task int or (N,); outputs (N, C_t, H, W).
     """
@@ -342,7 +344,7 @@ class ASTMT(MultiTaskModel):
         return task
 
     def _lean(self) -> bool:
-        """Whether the encoder's blocks and the decoder are recomputed in backward: under the
+        """Whether the encoder's blocks are recomputed in backward: under the
         memory engine's recompute strategy (:func:`mtlfast.engine.current_strategy`) with
         autograd on, in training or eval mode (frozen batch norm)."""
         return torch.is_grad_enabled() and current_strategy() == "recompute"
@@ -362,9 +364,7 @@ class ASTMT(MultiTaskModel):
         return self.backbone.neck(features)
 
     def _decode(self, features: list[torch.Tensor], task: int | torch.Tensor) -> torch.Tensor:
-        """The decoder on the backbone's features; under :meth:`_lean` through one checkpoint."""
-        if self._lean():
-            return recomputed(self.decoder, self.decoder, features[0], features[-1], task)
+        """The decoder on the backbone's features (never recomputed: see the class docstring)."""
         return self.decoder(features[0], features[-1], task)
 
     def _features(self, x: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
