@@ -105,7 +105,24 @@ def make_batch(n: int, size: int, seed: int = 0) -> dict:
     }
 
 
-def make_trainer(model, strategy: str, threads: int, lr: float, precision: str = "fp32") -> Trainer:
+# the model's shipped PASCAL config, whose train.memory_format the trainer uses (UberNet has none)
+SHIPPED_CONFIG = {"mtinet": "mtinet_pascal", "padnet": "padnet_pascal", "astmt": "astmt_pascal"}
+
+
+def shipped_memory_format(name: str) -> str:
+    """``train.memory_format`` of ``name``'s shipped config ("contiguous" without one)."""
+    config = SHIPPED_CONFIG.get(name)
+    return load_config(config).train.memory_format if config else "contiguous"
+
+
+def make_trainer(
+    model,
+    strategy: str,
+    threads: int,
+    lr: float,
+    precision: str = "fp32",
+    memory_format: str = "contiguous",
+) -> Trainer:
     """The trainer on ``model`` as a config would build it: PASCAL loss weights, SGD momentum 0.9."""
     config = load_config(
         "mtinet_pascal",
@@ -114,6 +131,7 @@ def make_trainer(model, strategy: str, threads: int, lr: float, precision: str =
             f"train.threads={threads}",
             f"train.strategy={strategy}",
             f"train.precision={precision}",
+            f"train.memory_format={memory_format}",
             "optim.name=sgd",
             f"optim.lr={lr}",
             "optim.momentum=0.9",
@@ -313,12 +331,21 @@ def _max_diff(a: dict, b: dict) -> float:
 
 def measure(name: str, args, batch) -> dict:
     ours, release, kind, names, note = build(name, args)
-    trainer = make_trainer(ours, "recompute", args.threads, args.lr, args.precision)
-    naive = make_trainer(copy.deepcopy(ours), "naive", args.threads, args.lr, args.precision)
+    fmt = shipped_memory_format(name)
+    trainer = make_trainer(ours, "recompute", args.threads, args.lr, args.precision, fmt)
+    naive = make_trainer(copy.deepcopy(ours), "naive", args.threads, args.lr, args.precision, fmt)
+    # mtlfast's inference gets its images as the trainer's evaluation feeds them (its training
+    # step converts them itself); the release-style side always gets the plain batch
+    ours_batch = batch
+    if fmt == "channels_last":
+        ours_batch = {
+            **batch,
+            "image": batch["image"].contiguous(memory_format=torch.channels_last),
+        }
     side = ReleaseSide(release, names, kind, trainer.loss_fns, trainer.weights, args.lr)
     params = sum(p.numel() for p in ours.parameters())
     release_params = sum(p.numel() for p in release.parameters())
-    diff = _max_diff(_infer_ours(ours, batch), side.infer(batch))  # same network, same weights
+    diff = _max_diff(_infer_ours(ours, ours_batch), side.infer(batch))  # same network, same weights
 
     load_before = _cpu_load()
     fns = {"mtlfast": lambda: trainer.train_step(batch), "release": lambda: side.step(batch)}
@@ -327,7 +354,7 @@ def measure(name: str, args, batch) -> dict:
     step_times = _alternate(fns, args.rounds, 1)  # one untimed step each first
     print(f"[{name}] steps timed: {statistics.median(step_times['mtlfast']):.1f} s", flush=True)
     infer_times = _alternate(
-        {"mtlfast": lambda: _infer_ours(ours, batch), "release": lambda: side.infer(batch)},
+        {"mtlfast": lambda: _infer_ours(ours, ours_batch), "release": lambda: side.infer(batch)},
         args.rounds,
         1,
     )
@@ -337,7 +364,7 @@ def measure(name: str, args, batch) -> dict:
         "train_recompute": _peak_mib(lambda: trainer.train_step(batch)),
         "train_naive": _peak_mib(lambda: naive.train_step(batch), warm_up=not args.time_naive),
         "train_release": _peak_mib(lambda: side.step(batch)),
-        "infer_mtlfast": _peak_mib(lambda: _infer_ours(ours, batch)),
+        "infer_mtlfast": _peak_mib(lambda: _infer_ours(ours, ours_batch)),
         "infer_release": _peak_mib(lambda: side.infer(batch)),
     }
     print(f"[{name}] memory measured", flush=True)
@@ -366,6 +393,7 @@ def measure(name: str, args, batch) -> dict:
         "note": note,
         "parameters": params,
         "release_parameters": release_params,
+        "memory_format_mtlfast": fmt,
         "max_abs_diff_eval_outputs": diff,
         "step_s": {k: v for k, v in step_times.items()},
         "step_s_median": {k: med(v) for k, v in step_times.items()},

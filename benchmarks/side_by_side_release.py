@@ -91,6 +91,7 @@ from benchmarks.bench_models import (
     _peak_mib,
     make_batch,
     make_trainer,
+    shipped_memory_format,
 )
 from benchmarks.bench_trainer import _alternate, _cpu_load
 from benchmarks.release_models import RELEASE_TASKS, ReleaseMTINet, ReleaseNet, ReleasePADNet
@@ -461,14 +462,21 @@ def measure(name: str, args, batch, roots) -> dict:
     loadavg_before = _loadavg()
     ours, release, authors, own, names, state = build(name, roots, batch, args.lr)
     kind = name
-    trainer = make_trainer(ours, "recompute", args.threads, args.lr)
+    fmt = shipped_memory_format(name)  # the model's shipped config's train.memory_format
+    trainer = make_trainer(ours, "recompute", args.threads, args.lr, memory_format=fmt)
+    ours_batch = batch  # mtlfast's inference gets its images as the trainer's evaluation does
+    if fmt == "channels_last":
+        ours_batch = {
+            **batch,
+            "image": batch["image"].contiguous(memory_format=torch.channels_last),
+        }
     release_side = ReleaseSide(release, names, kind, trainer.loss_fns, trainer.weights, args.lr)
     authors_side = ReleaseSide(authors, names, kind, trainer.loss_fns, trainer.weights, args.lr)
 
     # equivalence, eval mode, before any training step
     out_authors = authors_side.infer(batch)
     out_release = release_side.infer(batch)
-    out_ours = _infer_ours(ours, batch)
+    out_ours = _infer_ours(ours, ours_batch)
     equivalence = {
         "mtlfast_vs_authors": _max_diffs(out_ours, out_authors),
         "release_style_vs_authors": _max_diffs(out_release, out_authors),
@@ -494,7 +502,7 @@ def measure(name: str, args, batch, roots) -> dict:
     print(f"[{name}] steps: {json.dumps({k: statistics.median(v) for k, v in step.items()})}")
     infer = _alternate(
         {
-            "mtlfast": lambda: _infer_ours(ours, batch),
+            "mtlfast": lambda: _infer_ours(ours, ours_batch),
             "release_style": lambda: release_side.infer(batch),
             "authors": lambda: authors_side.infer(batch),
         },
@@ -506,7 +514,7 @@ def measure(name: str, args, batch, roots) -> dict:
     peaks = {f"train_{k}": _peak_mib(fn) for k, fn in fns.items()}  # all have stepped already
     peaks.update(
         {
-            "infer_mtlfast": _peak_mib(lambda: _infer_ours(ours, batch)),
+            "infer_mtlfast": _peak_mib(lambda: _infer_ours(ours, ours_batch)),
             "infer_release_style": _peak_mib(lambda: release_side.infer(batch)),
             "infer_authors": _peak_mib(lambda: authors_side.infer(batch)),
         }
