@@ -139,9 +139,9 @@ class TrainConfig:
     (autocast with a gradient scaler, CUDA). ``nonfinite``: "skip" a step whose loss or
     gradients are not finite (at most ``max_consecutive_nonfinite`` in a row), or "raise".
     Several processes (torchrun, :mod:`mtlfast.train.distributed`): ``sync_bn`` turns batch
-    norms into synchronised ones (statistics over the global batch); ``dist_backend`` "auto"
-    (nccl on CUDA, gloo on CPU), "nccl" or "gloo"; ``dist_timeout`` the seconds a collective
-    waits for a missing rank before the job fails.
+    norms, ASTMT's task batch norms included, into synchronised ones (statistics over the
+    global batch); ``dist_backend`` "auto" (nccl on CUDA, gloo on CPU), "nccl" or "gloo";
+    ``dist_timeout`` the seconds a collective waits for a missing rank before the job fails.
     ``memory_format``: the layout of the model's 4-d weights and of every batch's images, in
     training and evaluation: "contiguous" (NCHW) or "channels_last" (NHWC); checkpoints load in
     either. The default stays "contiguous" because channels-last paid for only half of the models

@@ -20,7 +20,8 @@ import pytest
 import torch
 import yaml
 
-from mtlfast.train import Trainer
+from mtlfast.nn import TaskBatchNorm2d
+from mtlfast.train import Trainer, distributed
 from mtlfast.train.config import config_to_dict
 from mtlfast.train.data import train_loader
 
@@ -64,19 +65,19 @@ def _config(strategy: str, sync_bn: bool, batch: int, method: str = "fixed"):
             "procedure.options={shared_batch: 6, task_batch: 3}",
         ]
     elif method == "astmt":
-        # a tiny ASTMT: with synchronised batch norm a plain one (its task BN keeps per-rank
-        # statistics), else its default task BN (the ranks then agree with each other); SGD,
-        # whose steps follow the gradients' scale (Adam's would hide a wrong one), at a rate
-        # small enough for T updates per step; every sample labelled before PATTERNS
+        # a tiny ASTMT with its default task BN (synchronised by sync_bn; without it the ranks
+        # agree with each other); SGD, whose steps follow the gradients' scale (Adam's would
+        # hide a wrong one), at the small rate below: at 1e-3 its T updates per step amplify
+        # the rounding of the pooled statistics (against one process's F.batch_norm) to 1e-4
+        # by the last step; every sample labelled before PATTERNS
         extra = [
             "model.name=astmt",
             "model.backbone=se_resnet26",
-            "model.options={width: 0.125, head_channels: 8"
-            + (", task_bn: false}" if sync_bn else "}"),
+            "model.options={width: 0.125, head_channels: 8}",
             "procedure.name=astmt",
             "optim.name=sgd",
         ]
-        last = ["data.labels=null", "optim.lr=1e-3"]
+        last = ["data.labels=null"]
     else:
         extra = [f"balancing.name={method}", f"balancing.options={OPTIONS.get(method, '{}')}"]
     return tiny_config(
@@ -149,6 +150,34 @@ def run_case(strategy: str, sync_bn: bool, balancing: str, rank: int | None, wor
     return trainer, before, losses
 
 
+def task_bn_case(rank: int | None, world: int) -> dict:
+    """A synchronised task batch norm (momentum None) on rank ``rank``'s rows ``rank::world`` of
+    a fixed batch, forward and backward, or (``rank`` None) the plain one on the whole batch.
+    The task vector: unordered on rank 0, ordered on rank 1 (two ranks), task 3 on rank 0
+    alone, task 1 on none."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 5, 4, generator=gen)
+    dy = torch.randn(8, 3, 5, 4, generator=gen)
+    task = torch.tensor([2, 0, 0, 0, 3, 2, 0, 2])
+    layer = TaskBatchNorm2d(3, 4, momentum=None)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5, generator=gen)
+        layer.bias.normal_(generator=gen)
+        layer.running_mean.normal_(generator=gen)
+        layer.running_var.uniform_(0.5, 2.0, generator=gen)
+        layer.num_batches_tracked.copy_(torch.tensor([3, 1, 0, 2]))
+    if rank is not None:
+        layer = distributed.convert_sync_batchnorm(layer)
+        x, dy, task = x[rank::world], dy[rank::world], task[rank::world]
+    x.requires_grad_()
+    out = layer(x, task)
+    out.backward(dy)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    return {"type": type(layer).__name__, "out": out.detach(), "x.grad": x.grad, **state} | {
+        f"{k}.grad": p.grad for k, p in layer.named_parameters()
+    }
+
+
 def _state(trainer) -> dict:
     """The model's state and its procedure's modules' (ASTMT's discriminator)."""
     state = {k: v.clone() for k, v in trainer.model.state_dict().items()}
@@ -161,12 +190,13 @@ def _state(trainer) -> dict:
 WORKER = """
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
-from tests.train.test_distributed import CASES, _state, run_case
+from tests.train.test_distributed import CASES, _state, run_case, task_bn_case
 from mtlfast.train import distributed
 from mtlfast.train.cli import main
 out = sys.argv[2]
 distributed.init_distributed(timeout_s=60)
 rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+torch.save(task_bn_case(rank, world), f"{out}/task_bn-{rank}.pt")
 for case in CASES:
     trainer, before, losses = run_case(*case, rank, world)
     name = f"{out}/{'-'.join(map(str, case))}-{rank}"
@@ -263,6 +293,23 @@ def test_two_ranks_train_as_one_process_with_the_doubled_batch(
     for task, metrics in before["tasks"].items():
         for m, v in metrics.items():
             assert report["before"]["tasks"][task][m] == pytest.approx(v, rel=1e-5, abs=1e-6)
+
+
+def test_two_ranks_task_batch_norm_equals_one_process(two_ranks):
+    """SyncTaskBatchNorm2d's task-vector path (ASTMT's task-batched passes) on 2 ranks."""
+    ranks = [torch.load(two_ranks / f"task_bn-{r}.pt", weights_only=True) for r in range(2)]
+    one = task_bn_case(None, 2)
+    assert [r.pop("type") for r in ranks] == ["SyncTaskBatchNorm2d"] * 2
+    assert one.pop("type") == "TaskBatchNorm2d" and set(one) == set(ranks[0])
+    for k, v in one.items():
+        if k in ("out", "x.grad"):  # each rank's rows
+            for r, mine in enumerate(ranks):
+                torch.testing.assert_close(mine[k], v[r::2], rtol=1e-5, atol=1e-5, msg=k)
+        elif k.endswith(".grad"):  # each rank's share of the parameters' gradient
+            torch.testing.assert_close(ranks[0][k] + ranks[1][k], v, rtol=1e-5, atol=1e-5, msg=k)
+        else:  # the running statistics: the global batch's, on both ranks
+            for mine in ranks:
+                torch.testing.assert_close(mine[k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
 def _torchrun(args, port):

@@ -116,10 +116,12 @@ class ASTMTProcedure(Procedure):
     and per step one all-reduce of 2 numbers (the global L_d, the discriminator's accuracy)
     besides the DistributedStep's (the loss denominators before, the losses and rank 0's
     batch-norm buffers after). The reversal's lambda follows :attr:`steps`, which every rank
-    advances alike; :class:`UsedWeightsOnly` gets the same tasks on every rank. Task batch norm
-    (:class:`mtlfast.nn.TaskBatchNorm2d`, ASTMT's default with modulation) is not synchronised by
-    ``train.sync_bn``: its statistics are each rank's, so the ranks agree with each other but
-    equal one process with batch KB only in eval mode or with ``task_bn=False``.
+    advances alike; :class:`UsedWeightsOnly` gets the same tasks on every rank. ``train.sync_bn``
+    synchronises task batch norm (:class:`mtlfast.nn.TaskBatchNorm2d`, ASTMT's default with
+    modulation) too: each task's statistics are those of its samples on all ranks (one more
+    all-reduce of T counts per task batch norm in the task-batched passes). Without it every
+    norm's statistics are each rank's, so the ranks agree with each other (rank 0's running
+    statistics broadcast) but equal one process with batch KB only in eval mode.
 
     Usable in a user's loop: ``procedure.backward(batch, loss_fns, weights)`` leaves the
     gradients, ``optimizer.step()`` follows (with ``updates="task"`` the procedure steps the
