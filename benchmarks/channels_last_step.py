@@ -33,33 +33,13 @@ import torch
 
 import mtlfast
 from benchmarks import malloc_env
-from benchmarks.bench_models import MODELS, _git_commit, build, make_batch
+from benchmarks.bench_models import MODELS, _git_commit, build, make_batch, make_trainer
 from benchmarks.bench_trainer import _alternate, _cpu_load
-from mtlfast.train import Trainer, load_config
+from mtlfast.train import Trainer
 
 # PAD-Net's and UberNet's steps take 10-20 s here: fewer rounds
 DEFAULT_ROUNDS = {"mtinet": 5, "astmt": 5, "padnet": 3, "ubernet": 3}
 FORMATS = ("contiguous", "channels_last")
-
-
-def make_trainer(model, memory_format: str, threads: int, lr: float) -> Trainer:
-    """``bench_models.make_trainer``'s trainer (recompute, fp32) with ``train.memory_format``."""
-    config = load_config(
-        "mtinet_pascal",
-        [
-            "train.progress=false",
-            f"train.threads={threads}",
-            "train.strategy=recompute",
-            f"train.memory_format={memory_format}",
-            "optim.name=sgd",
-            f"optim.lr={lr}",
-            "optim.momentum=0.9",
-            "optim.weight_decay=0.0001",
-            "schedule.kind=constant",
-            "loss.weights=pascal",
-        ],
-    )
-    return Trainer(config, model=model, datasets=((), ()))
 
 
 def _loadavg() -> str:
@@ -84,7 +64,10 @@ def _copies(trainer: Trainer, batch: dict) -> dict:
 def measure(name: str, args, batch: dict) -> dict:
     ours = build(name, args)[0]
     models = {"contiguous": ours, "channels_last": copy.deepcopy(ours)}
-    trainers = {f: make_trainer(models[f], f, args.threads, args.lr) for f in FORMATS}
+    trainers = {
+        f: make_trainer(models[f], "recompute", args.threads, args.lr, memory_format=f)
+        for f in FORMATS
+    }
     first = {f: trainers[f].train_step(batch) for f in FORMATS}  # also the warm-up
     a, b = (float(first[f].total) for f in FORMATS)
     rounds = args.rounds or DEFAULT_ROUNDS[name]
