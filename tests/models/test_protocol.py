@@ -189,7 +189,11 @@ def test_one_engine_call_trains_any_model(name, backbone, options, tasks, strate
     assert [n for n, g in got.items() if g is None] == [n for n, g in want.items() if g is None]
     for n, g in want.items():
         if g is not None:
-            torch.testing.assert_close(got[n], g, rtol=1e-4, atol=1e-5, msg=n)
+            # MTI-Net's and PAD-Net's distillation keeps its maps under the naive strategy and
+            # recomputes them outside the engine: the two backward sums round differently, by
+            # float32 rounding relative to the largest entry
+            atol = max(1e-5, 4e-6 * float(g.abs().max()))
+            torch.testing.assert_close(got[n], g, rtol=1e-4, atol=atol, msg=n)
     # the trunk's batch norms saw the whole batch once, in both
     for (n, a), b in zip(engine.named_buffers(), plain.buffers()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
