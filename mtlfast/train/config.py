@@ -148,7 +148,7 @@ class TrainConfig:
     (benchmarks/channels_last_step.py, PASCAL's five tasks at 256x256, batch 4, 2 threads, this
     2-core EPYC, median step time channels-last / NCHW): MTI-Net 0.86x, UberNet 0.76x, but
     PAD-Net 1.09x and ASTMT 1.08x (rounds of both on either side of 1); and it is unmeasured on
-    CUDA. Set it for MTI-Net and UberNet on a CPU."""
+    CUDA. MTI-Net's shipped configs set it; set it for UberNet on a CPU too."""
 
     max_steps: int = 1000
     eval_every: int = 500
