@@ -9,8 +9,10 @@ from torch.nn import functional as F
 from ..nn import ResidualAdapter, TaskBatchNorm2d, TaskSE
 from ..nn._task import check_task
 from ..nn.adapters import merged_conv2d
+from ..ops import atrous_conv2d
 
 __all__ = [
+    "AtrousConv2d",
     "AtrousResidualAdapter",
     "TaskSequential",
     "call",
@@ -74,6 +76,26 @@ def run_se(
     return se(x, task, residual=residual, relu=relu)
 
 
+class AtrousConv2d(nn.Conv2d):
+    """``nn.Conv2d`` (stride 1, 'same' padding, dilation d, no groups) through
+    :func:`mtlfast.ops.atrous_conv2d`, which skips the taps that read padding only where the
+    dilation is large against the map (DeepLab's ASPP rates and VGG's fc6 at small maps).
+
+    Shapes: as ``nn.Conv2d``'s; its parameters and state-dict keys are ``nn.Conv2d``'s.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1, bias=True
+    ) -> None:
+        pad = dilation * (kernel_size // 2)
+        super().__init__(
+            in_channels, out_channels, kernel_size, padding=pad, dilation=dilation, bias=bias
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return atrous_conv2d(x, self.weight, self.dilation[0], self.bias)
+
+
 class AtrousResidualAdapter(ResidualAdapter):
     """:class:`mtlfast.nn.ResidualAdapter` on a dilated 3x3 (or a 1x1) convolution.
 
@@ -83,7 +105,9 @@ class AtrousResidualAdapter(ResidualAdapter):
     tap (the merged weight, as the parent's, not kept for backward). ``kernel_size`` 1 puts a
     task's 1x1 adapter beside a shared 1x1 convolution (the ASTMT release's decoder adapters);
     an int task then adds the two weights. DeepLab's dilated stages have stride 1, the only case
-    the per-sample path needs beyond the parent's.
+    the per-sample path needs beyond the parent's. Where the dilation is large against the map
+    (the ASPP's rates 12 and 18 at 16x16), :func:`mtlfast.ops.atrous_conv2d` skips the taps that
+    read padding only.
 
     Shapes: as :class:`mtlfast.nn.ResidualAdapter`.
     """
@@ -124,7 +148,10 @@ class AtrousResidualAdapter(ResidualAdapter):
         opts = {"stride": self.stride, "padding": self.padding, "dilation": self.dilation}
         if isinstance(task, int):
             return merged_conv2d(x, self.conv.weight, self.adapter_weight[task], **opts)
-        shared = F.conv2d(x, self.conv.weight, **opts)
+        if self.stride == 1:
+            shared = atrous_conv2d(x, self.conv.weight, self.dilation)
+        else:
+            shared = F.conv2d(x, self.conv.weight, **opts)
         n, _, h, w = shared.shape
         sampled = x[:, :, :: self.stride, :: self.stride].reshape(n, self.in_channels, h * w)
         adapters = self.adapter_weight.flatten(2)[task]

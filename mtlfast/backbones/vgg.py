@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ._blocks import AtrousConv2d
 from .base import Backbone
 
 __all__ = ["VGG16"]
@@ -20,7 +21,9 @@ class VGG16(Backbone):
     3x3 convolution with dilation 12 and 1024 channels and ``fc7`` a 1x1 convolution with 1024
     channels: the subsampled fc layers of DeepLab v2's VGG-16 (LargeFOV), not torchvision's
     4096-wide ones, whose weights therefore do not load (reported as mismatched). DeepLab's dropout
-    after fc6 and fc7 is left out: UberNet normalises its skip layers instead.
+    after fc6 and fc7 is left out: UberNet normalises its skip layers instead. fc6 skips the taps
+    that read padding only where its dilation is large against the map
+    (:func:`mtlfast.ops.atrous_conv2d`: the 0.5 scale of a 256x256 image, 16x16 at fc6).
 
     The features are UberNet's skip layers: conv1_2, conv2_2, conv3_3, conv4_3, conv5_3, fc7
     (after their ReLU), with channels [64, 128, 256, 512, 512, 1024] x width and strides
@@ -51,7 +54,7 @@ class VGG16(Backbone):
             cin = cout
         self.features = nn.Sequential(*layers)
         fc = max(int(1024 * width), 1)
-        self.fc6 = nn.Conv2d(cin, fc, 3, padding=12, dilation=12)
+        self.fc6 = AtrousConv2d(cin, fc, 3, dilation=12)
         self.fc7 = nn.Conv2d(fc, fc, 1)
         c = [max(int(v * width), 1) for v in (64, 128, 256, 512, 512)]
         self.channels = [*c, fc]

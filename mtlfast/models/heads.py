@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..backbones._blocks import AtrousResidualAdapter, TaskSequential, make_norm
+from ..backbones._blocks import AtrousConv2d, AtrousResidualAdapter, TaskSequential, make_norm
 from ..nn import TaskSE
 from ..ops.resize import resize_bilinear
 
@@ -64,7 +64,7 @@ def _conv_block(
     if adapters:
         conv = AtrousResidualAdapter(cin, cout, num_tasks, dilation=dilation, kernel_size=kernel)
     else:
-        conv = nn.Conv2d(cin, cout, kernel, padding=pad, dilation=dilation, bias=False)
+        conv = AtrousConv2d(cin, cout, kernel, dilation, bias=False)
     return TaskSequential(conv, make_norm(cout, num_tasks, task_bn), act, *gate)
 
 

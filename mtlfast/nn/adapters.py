@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..ops.atrous_conv import _use_taps, atrous_conv2d
 from ._task import check_task
 
 __all__ = ["ResidualAdapter"]
@@ -86,7 +87,14 @@ def merged_conv2d(
 
     Shapes: x (N, C_in, H, W); weight (C_out, C_in, k, k), k odd; adapter (C_out, C_in, 1, 1);
     output (N, C_out, H', W') as ``F.conv2d`` gives with these options.
+
+    A dilated 'same' convolution whose off-centre taps mostly read padding (DeepLab's ASPP rates
+    at small maps) goes to :func:`mtlfast.ops.atrous_conv2d` with the merged weight, which keeps
+    only its taps' C_out x C_in copies for backward.
     """
+    k = weight.shape[-1]
+    if stride == 1 and padding == dilation * (k // 2) and _use_taps(x, k, dilation):
+        return atrous_conv2d(x, weight + F.pad(adapter, _centre(weight)), dilation)
     return _MergedConv2d.apply(x, weight, adapter, stride, padding, dilation)
 
 

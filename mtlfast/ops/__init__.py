@@ -5,6 +5,7 @@ same names live in :mod:`mtlfast.ops.reference`.
 """
 
 from . import reference
+from .atrous_conv import atrous_conv2d
 from .attention_distill import attention_distill
 from .backends import BACKENDS, available_backends, current_backend, use_backend
 from .resize import resize_bilinear
@@ -13,6 +14,7 @@ from .task_se import task_se
 
 __all__ = [
     "BACKENDS",
+    "atrous_conv2d",
     "attention_distill",
     "available_backends",
     "current_backend",
