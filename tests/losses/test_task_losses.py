@@ -211,3 +211,45 @@ def test_channels_last_and_non_contiguous():
     wide = torch.randn(4, 6, 5, 6)
     wide[:, ::2] = pred.detach()
     torch.testing.assert_close(normals_loss(wide[:, ::2], target), want)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cross_entropy_backward_equals_aten(layout):
+    """The lean backward (softmax minus one-hot in one map) against F.cross_entropy's."""
+    torch.manual_seed(0)
+    pred, target = _batch("semseg", h=7, w=9)
+    pred = pred.detach().double()
+    if layout == "channels_last":
+        pred = pred.contiguous(memory_format=torch.channels_last)
+    a, b = pred.clone().requires_grad_(), pred.clone().requires_grad_()
+    got = cross_entropy_loss(a, target)
+    want = F.cross_entropy(b, target, ignore_index=255, reduction="sum") / (target != 255).sum()
+    torch.testing.assert_close(got, want)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(a.grad, b.grad)
+    assert a.grad[0, :, 0, :2].abs().max() == 0  # ignored pixels
+
+
+def test_cross_entropy_gradcheck_and_double_backward():
+    """ASTMT's adversarial term differentiates the task loss's gradient again."""
+    pred, target = _batch("parts", n=2, h=3, w=4)
+    pred = pred.detach().double().requires_grad_()
+    fn = lambda x: cross_entropy_loss(x, target)
+    assert torch.autograd.gradcheck(fn, (pred,))
+    assert torch.autograd.gradgradcheck(fn, (pred,))
+
+
+def test_cross_entropy_bfloat16_logits_in_float32():
+    pred, target = _batch("semseg")
+    x = pred.detach().bfloat16().requires_grad_()
+    loss = cross_entropy_loss(x, target)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert x.grad.dtype == torch.bfloat16
+    y = x.detach().float().requires_grad_()
+    F.cross_entropy(y, target, ignore_index=255, reduction="sum").div(
+        (target != 255).sum()
+    ).backward()
+    torch.testing.assert_close(loss, cross_entropy_loss(y, target))
+    torch.testing.assert_close(x.grad.float(), y.grad, atol=1e-3, rtol=1e-2)

@@ -133,6 +133,10 @@ MERGED_CASES = [  # (c_in, c_out, hw, k, stride, padding, dilation)
     (1, 2, (9, 6), 3, 1, 2, 2),
     (3, 1, (5, 7), 1, 2, 0, 1),
     (2, 2, (1, 1), 3, 2, 1, 1),
+    (2, 3, (8, 6), 3, 1, 2, 2),  # backward over the 2 x 2 phases
+    (2, 2, (9, 6), 3, 1, 3, 3),  # over 3 x 3 phases
+    (2, 3, (8, 8), 3, 1, 6, 6),  # mostly padding: mtlfast.ops.atrous_conv2d's taps
+    (2, 3, (16, 15), 3, 1, 6, 6),  # phases of 6 over the map padded to 18x18
 ]
 MERGED_IDS = [f"k{k}s{s}d{d}-{c_in}x{hw[0]}x{hw[1]}" for c_in, _, hw, k, s, _, d in MERGED_CASES]
 
@@ -254,3 +258,29 @@ def test_int_task_saves_no_merged_weight(layer_cls):
     plain, _ = saved_storages(lambda: plain_merged(x, *weights, *opts))
     extra = set(plain) - own
     assert [plain[p] for p in extra] == [layer.conv.weight.untyped_storage().nbytes()]
+
+
+def test_dilated_backward_runs_over_the_phases(monkeypatch):
+    """A dilated 'same' convolution on maps the dilation divides back-propagates undilated over
+    its phases (no oneDNN dilated weight-gradient buffer), in x's memory format."""
+    from mtlfast.nn import adapters
+
+    calls = []
+    real = adapters._to_phases
+    monkeypatch.setattr(adapters, "_to_phases", lambda t, d: calls.append(d) or real(t, d))
+    for layout, fmt in (
+        ("contiguous", torch.contiguous_format),
+        ("channels_last", torch.channels_last),
+    ):
+        x, w, a = merged_inputs(4, 3, (8, 6), 3, layout)
+        merged_conv2d(x, w, a, 1, 2, 2).sum().backward()
+        assert x.grad.is_contiguous(memory_format=fmt)
+    assert calls == [2, 2] * 2
+    calls.clear()
+    x, w, a = merged_inputs(4, 3, (9, 6), 3)
+    merged_conv2d(x, w, a, 1, 2, 2).sum().backward()  # 9 rows: padded to 10
+    assert calls == [2, 2]
+    calls.clear()
+    x, w, a = merged_inputs(4, 3, (5, 5), 3)
+    merged_conv2d(x, w, a, 1, 4, 4).sum().backward()  # padded to 8x8: 2.6 times the pixels
+    assert calls == []
