@@ -25,6 +25,7 @@ PUBLIC = {
     ],
     "mtlfast.ops": [
         "BACKENDS",
+        "atrous_conv2d",
         "attention_distill",
         "available_backends",
         "current_backend",

@@ -212,10 +212,13 @@ class ASTMT(MultiTaskModel):
     statistics once. The decoder is not: it is the first part the backward reaches, so its
     activations are alive at that moment whether kept or recomputed, and recomputing it cost
     time (about 10% of the step) for no lower peak. At 256x256, batch 4, five tasks, the
-    release's network with adapters: 315 MiB peak against the release's 476 (0.66x; naive 2321
-    MiB), of which 119 MiB are the gradients of all 31.27M parameters and 72 MiB the blocks' kept
-    inputs; the rest is the decoder's backward (oneDNN's weight gradient of the rate-12 and
-    rate-18 ASPP convolutions takes a 72 MiB buffer at batch 4).
+    release's network with adapters: 284 MiB peak against the release's 484 (0.59x; naive 2303
+    MiB; an AVX2 EPYC, 2 threads), of which 119 MiB are the gradients of all 31.27M parameters
+    and 72 MiB the blocks' kept inputs; the rest is the semseg pass's decoder and loss at the
+    start of its backward. What the peak was before (oneDNN's buffers for dilated weight
+    gradients, up to 81 MiB, and cross-entropy's three maps) is gone: the ASPP's rates 12 and 18
+    skip the taps that read padding (:func:`mtlfast.ops.atrous_conv2d`), the other dilated
+    convolutions back-propagate over their phases undilated, and the loss keeps one map.
 
     Shapes: x (N, 3, H, W); task int or (N,); outputs (N, C_t, H, W).
     """
