@@ -85,7 +85,12 @@ class AtrousConv2d(nn.Conv2d):
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1, bias=True
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        dilation: int = 1,
+        bias: bool = True,
     ) -> None:
         pad = dilation * (kernel_size // 2)
         super().__init__(

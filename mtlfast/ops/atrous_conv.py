@@ -5,9 +5,9 @@ A k x k convolution with dilation d and padding ``d * (k // 2)`` reads, for the 
 map, most of those pixels are the zero padding: DeepLab's ASPP at output stride 16 runs rates
 6, 12 and 18 on the 16x16 features of a 256x256 image, where the rate-18 taps off the centre
 read padding only (the convolution is a 1x1 convolution with the centre tap) and the rate-12
-ones read image pixels on 4 of 16 rows or columns. aten still computes every tap everywhere;
-oneDNN's weight gradient of such a convolution also takes a buffer of the padded input (72 MiB
-for ASTMT's 2048 -> 64 channels at batch 4).
+ones read image pixels on 4 of 16 rows or columns. aten still computes every tap everywhere,
+and oneDNN's weight gradient of such a convolution takes a large buffer (72 MiB for ASTMT's
+2048 -> 64 channels at batch 4).
 
 Here each tap that reads any image pixel is a 1x1 convolution over the output window where it
 does, added into that window; the centre tap covers the whole map. The result is the
@@ -15,13 +15,13 @@ convolution's to float rounding (the same products, summed in another order: the
 are products with zeros). The decomposition runs only where it pays, when the taps' windows
 cover at most :data:`_MAX_COVER` of the k*k full maps (at 16x16: rate 12 0.25, rate 18 0.11,
 rate 6 0.56, which stays one convolution; a 3x3 with dilation 2 at 16x16 0.77); otherwise,
-under ``use_backend("reference")``, for strided or grouped convolutions and off the CPU the
-call is ``F.conv2d`` itself. Plain autograd ops: gradients, double backward and autocast are
+under ``use_backend("reference")`` and off the CPU the call is ``F.conv2d`` itself (stride 1,
+no groups: the only convolutions this function takes). Plain autograd ops: gradients, double backward and autocast are
 those of the 1x1 convolutions and the slices. The tap weights are copied out of ``weight``
 (C_out x C_in each), so a weight built on the fly (an adapter merged into it) is not kept alive
 for backward.
 
-Timed on this 2-core EPYC (2 threads, (4, 2048, 16, 16) -> 64 channels, forward and backward,
+Timed on a 2-core AVX2 EPYC (2 threads, (4, 2048, 16, 16) -> 64 channels, forward and backward,
 median of 5): rate 18 0.160 -> 0.016 s, rate 12 0.193 -> 0.086 s; rate 6 0.150 s as one
 convolution against 0.192 s in taps, hence the threshold.
 """
