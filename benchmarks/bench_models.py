@@ -17,7 +17,8 @@ one process, ``--threads`` torch threads:
   SGD update. UberNet has no public release: its "release" is plain autograd over mtlfast's own
   model (forward over all tasks and scales, weighted sum, backward, SGD), no engine. The
   release-style side runs under ``use_backend("reference")``: pure-PyTorch ops, aten's resize
-  (for UberNet also the reference skip_fusion, which materialises each layer's resized map);
+  (for UberNet also the reference skip_fusion, which materialises each layer's resized map) and
+  the releases' ``torch.norm`` over channels in the normals loss (``mtlfast.ops.channel_norm``);
 * inference: an eval-mode forward under ``torch.no_grad`` (ASTMT: mtlfast's inference
   ``forward_all``, one task pass after the other, against the release's T single-task forwards).
 

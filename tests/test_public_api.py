@@ -28,6 +28,7 @@ PUBLIC = {
         "atrous_conv2d",
         "attention_distill",
         "available_backends",
+        "channel_norm",
         "current_backend",
         "reference",
         "resize_bilinear",

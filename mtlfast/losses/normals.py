@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.channel_norm import channel_norm
 from ._labeled import safe_mean, select_labeled, zero_loss
 
 __all__ = ["normals_loss"]
@@ -28,6 +29,7 @@ def normals_loss(
         return zero_loss(prediction)
     valid = (target != 0).any(dim=1, keepdim=True)
     # The releases' normalisation: the epsilon goes on the norm, not under the square root.
-    unit = prediction / (prediction.norm(p=2, dim=1, keepdim=True) + 1e-12)
+    # channel_norm: torch's norm over dim 1, which is 30x slower on the CPU (see its module).
+    unit = prediction / (channel_norm(prediction) + 1e-12)
     total = torch.where(valid, (unit - target).abs(), 0.0).sum()
     return safe_mean(total, valid.sum() * 3)

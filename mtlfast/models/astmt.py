@@ -10,6 +10,7 @@ from torch import nn
 from ..backbones import Backbone, MobileNetV2, ResNet
 from ..backbones._blocks import TaskSequential, call, takes_task
 from ..engine import current_strategy
+from ..ops import channel_norm
 from ._build import aspp_rates
 from ._checks import check_images
 from ._common import recomputed
@@ -111,7 +112,7 @@ class GradientDiscriminator(nn.Module):
     def forward(self, grad: torch.Tensor) -> torch.Tensor:
         if self.normalize:
             if self.per_pixel:  # each pixel's gradient vector (the release's)
-                norm = grad.norm(dim=1, keepdim=True).clamp_min(self.eps)
+                norm = channel_norm(grad).clamp_min(self.eps)
             else:  # each sample's whole gradient
                 norm = grad.flatten(1).norm(dim=1).clamp_min(self.eps)[:, None, None, None]
             grad = grad / norm

@@ -8,6 +8,7 @@ from . import reference
 from .atrous_conv import atrous_conv2d
 from .attention_distill import attention_distill
 from .backends import BACKENDS, available_backends, current_backend, use_backend
+from .channel_norm import channel_norm
 from .resize import resize_bilinear
 from .skip_fusion import skip_fusion
 from .task_se import task_se
@@ -17,6 +18,7 @@ __all__ = [
     "atrous_conv2d",
     "attention_distill",
     "available_backends",
+    "channel_norm",
     "current_backend",
     "reference",
     "resize_bilinear",
