@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._blocks import AtrousResidualAdapter, TaskSequential, call, make_norm, make_se, run_se
+from ._blocks import (
+    AtrousResidualAdapter,
+    PointwiseConv2d,
+    TaskSequential,
+    call,
+    make_norm,
+    make_se,
+    run_se,
+)
 from .base import Backbone
 
 __all__ = ["DEPTHS", "BasicBlock", "Bottleneck", "ResNet"]
@@ -108,7 +116,7 @@ class Bottleneck(_Block):
         super().__init__()
         del dilation  # one 3x3 per block: it takes first_dilation, as torchvision's does
         s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, stride=s1, bias=False)
+        self.conv1 = PointwiseConv2d(inplanes, planes, stride=s1, bias=False)
         self.bn1 = make_norm(planes, num_tasks, task_bn)
         self.conv2 = _conv3x3(planes, planes, s3, first_dilation, num_tasks, adapters)
         self.bn2 = make_norm(planes, num_tasks, task_bn)
@@ -229,7 +237,7 @@ class ResNet(Backbone):
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = TaskSequential(
-                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride=stride, bias=False),
+                PointwiseConv2d(self.inplanes, planes * block.expansion, stride=stride, bias=False),
                 make_norm(planes * block.expansion, opts["num_tasks"], opts["task_bn"]),
             )
         mods = [
