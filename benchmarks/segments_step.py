@@ -1,13 +1,15 @@
 """A model's recompute step against the number of trunk segments (``train.segments``), as JSON.
 
 For one model of ``benchmarks/bench_models.py`` (its construction, batch, PASCAL loss weights,
-SGD), one trainer per ``--segments`` value (``default`` is the engine's ``round(sqrt(L))``) on
-copies of the same weights, ``strategy="recompute"``, one step each per round, alternating, after
-one untimed step each; then each one's peak as ``bench_models._peak_mib``. The engine keeps the
-last segment's graph and recomputes the others: fewer segments keep more and recompute less.
+SGD), one trainer per ``--segments`` value on copies of the same weights,
+``strategy="recompute"``, one step each per round, alternating, after one untimed step each; then
+each one's peak as ``bench_models._peak_mib``. ``default`` leaves ``train.segments`` unset: the
+model's ``engine_segments`` (2 for MTI-Net and UberNet) where it has one, else the engine's
+``round(sqrt(L))``; give that number (3 for both) to compare with it. The engine keeps the last
+segment's graph and recomputes the others: fewer segments keep more and recompute less.
 
     env $(python3 benchmarks/malloc_env.py) OMP_NUM_THREADS=2 \\
-        .venv/bin/python -m benchmarks.segments_step ubernet --segments default 2 --rounds 3
+        .venv/bin/python -m benchmarks.segments_step ubernet --segments default 3 --rounds 3
 """
 
 from __future__ import annotations

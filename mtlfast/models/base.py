@@ -56,6 +56,8 @@ class MultiTaskModel(nn.Module):
       masks) extended to every key the forward returns in the current mode.
     - ``engine_branches()``: ``(trunk, heads)`` for :func:`mtlfast.engine.multi_branch_step`;
       ``(self.trunk, self.heads)`` unless the model has no task-independent trunk (ASTMT).
+    - ``engine_segments``: the trunk segments the trainer's recompute step uses when the config
+      sets none (``train.segments``); None leaves the engine's ``round(sqrt(L))``.
 
     One training step, any model::
 
@@ -81,6 +83,7 @@ class MultiTaskModel(nn.Module):
     backbone: nn.Module
     heads: nn.ModuleDict
     scales: tuple[float, ...] = (1.0,)
+    engine_segments: int | None = None
 
     @property
     def trunk(self) -> nn.Sequential:

@@ -325,6 +325,13 @@ class MTINet(JointDecoderModel):
     - the SE hidden width is ``max(C // 16, 1)`` (:class:`mtlfast.nn.TaskSE`); equal for C >= 16.
     """
 
+    # Two trunk segments in the trainer's recompute step, not the engine's round(sqrt(11)) = 3:
+    # with HRNet-18 the step 2.52 s against 2.68 s (5 alternating rounds, each faster), peak 508
+    # against 470 MiB (the release's 1003), PASCAL's five tasks at 256x256, batch 4, channels-last,
+    # 2 threads, 2-core Xeon (benchmarks/segments_step.py). PAD-Net gained nothing (15.5 s
+    # against 15.0 s): it keeps the engine's.
+    engine_segments = 2
+
     def __init__(
         self,
         tasks: Sequence[str] | None = None,

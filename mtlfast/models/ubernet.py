@@ -109,6 +109,12 @@ class UberNet(MultiTaskModel):
     Shapes: x (N, 3, H, W) -> {task: (N, C_t, H, W)} (plus per-scale keys in training).
     """
 
+    # Two trunk segments in the trainer's recompute step, not the engine's round(sqrt(8)) = 3:
+    # the default VGG-16 pyramid's step 8.78 s against 10.57 s and peak 1148 against 1342 MiB
+    # (PASCAL's five tasks, 256x256, batch 4, 2 threads, 4 alternating rounds, each faster; 2-core
+    # Xeon; on a 2-core AVX2 EPYC 0.83-1.04x, 1140 against 1342 MiB). benchmarks/segments_step.py
+    engine_segments = 2
+
     def __init__(
         self,
         tasks: Sequence[str],

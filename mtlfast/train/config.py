@@ -142,6 +142,8 @@ class TrainConfig:
     norms, ASTMT's task batch norms included, into synchronised ones (statistics over the
     global batch); ``dist_backend`` "auto" (nccl on CUDA, gloo on CPU), "nccl" or "gloo";
     ``dist_timeout`` the seconds a collective waits for a missing rank before the job fails.
+    ``segments``: the memory engine's trunk segments in recompute mode (None: the model's
+    ``engine_segments``, 2 for MTI-Net and UberNet, else ``round(sqrt(L))``).
     ``memory_format``: the layout of the model's 4-d weights and of every batch's images, in
     training and evaluation: "contiguous" (NCHW) or "channels_last" (NHWC); checkpoints load in
     either. The default stays "contiguous" because channels-last paid for only half of the models

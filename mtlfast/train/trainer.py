@@ -265,6 +265,16 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ one step
 
+    def _segments(self, trunk: Any) -> int | None:
+        """The engine's trunk segments: ``train.segments``, else the model's ``engine_segments``
+        (at most the trunk's modules), else None (the engine's ``round(sqrt(L))``)."""
+        if self.config.train.segments is not None:
+            return self.config.train.segments
+        preferred = getattr(self.model, "engine_segments", None)
+        if preferred is None:
+            return None
+        return max(1, min(int(preferred), len(trunk)))
+
     def _engine_inputs(self, batch: dict) -> tuple:
         model = self.model
         tasks = self.tasks + self.auxiliary
@@ -346,7 +356,7 @@ class Trainer:
                     labeled=labeled,
                     weights=weights,
                     strategy=tc.strategy,
-                    segments=tc.segments,
+                    segments=self._segments(trunk),
                     balancer=self.balancer if self.parallel is None else self.parallel.balancer,
                 )
         if self.parallel is not None:  # averaged gradients; the global batch's losses

@@ -309,3 +309,36 @@ def test_a_nonfinite_gradient_is_traced_to_its_task():
     result = trainer.train_step(batch)
     assert not result.applied and not result.nonfinite  # every loss was finite
     assert "depth (gradient)" in trainer.nonfinite["by_task"]
+
+
+@pytest.mark.parametrize(
+    ("configured", "preferred", "expected"),
+    [(None, None, None), (None, 2, 2), (None, 99, "all"), (3, 2, 3), (1, None, 1)],
+)
+def test_engine_segments_come_from_the_config_else_the_model(
+    monkeypatch, configured, preferred, expected
+):
+    """``train.segments`` wins; unset, the model's ``engine_segments`` (at most the trunk's
+    modules); neither, None (the engine's round(sqrt(L)))."""
+    from mtlfast.train import trainer as trainer_module
+
+    overrides = [] if configured is None else [f"train.segments={configured}"]
+    trainer = Trainer(tiny_config(*overrides, "train.max_steps=1"))
+    monkeypatch.setattr(type(trainer.model), "engine_segments", preferred, raising=False)
+    seen = []
+    real = trainer_module.multi_branch_step
+    monkeypatch.setattr(
+        trainer_module,
+        "multi_branch_step",
+        lambda *a, **k: seen.append((len(a[0]), k["segments"])) or real(*a, **k),
+    )
+    trainer.train_step(next(iter(trainer_module.train_loader(trainer.config, trainer.train_set))))
+    ((length, segments),) = seen
+    assert segments == (length if expected == "all" else expected)
+
+
+def test_mtinet_and_ubernet_prefer_two_segments():
+    from mtlfast.models import MTINet, PADNet, UberNet
+
+    assert MTINet.engine_segments == UberNet.engine_segments == 2
+    assert PADNet.engine_segments is None

@@ -102,7 +102,7 @@ class UberNetAsyncProcedure(Procedure):
             labeled=labeled,
             weights=summed,
             strategy=tc.strategy,
-            segments=tc.segments,
+            segments=trainer._segments(trunk),
         )
         counts = self.counts(batch, tasks)
         if parallel is not None:
