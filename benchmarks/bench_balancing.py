@@ -170,54 +170,12 @@ def run_group(
     return list(out.values())
 
 
-class _ReenterableFrozenBatchNorm:
-    """``mtlfast.models._common._batch_norm_frozen`` that can be entered once per backward.
-
-    MTI-Net's per-task aggregation runs under torch's non-reentrant checkpoint with a
-    ``context_fn`` whose recompute context is a generator-based context manager: a second
-    backward through the same graph (one per task, as every per-task gradient method needs with a
-    joint decoder) enters it again and fails. Only ``--demo`` patches it, to measure the step the
-    fix would give (reported with the result)."""
-
-    def __init__(self, module):
-        self.module, self.open = module, []
-
-    def __enter__(self):
-        from mtlfast.models._common import _batch_norm_frozen
-
-        cm = _batch_norm_frozen(self.module)
-        self.open.append(cm)
-        return cm.__enter__()
-
-    def __exit__(self, *exc):
-        return self.open.pop().__exit__(*exc)
-
-
-def _patch_recomputed() -> None:
-    import contextlib
-
-    from torch.utils.checkpoint import checkpoint
-
-    from mtlfast.models import mtinet
-
-    def recomputed(fn, module, *args):
-        return checkpoint(
-            fn,
-            *args,
-            use_reentrant=False,
-            context_fn=lambda: (contextlib.nullcontext(), _ReenterableFrozenBatchNorm(module)),
-        )
-
-    mtinet.recomputed = recomputed
-
-
 def demo(config: str, methods: list[str], rounds: int, overrides: list[str] | None = None) -> dict:
     """The trainer's step on ``config`` for each method, same weights and batch, in turns."""
     from mtlfast.train import Trainer, load_config
     from mtlfast.train.data import train_loader
     from mtlfast.train.trainer import _busy_cores
 
-    _patch_recomputed()
     trainers = {}
     for m in methods:
         cfg = load_config(
@@ -241,8 +199,6 @@ def demo(config: str, methods: list[str], rounds: int, overrides: list[str] | No
         "rounds": rounds,
         "busy_cores_other_work_before": busy_before,
         "busy_cores_other_work_after": _busy_cores(),
-        "workaround": "MTI-Net's recomputed() patched to a re-enterable recompute context "
-        "(see _ReenterableFrozenBatchNorm): per-task backward through its decoder fails without",
         "methods": {
             m: {
                 "step_s_min": min(v),
