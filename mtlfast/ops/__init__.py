@@ -12,6 +12,7 @@ from .channel_norm import channel_norm
 from .resize import resize_bilinear
 from .skip_fusion import skip_fusion
 from .task_se import task_se
+from .winograd_conv import winograd_conv3x3
 
 __all__ = [
     "BACKENDS",
@@ -25,4 +26,5 @@ __all__ = [
     "skip_fusion",
     "task_se",
     "use_backend",
+    "winograd_conv3x3",
 ]

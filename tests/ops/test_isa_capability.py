@@ -21,7 +21,12 @@ import torch
 from mtlfast._extension import cpu_isa, has_extension
 
 ROOT = Path(__file__).resolve().parents[2]
-OP_TESTS = ("test_attention_distill.py", "test_skip_fusion.py", "test_task_se.py")
+OP_TESTS = (
+    "test_attention_distill.py",
+    "test_skip_fusion.py",
+    "test_task_se.py",
+    "test_winograd_conv.py",
+)
 # The narrower capabilities: the host capabilities that can run each, and its test selection.
 NARROWER = {
     "default": (("DEFAULT", "AVX2", "AVX512"), "cpu and not opcheck and not stream"),

@@ -31,6 +31,7 @@ OPS = {  # each op's per-ISA entry point, demangled with {isa} for the copy
     "attention_distill": "mtlfast::cpu::{isa}::attention_distill_kernels()",
     "skip_fusion": "mtlfast::cpu::skip_fusion::{isa}::kernels()",
     "task_se": "mtlfast::cpu::task_se::{isa}::kernels()",
+    "winograd_conv": "mtlfast::cpu::winograd_conv::{isa}::kernels()",
 }
 # Instruction prefixes that may precede a VEX/EVEX prefix or a legacy opcode (x86-64).
 _LEGACY = {0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66, 0x67}

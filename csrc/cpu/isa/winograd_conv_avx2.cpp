@@ -1,0 +1,5 @@
+// AVX2 copy of the winograd_conv transforms (see target_avx2.h).
+#if defined(__x86_64__)
+#include "cpu/isa/target_avx2.h"
+#include "cpu/winograd_conv_kernel.h"
+#endif

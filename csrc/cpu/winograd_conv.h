@@ -1,0 +1,65 @@
+// Interface between the portable dispatcher (winograd_conv.cpp) and the copies of the Winograd
+// F(4x4, 3x3) transforms compiled once per instruction set (winograd_conv_kernel.h). Plain data
+// only, so that the per-ISA objects depend on nothing from torch but at::vec.
+#pragma once
+
+#include <cstdint>
+
+namespace mtlfast::cpu::winograd_conv {
+
+// An image (N, C, H, W) with any strides (element units) and the tiling of the convolution: tile
+// p = (n * th + ty) * tw + tx reads input rows 4ty-1 .. 4ty+4 and columns 4tx-1 .. 4tx+4 (zero
+// outside) and writes output rows 4ty .. 4ty+3 and columns 4tx .. 4tx+3 (clipped to H, W).
+struct Image {
+  void* data;
+  int64_t N, C, H, W;
+  int64_t stride_n, stride_c, stride_h, stride_w;
+  int64_t th, tw;
+};
+
+// The transformed tiles [first, first + count) of the P = N * th * tw: position ij of tile
+// first + q, channel c at data + ij * stride + q * C + c; stride >= count * C.
+struct Tiles {
+  void* data;
+  int64_t stride, first, count;
+};
+
+struct Args {
+  Image image;
+  Tiles tiles;
+  const void* bias;  // output only: (C,) added to every pixel, or null
+  bool stream;       // the tiles' stores bypass the caches
+};
+
+// Each kernel processes the work items [begin, end):
+//   input:    tiles = B^T d B of every input tile d (6x6)            items: tiles q of the range
+//   output:   image = A^T m A (+ bias) of every transformed tile m    items: tiles q of the range
+//   output_t: tiles = A g A^T of every output-gradient tile g (4x4)   items: tiles q of the range
+//   input_t:  image += B e B^T of every transformed gradient e. The range is whole tile rows (first
+//             and count multiples of tw); the 6x6 windows of rows r = n * th + ty and r + 1 overlap,
+//             so item i is the row first / tw + 2 * i + parity, and the caller runs parity 0, then 1.
+using Fn = void (*)(const Args&, int64_t begin, int64_t end);
+using ParityFn = void (*)(const Args&, int64_t parity, int64_t begin, int64_t end);
+
+struct DtypeKernels {
+  Fn input, output, output_t;
+  ParityFn input_t;
+};
+
+struct Kernels {
+  DtypeKernels f32, f64;
+};
+
+namespace DEFAULT {
+Kernels kernels();
+}
+#if defined(__x86_64__)
+namespace AVX2 {
+Kernels kernels();
+}
+namespace AVX512 {
+Kernels kernels();
+}
+#endif
+
+}  // namespace mtlfast::cpu::winograd_conv

@@ -1,0 +1,265 @@
+// The Winograd F(4x4, 3x3) transforms, compiled once per instruction set: included by exactly one
+// translation unit per ISA (winograd_conv_default.cpp, isa/winograd_conv_<isa>.cpp), which first
+// defines CPU_CAPABILITY and CPU_CAPABILITY_<ISA> the way ATen does.
+//
+// Lavin & Gray's matrices for the points 0, 1, -1, 2, -2, inf:
+//   V = B^T d B (input tile 6x6),  Y = A^T M A (output tile 4x4),  U = G g G^T (done in PyTorch).
+// The vector lanes run over channels: every step transforms one tile of V::size() channels, with
+// the matrices' constants folded into the unrolled arithmetic (their zeros cost nothing).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cpu/vec_common.h"
+#include "cpu/winograd_conv.h"
+
+#ifndef CPU_CAPABILITY
+#error "define CPU_CAPABILITY (and CPU_CAPABILITY_<ISA>) before including winograd_conv_kernel.h"
+#endif
+
+namespace mtlfast::cpu::winograd_conv::CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+using ::mtlfast::cpu::CPU_CAPABILITY::stream_fence;
+using ::mtlfast::cpu::CPU_CAPABILITY::stream_store;
+
+constexpr float kBT[6][6] = {{4, 0, -5, 0, 1, 0},  {0, -4, -4, 1, 1, 0}, {0, 4, -4, -1, 1, 0},
+                             {0, -2, -1, 2, 1, 0}, {0, 2, -1, -2, 1, 0}, {0, 4, 0, -5, 0, 1}};
+constexpr float kB[6][6] = {{4, 0, 0, 0, 0, 0},     {0, -4, 4, -2, 2, 4}, {-5, -4, -4, -1, -1, 0},
+                            {0, 1, -1, 2, -2, -5}, {1, 1, 1, 1, 1, 0},   {0, 0, 0, 0, 0, 1}};
+constexpr float kAT[4][6] = {{1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -2, 0}, {0, 1, 1, 4, 4, 0}, {0, 1, -1, 8, -8, 1}};
+constexpr float kA[6][4] = {{1, 0, 0, 0}, {1, 1, 1, 1}, {1, -1, 1, -1}, {1, 2, 4, 8}, {1, -2, 4, -8}, {0, 0, 0, 1}};
+
+// out = m in m^T, lane by lane. m is a template argument so that, once the loops are unrolled,
+// every coefficient is a constant and the zero ones drop out.
+template <typename T, int RI, int RO, const float (&m)[RO][RI]>
+inline void sandwich(const Vectorized<T> (&in)[RI][RI], Vectorized<T> (&out)[RO][RO]) {
+  using V = Vectorized<T>;
+  V t[RO][RI];
+#pragma GCC unroll 8
+  for (int i = 0; i < RO; ++i) {
+#pragma GCC unroll 8
+    for (int j = 0; j < RI; ++j) {
+      V acc(T(0));
+#pragma GCC unroll 8
+      for (int k = 0; k < RI; ++k) {
+        if (m[i][k] != 0.f) {
+          acc = at::vec::fmadd(V(T(m[i][k])), in[k][j], acc);
+        }
+      }
+      t[i][j] = acc;
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < RO; ++i) {
+#pragma GCC unroll 8
+    for (int j = 0; j < RO; ++j) {
+      V acc(T(0));
+#pragma GCC unroll 8
+      for (int k = 0; k < RI; ++k) {
+        if (m[j][k] != 0.f) {
+          acc = at::vec::fmadd(V(T(m[j][k])), t[i][k], acc);
+        }
+      }
+      out[i][j] = acc;
+    }
+  }
+}
+
+// count channels of the image at p (stride between channels sc), zeros in the other lanes.
+template <typename T>
+inline Vectorized<T> load_channels(const T* p, int64_t sc, int64_t count) {
+  using V = Vectorized<T>;
+  if (sc == 1) {
+    return count == V::size() ? V::loadu(p) : V::loadu(p, count);
+  }
+  alignas(64) T buf[V::size()] = {};
+  for (int64_t l = 0; l < count; ++l) {
+    buf[l] = p[l * sc];
+  }
+  return V::loadu(buf);
+}
+
+template <typename T>
+inline void store_channels(T* p, int64_t sc, int64_t count, const Vectorized<T>& v, bool add) {
+  using V = Vectorized<T>;
+  if (sc == 1) {
+    const V r = add ? v + (count == V::size() ? V::loadu(p) : V::loadu(p, count)) : v;
+    count == V::size() ? r.store(p) : r.store(p, count);
+    return;
+  }
+  alignas(64) T buf[V::size()];
+  v.store(buf);
+  for (int64_t l = 0; l < count; ++l) {
+    p[l * sc] = add ? p[l * sc] + buf[l] : buf[l];
+  }
+}
+
+template <typename T>
+inline void store_tile(T* p, int64_t count, const Vectorized<T>& v, bool stream) {
+  using V = Vectorized<T>;
+  if (stream && count == V::size() && reinterpret_cast<std::uintptr_t>(p) % sizeof(V) == 0) {
+    stream_store(p, v);
+  } else {
+    count == V::size() ? v.store(p) : v.store(p, count);
+  }
+}
+
+template <typename T>
+inline Vectorized<T> load_tile(const T* p, int64_t count) {
+  using V = Vectorized<T>;
+  return count == V::size() ? V::loadu(p) : V::loadu(p, count);
+}
+
+struct TilePos {
+  int64_t n, ty, tx;
+};
+
+inline TilePos tile_of(const Image& im, int64_t p) {
+  return {p / (im.th * im.tw), (p / im.tw) % im.th, p % im.tw};
+}
+
+template <typename T>
+T* pixel(const Image& im, int64_t n, int64_t c, int64_t y, int64_t x) {
+  return static_cast<T*>(im.data) + n * im.stride_n + c * im.stride_c + y * im.stride_h + x * im.stride_w;
+}
+
+template <typename T>
+void input(const Args& a, int64_t begin, int64_t end) {
+  using V = Vectorized<T>;
+  const Image& im = a.image;
+  T* tiles = static_cast<T*>(a.tiles.data);
+  V d[6][6], o[6][6];
+  for (int64_t q = begin; q < end; ++q) {
+    const TilePos tp = tile_of(im, a.tiles.first + q);
+    for (int64_t c0 = 0; c0 < im.C; c0 += V::size()) {
+      const int64_t count = std::min<int64_t>(V::size(), im.C - c0);
+      for (int i = 0; i < 6; ++i) {
+        const int64_t y = 4 * tp.ty - 1 + i;
+        for (int j = 0; j < 6; ++j) {
+          const int64_t x = 4 * tp.tx - 1 + j;
+          const bool inside = y >= 0 && y < im.H && x >= 0 && x < im.W;
+          d[i][j] = inside ? load_channels(pixel<T>(im, tp.n, c0, y, x), im.stride_c, count) : V(T(0));
+        }
+      }
+      sandwich<T, 6, 6, kBT>(d, o);
+      for (int i = 0; i < 6; ++i) {
+        for (int j = 0; j < 6; ++j) {
+          store_tile(tiles + (i * 6 + j) * a.tiles.stride + q * im.C + c0, count, o[i][j], a.stream);
+        }
+      }
+    }
+  }
+  if (a.stream) {
+    stream_fence();
+  }
+}
+
+template <typename T>
+void output(const Args& a, int64_t begin, int64_t end) {
+  using V = Vectorized<T>;
+  const Image& im = a.image;
+  const T* tiles = static_cast<const T*>(a.tiles.data);
+  const T* bias = static_cast<const T*>(a.bias);
+  V d[6][6], o[4][4];
+  for (int64_t q = begin; q < end; ++q) {
+    const TilePos tp = tile_of(im, a.tiles.first + q);
+    for (int64_t k0 = 0; k0 < im.C; k0 += V::size()) {
+      const int64_t count = std::min<int64_t>(V::size(), im.C - k0);
+      for (int i = 0; i < 6; ++i) {
+        for (int j = 0; j < 6; ++j) {
+          d[i][j] = load_tile(tiles + (i * 6 + j) * a.tiles.stride + q * im.C + k0, count);
+        }
+      }
+      sandwich<T, 6, 4, kAT>(d, o);
+      const V b = bias == nullptr ? V(T(0)) : load_tile(bias + k0, count);
+      for (int i = 0; i < 4 && 4 * tp.ty + i < im.H; ++i) {
+        for (int j = 0; j < 4 && 4 * tp.tx + j < im.W; ++j) {
+          store_channels(pixel<T>(im, tp.n, k0, 4 * tp.ty + i, 4 * tp.tx + j), im.stride_c, count, o[i][j] + b,
+                         false);
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void output_t(const Args& a, int64_t begin, int64_t end) {
+  using V = Vectorized<T>;
+  const Image& im = a.image;
+  T* tiles = static_cast<T*>(a.tiles.data);
+  V d[4][4], o[6][6];
+  for (int64_t q = begin; q < end; ++q) {
+    const TilePos tp = tile_of(im, a.tiles.first + q);
+    for (int64_t k0 = 0; k0 < im.C; k0 += V::size()) {
+      const int64_t count = std::min<int64_t>(V::size(), im.C - k0);
+      for (int i = 0; i < 4; ++i) {
+        const int64_t y = 4 * tp.ty + i;
+        for (int j = 0; j < 4; ++j) {
+          const int64_t x = 4 * tp.tx + j;
+          d[i][j] = y < im.H && x < im.W ? load_channels(pixel<T>(im, tp.n, k0, y, x), im.stride_c, count) : V(T(0));
+        }
+      }
+      sandwich<T, 4, 6, kA>(d, o);
+      for (int i = 0; i < 6; ++i) {
+        for (int j = 0; j < 6; ++j) {
+          store_tile(tiles + (i * 6 + j) * a.tiles.stride + q * im.C + k0, count, o[i][j], a.stream);
+        }
+      }
+    }
+  }
+  if (a.stream) {
+    stream_fence();
+  }
+}
+
+template <typename T>
+void input_t(const Args& a, int64_t parity, int64_t begin, int64_t end) {
+  using V = Vectorized<T>;
+  const Image& im = a.image;
+  const T* tiles = static_cast<const T*>(a.tiles.data);
+  V d[6][6], o[6][6];
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t row = a.tiles.first / im.tw + 2 * item + parity;
+    const int64_t n = row / im.th;
+    const int64_t ty = row % im.th;
+    for (int64_t c0 = 0; c0 < im.C; c0 += V::size()) {
+      const int64_t count = std::min<int64_t>(V::size(), im.C - c0);
+      // left to right: tile tx + 1 adds onto the two columns tile tx wrote last
+      for (int64_t tx = 0; tx < im.tw; ++tx) {
+        const int64_t q = row * im.tw + tx - a.tiles.first;
+        for (int i = 0; i < 6; ++i) {
+          for (int j = 0; j < 6; ++j) {
+            d[i][j] = load_tile(tiles + (i * 6 + j) * a.tiles.stride + q * im.C + c0, count);
+          }
+        }
+        sandwich<T, 6, 6, kB>(d, o);
+        for (int i = 0; i < 6; ++i) {
+          const int64_t y = 4 * ty - 1 + i;
+          if (y < 0 || y >= im.H) {
+            continue;
+          }
+          for (int j = 0; j < 6; ++j) {
+            const int64_t x = 4 * tx - 1 + j;
+            if (x >= 0 && x < im.W) {
+              store_channels(pixel<T>(im, n, c0, y, x), im.stride_c, count, o[i][j], true);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+Kernels kernels() {
+  return {
+      {input<float>, output<float>, output_t<float>, input_t<float>},
+      {input<double>, output<double>, output_t<double>, input_t<double>},
+  };
+}
+
+}  // namespace mtlfast::cpu::winograd_conv::CPU_CAPABILITY

@@ -1,0 +1,252 @@
+"""``winograd_conv3x3``: a 3x3 'same' convolution (stride 1, padding 1) by Winograd's F(4x4, 3x3).
+
+Lavin & Gray (CVPR 2016): every 4x4 block of the output is computed from the 6x6 input tile
+around it as ``A^T [(G g G^T) * (B^T d B)] A``, the products summed over input channels. Summed
+over channels, the 36 element-wise products are 36 matrix products (tiles x C_in) @ (C_in x
+C_out): 36 multiply-adds per 16 outputs per channel pair where the direct convolution takes 144,
+a quarter of the arithmetic. The transforms (``B^T d B`` of every input tile, ``A^T m A`` of
+every product tile, and their adjoints for the backward) are the C++ kernels of the ``cpu``
+backend; the 36 matrix products of each direction are ``torch.bmm``. The backward recomputes the
+input transform, so only x and the weight are saved, as for ``F.conv2d``.
+
+It pays where the convolution is compute-bound and has channels for the matrix products to
+fill. Forward and backward on a 2-core Xeon (AVX512, 2 threads, median of 7 alternating with
+``F.conv2d``; ``benchmarks/bench_winograd_conv.py``): 256 -> 256 channels at (4, 256, 64, 64)
+136 ms against oneDNN's 228 (0.60x), 512 -> 512 at 32x32 0.52x, 128 -> 128 at 128x128 0.75x
+and at 32x32 0.85x; but 64 -> 64 at 64x64 1.28x and 144 -> 144 at 8x8 1.37x, where the
+transforms' memory traffic outweighs the saved arithmetic. So below :data:`MIN_CHANNELS` input
+or output channels, on maps under 16x16, for fp16/bf16 (oneDNN's own reduced-precision
+convolutions), off the CPU (cuDNN picks Winograd itself), under ``use_backend("reference")``,
+under CPU autocast and without the compiled extension, the call is ``F.conv2d``.
+
+Rounding: F(4x4, 3x3)'s transforms have entries up to 8 and -5, so the result differs from the
+direct convolution by more than a reordering of the sums: about 1e-5 of the output's largest
+magnitude in fp32 (Lavin & Gray Table 2 report the same order; cuDNN's Winograd kernels make the
+same trade). Gradients are the exact adjoints of that computation (tested with ``gradcheck`` in
+fp64, where the error is 1e-14).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.nn import functional as F
+
+from .. import _extension
+from .backends import current_backend
+
+__all__ = ["MIN_CHANNELS", "winograd_conv3x3"]
+
+OP = "winograd_conv3x3"
+
+#: Fewest input and output channels for which the Winograd path is taken (see the module docstring).
+MIN_CHANNELS = 128
+
+# Smallest map (H * W) for the Winograd path: at 8x8, 144 channels measured 1.2x slower than oneDNN.
+_MIN_PIXELS = 256
+
+_G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6))
+_G += ((1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
+
+
+@functools.cache
+def _gg(dtype: torch.dtype) -> torch.Tensor:
+    """kron(G, G) (36, 9): the weight transform G g G^T of every 3x3 kernel as one matrix product."""
+    g = torch.tensor(_G, dtype=torch.float64)
+    return torch.kron(g, g).to(dtype)
+
+
+# Each range of tiles' transformed buffers stays under this size, so that glibc serves them from
+# its heap, reused from one call to the next, rather than mapping (and the kernel zeroing) fresh
+# pages for every buffer of 32 MiB or more (see benchmarks/malloc_env.py).
+_CHUNK_BYTES = 16 << 20
+
+
+def _chunks(x: torch.Tensor, channels: int) -> list[tuple[int, int]]:
+    """(first, count) ranges of whole tile rows covering x's N * ceil(H/4) * ceil(W/4) tiles."""
+    th, tw = -(-x.shape[2] // 4), -(-x.shape[3] // 4)
+    rows = x.shape[0] * th
+    row_bytes = 36 * channels * tw * x.element_size()
+    pieces = max(1, min(rows, -(-rows * row_bytes // _CHUNK_BYTES)))
+    per = -(-rows // pieces)
+    return [(r * tw, (min(rows, r + per) - r) * tw) for r in range(0, rows, per)]
+
+
+def _weight_tiles(weight: torch.Tensor) -> torch.Tensor:
+    """U (36, C_out, C_in): G g G^T of every (out, in) kernel, position-major."""
+    k, c = weight.shape[:2]
+    return (_gg(weight.dtype) @ weight.reshape(k * c, 9).t()).view(36, k, c)
+
+
+def _out_like(x: torch.Tensor, channels: int) -> torch.Tensor:
+    n, _, h, w = x.shape
+    fmt = (
+        torch.channels_last
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        else torch.contiguous_format
+    )
+    return torch.empty((n, channels, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+def _require_extension() -> None:
+    if not _extension.has_extension():
+        raise RuntimeError(
+            f"{OP}: the compiled extension mtlfast._C is missing ({_extension.extension_error()})"
+        )
+
+
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    _require_extension()
+    c, k = x.shape[1], weight.shape[0]
+    weight_tiles = _weight_tiles(weight).transpose(1, 2)  # (36, C_in, C_out)
+    bias = None if bias is None else bias.contiguous()
+    out = _out_like(x, k)
+    for first, count in _chunks(x, max(c, k)):
+        tiles = x.new_empty((36, count, c))
+        torch.ops.mtlfast_C.winograd_input(x, first, tiles)
+        products = torch.bmm(tiles, weight_tiles)
+        del tiles
+        torch.ops.mtlfast_C.winograd_output(products, first, bias, out)
+        del products
+    return out
+
+
+_winograd = torch.library.custom_op(
+    "mtlfast::winograd_conv3x3", _forward, mutates_args=(), device_types="cpu"
+)
+
+
+@_winograd.register_fake
+def _(x, weight, bias):
+    return _out_like(x, weight.shape[0])
+
+
+def _backward_impl(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _require_extension()
+    k, c = weight.shape[:2]
+    weight_tiles = _weight_tiles(weight)  # (36, C_out, C_in)
+    grad_x = _out_like(x, c).zero_()
+    grad_weight_tiles = weight_tiles.new_zeros((36, k, c))
+    for first, count in _chunks(x, max(c, k)):
+        grad_tiles = grad.new_empty((36, count, k))
+        torch.ops.mtlfast_C.winograd_output_t(grad, first, grad_tiles)
+        input_tiles = torch.bmm(grad_tiles, weight_tiles)  # the gradient at the transformed input
+        torch.ops.mtlfast_C.winograd_input_t(input_tiles, first, grad_x)
+        # the forward's transformed input, recomputed into the buffer just used
+        torch.ops.mtlfast_C.winograd_input(x, first, input_tiles)
+        grad_weight_tiles.baddbmm_(grad_tiles.transpose(1, 2), input_tiles)
+        del grad_tiles, input_tiles
+    grad_weight = (_gg(weight.dtype).t() @ grad_weight_tiles.view(36, k * c)).view(9, k, c)
+    grad_weight = grad_weight.permute(1, 2, 0).reshape(k, c, 3, 3)
+    grad_bias = grad.sum((0, 2, 3)) if has_bias else grad.new_empty((0,))
+    return grad_x, grad_weight, grad_bias
+
+
+_winograd_backward = torch.library.custom_op(
+    "mtlfast::winograd_conv3x3_backward", _backward_impl, mutates_args=(), device_types="cpu"
+)
+
+
+@_winograd_backward.register_fake
+def _(grad, x, weight, has_bias):
+    return (
+        _out_like(x, x.shape[1]),
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+        grad.new_empty((weight.shape[0],) if has_bias else (0,)),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight)
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    grad_x, grad_weight, grad_bias = _winograd_backward(grad.contiguous(), x, weight, ctx.has_bias)
+    return grad_x, grad_weight, grad_bias if ctx.has_bias else None
+
+
+_winograd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _use_winograd(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        # dynamo cannot read the backend's context variable; a compiled graph takes the op
+        and (torch.compiler.is_compiling() or current_backend() != "reference")
+        and min(weight.shape[0], weight.shape[1]) >= MIN_CHANNELS
+        and x.shape[2] * x.shape[3] >= _MIN_PIXELS
+        and x.shape[0] > 0
+        and _extension.has_extension()
+        and not torch.is_autocast_enabled("cpu")
+    )
+
+
+def winograd_conv3x3(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` for 3x3 kernels, by Winograd F(4x4, 3x3) on CPU.
+
+    Falls back to ``F.conv2d`` where the Winograd path does not pay or cannot run (see the module
+    docstring); the output has x's memory format either way.
+
+    Shapes: x (N, C_in, H, W); weight (C_out, C_in, 3, 3); bias (C_out,) or None;
+    output (N, C_out, H, W).
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{OP}: x must be a 4-d tensor (N, C_in, H, W), got {got}")
+    if not isinstance(weight, torch.Tensor) or weight.shape != (weight.shape[0], x.shape[1], 3, 3):
+        got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(
+            f"{OP}: weight must have shape (C_out, C_in={x.shape[1]}, 3, 3), got {got}"
+        )
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != weight.shape[:1]):
+        got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise ValueError(f"{OP}: bias must have shape (C_out,) = ({weight.shape[0]},), got {got}")
+    if not (_use_winograd(x, weight) and weight.dtype == x.dtype and weight.device == x.device):
+        return F.conv2d(x, weight, bias, padding=1)
+    if bias is not None and (bias.dtype != x.dtype or bias.device != x.device):
+        return F.conv2d(x, weight, bias, padding=1)
+    return _winograd(x, weight, bias)
+
+
+def conv3x3_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    need_input: bool = True,
+    need_weight: bool = True,
+    *,
+    winograd: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The input and weight gradients of ``winograd_conv3x3(x, weight)`` (no bias) given ``grad``
+    at its output, by the path its forward takes (``winograd=False``: that of ``F.conv2d``), for
+    callers with their own autograd function that recompute the forward (the distillation's).
+    Unneeded gradients are returned as None.
+
+    Shapes: grad (N, C_out, H, W); x (N, C_in, H, W); weight (C_out, C_in, 3, 3).
+    """
+    if winograd and _use_winograd(x, weight) and weight.dtype == x.dtype == grad.dtype:
+        grad_x, grad_weight, _ = _winograd_backward(grad.contiguous(), x, weight, False)
+    else:
+        grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+            grad,
+            x,
+            weight,
+            None,
+            stride=[1, 1],
+            padding=[1, 1],
+            dilation=[1, 1],
+            transposed=False,
+            output_padding=[0, 0],
+            groups=1,
+            output_mask=[need_input, need_weight, False],
+        )
+    return (grad_x if need_input else None), (grad_weight if need_weight else None)

@@ -1,0 +1,176 @@
+"""winograd_conv3x3 against F.conv2d: values, gradients, layouts, chunking, fallbacks, opcheck."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import mtlfast.ops.winograd_conv as wc
+from mtlfast._extension import has_extension
+from mtlfast.ops import use_backend, winograd_conv3x3
+
+from .conftest import make
+
+pytestmark = pytest.mark.skipif(not has_extension(), reason="mtlfast._C is not built")
+
+LAYOUTS = ("contiguous", "channels_last", "inner_strided")
+# (N, C_in, H, W), C_out: odd maps (partial tiles), channel counts off the vector width, 1x1 maps
+SHAPES = [
+    ((2, 5, 7, 9), 3),
+    ((1, 17, 13, 4), 20),
+    ((3, 1, 1, 1), 2),
+    ((1, 33, 8, 8), 16),
+    ((2, 3, 4, 5), 1),
+]
+
+
+def _tol(dtype):
+    # F(4x4, 3x3)'s transforms carry entries up to 8: about 1e-5 of the output's scale in fp32
+    return (2e-5, 2e-5) if dtype == torch.float32 else (1e-12, 1e-12)
+
+
+def _close(got, want, dtype):
+    atol, rtol = _tol(dtype)
+    scale = max(want.abs().max().item(), 1.0)
+    torch.testing.assert_close(got, want, atol=atol * scale, rtol=rtol)
+
+
+@pytest.mark.parametrize("shape,k", SHAPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_matches_conv2d_forward_and_backward(shape, k, layout, dtype, bias):
+    torch.manual_seed(0)
+    x = make(shape, dtype, layout).requires_grad_()
+    w = (torch.randn(k, shape[1], 3, 3, dtype=dtype) / 3).requires_grad_()
+    b = torch.randn(k, dtype=dtype, requires_grad=True) if bias else None
+    got = wc._winograd(x, w, b)  # the op itself, whatever the size thresholds say
+    want = F.conv2d(x, w, b, padding=1)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    _close(got, want, dtype)
+    channels_last = layout == "channels_last" and shape[1] > 1 and shape[2] * shape[3] > 1
+    assert got.is_contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format
+    )
+    grad = torch.randn_like(want)
+    inputs = (x, w) + ((b,) if bias else ())
+    for g, r in zip(
+        torch.autograd.grad(got, inputs, grad), torch.autograd.grad(want, inputs, grad)
+    ):
+        _close(g, r, dtype)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_cpu_chunks_of_tile_rows_match_one_chunk(monkeypatch, rows):
+    """Ranges of whole tile rows (here 1 or 3 rows of 3 tiles, the last range shorter): the
+    input adjoint adds across range boundaries, the weight gradient sums the ranges."""
+    torch.manual_seed(1)
+    x = torch.randn(2, 6, 10, 11, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 6, 3, 3, dtype=torch.float64, requires_grad=True)
+    monkeypatch.setattr(wc, "_CHUNK_BYTES", rows * 36 * 6 * 3 * 8)
+    assert len(wc._chunks(x, 6)) == -(-6 // rows)
+    got = wc._winograd(x, w, None)
+    grads = torch.autograd.grad(got, (x, w), torch.ones_like(got))
+    want = F.conv2d(x, w, padding=1)
+    for g, r in zip(
+        (got, *grads), (want, *torch.autograd.grad(want, (x, w), torch.ones_like(want)))
+    ):
+        _close(g, r, torch.float64)
+
+
+def test_cpu_gradcheck():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(wc._winograd, (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w: wc._winograd(x, w, None), (x, w))
+
+
+def test_cpu_opcheck():
+    x = torch.randn(2, 3, 6, 5)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    torch.library.opcheck(torch.ops.mtlfast.winograd_conv3x3.default, (x.requires_grad_(), w, b))
+    torch.library.opcheck(
+        torch.ops.mtlfast.winograd_conv3x3.default,
+        (x.contiguous(memory_format=torch.channels_last), w, None),
+    )
+
+
+def test_cpu_large_layer_takes_winograd_path():
+    """At 128 channels and 16x16 the public function runs the op (not F.conv2d): its output is
+    within rounding of the convolution but not bitwise equal to it."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 128, 16, 16)
+    w = torch.randn(128, 128, 3, 3) / 30
+    got, want = winograd_conv3x3(x, w), F.conv2d(x, w, padding=1)
+    _close(got, want, torch.float32)
+    assert not torch.equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["few_channels", "small_map", "bfloat16", "float16", "reference_backend", "autocast"],
+)
+def test_falls_back_to_conv2d_exactly(case):
+    torch.manual_seed(0)
+    c, size, dtype = wc.MIN_CHANNELS, 16, torch.float32
+    if case == "few_channels":
+        c = wc.MIN_CHANNELS - 1
+    elif case == "small_map":
+        size = 8
+    elif case in ("bfloat16", "float16"):
+        dtype = getattr(torch, case)
+    x = torch.randn(1, c, size, size).to(dtype)
+    w = (torch.randn(c, c, 3, 3) / 30).to(dtype)
+    if case == "reference_backend":
+        with use_backend("reference"):
+            got = winograd_conv3x3(x, w)
+    elif case == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, want = winograd_conv3x3(x, w), F.conv2d(x, w, padding=1)
+        assert torch.equal(got, want)
+        return
+    else:
+        got = winograd_conv3x3(x, w)
+    assert torch.equal(got, F.conv2d(x, w, padding=1))
+
+
+@pytest.mark.parametrize("winograd", [True, False])
+def test_conv3x3_backward_matches_aten(winograd):
+    torch.manual_seed(0)
+    x = torch.randn(1, 128, 16, 16, dtype=torch.float64)
+    w = torch.randn(128, 128, 3, 3, dtype=torch.float64) / 30
+    grad = torch.randn(1, 128, 16, 16, dtype=torch.float64)
+    gx, gw = wc.conv3x3_backward(grad, x, w, winograd=winograd)
+    rx, rw, _ = torch.ops.aten.convolution_backward(
+        grad, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False]
+    )
+    _close(gx, rx, torch.float64)
+    _close(gw, rw, torch.float64)
+    assert wc.conv3x3_backward(grad, x, w, need_input=False)[0] is None
+    assert wc.conv3x3_backward(grad, x, w, need_weight=False)[1] is None
+
+
+def test_bad_input_names_the_argument():
+    x = torch.randn(1, 4, 5, 5)
+    with pytest.raises(ValueError, match="x must be a 4-d"):
+        winograd_conv3x3(x[0], torch.randn(2, 4, 3, 3))
+    with pytest.raises(ValueError, match=r"weight must have shape \(C_out, C_in=4, 3, 3\)"):
+        winograd_conv3x3(x, torch.randn(2, 4, 5, 5))
+    with pytest.raises(ValueError, match=r"bias must have shape \(C_out,\) = \(2,\)"):
+        winograd_conv3x3(x, torch.randn(2, 4, 3, 3), torch.randn(3))
+
+
+def test_cpu_kernel_checks_its_tiles():
+    x = torch.randn(1, 4, 5, 5)
+    with pytest.raises(RuntimeError, match="tiles must have shape"):
+        torch.ops.mtlfast_C.winograd_input(x, 0, torch.empty(36, 4, 3))
+    with pytest.raises(RuntimeError, match="are not within"):
+        torch.ops.mtlfast_C.winograd_input(x, 2, torch.empty(36, 4, 4))
+    with pytest.raises(RuntimeError, match="whole rows"):
+        torch.ops.mtlfast_C.winograd_input_t(torch.empty(36, 1, 4), 1, torch.empty(1, 4, 5, 5))
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        torch.ops.mtlfast_C.winograd_input(x.half(), 0, torch.empty(36, 4, 4, dtype=torch.half))
