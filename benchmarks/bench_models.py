@@ -123,8 +123,10 @@ def make_trainer(
     lr: float,
     precision: str = "fp32",
     memory_format: str = "contiguous",
+    conv_algorithm: str = "winograd",
 ) -> Trainer:
-    """The trainer on ``model`` as a config would build it: PASCAL loss weights, SGD momentum 0.9."""
+    """The trainer on ``model`` as a config would build it: PASCAL loss weights, SGD momentum 0.9
+    (and the trainer's defaults, ``train.conv_algorithm`` "winograd" among them)."""
     config = load_config(
         "mtinet_pascal",
         [
@@ -133,6 +135,7 @@ def make_trainer(
             f"train.strategy={strategy}",
             f"train.precision={precision}",
             f"train.memory_format={memory_format}",
+            f"train.conv_algorithm={conv_algorithm}",
             "optim.name=sgd",
             f"optim.lr={lr}",
             "optim.momentum=0.9",

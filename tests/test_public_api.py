@@ -35,6 +35,7 @@ PUBLIC = {
         "skip_fusion",
         "task_se",
         "use_backend",
+        "winograd_conv3x3",
     ],
     "mtlfast.nn": [
         "MultiModalDistillation",
@@ -42,6 +43,8 @@ PUBLIC = {
         "SkipScoreFusion",
         "TaskBatchNorm2d",
         "TaskSE",
+        "WinogradConv2d",
+        "use_winograd",
     ],
     "mtlfast.engine": ["StepResult", "current_strategy", "multi_branch_step", "split_segments"],
     "mtlfast.models": [

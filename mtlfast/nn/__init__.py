@@ -5,6 +5,7 @@ from .distillation import MultiModalDistillation
 from .skip_fusion import SkipScoreFusion
 from .task_norm import TaskBatchNorm2d
 from .task_se import TaskSE
+from .winograd import WinogradConv2d, use_winograd
 
 __all__ = [
     "MultiModalDistillation",
@@ -12,4 +13,6 @@ __all__ = [
     "SkipScoreFusion",
     "TaskBatchNorm2d",
     "TaskSE",
+    "WinogradConv2d",
+    "use_winograd",
 ]

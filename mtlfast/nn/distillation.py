@@ -12,16 +12,9 @@ from torch.nn import functional as F
 
 from ..engine import current_strategy
 from ..ops._dispatch import choose
+from ..ops.winograd_conv import conv3x3_backward, winograd_conv3x3
 
 __all__ = ["MultiModalDistillation"]
-
-_CONV = {
-    "stride": [1, 1],
-    "padding": [1, 1],
-    "dilation": [1, 1],
-    "transposed": False,
-    "output_padding": [0, 0],
-}
 
 
 class MultiModalDistillation(nn.Module):
@@ -50,6 +43,10 @@ class MultiModalDistillation(nn.Module):
     autograd do (at PAD-Net's size, 256x256 batch 4, 40 maps of 16 MiB against a forward of 40
     convolutions of 256 channels at 64x64 that backward would otherwise run again); under
     ``strategy="recompute"`` and outside the engine it recomputes them.
+
+    ``winograd`` (False; :func:`mtlfast.nn.use_winograd` sets it, as the trainer does by default)
+    runs the convolutions by :func:`mtlfast.ops.winograd_conv3x3`: on CPU in fp32/fp64 with at
+    least 128 channels, a quarter of the multiplications, at about 1e-5 relative rounding.
 
     The fused :func:`mtlfast.ops.attention_distill` is not used: its inputs are all pairs' maps
     at once, which is what this loop avoids.
@@ -83,6 +80,7 @@ class MultiModalDistillation(nn.Module):
         self.num_tasks = num_tasks
         self.channels = channels
         self.recompute = recompute
+        self.winograd = False
         shape = (num_tasks, num_tasks - 1, channels, channels, 3, 3)
         self.mask_weight = nn.Parameter(torch.empty(shape))
         self.message_weight = nn.Parameter(torch.empty(shape))
@@ -118,7 +116,7 @@ class MultiModalDistillation(nn.Module):
             recompute = torch.compiler.is_compiling() or current_strategy() != "naive"
         function = _Distill.apply if recompute else _differentiable
         run = choose(_inference, function, _differentiable, *weights, *inputs)
-        out = run(stacked, *weights, *inputs)
+        out = run(stacked, self.winograd, *weights, *inputs)
         return out if stacked else list(out)
 
     def _check(self, features: torch.Tensor | list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -158,7 +156,10 @@ class MultiModalDistillation(nn.Module):
         return inputs
 
     def extra_repr(self) -> str:
-        return f"num_tasks={self.num_tasks}, channels={self.channels}, recompute={self.recompute}"
+        return (
+            f"num_tasks={self.num_tasks}, channels={self.channels}, recompute={self.recompute}, "
+            f"winograd={self.winograd}"
+        )
 
 
 # ---- the loop over pairs ---------------------------------------------------------------------
@@ -201,14 +202,33 @@ def _source_weights(weight: torch.Tensor, pairs, f: torch.Tensor) -> torch.Tenso
     return nhwc.flatten(0, 1).permute(0, 3, 1, 2)
 
 
-def _maps(f: torch.Tensor, mask_weight: torch.Tensor, message_weight: torch.Tensor, pairs):
-    """Mask logits and messages (N, T-1, C, H, W) of every pair reading the source ``f``: one
-    convolution each, T-1 kernels wide, rather than T-1 narrow ones (the same products)."""
-    n, c, h, w = f.shape
-    m = len(pairs)
-    logits = F.conv2d(f, _source_weights(mask_weight, pairs, f), padding=1)
-    messages = F.conv2d(f, _source_weights(message_weight, pairs, f), padding=1)
-    return logits.view(n, m, c, h, w), messages.view(n, m, c, h, w)
+def _joint_weights(
+    first: torch.Tensor, second: torch.Tensor, pairs, f: torch.Tensor
+) -> torch.Tensor:
+    """The pairs' kernels of ``first`` then those of ``second``: (2 (T-1) C, C, 3, 3)."""
+    return torch.cat([_source_weights(first, pairs, f), _source_weights(second, pairs, f)], 0)
+
+
+def _halves(both: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two (N, m, C, H, W) views of a joint map (N, 2 m C, H, W)."""
+    n, mc2, h, w = both.shape
+    c = mc2 // (2 * m)
+    return both[:, : m * c].view(n, m, c, h, w), both[:, m * c :].view(n, m, c, h, w)
+
+
+def _conv(f: torch.Tensor, weight: torch.Tensor, winograd: bool) -> torch.Tensor:
+    return winograd_conv3x3(f, weight) if winograd else F.conv2d(f, weight, padding=1)
+
+
+def _maps(
+    f: torch.Tensor, mask_weight: torch.Tensor, message_weight: torch.Tensor, pairs, winograd: bool
+):
+    """Mask logits and messages (N, T-1, C, H, W) of every pair reading the source ``f``, as
+    views of one convolution 2 (T-1) kernels wide, rather than 2 (T-1) narrow ones (the same
+    products; with ``winograd``, by F(4x4, 3x3) where that pays, one input transform serving the
+    mask and the message kernels)."""
+    both = _conv(f, _joint_weights(mask_weight, message_weight, pairs, f), winograd)
+    return _halves(both, len(pairs))
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -217,7 +237,7 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
-def _inference(stacked: bool, mask_weight, message_weight, *inputs):
+def _inference(stacked: bool, winograd: bool, mask_weight, message_weight, *inputs):
     """Eq. 1 without autograd: the outputs start as the inputs; each source's gated messages
     are added to their targets as soon as they are computed, so at most one source's T-1 pairs'
     maps exist at a time (memory linear in T)."""
@@ -225,7 +245,7 @@ def _inference(stacked: bool, mask_weight, message_weight, *inputs):
     out = inputs[0].clone() if stacked else [f.clone() for f in features]
     targets = _tasks((out,)) if stacked else out
     for l, pairs in _sources(len(features), _map_bytes(features[0], _autocast_dtype(features[0]))):
-        logits, messages = _maps(features[l], mask_weight, message_weight, pairs)
+        logits, messages = _maps(features[l], mask_weight, message_weight, pairs, winograd)
         gated = messages.mul_(logits.sigmoid_())
         del logits
         for j, (k, _) in enumerate(pairs):
@@ -234,12 +254,12 @@ def _inference(stacked: bool, mask_weight, message_weight, *inputs):
     return out if stacked else tuple(out)
 
 
-def _differentiable(stacked: bool, mask_weight, message_weight, *inputs):
+def _differentiable(stacked: bool, winograd: bool, mask_weight, message_weight, *inputs):
     """The same loop in out-of-place differentiable ops, for torch.compile, functorch and modes."""
     features = _tasks(inputs)
     out = list(features)
     for l, pairs in _sources(len(features), _map_bytes(features[0], _autocast_dtype(features[0]))):
-        logits, messages = _maps(features[l], mask_weight, message_weight, pairs)
+        logits, messages = _maps(features[l], mask_weight, message_weight, pairs, winograd)
         gated = torch.sigmoid(logits) * messages
         for j, (k, _) in enumerate(pairs):
             out[k] = out[k] + gated[:, j]
@@ -250,18 +270,19 @@ class _Distill(torch.autograd.Function):
     """The loop under autograd: saves the inputs and weights, recomputes the maps in backward."""
 
     @staticmethod
-    def forward(ctx, stacked, mask_weight, message_weight, *inputs):
+    def forward(ctx, stacked, winograd, mask_weight, message_weight, *inputs):
         ctx.save_for_backward(mask_weight, message_weight, *inputs)
+        ctx.winograd = winograd
         # backward runs with autocast off (as the memory engine runs it), so the forward's
         # casts are replayed by hand there: the same products in the same precision
         ctx.cast = _autocast_dtype(inputs[0])
-        return _inference(stacked, mask_weight, message_weight, *inputs)
+        return _inference(stacked, winograd, mask_weight, message_weight, *inputs)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grad_outputs):
         mask_weight, message_weight, *inputs = ctx.saved_tensors
-        _, need_mask, need_message, *need_inputs = ctx.needs_input_grad
+        _, _, need_mask, need_message, *need_inputs = ctx.needs_input_grad
         need_x = any(need_inputs)
         features = _tasks(inputs)
         grad_out = _tasks(grad_outputs)
@@ -275,35 +296,40 @@ class _Distill(torch.autograd.Function):
             if f_source != l:  # a source is cast once for all its chunks
                 f = features[l] if ctx.cast is None else features[l].to(ctx.cast)
                 f_source = l
-            logits, messages = _maps(f, mask_weight, message_weight, pairs)
+            m = len(pairs)
+            both = _conv(f, _joint_weights(mask_weight, message_weight, pairs, f), ctx.winograd)
+            logits, messages = _halves(both, m)
             sig = logits.sigmoid_()
             # (N, T-1, C, H, W) in the maps' layout, so that channels-last maps stay so
             go = torch.empty_like(sig)
             for j, (k, _) in enumerate(pairs):
                 go[:, j].copy_(grad_out[k])
-            # d/dmessages = go * sigmoid; d/dlogits = go * messages * sigmoid * (1 - sigmoid)
-            grad_messages = go * sig
-            grad_logits = messages.mul_(go).mul_(sig)
-            grad_logits.mul_(sig.neg_().add_(1))
-            del logits, messages, sig, go
-            for grad_map, weight, need_w, grad_w in (
-                (grad_logits, mask_weight, need_mask, grad_mask),
-                (grad_messages, message_weight, need_message, grad_message),
-            ):
-                gx, gw, _ = torch.ops.aten.convolution_backward(
-                    grad_map.flatten(1, 2),
-                    f,
-                    _source_weights(weight, pairs, f),
-                    None,
-                    **_CONV,
-                    groups=1,
-                    output_mask=[need_x, need_w, False],
-                )
-                if need_w:  # every pair is in exactly one chunk: each slot written once
-                    for (k, s), g in zip(pairs, gw.chunk(len(pairs), 0)):
-                        grad_w[k, s].copy_(g)
-                if need_x:
-                    grad_features[l].add_(gx)
-                del gx, gw
-            del grad_logits, grad_messages
-        return (None, grad_mask, grad_message, *grad_inputs)
+            # d/dmessages = go * sigmoid; d/dlogits = go * messages * sigmoid * (1 - sigmoid),
+            # the latter in the messages' half, the former then copied into the logits' half:
+            # both's halves become (d/dmessages, d/dlogits), one map for one backward.
+            grad_messages = go.mul_(sig)
+            messages.mul_(grad_messages).mul_(sig.neg_().add_(1))
+            logits.copy_(grad_messages)
+            del sig, go, grad_messages, logits, messages
+            gx, gw = conv3x3_backward(
+                both,
+                f,
+                _joint_weights(message_weight, mask_weight, pairs, f),
+                need_x,
+                need_mask or need_message,
+                winograd=ctx.winograd,
+            )
+            del both
+            if gw is not None:  # every pair is in exactly one chunk: each slot written once
+                halves = gw.chunk(2, 0)  # the message kernels', then the mask kernels'
+                for need_w, grad_w, half in (
+                    (need_message, grad_message, halves[0]),
+                    (need_mask, grad_mask, halves[1]),
+                ):
+                    if need_w:
+                        for (k, s), g in zip(pairs, half.chunk(m, 0)):
+                            grad_w[k, s].copy_(g)
+            if need_x:
+                grad_features[l].add_(gx)
+            del gx, gw
+        return (None, None, grad_mask, grad_message, *grad_inputs)

@@ -150,7 +150,12 @@ class TrainConfig:
     (benchmarks/channels_last_step.py, PASCAL's five tasks at 256x256, batch 4, 2 threads, this
     2-core EPYC, median step time channels-last / NCHW): MTI-Net 0.86x, UberNet 0.76x, but
     PAD-Net 1.09x and ASTMT 1.08x (rounds of both on either side of 1); and it is unmeasured on
-    CUDA. MTI-Net's shipped configs set it; set it for UberNet on a CPU too."""
+    CUDA. MTI-Net's shipped configs set it; set it for UberNet on a CPU too.
+    ``conv_algorithm``: "winograd" (default) computes the model's 3x3 stride-1 convolutions of
+    at least 128 channels, and the distillation's, by Winograd's F(4x4, 3x3) on a CPU in fp32
+    (:func:`mtlfast.nn.use_winograd`): a quarter of the multiplications, results within about
+    1e-5 of the direct convolution's largest output; "direct" keeps every convolution
+    ``F.conv2d``'s. Off the CPU and in bf16/fp16 the two are the same."""
 
     max_steps: int = 1000
     eval_every: int = 500
@@ -173,6 +178,7 @@ class TrainConfig:
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
     dist_timeout: float = 600.0
     memory_format: Literal["contiguous", "channels_last"] = "contiguous"
+    conv_algorithm: Literal["winograd", "direct"] = "winograd"
 
 
 @dataclass

@@ -409,7 +409,8 @@ def test_chunked_pairs_equal_per_pair_loop(monkeypatch, chunk_bytes, stacked):
         f.grad = None
     layer.zero_grad()
     torch.autograd.backward(
-        distillation._differentiable(False, layer.mask_weight, layer.message_weight, *feats), grads
+        distillation._differentiable(False, False, layer.mask_weight, layer.message_weight, *feats),
+        grads,
     )
     expected = [f.grad for f in feats] + [layer.mask_weight.grad, layer.message_weight.grad]
     for a, b in zip(ours, expected):
@@ -417,3 +418,36 @@ def test_chunked_pairs_equal_per_pair_loop(monkeypatch, chunk_bytes, stacked):
     with torch.no_grad():
         for g, e in zip(layer(feats), naive(layer, feats)):
             torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("stacked", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_winograd_equals_per_pair_loop(recompute, stacked, channels_last):
+    """winograd=True (the trainer's default): 128 channels at 16x16 take the F(4x4, 3x3) path,
+    the mask and message kernels of a chunk in one convolution; values and every gradient as the
+    per-pair loop's, to the transforms' rounding (fp64 here)."""
+    if not mtlfast._extension.has_extension():
+        pytest.skip("mtlfast._C is not built")
+    torch.manual_seed(3)
+    layer = MultiModalDistillation(3, 128, recompute=recompute).double()
+    layer.winograd = True
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    feats = [
+        torch.randn(2, 128, 16, 16, dtype=torch.float64)
+        .contiguous(memory_format=fmt)
+        .requires_grad_()
+        for _ in range(3)
+    ]
+    out = layer(torch.stack(feats, 1)) if stacked else layer(feats)
+    outs = list(out.unbind(1)) if stacked else out
+    loss = sum((o * o.detach().sin()).sum() for o in outs)
+    params = [layer.mask_weight, layer.message_weight]
+    got = torch.autograd.grad(loss, [*feats, *params])
+    want_outs = naive_plain(layer, feats)
+    want = torch.autograd.grad(
+        sum((o * o.detach().sin()).sum() for o in want_outs), [*feats, *params]
+    )
+    for g, e in zip([*outs, *got], [*want_outs, *want]):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
+    assert not torch.equal(outs[0], want_outs[0])  # the Winograd path ran

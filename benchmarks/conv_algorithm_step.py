@@ -1,0 +1,119 @@
+"""The trainer's step with ``train.conv_algorithm`` "winograd" (the default) against "direct", as JSON.
+
+For each model of ``benchmarks/bench_models.py`` (MTI-Net, PAD-Net, ASTMT, UberNet on PASCAL's
+five tasks, 256x256, batch 4, SGD), two trainers on copies of the same weights, one whose 3x3
+convolutions of at least 128 channels (and distillation) run by Winograd's F(4x4, 3x3)
+(:func:`mtlfast.nn.use_winograd`) and one with every convolution ``F.conv2d``'s, take one
+``Trainer.train_step`` each per round, alternating (``bench_trainer._alternate``), after one
+untimed step each whose total losses are compared (the rounding of the transforms). Also the
+number of layers switched, and the machine's load around each model.
+
+    python benchmarks/conv_algorithm_step.py --out benchmarks/results/<machine>/conv_algorithm_step.json
+    python benchmarks/conv_algorithm_step.py --models padnet --rounds 3
+    python benchmarks/conv_algorithm_step.py --quick     # 64x64, 1 round: a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+import mtlfast
+from benchmarks import malloc_env
+from benchmarks.bench_models import MODELS, _git_commit, build, make_batch, make_trainer
+from benchmarks.bench_trainer import _alternate, _cpu_load
+from benchmarks.channels_last_step import DEFAULT_ROUNDS, _loadavg
+from mtlfast.nn import WinogradConv2d
+
+ALGORITHMS = ("direct", "winograd")
+
+
+def measure(name: str, args, batch: dict) -> dict:
+    ours = build(name, args)[0]
+    models = {"direct": ours, "winograd": copy.deepcopy(ours)}
+    trainers = {
+        a: make_trainer(models[a], "recompute", args.threads, args.lr, conv_algorithm=a)
+        for a in ALGORITHMS
+    }
+    switched = sum(type(m) is WinogradConv2d for m in trainers["winograd"].model.modules())
+    first = {a: trainers[a].train_step(batch) for a in ALGORITHMS}  # also the warm-up
+    d, w = (float(first[a].total) for a in ALGORITHMS)
+    rounds = args.rounds or DEFAULT_ROUNDS[name]
+    load_before, cpu_before = _loadavg(), _cpu_load()
+    fns = {a: (lambda t=trainers[a]: t.train_step(batch)) for a in ALGORITHMS}
+    times = _alternate(fns, rounds, steps=1)
+    per_round = [x / y for x, y in zip(times["winograd"], times["direct"])]
+    row = {
+        "rounds": rounds,
+        "winograd_conv2d_layers": switched,
+        "step_s": {a: [round(t, 3) for t in times[a]] for a in ALGORITHMS},
+        "median_step_s": {a: round(statistics.median(times[a]), 3) for a in ALGORITHMS},
+        "ratio_winograd_over_direct": round(
+            statistics.median(times["winograd"]) / statistics.median(times["direct"]), 3
+        ),
+        "per_round_ratio": [round(r, 3) for r in per_round],
+        "per_round_ratio_range": [round(min(per_round), 3), round(max(per_round), 3)],
+        "first_step_total_loss": {"direct": d, "winograd": w},
+        "first_step_loss_rel_diff": abs(d - w) / max(abs(d), 1e-30),
+        "loadavg_before": load_before,
+        "loadavg_after": _loadavg(),
+        "other_cpu_share_before": round(cpu_before, 3),
+    }
+    del trainers, models, ours
+    gc.collect()
+    return row
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--rounds", type=int, help="alternating rounds (default: 5 MTI-Net/ASTMT, 3 else)"
+    )
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--ubernet-backbone", default="vgg16")
+    p.add_argument("--ubernet-width", type=float, default=1.0)
+    p.add_argument("--quick", action="store_true", help="64x64, 1 round: a smoke test")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.size, args.rounds = 64, 1
+    torch.set_num_threads(args.threads)
+    batch = make_batch(args.batch, args.size)
+    out = {
+        "what": "Trainer.train_step, train.conv_algorithm direct vs winograd, alternating",
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "mtlfast": mtlfast.__version__,
+        "commit": _git_commit(),
+        "threads": args.threads,
+        "batch": args.batch,
+        "size": args.size,
+        "malloc_env": malloc_env.current(),
+        "command": "python benchmarks/conv_algorithm_step.py " + " ".join(sys.argv[1:]),
+        "models": {},
+    }
+    for name in args.models:
+        out["models"][name] = row = measure(name, args, batch)
+        print(name, json.dumps(row), flush=True)
+        if args.out is not None:  # after each model: a run cut short keeps what it finished
+            args.out.write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
