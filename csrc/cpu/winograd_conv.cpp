@@ -16,8 +16,16 @@ namespace {
 // GEMM reads them back (measured: the input transform of (4, 256, 64, 64) 10 -> 7 ms, 2 threads).
 constexpr int64_t kStreamBytes = 8 << 20;
 
-const DtypeKernels& dtype_kernels(const char* op, at::ScalarType dtype) {
+// Narrowest NCHW output that output_rows writes (see winograd_output).
+constexpr int64_t kRowsMinWidth = 64;
+
+const Kernels& isa_kernels() {
   static const Kernels table = MTLFAST_ISA_TABLE(kernels);
+  return table;
+}
+
+const DtypeKernels& dtype_kernels(const char* op, at::ScalarType dtype) {
+  const Kernels& table = isa_kernels();
   switch (dtype) {
     case at::kFloat:
       return table.f32;
@@ -98,8 +106,17 @@ void winograd_output(const at::Tensor& tiles, int64_t first, const std::optional
     b = bias->const_data_ptr();
   }
   const Args args{im, tiles_for(op, tiles, first, im, out.scalar_type()), b, false};
-  const Fn kernel = dtype_kernels(op, out.scalar_type()).output;
-  over_tiles(args.tiles, [&](int64_t begin, int64_t end) { kernel(args, begin, end); });
+  const DtypeKernels& kernels = dtype_kernels(op, out.scalar_type());
+  // a row of tiles at a time pays on wide maps only: measured (4, 512, 64, 64) forward 0.61x ->
+  // 0.53x of oneDNN's, (4, 128, 128, 128) 0.85x -> 0.71x, but (4, 512, 32, 32) 0.59x -> 0.76x
+  if (im.stride_w == 1 && im.stride_c != 1 && im.W >= kRowsMinWidth && first % im.tw == 0 &&
+      args.tiles.count % im.tw == 0) {
+    const int64_t blocks = isa_kernels().output_blocks(im.C, out.scalar_type() == at::kDouble);
+    const int64_t items = args.tiles.count / im.tw * blocks;
+    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) { kernels.output_rows(args, begin, end); });
+    return;
+  }
+  over_tiles(args.tiles, [&](int64_t begin, int64_t end) { kernels.output(args, begin, end); });
 }
 
 void winograd_input_t(const at::Tensor& tiles, int64_t first, const at::Tensor& grad_x) {

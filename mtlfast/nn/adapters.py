@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..ops.atrous_conv import _use_taps, atrous_conv2d
+from ..ops.winograd_conv import conv3x3_backward, winograd_conv3x3
 from ._task import check_task
 
 __all__ = ["ResidualAdapter"]
@@ -60,15 +61,18 @@ class _MergedConv2d(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(x, weight, adapter, stride, padding, dilation):
+    def forward(x, weight, adapter, stride, padding, dilation, winograd):
         merged = weight + F.pad(adapter, _centre(weight))
+        if winograd and _winograd_geometry(weight, stride, padding, dilation):
+            return winograd_conv3x3(x, merged)
         return F.conv2d(x, merged, None, stride, padding, dilation)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, adapter, stride, padding, dilation = inputs
+        x, weight, adapter, stride, padding, dilation, winograd = inputs
         ctx.save_for_backward(x, weight, adapter)
         ctx.options = (stride, padding, dilation)
+        ctx.winograd = winograd
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -79,6 +83,16 @@ class _MergedConv2d(torch.autograd.Function):
         # under autocast the forward convolved in grad_out's dtype
         dtype = grad_out.dtype
         x_in, grad_in = x.to(dtype), grad_out
+        # Winograd's backward has no derivative of its own: a create_graph backward takes aten's
+        if (
+            ctx.winograd
+            and not torch.is_grad_enabled()
+            and _winograd_geometry(weight, stride, padding, dilation)
+        ):
+            grad_x, grad_merged = conv3x3_backward(
+                grad_out, x_in, merged.to(dtype), need_x, need_w or need_a
+            )
+            return _merged_grads(x, weight, grad_x, grad_merged, need_w, need_a)
         # oneDNN's weight gradient of a dilated convolution takes a large buffer (81 MiB for
         # ASTMT's layer4, (4, 512, 16, 16) at dilation 2, then its training step's peak; 72 MiB
         # for its ASPP's rate 6 at 16x16); over the phases it is an undilated one: 9 and 10 MiB,
@@ -102,21 +116,31 @@ class _MergedConv2d(torch.autograd.Function):
             1,
             [need_x, need_w or need_a, False],
         )
-        grad_w = grad_a = None
-        if grad_x is not None:
-            if phased:
-                grad_x = _from_phases(grad_x, ctx.options[2])[..., :h, :w]
-                if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-                    grad_x = grad_x.contiguous(memory_format=torch.channels_last)
-            grad_x = grad_x.to(x.dtype)
-        if grad_merged is not None:
-            grad_merged = grad_merged.to(weight.dtype)
-            if need_a:
-                k = weight.shape[-1] // 2
-                grad_a = grad_merged[:, :, k : k + 1, k : k + 1]
-            if need_w:
-                grad_w = grad_merged
-        return grad_x, grad_w, grad_a, None, None, None
+        if grad_x is not None and phased:
+            grad_x = _from_phases(grad_x, ctx.options[2])[..., :h, :w]
+            if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+                grad_x = grad_x.contiguous(memory_format=torch.channels_last)
+        return _merged_grads(x, weight, grad_x, grad_merged, need_w, need_a)
+
+
+def _winograd_geometry(weight: torch.Tensor, stride: int, padding: int, dilation: int) -> bool:
+    return weight.shape[-1] == 3 and stride == 1 and padding == 1 and dilation == 1
+
+
+def _merged_grads(x, weight, grad_x, grad_merged, need_w, need_a):
+    """_MergedConv2d.backward's return: x's gradient, and the shared weight's and the adapter's
+    from the merged weight's (the adapter's is its centre tap)."""
+    grad_w = grad_a = None
+    if grad_x is not None:
+        grad_x = grad_x.to(x.dtype)
+    if grad_merged is not None:
+        grad_merged = grad_merged.to(weight.dtype)
+        if need_a:
+            k = weight.shape[-1] // 2
+            grad_a = grad_merged[:, :, k : k + 1, k : k + 1]
+        if need_w:
+            grad_w = grad_merged
+    return grad_x, grad_w, grad_a, None, None, None, None
 
 
 def merged_conv2d(
@@ -126,8 +150,11 @@ def merged_conv2d(
     stride: int = 1,
     padding: int = 1,
     dilation: int = 1,
+    winograd: bool = False,
 ) -> torch.Tensor:
     """``conv2d(x, weight + adapter at the centre tap)``, the merged weight not kept for backward.
+    With ``winograd``, a 3x3 stride-1 undilated one runs by :func:`mtlfast.ops.winograd_conv3x3`
+    (forward and backward; a ``create_graph`` backward by aten).
 
     Shapes: x (N, C_in, H, W); weight (C_out, C_in, k, k), k odd; adapter (C_out, C_in, 1, 1);
     output (N, C_out, H', W') as ``F.conv2d`` gives with these options.
@@ -139,7 +166,7 @@ def merged_conv2d(
     k = weight.shape[-1]
     if stride == 1 and padding == dilation * (k // 2) and _use_taps(x, k, dilation):
         return atrous_conv2d(x, weight + F.pad(adapter, _centre(weight)), dilation)
-    return _MergedConv2d.apply(x, weight, adapter, stride, padding, dilation)
+    return _MergedConv2d.apply(x, weight, adapter, stride, padding, dilation, winograd)
 
 
 class ResidualAdapter(nn.Module):
@@ -166,6 +193,10 @@ class ResidualAdapter(nn.Module):
         x: (N, C_in, H, W); task: an int (the whole batch) or (N,) int64 (per sample).
         output: (N, C_out, ceil(H / stride), ceil(W / stride)).
 
+    ``winograd`` (False; :func:`mtlfast.nn.use_winograd` sets it) runs a stride-1 layer's 3x3
+    convolution by :func:`mtlfast.ops.winograd_conv3x3` (which falls back to ``F.conv2d`` where
+    that does not pay).
+
     ``conv`` is the shared ``nn.Conv2d``; ``adapter_weight`` (T, C_out, C_in, 1, 1) stacks the
     adapters, row t being the weight of task t's ``nn.Conv2d(C_in, C_out, 1, bias=False)``.
     """
@@ -187,6 +218,7 @@ class ResidualAdapter(nn.Module):
         self.num_tasks = num_tasks
         self.stride = stride
         self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.winograd = False  # mtlfast.nn.use_winograd sets it
         self.adapter_weight = nn.Parameter(torch.zeros(num_tasks, out_channels, in_channels, 1, 1))
 
     def reset_parameters(self) -> None:
@@ -201,8 +233,12 @@ class ResidualAdapter(nn.Module):
             )
         task = check_task("ResidualAdapter", task, x, self.num_tasks)
         if isinstance(task, int):
-            return merged_conv2d(x, self.conv.weight, self.adapter_weight[task], self.stride)
-        shared = F.conv2d(x, self.conv.weight, stride=self.stride, padding=1)
+            weight, adapter = self.conv.weight, self.adapter_weight[task]
+            return merged_conv2d(x, weight, adapter, self.stride, winograd=self.winograd)
+        if self.winograd and self.stride == 1:
+            shared = winograd_conv3x3(x, self.conv.weight)
+        else:
+            shared = F.conv2d(x, self.conv.weight, stride=self.stride, padding=1)
         n, _, h, w = shared.shape
         sampled = x[:, :, :: self.stride, :: self.stride].reshape(n, self.in_channels, h * w)
         adapters = self.adapter_weight.flatten(2)[task]

@@ -1,12 +1,13 @@
 """3x3 convolutions by Winograd's F(4x4, 3x3) in a model: :class:`WinogradConv2d` and
 :func:`use_winograd`, which switches a model's eligible ``nn.Conv2d`` layers (and its
-distillation units) to it in place."""
+distillation units and residual adapters) to it in place."""
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
 from ..ops.winograd_conv import MIN_CHANNELS, winograd_conv3x3
+from .adapters import ResidualAdapter
 from .distillation import MultiModalDistillation
 
 __all__ = ["WinogradConv2d", "use_winograd"]
@@ -49,8 +50,9 @@ def _eligible(conv: nn.Conv2d, min_channels: int) -> bool:
 
 def use_winograd(model: nn.Module, enabled: bool = True) -> int:
     """Switch ``model``'s 3x3 stride-1 convolutions of at least 128 input and output channels
-    to :class:`WinogradConv2d`, and its :class:`MultiModalDistillation` units to Winograd, in
-    place (``enabled=False`` switches them back). Parameters, state dict and hooks are kept.
+    to :class:`WinogradConv2d`, and its :class:`MultiModalDistillation` and
+    :class:`ResidualAdapter` layers to Winograd (their ``winograd`` flag), in place
+    (``enabled=False`` switches them back). Parameters, state dict and hooks are kept.
 
     Only layers whose type is exactly ``nn.Conv2d`` are switched: a subclass's forward is its own.
     Returns the number of layers and units switched.
@@ -59,7 +61,7 @@ def use_winograd(model: nn.Module, enabled: bool = True) -> int:
         raise TypeError(f"use_winograd: model must be an nn.Module, got {type(model).__name__}")
     switched = 0
     for module in model.modules():
-        if isinstance(module, MultiModalDistillation):
+        if isinstance(module, (MultiModalDistillation, ResidualAdapter)):
             switched += module.winograd != enabled
             module.winograd = enabled
         elif enabled and type(module) is nn.Conv2d and _eligible(module, MIN_CHANNELS):

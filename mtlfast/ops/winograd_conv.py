@@ -7,7 +7,8 @@ C_out): 36 multiply-adds per 16 outputs per channel pair where the direct convol
 a quarter of the arithmetic. The transforms (``B^T d B`` of every input tile, ``A^T m A`` of
 every product tile, and their adjoints for the backward) are the C++ kernels of the ``cpu``
 backend; the 36 matrix products of each direction are ``torch.bmm``. The backward recomputes the
-input transform, so only x and the weight are saved, as for ``F.conv2d``.
+input transform, so only x and the weight are saved, as for ``F.conv2d``. A ``create_graph``
+backward (double backprop) takes aten's convolution backward, which has a derivative.
 
 It pays where the convolution is compute-bound and has channels for the matrix products to
 fill. Forward and backward on a 2-core Xeon (AVX512, 2 threads, median of 7 alternating with
@@ -73,10 +74,22 @@ def _chunks(x: torch.Tensor, channels: int) -> list[tuple[int, int]]:
     return [(r * tw, (min(rows, r + per) - r) * tw) for r in range(0, rows, per)]
 
 
-def _weight_tiles(weight: torch.Tensor) -> torch.Tensor:
-    """U (36, C_out, C_in): G g G^T of every (out, in) kernel, position-major."""
+def _groups(k: int, c: int, itemsize: int) -> list[tuple[int, int]]:
+    """[a, b) ranges of output channels whose weight tiles (36, b - a, C_in) stay under
+    :data:`_CHUNK_BYTES`: a (512, 512) kernel's 38 MiB of tiles in one tensor were mapped in
+    afresh on every call, 10 ms of page faults on a (4, 512, 16, 16) convolution of 20."""
+    per = max(1, _CHUNK_BYTES // (36 * c * itemsize))
+    size = -(-k // -(-k // per))
+    return [(a, min(k, a + size)) for a in range(0, k, size)]
+
+
+def _weight_tiles(weight: torch.Tensor, groups: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """U (36, b - a, C_in) of every group of output channels: G g G^T of every (out, in)
+    kernel, position-major."""
     k, c = weight.shape[:2]
-    return (_gg(weight.dtype) @ weight.reshape(k * c, 9).t()).view(36, k, c)
+    taps = weight.permute(2, 3, 0, 1).reshape(9, k * c)  # (9, C_out * C_in), tap-major
+    gg = _gg(weight.dtype)
+    return [(gg @ taps[:, a * c : b * c]).view(36, b - a, c) for a, b in groups]
 
 
 def _out_like(x: torch.Tensor, channels: int) -> torch.Tensor:
@@ -99,16 +112,19 @@ def _require_extension() -> None:
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     _require_extension()
     c, k = x.shape[1], weight.shape[0]
-    weight_tiles = _weight_tiles(weight).transpose(1, 2)  # (36, C_in, C_out)
+    groups = _groups(k, c, x.element_size())
+    weight_tiles = _weight_tiles(weight, groups)
     bias = None if bias is None else bias.contiguous()
     out = _out_like(x, k)
-    for first, count in _chunks(x, max(c, k)):
+    for first, count in _chunks(x, max(c, max(b - a for a, b in groups))):
         tiles = x.new_empty((36, count, c))
         torch.ops.mtlfast_C.winograd_input(x, first, tiles)
-        products = torch.bmm(tiles, weight_tiles)
+        for (a, b), u in zip(groups, weight_tiles):
+            products = torch.bmm(tiles, u.transpose(1, 2))
+            part = None if bias is None else bias[a:b]
+            torch.ops.mtlfast_C.winograd_output(products, first, part, out[:, a:b])
+            del products
         del tiles
-        torch.ops.mtlfast_C.winograd_output(products, first, bias, out)
-        del products
     return out
 
 
@@ -127,19 +143,27 @@ def _backward_impl(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _require_extension()
     k, c = weight.shape[:2]
-    weight_tiles = _weight_tiles(weight)  # (36, C_out, C_in)
+    groups = _groups(k, c, x.element_size())
+    weight_tiles = _weight_tiles(weight, groups)
     grad_x = _out_like(x, c).zero_()
-    grad_weight_tiles = weight_tiles.new_zeros((36, k, c))
+    grad_weight_tiles = [u.new_zeros(u.shape) for u in weight_tiles]
     for first, count in _chunks(x, max(c, k)):
-        grad_tiles = grad.new_empty((36, count, k))
-        torch.ops.mtlfast_C.winograd_output_t(grad, first, grad_tiles)
-        input_tiles = torch.bmm(grad_tiles, weight_tiles)  # the gradient at the transformed input
+        grad_tiles, input_tiles = [], None  # the latter: the gradient at the transformed input
+        for (a, b), u in zip(groups, weight_tiles):
+            g = grad.new_empty((36, count, b - a))
+            torch.ops.mtlfast_C.winograd_output_t(grad[:, a:b], first, g)
+            input_tiles = torch.bmm(g, u) if input_tiles is None else input_tiles.baddbmm_(g, u)
+            grad_tiles.append(g)
         torch.ops.mtlfast_C.winograd_input_t(input_tiles, first, grad_x)
         # the forward's transformed input, recomputed into the buffer just used
         torch.ops.mtlfast_C.winograd_input(x, first, input_tiles)
-        grad_weight_tiles.baddbmm_(grad_tiles.transpose(1, 2), input_tiles)
+        for g, du in zip(grad_tiles, grad_weight_tiles):
+            du.baddbmm_(g.transpose(1, 2), input_tiles)
         del grad_tiles, input_tiles
-    grad_weight = (_gg(weight.dtype).t() @ grad_weight_tiles.view(36, k * c)).view(9, k, c)
+    gg_t = _gg(weight.dtype).t()
+    grad_weight = torch.cat(
+        [(gg_t @ du.view(36, -1)).view(9, -1, c) for du in grad_weight_tiles], 1
+    )
     grad_weight = grad_weight.permute(1, 2, 0).reshape(k, c, 3, 3)
     grad_bias = grad.sum((0, 2, 3)) if has_bias else grad.new_empty((0,))
     return grad_x, grad_weight, grad_bias
@@ -167,6 +191,11 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph: aten's backward, which has a derivative
+        need = list(ctx.needs_input_grad[:2]) + [ctx.has_bias]
+        return torch.ops.aten.convolution_backward(
+            grad, x, weight, [weight.shape[0]], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, need
+        )
     grad_x, grad_weight, grad_bias = _winograd_backward(grad.contiguous(), x, weight, ctx.has_bias)
     return grad_x, grad_weight, grad_bias if ctx.has_bias else None
 

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mtlfast._extension import has_extension
 from mtlfast.nn import ResidualAdapter
 from mtlfast.nn.adapters import merged_conv2d
 
@@ -284,3 +285,30 @@ def test_dilated_backward_runs_over_the_phases(monkeypatch):
     x, w, a = merged_inputs(4, 3, (5, 5), 3)
     merged_conv2d(x, w, a, 1, 4, 4).sum().backward()  # padded to 8x8: 2.6 times the pixels
     assert calls == []
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_winograd_matches_direct(per_sample):
+    """winograd=True (mtlfast.nn.use_winograd): the 3x3 convolution by F(4x4, 3x3) at 128
+    channels and 16x16; values and every gradient as the direct layer's to fp64 rounding, and
+    a create_graph backward (ASTMT's double backprop) by aten's differentiable one."""
+    if not has_extension():
+        pytest.skip("mtlfast._C is not built")
+    torch.manual_seed(0)
+    layer = ResidualAdapter(128, 128, 3).double()
+    nn.init.normal_(layer.adapter_weight, std=0.05)
+    x = torch.randn(2, 128, 16, 16, dtype=torch.float64, requires_grad=True)
+    task = torch.tensor([2, 0]) if per_sample else 1
+    params = [x, layer.conv.weight, layer.adapter_weight]
+    want = layer(x, task)
+    grads_want = torch.autograd.grad(want.square().sum(), params, create_graph=True)
+    layer.winograd = True
+    got = layer(x, task)
+    assert not torch.equal(got, want)  # the Winograd path ran
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    for g, r in zip(torch.autograd.grad(got.square().sum(), params, retain_graph=True), grads_want):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+    second = torch.autograd.grad(got.square().sum(), params, create_graph=True)
+    gg = torch.autograd.grad(second[0].square().sum(), layer.conv.weight)[0]
+    gg_want = torch.autograd.grad(grads_want[0].square().sum(), layer.conv.weight)[0]
+    torch.testing.assert_close(gg, gg_want, rtol=1e-8, atol=1e-8)

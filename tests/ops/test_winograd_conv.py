@@ -62,20 +62,23 @@ def test_cpu_matches_conv2d_forward_and_backward(shape, k, layout, dtype, bias):
 
 
 @pytest.mark.parametrize("rows", [1, 3])
-def test_cpu_chunks_of_tile_rows_match_one_chunk(monkeypatch, rows):
-    """Ranges of whole tile rows (here 1 or 3 rows of 3 tiles, the last range shorter): the
-    input adjoint adds across range boundaries, the weight gradient sums the ranges."""
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cpu_chunks_of_tile_rows_and_channel_groups_match_one_chunk(monkeypatch, rows, layout):
+    """Ranges of whole tile rows (here 1 or 3 rows of 3 tiles, the last range shorter) and
+    groups of output channels (2 groups of 3 and 2 with rows=1): the input adjoint adds across
+    range boundaries, the weight gradient sums the ranges, each group writes its channels."""
     torch.manual_seed(1)
-    x = torch.randn(2, 6, 10, 11, dtype=torch.float64, requires_grad=True)
+    x = make((2, 6, 10, 11), torch.float64, layout).requires_grad_()
     w = torch.randn(5, 6, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
     monkeypatch.setattr(wc, "_CHUNK_BYTES", rows * 36 * 6 * 3 * 8)
     assert len(wc._chunks(x, 6)) == -(-6 // rows)
-    got = wc._winograd(x, w, None)
-    grads = torch.autograd.grad(got, (x, w), torch.ones_like(got))
-    want = F.conv2d(x, w, padding=1)
-    for g, r in zip(
-        (got, *grads), (want, *torch.autograd.grad(want, (x, w), torch.ones_like(want)))
-    ):
+    assert len(wc._groups(5, 6, 8)) == (2 if rows == 1 else 1)
+    got = wc._winograd(x, w, b)
+    grads = torch.autograd.grad(got, (x, w, b), torch.ones_like(got))
+    want = F.conv2d(x, w, b, padding=1)
+    wants = torch.autograd.grad(want, (x, w, b), torch.ones_like(want))
+    for g, r in zip((got, *grads), (want, *wants)):
         _close(g, r, torch.float64)
 
 
@@ -174,3 +177,12 @@ def test_cpu_kernel_checks_its_tiles():
         torch.ops.mtlfast_C.winograd_input_t(torch.empty(36, 1, 4), 1, torch.empty(1, 4, 5, 5))
     with pytest.raises(RuntimeError, match="float32 or float64"):
         torch.ops.mtlfast_C.winograd_input(x.half(), 0, torch.empty(36, 4, 4, dtype=torch.half))
+
+
+def test_cpu_double_backward_by_aten():
+    """A create_graph backward runs aten's convolution backward, which has a derivative."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 5, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(wc._winograd, (x, w, b))
