@@ -71,6 +71,17 @@ Tiles tiles_for(const char* op, const at::Tensor& tiles, int64_t first, const Im
   return {const_cast<void*>(tiles.const_data_ptr()), tiles.stride(0), first, count};
 }
 
+// Whether the *_rows kernels serve this image and range: NCHW-like (contiguous rows, channels
+// apart) on maps at least kRowsMinWidth wide, whole tile rows.
+bool by_rows(const Image& im, const Tiles& tiles) {
+  return im.stride_w == 1 && im.stride_c != 1 && im.W >= kRowsMinWidth && tiles.first % im.tw == 0 &&
+         tiles.count % im.tw == 0;
+}
+
+int64_t blocks_of(const Image& im, at::ScalarType dtype) {
+  return isa_kernels().channel_blocks(im.C, dtype == at::kDouble);
+}
+
 template <typename Fn>
 void over_tiles(const Tiles& tiles, Fn fn) {
   // a grain of a few tiles: each is 36 * C values in and out
@@ -81,8 +92,13 @@ void winograd_input(const at::Tensor& x, int64_t first, const at::Tensor& tiles)
   constexpr const char* op = "mtlfast_C::winograd_input";
   const Image im = image_of(op, "x", x);
   const Args args{im, tiles_for(op, tiles, first, im, x.scalar_type()), nullptr, stream_into(tiles, kStreamBytes)};
-  const Fn kernel = dtype_kernels(op, x.scalar_type()).input;
-  over_tiles(args.tiles, [&](int64_t b, int64_t e) { kernel(args, b, e); });
+  const DtypeKernels& kernels = dtype_kernels(op, x.scalar_type());
+  if (by_rows(im, args.tiles)) {
+    const int64_t items = args.tiles.count / im.tw * blocks_of(im, x.scalar_type());
+    at::parallel_for(0, items, 1, [&](int64_t b, int64_t e) { kernels.input_rows(args, b, e); });
+    return;
+  }
+  over_tiles(args.tiles, [&](int64_t b, int64_t e) { kernels.input(args, b, e); });
 }
 
 void winograd_output_t(const at::Tensor& grad_out, int64_t first, const at::Tensor& tiles) {
@@ -90,8 +106,13 @@ void winograd_output_t(const at::Tensor& grad_out, int64_t first, const at::Tens
   const Image im = image_of(op, "grad_out", grad_out);
   const Args args{im, tiles_for(op, tiles, first, im, grad_out.scalar_type()), nullptr,
                   stream_into(tiles, kStreamBytes)};
-  const Fn kernel = dtype_kernels(op, grad_out.scalar_type()).output_t;
-  over_tiles(args.tiles, [&](int64_t b, int64_t e) { kernel(args, b, e); });
+  const DtypeKernels& kernels = dtype_kernels(op, grad_out.scalar_type());
+  if (by_rows(im, args.tiles)) {
+    const int64_t items = args.tiles.count / im.tw * blocks_of(im, grad_out.scalar_type());
+    at::parallel_for(0, items, 1, [&](int64_t b, int64_t e) { kernels.output_t_rows(args, b, e); });
+    return;
+  }
+  over_tiles(args.tiles, [&](int64_t b, int64_t e) { kernels.output_t(args, b, e); });
 }
 
 void winograd_output(const at::Tensor& tiles, int64_t first, const std::optional<at::Tensor>& bias,
@@ -109,10 +130,8 @@ void winograd_output(const at::Tensor& tiles, int64_t first, const std::optional
   const DtypeKernels& kernels = dtype_kernels(op, out.scalar_type());
   // a row of tiles at a time pays on wide maps only: measured (4, 512, 64, 64) forward 0.61x ->
   // 0.53x of oneDNN's, (4, 128, 128, 128) 0.85x -> 0.71x, but (4, 512, 32, 32) 0.59x -> 0.76x
-  if (im.stride_w == 1 && im.stride_c != 1 && im.W >= kRowsMinWidth && first % im.tw == 0 &&
-      args.tiles.count % im.tw == 0) {
-    const int64_t blocks = isa_kernels().output_blocks(im.C, out.scalar_type() == at::kDouble);
-    const int64_t items = args.tiles.count / im.tw * blocks;
+  if (by_rows(im, args.tiles)) {
+    const int64_t items = args.tiles.count / im.tw * blocks_of(im, out.scalar_type());
     at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) { kernels.output_rows(args, begin, end); });
     return;
   }
@@ -125,10 +144,13 @@ void winograd_input_t(const at::Tensor& tiles, int64_t first, const at::Tensor& 
   const Args args{im, tiles_for(op, tiles, first, im, grad_x.scalar_type()), nullptr, false};
   TORCH_CHECK(first % im.tw == 0 && args.tiles.count % im.tw == 0, op, ": the tiles [", first, ", ",
               first + args.tiles.count, ") must be whole rows of ", im.tw, " tiles");
-  const ParityFn kernel = dtype_kernels(op, grad_x.scalar_type()).input_t;
+  const DtypeKernels& kernels = dtype_kernels(op, grad_x.scalar_type());
+  const bool rows_kernel = by_rows(im, args.tiles);
+  const ParityFn kernel = rows_kernel ? kernels.input_t_rows : kernels.input_t;
+  const int64_t blocks = rows_kernel ? blocks_of(im, grad_x.scalar_type()) : 1;
   const int64_t rows = args.tiles.count / im.tw;
   for (int64_t parity = 0; parity < 2; ++parity) {
-    const int64_t items = (rows - parity + 1) / 2;
+    const int64_t items = (rows - parity + 1) / 2 * blocks;
     at::parallel_for(0, items, 1, [&](int64_t b, int64_t e) { kernel(args, parity, b, e); });
   }
 }

@@ -34,9 +34,10 @@ struct Args {
 // Each kernel processes the work items [begin, end):
 //   input:    tiles = B^T d B of every input tile d (6x6)            items: tiles q of the range
 //   output:   image = A^T m A (+ bias) of every transformed tile m    items: tiles q of the range
-//   output_rows: the same for an image with contiguous rows (stride_w == 1) whose range is whole
-//             tile rows, a row of tiles at a time     items: (row r, channel block b) = r * blocks + b,
-//             blocks = ceil(C / the vector width), which the caller gets from output_blocks
+//   *_rows:   input, output, output_t and input_t for an image with contiguous rows (stride_w == 1)
+//             and a range of whole tile rows, a row of tiles at a time: items (row r, channel
+//             block b) = r * blocks + b, blocks = ceil(C / the vector width) (channel_blocks);
+//             input_t_rows's item i is the row 2 * (i / blocks) + parity of the range
 //   output_t: tiles = A g A^T of every output-gradient tile g (4x4)   items: tiles q of the range
 //   input_t:  image += B e B^T of every transformed gradient e. The range is whole tile rows (first
 //             and count multiples of tw); the 6x6 windows of rows r = n * th + ty and r + 1 overlap,
@@ -45,13 +46,13 @@ using Fn = void (*)(const Args&, int64_t begin, int64_t end);
 using ParityFn = void (*)(const Args&, int64_t parity, int64_t begin, int64_t end);
 
 struct DtypeKernels {
-  Fn input, output, output_rows, output_t;
-  ParityFn input_t;
+  Fn input, input_rows, output, output_rows, output_t, output_t_rows;
+  ParityFn input_t, input_t_rows;
 };
 
 struct Kernels {
   DtypeKernels f32, f64;
-  int64_t (*output_blocks)(int64_t C, bool f64);  // channel blocks of output_rows
+  int64_t (*channel_blocks)(int64_t C, bool f64);  // channel blocks of the *_rows kernels
 };
 
 namespace DEFAULT {

@@ -187,6 +187,153 @@ void output(const Args& a, int64_t begin, int64_t end) {
   }
 }
 
+// Rows [y0, y0 + rows) and columns [x0, x0 + width) of channels [c0, c0 + count) of image n,
+// pixel-major with the channels as lanes: buf[(r * width + x) * L + l], zero outside the image
+// and beyond count. For NCHW images, whose channels are far apart: each image row is read once,
+// contiguously, and transposed in the cache, where gathering a vector of channels per pixel
+// reads a cache line per lane.
+template <typename T>
+void gather_rows(const Image& im, int64_t n, int64_t c0, int64_t count, int64_t y0, int rows, int64_t x0,
+                 int64_t width, T* buf) {
+  constexpr int64_t L = Vectorized<T>::size();
+  std::fill(buf, buf + rows * width * L, T(0));
+  const int64_t xa = std::max<int64_t>(x0, 0), xb = std::min<int64_t>(x0 + width, im.W);
+  for (int64_t l = 0; l < count; ++l) {
+    for (int r = 0; r < rows; ++r) {
+      const int64_t y = y0 + r;
+      if (y < 0 || y >= im.H) {
+        continue;
+      }
+      const T* src = pixel<T>(im, n, c0 + l, y, 0);
+      T* dst = buf + (r * width + (xa - x0)) * L + l;
+      for (int64_t x = xa; x < xb; ++x, dst += L) {
+        *dst = src[x];
+      }
+    }
+  }
+}
+
+// The row-at-a-time forms of input, output_t and input_t for NCHW images (stride_w == 1) and
+// ranges of whole tile rows. Items: (tile row r of the range, channel block b) = r * blocks + b;
+// input_t_rows's item i is the row 2 * (i / blocks) + parity of the range.
+template <typename T>
+void input_rows(const Args& a, int64_t begin, int64_t end) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  const Image& im = a.image;
+  T* tiles = static_cast<T*>(a.tiles.data);
+  const int64_t blocks = (im.C + L - 1) / L;
+  const int64_t width = 4 * im.tw + 2;
+  std::vector<T> buffer(static_cast<size_t>(6 * width * L));
+  V d[6][6], o[6][6];
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t row = a.tiles.first / im.tw + item / blocks;
+    const int64_t c0 = (item % blocks) * L;
+    const int64_t count = std::min<int64_t>(L, im.C - c0);
+    gather_rows(im, row / im.th, c0, count, 4 * (row % im.th) - 1, 6, -1, width, buffer.data());
+    for (int64_t tx = 0; tx < im.tw; ++tx) {
+      const int64_t q = row * im.tw + tx - a.tiles.first;
+      for (int i = 0; i < 6; ++i) {
+        for (int j = 0; j < 6; ++j) {
+          d[i][j] = V::loadu(buffer.data() + (i * width + 4 * tx + j) * L);
+        }
+      }
+      sandwich<T, 6, 6, kBT>(d, o);
+      for (int i = 0; i < 6; ++i) {
+        for (int j = 0; j < 6; ++j) {
+          store_tile(tiles + (i * 6 + j) * a.tiles.stride + q * im.C + c0, count, o[i][j], a.stream);
+        }
+      }
+    }
+  }
+  if (a.stream) {
+    stream_fence();
+  }
+}
+
+template <typename T>
+void output_t_rows(const Args& a, int64_t begin, int64_t end) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  const Image& im = a.image;
+  T* tiles = static_cast<T*>(a.tiles.data);
+  const int64_t blocks = (im.C + L - 1) / L;
+  const int64_t width = 4 * im.tw;
+  std::vector<T> buffer(static_cast<size_t>(4 * width * L));
+  V d[4][4], o[6][6];
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t row = a.tiles.first / im.tw + item / blocks;
+    const int64_t k0 = (item % blocks) * L;
+    const int64_t count = std::min<int64_t>(L, im.C - k0);
+    gather_rows(im, row / im.th, k0, count, 4 * (row % im.th), 4, 0, width, buffer.data());
+    for (int64_t tx = 0; tx < im.tw; ++tx) {
+      const int64_t q = row * im.tw + tx - a.tiles.first;
+      for (int i = 0; i < 4; ++i) {
+        for (int j = 0; j < 4; ++j) {
+          d[i][j] = V::loadu(buffer.data() + (i * width + 4 * tx + j) * L);
+        }
+      }
+      sandwich<T, 4, 6, kA>(d, o);
+      for (int i = 0; i < 6; ++i) {
+        for (int j = 0; j < 6; ++j) {
+          store_tile(tiles + (i * 6 + j) * a.tiles.stride + q * im.C + k0, count, o[i][j], a.stream);
+        }
+      }
+    }
+  }
+  if (a.stream) {
+    stream_fence();
+  }
+}
+
+template <typename T>
+void input_t_rows(const Args& a, int64_t parity, int64_t begin, int64_t end) {
+  using V = Vectorized<T>;
+  constexpr int64_t L = V::size();
+  const Image& im = a.image;
+  const T* tiles = static_cast<const T*>(a.tiles.data);
+  const int64_t blocks = (im.C + L - 1) / L;
+  const int64_t width = 4 * im.tw + 2;
+  std::vector<T> buffer(static_cast<size_t>(6 * width * L));
+  V d[6][6], o[6][6];
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t row = a.tiles.first / im.tw + 2 * (item / blocks) + parity;
+    const int64_t n = row / im.th, ty = row % im.th;
+    const int64_t c0 = (item % blocks) * L;
+    const int64_t count = std::min<int64_t>(L, im.C - c0);
+    std::fill(buffer.begin(), buffer.end(), T(0));
+    for (int64_t tx = 0; tx < im.tw; ++tx) {
+      const int64_t q = row * im.tw + tx - a.tiles.first;
+      for (int i = 0; i < 6; ++i) {
+        for (int j = 0; j < 6; ++j) {
+          d[i][j] = load_tile(tiles + (i * 6 + j) * a.tiles.stride + q * im.C + c0, count);
+        }
+      }
+      sandwich<T, 6, 6, kB>(d, o);
+      for (int i = 0; i < 6; ++i) {
+        for (int j = 0; j < 6; ++j) {
+          T* at = buffer.data() + (i * width + 4 * tx + j) * L;
+          (V::loadu(at) + o[i][j]).store(at);
+        }
+      }
+    }
+    const int64_t xb = std::min<int64_t>(width - 1, im.W);
+    for (int64_t l = 0; l < count; ++l) {
+      for (int r = 0; r < 6; ++r) {
+        const int64_t y = 4 * ty - 1 + r;
+        if (y < 0 || y >= im.H) {
+          continue;
+        }
+        T* dst = pixel<T>(im, n, c0 + l, y, 0);
+        const T* src = buffer.data() + (r * width + 1) * L + l;
+        for (int64_t x = 0; x < xb; ++x) {
+          dst[x] += src[x * L];
+        }
+      }
+    }
+  }
+}
+
 // output for an image whose rows are contiguous but whose channels are not (NCHW): storing a
 // tile's 4x4 pixels channel by channel would write 4 floats into each of 4 * V::size() lines per
 // tile, every line finished by four different tiles (measured 72 ms for a (4, 512, 64, 64)
@@ -306,7 +453,7 @@ void input_t(const Args& a, int64_t parity, int64_t begin, int64_t end) {
   }
 }
 
-int64_t output_blocks(int64_t C, bool f64) {
+int64_t channel_blocks(int64_t C, bool f64) {
   const int64_t width = f64 ? Vectorized<double>::size() : Vectorized<float>::size();
   return (C + width - 1) / width;
 }
@@ -315,9 +462,11 @@ int64_t output_blocks(int64_t C, bool f64) {
 
 Kernels kernels() {
   return {
-      {input<float>, output<float>, output_rows<float>, output_t<float>, input_t<float>},
-      {input<double>, output<double>, output_rows<double>, output_t<double>, input_t<double>},
-      output_blocks,
+      {input<float>, input_rows<float>, output<float>, output_rows<float>, output_t<float>, output_t_rows<float>,
+       input_t<float>, input_t_rows<float>},
+      {input<double>, input_rows<double>, output<double>, output_rows<double>, output_t<double>,
+       output_t_rows<double>, input_t<double>, input_t_rows<double>},
+      channel_blocks,
   };
 }
 

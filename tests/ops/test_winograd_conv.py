@@ -15,13 +15,16 @@ from .conftest import make
 pytestmark = pytest.mark.skipif(not has_extension(), reason="mtlfast._C is not built")
 
 LAYOUTS = ("contiguous", "channels_last", "inner_strided")
-# (N, C_in, H, W), C_out: odd maps (partial tiles), channel counts off the vector width, 1x1 maps
+# (N, C_in, H, W), C_out: odd maps (partial tiles), channel counts off the vector width, 1x1 maps,
+# and maps 64 or more wide, whose NCHW output is written a tile row at a time
 SHAPES = [
     ((2, 5, 7, 9), 3),
     ((1, 17, 13, 4), 20),
     ((3, 1, 1, 1), 2),
     ((1, 33, 8, 8), 16),
     ((2, 3, 4, 5), 1),
+    ((1, 5, 9, 66), 19),
+    ((2, 2, 4, 64), 33),
 ]
 
 
