@@ -13,9 +13,9 @@ backward (double backprop) takes aten's convolution backward, which has a deriva
 It pays where the convolution is compute-bound and has channels for the matrix products to
 fill. Forward and backward on a 2-core Xeon (AVX512, 2 threads, median of 7 alternating with
 ``F.conv2d``; ``benchmarks/bench_winograd_conv.py``): 256 -> 256 channels at (4, 256, 64, 64)
-130 ms against oneDNN's 220 (0.59x), 512 -> 512 at 64x64 0.46x, at 32x32 0.53x, at 16x16
-0.68x, 128 -> 128 at 128x128 0.70x and at 32x32 0.84x; but 64 -> 64 at 64x64 1.16x and
-144 -> 144 at 8x8 1.37x, where the transforms' memory traffic outweighs the saved arithmetic.
+105 ms against oneDNN's 212 (0.50x), 512 -> 512 at 64x64 0.45x, at 32x32 0.53x, at 16x16
+0.67x, 128 -> 128 at 128x128 0.69x and at 32x32 0.87x; but 64 -> 64 at 64x64 1.00x and
+144 -> 144 at 8x8 1.46x, where the transforms' memory traffic outweighs the saved arithmetic.
 So below :data:`MIN_CHANNELS` input or output channels, on maps under 16x16, for fp16/bf16
 (oneDNN's own reduced-precision convolutions), off the CPU (cuDNN chooses its own algorithms),
 under ``use_backend("reference")``, under CPU autocast and without the compiled extension, the
@@ -44,7 +44,7 @@ OP = "winograd_conv3x3"
 #: Fewest input and output channels for which the Winograd path is taken (see the module docstring).
 MIN_CHANNELS = 128
 
-# Smallest map (H * W) for the Winograd path: at 8x8, 144 channels measured 1.2x slower than oneDNN.
+# Smallest map (H * W) for the Winograd path: at 8x8, 144 channels measured 1.2-1.5x oneDNN's time.
 _MIN_PIXELS = 256
 
 _G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6))
@@ -92,14 +92,17 @@ def _weight_tiles(weight: torch.Tensor, groups: list[tuple[int, int]]) -> list[t
     return [(gg @ taps[:, a * c : b * c]).view(36, b - a, c) for a, b in groups]
 
 
+def _format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for a channels-last x (that is not also contiguous), else contiguous."""
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
+
+
 def _out_like(x: torch.Tensor, channels: int) -> torch.Tensor:
     n, _, h, w = x.shape
-    fmt = (
-        torch.channels_last
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        else torch.contiguous_format
+    return torch.empty(
+        (n, channels, h, w), dtype=x.dtype, device=x.device, memory_format=_format(x)
     )
-    return torch.empty((n, channels, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
 
 
 def _require_extension() -> None:
@@ -112,6 +115,8 @@ def _require_extension() -> None:
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     _require_extension()
     c, k = x.shape[1], weight.shape[0]
+    if x.numel() == 0 or k == 0:  # nothing to transform: aten's empty or bias-only result
+        return F.conv2d(x, weight, bias, padding=1).contiguous(memory_format=_format(x))
     groups = _groups(k, c, x.element_size())
     weight_tiles = _weight_tiles(weight, groups)
     bias = None if bias is None else bias.contiguous()
@@ -143,6 +148,12 @@ def _backward_impl(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _require_extension()
     k, c = weight.shape[:2]
+    if x.numel() == 0 or k == 0:
+        grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            grad, x, weight, [k], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, has_bias]
+        )
+        grad_x = grad_x.contiguous(memory_format=_format(x))
+        return grad_x, grad_weight, grad_bias if has_bias else grad.new_empty((0,))
     groups = _groups(k, c, x.element_size())
     weight_tiles = _weight_tiles(weight, groups)
     grad_x = _out_like(x, c).zero_()
