@@ -30,6 +30,7 @@ PUBLIC = {
         "available_backends",
         "channel_norm",
         "current_backend",
+        "max_pool2d",
         "reference",
         "resize_bilinear",
         "skip_fusion",
@@ -38,6 +39,7 @@ PUBLIC = {
         "winograd_conv3x3",
     ],
     "mtlfast.nn": [
+        "MaxPool2d",
         "MultiModalDistillation",
         "ResidualAdapter",
         "SkipScoreFusion",

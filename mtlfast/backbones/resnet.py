@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..nn.max_pool import MaxPool2d
 from ._blocks import (
     AtrousResidualAdapter,
     PointwiseConv2d,
@@ -205,7 +206,7 @@ class ResNet(Backbone):
         self.conv1 = nn.Conv2d(3, stem, 7, stride=2, padding=3, bias=False)
         self.bn1 = make_norm(stem, num_tasks, task_bn if stem_task_bn is None else stem_task_bn)
         self.relu = nn.ReLU()
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.maxpool = MaxPool2d(3, stride=2, padding=1)
         dilate = {32: (False, False, False), 16: (False, False, True), 8: (False, True, True)}[
             output_stride
         ]

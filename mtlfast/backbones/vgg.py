@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..nn.max_pool import MaxPool2d
 from ._blocks import AtrousConv2d
 from .base import Backbone
 
@@ -46,7 +47,7 @@ class VGG16(Backbone):
         for v in CFG:
             if v == "M":
                 pools += 1
-                layers.append(nn.MaxPool2d(3, stride=2 if pools <= 3 else 1, padding=1))
+                layers.append(MaxPool2d(3, stride=2 if pools <= 3 else 1, padding=1))
                 continue
             cout = max(int(v * width), 1)
             dilation = 2 if pools == 4 else 1

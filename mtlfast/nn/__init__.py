@@ -2,12 +2,14 @@
 
 from .adapters import ResidualAdapter
 from .distillation import MultiModalDistillation
+from .max_pool import MaxPool2d
 from .skip_fusion import SkipScoreFusion
 from .task_norm import TaskBatchNorm2d
 from .task_se import TaskSE
 from .winograd import WinogradConv2d, use_winograd
 
 __all__ = [
+    "MaxPool2d",
     "MultiModalDistillation",
     "ResidualAdapter",
     "SkipScoreFusion",

@@ -9,6 +9,7 @@ from .atrous_conv import atrous_conv2d
 from .attention_distill import attention_distill
 from .backends import BACKENDS, available_backends, current_backend, use_backend
 from .channel_norm import channel_norm
+from .max_pool import max_pool2d
 from .resize import resize_bilinear
 from .skip_fusion import skip_fusion
 from .task_se import task_se
@@ -21,6 +22,7 @@ __all__ = [
     "available_backends",
     "channel_norm",
     "current_backend",
+    "max_pool2d",
     "reference",
     "resize_bilinear",
     "skip_fusion",
