@@ -28,6 +28,7 @@ PUBLIC = {
         "atrous_conv2d",
         "attention_distill",
         "available_backends",
+        "batch_norm",
         "channel_norm",
         "current_backend",
         "max_pool2d",
@@ -39,6 +40,7 @@ PUBLIC = {
         "winograd_conv3x3",
     ],
     "mtlfast.nn": [
+        "BatchNorm2d",
         "MaxPool2d",
         "MultiModalDistillation",
         "ResidualAdapter",
@@ -46,6 +48,7 @@ PUBLIC = {
         "TaskBatchNorm2d",
         "TaskSE",
         "WinogradConv2d",
+        "use_fast_batch_norm",
         "use_winograd",
     ],
     "mtlfast.engine": ["StepResult", "current_strategy", "multi_branch_step", "split_segments"],

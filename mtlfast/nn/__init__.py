@@ -1,6 +1,7 @@
 """Layers built on mtlfast's fused ops."""
 
 from .adapters import ResidualAdapter
+from .batch_norm import BatchNorm2d, use_fast_batch_norm
 from .distillation import MultiModalDistillation
 from .max_pool import MaxPool2d
 from .skip_fusion import SkipScoreFusion
@@ -9,6 +10,7 @@ from .task_se import TaskSE
 from .winograd import WinogradConv2d, use_winograd
 
 __all__ = [
+    "BatchNorm2d",
     "MaxPool2d",
     "MultiModalDistillation",
     "ResidualAdapter",
@@ -16,5 +18,6 @@ __all__ = [
     "TaskBatchNorm2d",
     "TaskSE",
     "WinogradConv2d",
+    "use_fast_batch_norm",
     "use_winograd",
 ]

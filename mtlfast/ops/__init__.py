@@ -8,6 +8,7 @@ from . import reference
 from .atrous_conv import atrous_conv2d
 from .attention_distill import attention_distill
 from .backends import BACKENDS, available_backends, current_backend, use_backend
+from .batch_norm_train import batch_norm
 from .channel_norm import channel_norm
 from .max_pool import max_pool2d
 from .resize import resize_bilinear
@@ -20,6 +21,7 @@ __all__ = [
     "atrous_conv2d",
     "attention_distill",
     "available_backends",
+    "batch_norm",
     "channel_norm",
     "current_backend",
     "max_pool2d",

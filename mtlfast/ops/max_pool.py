@@ -12,7 +12,8 @@ row-major window order, the last NaN), so values and gradients equal aten's exac
 
 Channels-last inputs (aten's vectorised kernel is fast there), other dtypes than float32 and
 float64, dilation, ``ceil_mode``, windows of more than 255 positions, other devices,
-``use_backend("reference")`` and builds without the extension take ``F.max_pool2d``. A
+``use_backend("reference")``, ``torch.compile`` (inductor lowers aten's op itself) and builds
+without the extension take ``F.max_pool2d``. A
 ``create_graph`` backward is a scatter-add of plain PyTorch, so double backward works.
 """
 
@@ -29,6 +30,15 @@ __all__ = ["max_pool2d"]
 OP = "max_pool2d"
 
 
+def _kernels():
+    """torch.ops.mtlfast_C, the compiled extension loaded (or a RuntimeError naming why not)."""
+    if not _extension.has_extension():
+        raise RuntimeError(
+            f"{OP}: the compiled extension mtlfast._C is missing ({_extension.extension_error()})"
+        )
+    return torch.ops.mtlfast_C
+
+
 def _pair(value, name: str) -> tuple[int, int]:
     if isinstance(value, int) and not isinstance(value, bool):
         return value, value
@@ -43,7 +53,7 @@ def _pair(value, name: str) -> tuple[int, int]:
 
 _pool = torch.library.custom_op(
     "mtlfast::max_pool2d",
-    lambda x, kernel, stride, padding: torch.ops.mtlfast_C.max_pool2d(x, kernel, stride, padding),
+    lambda x, kernel, stride, padding: _kernels().max_pool2d(x, kernel, stride, padding),
     mutates_args=(),
     device_types="cpu",
     schema="(Tensor x, int[] kernel, int[] stride, int[] padding) -> (Tensor, Tensor)",
@@ -63,8 +73,8 @@ def _(x, kernel, stride, padding):
 
 _pool_backward = torch.library.custom_op(
     "mtlfast::max_pool2d_backward",
-    lambda grad, offsets, input_size, kernel, stride, padding: (
-        torch.ops.mtlfast_C.max_pool2d_backward(grad, offsets, input_size, kernel, stride, padding)
+    lambda grad, offsets, input_size, kernel, stride, padding: _kernels().max_pool2d_backward(
+        grad, offsets, input_size, kernel, stride, padding
     ),
     mutates_args=(),
     device_types="cpu",
@@ -120,8 +130,9 @@ def _use_kernel(x: torch.Tensor, kernel, stride, padding) -> bool:
     return (
         x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
-        # dynamo cannot read the backend's context variable; a compiled graph takes the op
-        and (torch.compiler.is_compiling() or current_backend() != "reference")
+        # under torch.compile aten's op, which inductor lowers (and fuses) itself
+        and not torch.compiler.is_compiling()
+        and current_backend() != "reference"
         and not (x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
         and kernel[0] * kernel[1] <= 255
         and x.numel() > 0

@@ -24,7 +24,7 @@ from .. import losses as mtl_losses
 from .. import models as mtl_models
 from ..engine import StepResult, multi_branch_step
 from ..metrics import DEFAULT_METRIC, LOWER_IS_BETTER
-from ..nn import use_winograd
+from ..nn import use_fast_batch_norm, use_winograd
 from . import checkpoint as ckpt
 from . import distributed as _distributed
 from ._auxiliary import front_end_only
@@ -185,6 +185,7 @@ class Trainer:
         self.memory_format = _MEMORY_FORMAT[tc.memory_format]
         _to_memory_format(self.model, self.memory_format)
         use_winograd(self.model, tc.conv_algorithm == "winograd")
+        use_fast_batch_norm(self.model)  # aten's to float rounding, faster on the CPU
         if tc.sync_bn and self.runtime.world_size > 1:
             self.model = _distributed.convert_sync_batchnorm(self.model)
         lacking = [a for a in ("tasks", "expand", "engine_branches") if not hasattr(self.model, a)]

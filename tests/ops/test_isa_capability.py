@@ -23,6 +23,7 @@ from mtlfast._extension import cpu_isa, has_extension
 ROOT = Path(__file__).resolve().parents[2]
 OP_TESTS = (
     "test_attention_distill.py",
+    "test_batch_norm.py",
     "test_max_pool.py",
     "test_skip_fusion.py",
     "test_task_se.py",

@@ -29,6 +29,7 @@ OBJDUMP = shutil.which("objdump")
 CXXFILT = shutil.which("c++filt")
 OPS = {  # each op's per-ISA entry point, demangled with {isa} for the copy
     "attention_distill": "mtlfast::cpu::{isa}::attention_distill_kernels()",
+    "batch_norm": "mtlfast::cpu::batch_norm::{isa}::kernels()",
     "max_pool": "mtlfast::cpu::max_pool::{isa}::kernels()",
     "skip_fusion": "mtlfast::cpu::skip_fusion::{isa}::kernels()",
     "task_se": "mtlfast::cpu::task_se::{isa}::kernels()",

@@ -269,8 +269,10 @@ def two_ranks(tmp_path_factory):
 # where they move with rounding: measured on an AVX2 CPU, losses equal to 1e-5 relative at step
 # 2 gave normals weights 0.3576 against 0.3451 at step 3, and a head's parameters 7% apart after
 # it. Its first step (weights and losses) is checked as tightly as the others', the
-# parameters only loosely.
-PARAM_TOL = {"mgda": 0.2}
+# parameters only loosely. CAGrad's weights also come out of a solver over the gradients' Gram
+# matrix: with the one process's batch norm summing in mtlfast's order (SyncBatchNorm's on two
+# ranks) they differed by 1.04e-4 relative at a later step, its parameters by under 1e-3.
+PARAM_TOL = {"mgda": 0.2, "cagrad": 1e-3}
 
 
 @pytest.mark.parametrize("strategy,sync_bn,balancing", CASES)

@@ -1,0 +1,64 @@
+"""``BatchNorm2d``: ``nn.BatchNorm2d`` computed by :func:`mtlfast.ops.batch_norm`, and
+:func:`use_fast_batch_norm`, which switches a model's ``nn.BatchNorm2d`` layers to it in place."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..ops.batch_norm_train import batch_norm
+
+__all__ = ["BatchNorm2d", "use_fast_batch_norm"]
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` (same arguments, parameters, buffers and state dict) whose forward is
+    :func:`mtlfast.ops.batch_norm`: in training mode on CPU the batch statistics and their
+    gradients come from its C++ kernels (2-7x faster than aten's on NCHW forwards and
+    channels-last maps with few channels), equal to aten's to float rounding; elsewhere it is
+    ``F.batch_norm``. Running statistics, ``momentum=None`` (a cumulative average) and
+    ``track_running_stats`` behave as in ``nn.BatchNorm2d``.
+
+    Shapes: input (N, C, H, W) -> (N, C, H, W).
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        # nn.BatchNorm2d.forward (torch 2.13), with batch_norm for F.batch_norm
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(self.num_batches_tracked)
+        training = self.training or (self.running_mean is None and self.running_var is None)
+        keep = not self.training or self.track_running_stats
+        return batch_norm(
+            input,
+            self.running_mean if keep else None,
+            self.running_var if keep else None,
+            self.weight,
+            self.bias,
+            training,
+            factor,
+            self.eps,
+        )
+
+
+def use_fast_batch_norm(model: nn.Module, enabled: bool = True) -> int:
+    """Switch ``model``'s ``nn.BatchNorm2d`` layers to :class:`BatchNorm2d` in place
+    (``enabled=False`` switches them back). Parameters, buffers, state dict and hooks are kept;
+    only layers whose type is exactly ``nn.BatchNorm2d`` are switched (a subclass, SyncBatchNorm
+    among them, keeps its own forward). Returns the number of layers switched.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"use_fast_batch_norm: model must be an nn.Module, got {type(model).__name__}"
+        )
+    switched = 0
+    for module in model.modules():
+        if enabled and type(module) is nn.BatchNorm2d:
+            module.__class__ = BatchNorm2d
+            switched += 1
+        elif not enabled and type(module) is BatchNorm2d:
+            module.__class__ = nn.BatchNorm2d
+            switched += 1
+    return switched

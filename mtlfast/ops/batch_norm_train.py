@@ -1,0 +1,167 @@
+"""``batch_norm``: ``F.batch_norm`` with the training mode's batch statistics computed fast on CPU.
+
+aten's CPU batch norm in training mode is slow in two places measured on a 2-core Xeon (AVX512,
+2 threads, torch 2.13): the statistics of NCHW inputs ((4, 256, 64, 64) forward 5.5-6.5 ms, of
+which a copy of the tensor takes 1.5) and both directions on channels-last inputs with few
+channels (HRNet's (4, 18, 64, 64): forward 0.74-1.1 ms, backward 2.0-2.5 ms, five times the NCHW
+ones). Batch norm is 7-15% of the models' training steps. The C++ kernels here take 2.1 ms, and
+0.30 and 0.31 ms; the channels-last backward is theirs too, while the NCHW backward stays aten's
+(as fast or faster there: (4, 2048, 16, 16) 0.8 ms against 1.4).
+
+Statistics: NCHW channel by channel, the mean then the squared deviations (two passes over the
+channel, the second from cache); channels-last in one pass of sums of ``x - pivot`` and their
+squares, the pivot being each channel's first value (so the variance cancels no more than the
+data's spread around it), with chunk sums added in a fixed order (no dependence on the thread
+count). Partial sums run in the input's dtype for at most a few thousand values per lane, then
+in double. Results agree with aten's to float rounding (about 1e-6 relative in float32), not
+bit for bit. Running statistics are updated as ``F.batch_norm`` does (unbiased variance,
+``momentum`` the factor of the new value).
+
+Eval mode (running statistics), inputs other than 4-d float32/float64 NCHW or channels-last
+(other layouts are copied), other devices, ``use_backend("reference")``, ``torch.compile`` (whose inductor
+generates its own fused batch norm) and builds without the extension take ``F.batch_norm``. A ``create_graph`` backward is aten's, which has a derivative.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from .. import _extension
+from .backends import current_backend
+
+__all__ = ["batch_norm"]
+
+OP = "batch_norm"
+
+
+def _kernels():
+    """torch.ops.mtlfast_C, the compiled extension loaded (or a RuntimeError naming why not)."""
+    if not _extension.has_extension():
+        raise RuntimeError(
+            f"{OP}: the compiled extension mtlfast._C is missing ({_extension.extension_error()})"
+        )
+    return torch.ops.mtlfast_C
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if _channels_last(x) else torch.contiguous_format
+
+
+_train = torch.library.custom_op(
+    "mtlfast::batch_norm_train",
+    lambda x, weight, bias, eps: _kernels().batch_norm_train(x, weight, bias, eps),
+    mutates_args=(),
+    device_types="cpu",
+    schema="(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)",
+)
+
+
+@_train.register_fake
+def _(x, weight, bias, eps):
+    c = x.shape[1]
+    stats = tuple(x.new_empty((c,)) for _ in range(3))
+    return (torch.empty_like(x, memory_format=_layout(x)), *stats)
+
+
+_train_backward = torch.library.custom_op(
+    "mtlfast::batch_norm_train_backward",
+    lambda grad, x, weight, mean, invstd: _kernels().batch_norm_train_backward(
+        grad, x, weight, mean, invstd
+    ),
+    mutates_args=(),
+    device_types="cpu",
+    schema="(Tensor grad, Tensor x, Tensor? weight, Tensor mean, Tensor invstd) -> (Tensor, Tensor, Tensor)",
+)
+
+
+@_train_backward.register_fake
+def _(grad, x, weight, mean, invstd):
+    c = x.shape[1]
+    return torch.empty_like(x, memory_format=_layout(x)), x.new_empty((c,)), x.new_empty((c,))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, eps = inputs
+    _, mean, invstd, var = output
+    ctx.eps, ctx.has_weight, ctx.has_bias = eps, weight is not None, bias is not None
+    ctx.mark_non_differentiable(mean, invstd, var)
+    ctx.save_for_backward(x, weight, mean, invstd)
+
+
+def _backward(ctx, grad, _mean, _invstd, _var):
+    x, weight, mean, invstd = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled() or not _channels_last(x):
+        # create_graph (aten's has a derivative), and NCHW, where aten's is as fast
+        mask = [need_x, need_w and ctx.has_weight, need_b and ctx.has_bias]
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            grad, x, weight, None, None, mean, invstd, True, ctx.eps, mask
+        )
+    else:
+        gx, gw, gb = _train_backward(grad, x, weight, mean, invstd)
+    return (
+        gx if need_x else None,
+        gw if need_w and ctx.has_weight else None,
+        gb if need_b and ctx.has_bias else None,
+        None,
+    )
+
+
+_train.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _use_kernel(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dim() == 4
+        and x.dtype in (torch.float32, torch.float64)
+        and all(p is None or (p.dtype == x.dtype and p.device == x.device) for p in params)
+        # under torch.compile aten's op, which inductor lowers (and fuses) itself
+        and not torch.compiler.is_compiling()
+        and current_backend() != "reference"
+        and x.numel() > 0
+        and _extension.has_extension()
+    )
+
+
+def batch_norm(
+    x: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """``F.batch_norm`` with the same arguments and results (to float rounding): in training mode
+    on CPU the batch statistics and the normalisation are the C++ kernels' (see the module
+    docstring); running statistics, when given, are updated in place as ``F.batch_norm`` does.
+
+    Shapes: x (N, C, H, W); running_mean, running_var, weight, bias (C,) or None; output as x,
+    in x's memory format.
+    """
+    if not training or not isinstance(x, torch.Tensor) or not _use_kernel(x, weight, bias):
+        return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    n, c, h, w = x.shape
+    count = n * h * w
+    if count <= 1:
+        raise ValueError(
+            f"{OP}: expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
+        )
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and t.shape != (c,):
+            raise ValueError(f"{OP}: {name} must have shape ({c},), got {tuple(t.shape)}")
+    out, mean, _, var = _train(x, weight, bias, eps)
+    with torch.no_grad():
+        if running_mean is not None:
+            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        if running_var is not None:
+            unbiased = var * (count / (count - 1))
+            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    return out
