@@ -8,10 +8,18 @@ import pytest
 import torch
 from torch import nn
 
+import mtlfast.ops.batch_norm_train as bnt
 from mtlfast._extension import has_extension
 from mtlfast.nn import BatchNorm2d, TaskBatchNorm2d, use_fast_batch_norm
 
 pytestmark = pytest.mark.skipif(not has_extension(), reason="mtlfast._C is not built")
+
+
+@pytest.fixture(autouse=True)
+def _kernels_at_every_size(monkeypatch):
+    """The tests' small inputs take the kernels too (the op leaves inputs under 65536 values
+    to aten)."""
+    monkeypatch.setattr(bnt, "_MIN_NUMEL", 1)
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])

@@ -13,6 +13,14 @@ from mtlfast.ops import batch_norm, use_backend
 
 pytestmark = pytest.mark.skipif(not has_extension(), reason="mtlfast._C is not built")
 
+
+@pytest.fixture(autouse=True)
+def _kernels_at_every_size(monkeypatch):
+    """The tests' small inputs take the kernels too (the op leaves inputs under 65536 values
+    to aten)."""
+    monkeypatch.setattr(bnt, "_MIN_NUMEL", 1)
+
+
 # (N, C, H, W): channels off the vector width (3, 18, 40), planes shorter and longer than a vector
 # and than four, 1x1 maps, one image
 SHAPES = [
@@ -184,6 +192,19 @@ def test_falls_back_to_f_batch_norm_exactly(case):
     want = F.batch_norm(x, *ref_stats, training=training)
     for g, r in ((got, want), *zip(stats, ref_stats)):
         torch.testing.assert_close(g, r, rtol=0, atol=0, equal_nan=True)
+
+
+def test_small_inputs_take_aten_large_ones_the_kernels(monkeypatch):
+    monkeypatch.setattr(bnt, "_MIN_NUMEL", 1 << 16)
+    calls, original = [], bnt._train
+    monkeypatch.setattr(bnt, "_train", lambda *a: calls.append(a) or original(*a))
+    small = torch.randn(4, 16, 32, 31)  # 63488 values
+    assert torch.equal(
+        batch_norm(small, None, None, training=True), F.batch_norm(small, None, None, training=True)
+    )
+    assert not calls
+    batch_norm(torch.randn(4, 16, 32, 32), None, None, training=True)
+    assert len(calls) == 1
 
 
 def test_bad_input_names_the_argument():
