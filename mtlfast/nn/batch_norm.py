@@ -12,10 +12,10 @@ __all__ = ["BatchNorm2d", "use_fast_batch_norm"]
 
 class BatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` (same arguments, parameters, buffers and state dict) whose forward is
-    :func:`mtlfast.ops.batch_norm`: in training mode on CPU the batch statistics and their
-    gradients come from its C++ kernels (2-7x faster than aten's on NCHW forwards and
-    channels-last maps with few channels), equal to aten's to float rounding; elsewhere it is
-    ``F.batch_norm``. Running statistics, ``momentum=None`` (a cumulative average) and
+    :func:`mtlfast.ops.batch_norm`: in training mode on CPU the batch statistics (and, for
+    channels-last inputs, their gradients) come from its C++ kernels (NCHW forwards about 2x
+    faster than aten's, channels-last layers of HRNet's 18 channels 2.7x forward and backward),
+    equal to aten's to float rounding; elsewhere it is ``F.batch_norm``. Running statistics, ``momentum=None`` (a cumulative average) and
     ``track_running_stats`` behave as in ``nn.BatchNorm2d``.
 
     Shapes: input (N, C, H, W) -> (N, C, H, W).

@@ -1,12 +1,13 @@
 """``batch_norm``: ``F.batch_norm`` with the training mode's batch statistics computed fast on CPU.
 
-aten's CPU batch norm in training mode is slow in two places measured on a 2-core Xeon (AVX512,
-2 threads, torch 2.13): the statistics of NCHW inputs ((4, 256, 64, 64) forward 5.5-6.5 ms, of
-which a copy of the tensor takes 1.5) and both directions on channels-last inputs with few
-channels (HRNet's (4, 18, 64, 64): forward 0.74-1.1 ms, backward 2.0-2.5 ms, five times the NCHW
-ones). Batch norm is 7-15% of the models' training steps. The C++ kernels here take 2.1 ms, and
-0.30 and 0.31 ms; the channels-last backward is theirs too, while the NCHW backward stays aten's
-(as fast or faster there: (4, 2048, 16, 16) 0.8 ms against 1.4).
+aten's CPU batch norm in training mode is slow in two places: the statistics of NCHW inputs, and
+both directions on channels-last inputs with few channels (HRNet's), whose backward takes five
+times the NCHW one. It was 6-15% of the models' training steps. Against aten on a 2-core Xeon
+(AVX512, 2 threads, torch 2.13; ``benchmarks/bench_norm_pool.py``, median of 15 alternating):
+(4, 256, 64, 64) NCHW forward 3.4 against 7.1 ms, with backward 9.4 against 11.8; HRNet's
+channels-last (4, 18, 64, 64) forward and backward 1.18 against 3.24 ms. The channels-last
+backward is a kernel here too; the NCHW backward stays aten's (as fast or faster there: (4,
+2048, 16, 16) 0.8 ms against this kernel's 1.4).
 
 Statistics: NCHW channel by channel, the mean then the squared deviations (two passes over the
 channel, the second from cache); channels-last in one pass of sums of ``x - pivot`` and their

@@ -2,11 +2,12 @@
 
 aten's CPU max pooling of a contiguous NCHW tensor visits each output's window in scalar code:
 on a 2-core Xeon (AVX512, 2 threads) the ResNet stem's 3x3 stride-2 pooling of (4, 64, 128, 128)
-took 30 ms and VGG-16's of (4, 64, 256, 256) 127 ms, ten times aten's own channels-last kernel,
-and it keeps an int64 index per output for backward (8 bytes where the value takes 4). The C++
-kernel here pools each plane separably, vector lanes over columns: each input row's maxima over
-the window's columns, then each output row's maximum over the window's rows of those (7.6 and
-24 ms on the same shapes). For backward it keeps each maximum's position in its window as one
+took 27 ms forward and VGG-16's of (4, 64, 256, 256) 119 ms, several times aten's own
+channels-last kernel, and it keeps an int64 index per output for backward (8 bytes where the
+value takes 4). The C++ kernel here pools each plane separably, vector lanes over columns: each
+input row's maxima over the window's columns, then each output row's maximum over the window's
+rows of those (7.8 and 25 ms on the same shapes; with backward 9.2 against 26 ms and 42 against
+101; ``benchmarks/bench_norm_pool.py``). For backward it keeps each maximum's position in its window as one
 uint8 (1/8 of aten's indices); ties and NaN go where aten sends them (the first maximum in
 row-major window order, the last NaN), so values and gradients equal aten's exactly.
 
