@@ -7,7 +7,7 @@ import importlib
 
 import torch
 
-__all__ = ["cpu_isa", "extension_error", "has_cuda_kernels", "has_extension"]
+__all__ = ["cpu_isa", "extension_error", "has_cuda_kernels", "has_extension", "kernels"]
 
 
 @functools.cache
@@ -28,6 +28,14 @@ def extension_error() -> str | None:
 def has_extension() -> bool:
     """True when ``mtlfast._C`` imported and registered its kernels."""
     return _load() is None
+
+
+def kernels(op: str):
+    """``torch.ops.mtlfast_C`` with the extension loaded, for the op named ``op``; a RuntimeError
+    naming the op and the reason when it cannot be."""
+    if not has_extension():
+        raise RuntimeError(f"{op}: the compiled extension mtlfast._C is missing ({_load()})")
+    return torch.ops.mtlfast_C
 
 
 @functools.cache

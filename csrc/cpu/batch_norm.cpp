@@ -22,14 +22,7 @@ const Kernels& isa_kernels() {
 }
 
 const DtypeKernels& dtype_kernels(const char* op, at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat:
-      return isa_kernels().f32;
-    case at::kDouble:
-      return isa_kernels().f64;
-    default:
-      TORCH_CHECK(false, op, ": unsupported dtype ", dtype, " (expected float32 or float64)");
-  }
+  return for_float_dtype(isa_kernels(), op, dtype);
 }
 
 // Rows of channels-last data per chunk of a sum: each chunk's partial sums are added in a fixed

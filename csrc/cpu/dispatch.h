@@ -49,4 +49,17 @@ const auto& for_dtype(const Table& table, const char* op, c10::ScalarType dtype)
   }
 }
 
+// The same for a table of float32 and float64 entries only (f32, f64).
+template <typename Table>
+const auto& for_float_dtype(const Table& table, const char* op, c10::ScalarType dtype) {
+  switch (dtype) {
+    case c10::kFloat:
+      return table.f32;
+    case c10::kDouble:
+      return table.f64;
+    default:
+      TORCH_CHECK(false, op, ": unsupported dtype ", dtype, " (expected float32 or float64)");
+  }
+}
+
 }  // namespace mtlfast::cpu

@@ -19,14 +19,7 @@ const Kernels& isa_kernels() {
 }
 
 const DtypeKernels& dtype_kernels(const char* op, at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat:
-      return isa_kernels().f32;
-    case at::kDouble:
-      return isa_kernels().f64;
-    default:
-      TORCH_CHECK(false, op, ": unsupported dtype ", dtype, " (expected float32 or float64)");
-  }
+  return for_float_dtype(isa_kernels(), op, dtype);
 }
 
 std::pair<int64_t, int64_t> pair_of(const char* op, const char* name, at::IntArrayRef v) {

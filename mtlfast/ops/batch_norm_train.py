@@ -37,15 +37,6 @@ __all__ = ["batch_norm"]
 OP = "batch_norm"
 
 
-def _kernels():
-    """torch.ops.mtlfast_C, the compiled extension loaded (or a RuntimeError naming why not)."""
-    if not _extension.has_extension():
-        raise RuntimeError(
-            f"{OP}: the compiled extension mtlfast._C is missing ({_extension.extension_error()})"
-        )
-    return torch.ops.mtlfast_C
-
-
 def _channels_last(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
@@ -63,7 +54,7 @@ _MIN_NUMEL = 1 << 16
 
 _train = torch.library.custom_op(
     "mtlfast::batch_norm_train",
-    lambda x, weight, bias, eps: _kernels().batch_norm_train(x, weight, bias, eps),
+    lambda x, weight, bias, eps: _extension.kernels(OP).batch_norm_train(x, weight, bias, eps),
     mutates_args=(),
     device_types="cpu",
     schema="(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)",
@@ -79,7 +70,7 @@ def _(x, weight, bias, eps):
 
 _train_backward = torch.library.custom_op(
     "mtlfast::batch_norm_train_backward",
-    lambda grad, x, weight, mean, invstd: _kernels().batch_norm_train_backward(
+    lambda grad, x, weight, mean, invstd: _extension.kernels(OP).batch_norm_train_backward(
         grad, x, weight, mean, invstd
     ),
     mutates_args=(),

@@ -31,15 +31,6 @@ __all__ = ["max_pool2d"]
 OP = "max_pool2d"
 
 
-def _kernels():
-    """torch.ops.mtlfast_C, the compiled extension loaded (or a RuntimeError naming why not)."""
-    if not _extension.has_extension():
-        raise RuntimeError(
-            f"{OP}: the compiled extension mtlfast._C is missing ({_extension.extension_error()})"
-        )
-    return torch.ops.mtlfast_C
-
-
 def _pair(value, name: str) -> tuple[int, int]:
     if isinstance(value, int) and not isinstance(value, bool):
         return value, value
@@ -54,7 +45,9 @@ def _pair(value, name: str) -> tuple[int, int]:
 
 _pool = torch.library.custom_op(
     "mtlfast::max_pool2d",
-    lambda x, kernel, stride, padding: _kernels().max_pool2d(x, kernel, stride, padding),
+    lambda x, kernel, stride, padding: _extension.kernels(OP).max_pool2d(
+        x, kernel, stride, padding
+    ),
     mutates_args=(),
     device_types="cpu",
     schema="(Tensor x, int[] kernel, int[] stride, int[] padding) -> (Tensor, Tensor)",
@@ -74,9 +67,9 @@ def _(x, kernel, stride, padding):
 
 _pool_backward = torch.library.custom_op(
     "mtlfast::max_pool2d_backward",
-    lambda grad, offsets, input_size, kernel, stride, padding: _kernels().max_pool2d_backward(
-        grad, offsets, input_size, kernel, stride, padding
-    ),
+    lambda grad, offsets, input_size, kernel, stride, padding: _extension.kernels(
+        OP
+    ).max_pool2d_backward(grad, offsets, input_size, kernel, stride, padding),
     mutates_args=(),
     device_types="cpu",
     schema=(
