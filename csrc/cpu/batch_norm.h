@@ -17,8 +17,8 @@ struct Shape {
 //   affine_nchw: out = (x - mean[c]) * scale[c] + shift[c]
 //   grad_sums_nchw: sum_g[c] = sum of g, sum_gx[c] = sum of g * (x - mean[c])
 //   grad_x_nchw: gx = g * a[c] + (x - mean[c]) * b[c] + d[c]
-// Channels-last, rows [begin, end), every channel, sums added into acc (C doubles, or 2C for the
-// two sums of grad_sums_cl), which the caller gives each chunk of rows and adds up:
+// Channels-last, rows [begin, end), every channel, two sums per channel added into acc (2C
+// doubles), which the caller gives each chunk of rows and adds up:
 //   moments_cl: acc[c] += sum of d, acc[C + c] += sum of d^2, d = x - pivot[c] (one pass: the
 //               pivot, a value of the channel, keeps the variance's cancellation small)
 //   grad_sums_cl: acc[c] += sum of g, acc[C + c] += sum of g * (x - mean[c])
