@@ -13,6 +13,8 @@ from ._blocks import (
     call,
     make_norm,
     make_se,
+    norm,
+    relu,
     run_se,
 )
 from .base import Backbone
@@ -82,8 +84,8 @@ class BasicBlock(_Block):
 
     def forward(self, x: torch.Tensor, task: int | torch.Tensor | None = None) -> torch.Tensor:
         identity = x if self.downsample is None else call(self.downsample, x, task)
-        out = torch.relu(call(self.bn1, call(self.conv1, x, task), task))
-        out = call(self.bn2, call(self.conv2, out, task), task)
+        out = relu(norm(self.bn1, call(self.conv1, x, task), task))
+        out = norm(self.bn2, call(self.conv2, out, task), task)
         return self._finish(out, identity, task)
 
 
@@ -128,9 +130,9 @@ class Bottleneck(_Block):
 
     def forward(self, x: torch.Tensor, task: int | torch.Tensor | None = None) -> torch.Tensor:
         identity = x if self.downsample is None else call(self.downsample, x, task)
-        out = torch.relu(call(self.bn1, self.conv1(x), task))
-        out = torch.relu(call(self.bn2, call(self.conv2, out, task), task))
-        out = call(self.bn3, self.conv3(out), task)
+        out = relu(norm(self.bn1, self.conv1(x), task))
+        out = relu(norm(self.bn2, call(self.conv2, out, task), task))
+        out = norm(self.bn3, self.conv3(out), task)
         return self._finish(out, identity, task)
 
 

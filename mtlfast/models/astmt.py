@@ -363,17 +363,28 @@ class ASTMT(MultiTaskModel):
         lean = self._lean()
         for k in range(start, len(stages)):
             x = _run_stage(stages[k], x, task, lean)
-            if k in self.backbone.feature_stages:
+            if self._keeps(k):
                 features.append(x)
         return self.backbone.neck(features)
+
+    def _keeps(self, stage: int) -> bool:
+        """Whether stage ``stage``'s output is kept as a feature: the decoder reads the first
+        and the last only, so with the identity neck (ResNet, MobileNetV2) the ones between are
+        dropped (ResNet's layer2 and layer3 outputs, 12 MiB that the release frees too, stayed
+        alive through layer4: the inference peak, at 256x256 batch 4)."""
+        stages = self.backbone.feature_stages
+        if stage not in stages:
+            return False
+        if type(self.backbone).neck is not Backbone.neck:  # a neck may read every feature
+            return True
+        return stage in (stages[0], stages[-1])
 
     def _decode(self, features: list[torch.Tensor], task: int | torch.Tensor) -> torch.Tensor:
         """The decoder on the backbone's features (never recomputed: see the class docstring)."""
         return self.decoder(features[0], features[-1], task)
 
     def _features(self, x: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
-        features = self._encode(x, [], task, 0) if self._lean() else self.backbone(x, task)
-        return self._decode(features, task)
+        return self._decode(self._encode(x, [], task, 0), task)
 
     def forward(self, x: torch.Tensor, task: int | str | torch.Tensor | None = None):
         check_images(x, type(self).__name__)
@@ -470,7 +481,7 @@ class ASTMT(MultiTaskModel):
         lean = self._lean()  # recomputed in backward, as the task part's stages
         for i in range(self.shared_stages):
             x = _run_stage(stages[i], x, None, lean)
-            if i in self.backbone.feature_stages:
+            if self._keeps(i):
                 features.append(x)
         return [x, *features]
 

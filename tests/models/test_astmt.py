@@ -66,6 +66,17 @@ def test_forward_all_equals_per_task_loop(backbone, options, training):
         torch.testing.assert_close(one_by_one[task], together[task], rtol=2e-4, atol=2e-4)
 
 
+def test_encoder_keeps_only_the_features_the_decoder_reads():
+    """The decoder reads the first and the last feature: the stages between are not kept (their
+    maps stayed alive through layer4, ASTMT's inference peak)."""
+    for backbone, options in CONFIGS:
+        model = _model(backbone, **options).eval()
+        with torch.no_grad():
+            features = model._encode(torch.randn(1, 3, H, W), [], 0, 0)
+        full = model.backbone(torch.randn(1, 3, H, W), 0)
+        assert len(full) > 2 and [f.shape for f in features] == [full[0].shape, full[-1].shape]
+
+
 def test_per_sample_tasks():
     model = _model(adapters=True).eval()
     x = torch.randn(3, 3, H, W)
