@@ -51,15 +51,45 @@ def _run_stage(
     return x
 
 
+class _SharedStage(nn.Module):
+    """One task-independent backbone stage as a trunk module of :meth:`ASTMT.engine_branches`.
+
+    It carries ``((H, W), x, *features)``: the image size (the predictions are upsampled to
+    it), the stage's output and the features kept so far (:meth:`ASTMT._keeps`); the first one
+    takes the images. The engine checkpoints the trunk, so the stage runs plainly here.
+
+    Shapes: (N, 3, H, W) or ((H, W), (N, C, h, w), features...) -> ((H, W), (N, C', h', w'), ...).
+    """
+
+    def __init__(self, stage: nn.Module, keep: bool) -> None:
+        super().__init__()
+        self.stage, self.keep = stage, keep
+
+    def forward(self, carry: torch.Tensor | tuple) -> tuple:
+        if isinstance(carry, torch.Tensor):
+            check_images(carry, "ASTMT")
+            size, x, features = tuple(carry.shape[-2:]), carry, ()
+        else:
+            size, x, *features = carry
+        x = call(self.stage, x, None)
+        return (size, x, *features, *((x,) if self.keep else ()))
+
+
 class _SingleTaskPass(nn.Module):
-    """One task's whole pass through an ASTMT model (a branch of :meth:`ASTMT.engine_branches`)."""
+    """One task's pass through an ASTMT model (a branch of :meth:`ASTMT.engine_branches`): the
+    whole pass from the images, or the rest of it from the shared stages' carry
+    (:class:`_SharedStage`)."""
 
     def __init__(self, model: ASTMT, task: int) -> None:
         super().__init__()
         self.model, self.task = model, task
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x, self.task)
+    def forward(self, x: torch.Tensor | tuple) -> torch.Tensor:
+        if isinstance(x, torch.Tensor):
+            return self.model(x, self.task)
+        size, *shared = x
+        _, decoded = self.model.task_part(shared, self.task)
+        return self.model.predict(decoded, self.task, size)
 
 
 class GradientDiscriminator(nn.Module):
@@ -201,16 +231,18 @@ class ASTMT(MultiTaskModel):
             for tests).
 
     Under :func:`mtlfast.engine.multi_branch_step`, ``multi_branch_step(*model.engine_branches(),
-    ...)`` runs ASTMT's T single-task passes one after another, each on the samples labelled for
-    its task and freed before the next: the modulated encoder has no task-independent trunk, so
-    the "trunk" is the identity and each branch is a whole single-task pass. This is the
-    trainer's default step: its peak is one task pass plus every parameter's gradient, never T
-    passes (``strategy="naive"``, plain autograd, keeps all T graphs until its one backward).
-    Under ``strategy="recompute"`` (:func:`mtlfast.engine.current_strategy`; also inside
+    ...)`` runs the shared stages (:attr:`trunk`: the stem of a modulated encoder) once, then
+    ASTMT's T single-task passes from their output one after another, each on the samples
+    labelled for its task and freed before the next, and the stem's backward once from the
+    passes' summed gradients (where the release's T passes run the stem T times, its batch norm
+    updating its running statistics T times per batch; here once). This is the trainer's default
+    step: its peak is one task pass plus every parameter's gradient, never T passes
+    (``strategy="naive"``, plain autograd, keeps all T graphs until its one backward). Under
+    ``strategy="recompute"`` (:func:`mtlfast.engine.current_strategy`; also inside
     :class:`mtlfast.train.procedures.ASTMTProcedure` run by the trainer) each pass keeps less:
-    every encoder block (the stem whole) runs through a checkpoint that keeps its input only and
-    is recomputed in backward, batch norms (task ones included) updating their running
-    statistics once. The decoder is not: it is the first part the backward reaches, so its
+    every encoder block runs through a checkpoint that keeps its input only and is recomputed in
+    backward (the engine recomputes the stem likewise), batch norms (task ones included)
+    updating their running statistics once. The decoder is not: it is the first part the backward reaches, so its
     activations are alive at that moment whether kept or recomputed, and recomputing it cost
     time (about 10% of the step) for no lower peak. At 256x256, batch 4, five tasks, the
     release's network with adapters: 284 MiB peak against the release's 484 (0.59x; naive 2303
@@ -319,20 +351,30 @@ class ASTMT(MultiTaskModel):
 
     @property
     def trunk(self) -> nn.Sequential:
-        """The identity, as an nn.Sequential: the trunk of :meth:`engine_branches`.
+        """The trunk of :meth:`engine_branches`: the :attr:`shared_stages`, one module each.
 
         ASTMT modulates its encoder per task (task SE, task batch norm, adapters) from the first
-        block on, so its encoder computes something else for each task: the only representation
-        common to all tasks is the image itself, and each branch is a whole single-task pass. (A
-        model is built this way whatever its options, so that one trainer path serves them all.)
+        block on, so what every task computes alike is the stem (the whole encoder without
+        modulation); each branch is the rest of a single-task pass. Without a shared stage (a
+        modulated MobileNet) the trunk is the identity and each branch the whole pass.
         """
-        return nn.Sequential(nn.Identity())
+        stages = self.backbone.stages()[: self.shared_stages]
+        if not stages:
+            return nn.Sequential(nn.Identity())
+        return nn.Sequential(*(_SharedStage(s, self._keeps(k)) for k, s in enumerate(stages)))
 
     def engine_branches(self) -> tuple[nn.Sequential, dict[str, nn.Module]]:
-        """(trunk, heads) for :func:`mtlfast.engine.multi_branch_step`: the identity as the trunk and
-        one branch per task, each the whole single-task pass ``self(x, task)``.
+        """(trunk, heads) for :func:`mtlfast.engine.multi_branch_step`: the shared stages
+        (:attr:`trunk`) and one branch per task, the rest of its single-task pass
+        (``task_part`` and ``predict``), equal to ``self(x, task)``.
 
-        Shapes: each branch (K, 3, H, W) -> (K, C_t, H, W) for the K samples labelled for its task.
+        The stem then runs once per step instead of once per task: under the recompute strategy
+        a forward, its recomputation and one backward from the summed gradients of the T passes.
+        Its shared batch norm updates its running statistics once per step (the release's T
+        per-task passes update them T times, each on the same images).
+
+        Shapes: the trunk (N, 3, H, W) -> ((H, W), (N, C, h, w), features...); each branch
+        -> (K, C_t, H, W) for the K samples labelled for its task.
         """
         return self.trunk, {name: _SingleTaskPass(self, i) for i, name in enumerate(self.tasks)}
 

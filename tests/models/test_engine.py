@@ -131,7 +131,8 @@ def test_astmt_single_task_passes_under_the_engine(options):
     for n in naive:
         torch.testing.assert_close(recompute[n], naive[n], rtol=1e-4, atol=1e-5, msg=n)
         torch.testing.assert_close(plain[n], naive[n], rtol=1e-4, atol=1e-5, msg=n)
-    trunk, _ = (
-        model.engine_branches()
-    )  # no shared trunk: the identity, the branches are whole passes
-    assert [type(m) for m in trunk] == [type(m) for m in model.trunk] == [torch.nn.Identity]
+    # the trunk: the shared stages (the stem; the whole encoder without encoder modulation)
+    trunk, _ = model.engine_branches()
+    assert len(trunk) == model.shared_stages == (1 if "adapters" in options else 5)
+    shared = [p for s in model.backbone.stages()[: len(trunk)] for p in s.parameters()]
+    assert all(p is q for p, q in zip(trunk.parameters(), shared, strict=True))

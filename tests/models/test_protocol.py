@@ -147,8 +147,11 @@ def _problem(model, n):
 
 def _plain_loss(model, x, targets, loss_fns, labeled, weights):
     """sum over the expanded keys k of w_k * loss_k(model(x)[k] on labelled rows), by plain autograd."""
-    if isinstance(model, ASTMT):  # the sum of its T single-task passes
-        out = {t: model(x, t) for t in model.tasks}
+    if isinstance(model, ASTMT):  # its T single-task passes from one pass of the shared stem
+        shared = model.shared_part(x)
+        out = {
+            t: model.predict(model.task_part(shared, t)[1], t, x.shape[-2:]) for t in model.tasks
+        }
     else:
         out = model(x)
     targets, loss_fns, labeled, weights = (
