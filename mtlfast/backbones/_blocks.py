@@ -42,8 +42,13 @@ def call(module: nn.Module, x: torch.Tensor, task: int | torch.Tensor | None) ->
 def _in_place_ok(y: torch.Tensor) -> bool:
     """Whether a block may overwrite ``y``, a map it made itself: only in inference (autograd
     off: nothing saved ``y`` for backward) and for float32/64 (a lower precision would round the
-    normalisation twice)."""
-    return not torch.is_grad_enabled() and y.dtype in (torch.float32, torch.float64)
+    normalisation twice); not while compiling (the storage checks are eager-only, and a compiled
+    graph plans its own buffers)."""
+    return (
+        not torch.is_grad_enabled()
+        and y.dtype in (torch.float32, torch.float64)
+        and not torch.compiler.is_compiling()
+    )
 
 
 def norm(bn: nn.Module, y: torch.Tensor, task: int | torch.Tensor | None = None) -> torch.Tensor:

@@ -242,9 +242,9 @@ class ASTMT(MultiTaskModel):
     :class:`mtlfast.train.procedures.ASTMTProcedure` run by the trainer) each pass keeps less:
     every encoder block runs through a checkpoint that keeps its input only and is recomputed in
     backward (the engine recomputes the stem likewise), batch norms (task ones included)
-    updating their running statistics once. The decoder is not: it is the first part the backward reaches, so its
-    activations are alive at that moment whether kept or recomputed, and recomputing it cost
-    time (about 10% of the step) for no lower peak. At 256x256, batch 4, five tasks, the
+    updating their running statistics once. The decoder is not: it is the first part the
+    backward reaches, so its activations are alive at that moment whether kept or recomputed,
+    and recomputing it cost time (about 10% of the step) for no lower peak. At 256x256, batch 4, five tasks, the
     release's network with adapters: 284 MiB peak against the release's 484 (0.59x; naive 2303
     MiB; an AVX2 EPYC, 2 threads), of which 119 MiB are the gradients of all 31.27M parameters
     and 72 MiB the blocks' kept inputs; the rest is the semseg pass's decoder and loss at the

@@ -108,3 +108,15 @@ def test_task_sequential_never_overwrites_its_input():
     with torch.no_grad():
         torch.testing.assert_close(seq(x, 1), expected, rtol=1e-6, atol=1e-6)
     assert torch.equal(x, kept)
+
+
+def test_in_place_inference_compiles_into_one_graph():
+    """Under torch.compile the blocks take the layers' own path (no storage checks in the graph)."""
+    from mtlfast.backbones.resnet import Bottleneck
+
+    down = TaskSequential(torch.nn.Conv2d(16, 16, 1), _eval_bn(16))
+    block = Bottleneck(16, 4, downsample=down).eval()
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        expected = block(x)
+        torch.testing.assert_close(torch.compile(block, fullgraph=True)(x), expected)
