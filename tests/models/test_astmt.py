@@ -157,6 +157,12 @@ def test_modulation_options():
         ASTMT(TASKS, "se_mobilenet_v2", adapters=True, width=0.25)
     with pytest.raises(ValueError, match="unknown task"):
         plain(torch.randn(1, 3, H, W), "depth")
+    assert plain.recompute_stages == len(plain.backbone.stages()) - 1  # all but layer4
+    for bad in (-1, 6, 2.0, True, "all"):
+        with pytest.raises(
+            ValueError, match=r"recompute_stages must be None or an int in \[0, 5\]"
+        ):
+            ASTMT(TASKS, width=0.125, head_channels=16, recompute_stages=bad)
 
 
 def test_discriminator():
@@ -178,21 +184,26 @@ def test_discriminator():
 LEAN_CASES = [  # (options, training, task batch norm momentum)
     ({"adapters": True}, True, 0.1),  # task batch norm after the shared stem
     ({"adapters": True}, True, None),  # its cumulative average: the per-sample path
+    ({"adapters": True, "recompute_stages": 5}, True, 0.1),  # every stage recomputed
+    ({"adapters": True, "recompute_stages": 0}, True, 0.1),  # none
     ({"se_encoder": False, "se_decoder": True}, False, 0.1),  # shared encoder, eval-mode BN
 ]
 
 
 @pytest.mark.parametrize(
-    "options, training, momentum", LEAN_CASES, ids=["task-bn", "task-bn-cumulative", "eval"]
+    "options, training, momentum",
+    LEAN_CASES,
+    ids=["task-bn", "task-bn-cumulative", "all-stages", "no-stage", "eval"],
 )
 def test_engine_step_recomputes_the_encoder_with_the_stacked_gradients(
     options, training, momentum, monkeypatch
 ):
     """The trainer's default step (the engine's recompute strategy over engine_branches: the T
-    task passes in turn, each freed before the next, every encoder block recomputed in backward;
-    not the decoder, whose activations are alive at the start of the backward anyway)
-    gives the gradients of the task-batched graph (forward_all) and naive's gradients and
-    batch-norm statistics (float64)."""
+    task passes in turn, each freed before the next, the blocks of the first
+    ``recompute_stages`` encoder stages recomputed in backward, by default all but layer4; not
+    the decoder, whose activations are alive at the start of the backward anyway) gives the
+    gradients of the task-batched graph (forward_all) and naive's gradients and batch-norm
+    statistics (float64)."""
     import copy
 
     from torch.nn import functional as F
@@ -226,11 +237,14 @@ def test_engine_step_recomputes_the_encoder_with_the_stacked_gradients(
             grads[strategy] = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
             states[strategy] = m.state_dict()
             blocks[strategy] = len(calls)
-    # each of the eight bottlenecks, once per task: the stem is the engine's trunk, run once;
-    # without encoder modulation the whole encoder is (the engine checkpoints its stages)
+    # the bottlenecks (two a stage) of the recomputed stages after the stem, once per task: the
+    # stem is the engine's trunk, run once; without encoder modulation the whole encoder is
+    # (the engine checkpoints its stages)
     shared = model.shared_stages
     assert len(model.trunk) == shared == (1 if training else len(model.backbone.stages()))
-    assert blocks == {"naive": 0, "recompute": 8 * len(TASKS) if shared == 1 else 0, "stacked": 0}
+    assert model.recompute_stages == options.get("recompute_stages", 4)
+    per_task = 2 * max(model.recompute_stages - 1, 0) if shared == 1 else 0
+    assert blocks == {"naive": 0, "recompute": per_task * len(TASKS), "stacked": 0}
     assert set(grads["naive"]) == set(grads["recompute"]) == set(grads["stacked"])
     for n, g in grads["naive"].items():
         torch.testing.assert_close(grads["recompute"][n], g, rtol=1e-9, atol=1e-12, msg=n)
