@@ -279,8 +279,9 @@ class ASTMTProcedure(Procedure):
 
     def train_backward(self, trainer: Any, batch: dict) -> StepResult:
         # under train.strategy, as the engine's step: with "recompute" each task's pass keeps only
-        # the inputs of its encoder blocks and decoder and recomputes them in backward (ASTMT's
-        # _lean; the double backprop from the decoder's or encoder's output works through them)
+        # the inputs of the blocks of its first recompute_stages encoder stages and recomputes
+        # them in backward (ASTMT._lean; the double backprop from the decoder's or encoder's
+        # output works through them)
         with running(trainer.config.train.strategy):
             return self.backward(
                 batch,
