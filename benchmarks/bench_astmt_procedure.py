@@ -17,6 +17,11 @@ PASCAL loss weights, SGD momentum 0.9, w_d 0.1, one process on ``--threads`` thr
   stem once, each task's pass forward and backward in turn, one step) and ``batched`` (the T
   passes stacked into one graph, one step).
 
+``--strategy recompute`` (or ``naive``) runs mtlfast's sides inside the memory engine's strategy,
+as the trainer does with ``train.strategy`` (recompute, its default: the blocks of the first
+``ASTMT.recompute_stages`` encoder stages recomputed in backward); "none" (the default here)
+runs them outside any, as a user's own loop calling the procedure does.
+
 Time: ``--rounds`` alternating rounds of one step each after a warm-up step
 (``bench_trainer._alternate``). Peak memory: ``mtlfast.profiling.memory("cpu")`` around one
 step after a warm-up step (momentum buffers allocated), with the shared part's memory (the stem's
@@ -33,6 +38,7 @@ import gc
 import json
 import statistics
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -44,6 +50,7 @@ from torch.nn import functional as F
 import mtlfast
 from benchmarks.bench_trainer import _alternate, _cpu_load
 from benchmarks.release_models import RELEASE_TASKS, ReleaseNet
+from mtlfast.engine._context import running
 from mtlfast.losses import PASCAL_WEIGHTS, for_task
 from mtlfast.models import ASTMT, load_release_checkpoint, release_options
 from mtlfast.train.procedures import ASTMTProcedure
@@ -137,6 +144,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--sides", default="release,task_passes,sequential,batched")
+    ap.add_argument("--strategy", choices=("none", "naive", "recompute"), default="none")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -169,7 +177,8 @@ def main(argv=None) -> int:
         proc = ASTMTProcedure(ours, opt, max_steps=10, discriminator_weight=W_D, **options)
 
         def step(proc=proc, opt=opt):
-            proc.backward(batch, loss_fns, PASCAL_WEIGHTS)
+            with running(args.strategy) if args.strategy != "none" else nullcontext():
+                proc.backward(batch, loss_fns, PASCAL_WEIGHTS)
             opt.step()
             opt.zero_grad(set_to_none=True)
 
@@ -194,6 +203,8 @@ def main(argv=None) -> int:
         "batch": args.batch,
         "threads": args.threads,
         "tasks": len(OURS_TO_RELEASE),
+        "strategy": args.strategy,
+        "recompute_stages": ours.recompute_stages,
         "step_s": times,
         "step_s_median": median,
         "peak_mib": peaks,
