@@ -255,7 +255,7 @@ class ASTMT(MultiTaskModel):
     adapters, 2 threads, against the release's per-task passes (476 MiB; a Xeon, one process,
     the sides alternating; ``benchmarks/results/README.md``): the default keeps 349 MiB
     (0.73x) at about 0.93x the release's step; ``recompute_stages=5`` (all) 285 MiB (0.60x) at
-    about 1.08x; ``recompute_stages=0`` 573 MiB (1.20x) at about 0.80x (naive, all T graphs
+    about 1.10x; ``recompute_stages=0`` 573 MiB (1.20x) at about 0.82x (naive, all T graphs
     at once: 2.1 GiB). Of the all-stages peak 119 MiB are the gradients of all 31.27M
     parameters and 72 MiB the blocks' kept inputs; the rest is a pass's decoder and loss at the
     start of its backward. What the peak was before (oneDNN's buffers for dilated weight
@@ -428,8 +428,8 @@ class ASTMT(MultiTaskModel):
         self, x: torch.Tensor, features: list[torch.Tensor], task: int | torch.Tensor, start: int
     ) -> list[torch.Tensor]:
         """The backbone's stages from ``start`` on ``x`` (``features``: those of the earlier
-        stages), then its neck; the first :attr:`recompute_stages` (under the recompute strategy) block by block through checkpoints
-        (:func:`_run_stage`)."""
+        stages), then its neck; under the recompute strategy the first :attr:`recompute_stages`
+        block by block through checkpoints (:func:`_run_stage`)."""
         stages = self.backbone.stages()
         for k in range(start, len(stages)):
             x = _run_stage(stages[k], x, task, self._lean(k))
