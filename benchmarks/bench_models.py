@@ -125,10 +125,10 @@ def make_trainer(
     lr: float,
     precision: str = "fp32",
     memory_format: str = "contiguous",
-    conv_algorithm: str = "winograd",
+    conv_algorithm: str = "auto",
 ) -> Trainer:
     """The trainer on ``model`` as a config would build it: PASCAL loss weights, SGD momentum 0.9
-    (and the trainer's defaults, ``train.conv_algorithm`` "winograd" among them)."""
+    (and the trainer's defaults, ``train.conv_algorithm`` "auto" among them)."""
     config = load_config(
         "mtinet_pascal",
         [

@@ -1,10 +1,12 @@
 // Kernel schemas of winograd_conv3x3 (a 3x3, stride-1, padding-1 convolution by Winograd's
 // F(4x4, 3x3)); the public op is declared in mtlfast/ops/winograd_conv.py, the kernels in csrc/cpu.
-// The three GEMMs between the transforms are torch.bmm calls in Python.
+// The three GEMMs between the transforms are called from Python (oneDNN's or torch.mm), one per
+// tile position.
 //
-// Layout contract: images (N, C, H, W) with any strides; tiles (36, Q, C) hold the tiles
-// [first, first + Q) of the P = N * ceil(H / 4) * ceil(W / 4), tile p = (n, ty, tx) row-major, and
-// their (Q, C) block is dense (stride(1) == C, stride(2) == 1); one dtype (float32 or float64).
+// Layout contract: images (N, C, H, W) with any strides; tiles, a list of 36 (Q, C) blocks (one
+// per position of the 6x6 tile, each dense: stride(0) == C, stride(1) == 1, anywhere in memory),
+// hold the tiles [first, first + Q) of the P = N * ceil(H / 4) * ceil(W / 4), tile p = (n, ty,
+// tx) row-major; one dtype (float32 or float64).
 // Cutting P into ranges keeps each buffer small enough for the allocator to reuse.
 //   input:     tiles = B^T d B of every 6x6 input tile of the range (zero padding of 1)
 //   input_t:   grad_x += the adjoint of input applied to tiles (overlapping windows summed); the
@@ -14,8 +16,8 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(mtlfast_C, m) {
-  m.def("winograd_input(Tensor x, int first, Tensor(a!) tiles) -> ()");
-  m.def("winograd_input_t(Tensor tiles, int first, Tensor(a!) grad_x) -> ()");
-  m.def("winograd_output(Tensor tiles, int first, Tensor? bias, Tensor(a!) out) -> ()");
-  m.def("winograd_output_t(Tensor grad_out, int first, Tensor(a!) tiles) -> ()");
+  m.def("winograd_input(Tensor x, int first, Tensor(a!)[] tiles) -> ()");
+  m.def("winograd_input_t(Tensor[] tiles, int first, Tensor(a!) grad_x) -> ()");
+  m.def("winograd_output(Tensor[] tiles, int first, Tensor? bias, Tensor(a!) out) -> ()");
+  m.def("winograd_output_t(Tensor grad_out, int first, Tensor(a!)[] tiles) -> ()");
 }

@@ -25,6 +25,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _winograd_rule():
+    """Every test starts under the Winograd op's fixed rule: a Trainer ("conv_algorithm: auto")
+    turns the process-wide autotune on, which must not reach the next test."""
+    from mtlfast.ops import set_winograd_autotune
+
+    set_winograd_autotune(False)
+    yield
+    set_winograd_autotune(False)
+
+
 # Test directories whose small networks on tiny inputs gain nothing from an intra-op thread pool:
 # on a loaded 2-core machine each op's OpenMP fork/join took ~10 ms there, 100x the work itself.
 # Other directories keep the default count, so that the kernels' parallel paths stay exercised.

@@ -34,9 +34,11 @@ PUBLIC = {
         "max_pool2d",
         "reference",
         "resize_bilinear",
+        "set_winograd_autotune",
         "skip_fusion",
         "task_se",
         "use_backend",
+        "winograd_autotune_choices",
         "winograd_conv3x3",
     ],
     "mtlfast.nn": [

@@ -57,18 +57,41 @@ Image image_of(const char* op, const char* name, const at::Tensor& t) {
           tiles_of(t.size(3))};
 }
 
-Tiles tiles_for(const char* op, const at::Tensor& tiles, int64_t first, const Image& im, at::ScalarType dtype) {
+Tiles tiles_for(const char* op, at::TensorList tiles, int64_t first, const Image& im, at::ScalarType dtype) {
   const int64_t P = im.N * im.th * im.tw;
-  TORCH_CHECK(tiles.device().is_cpu() && tiles.scalar_type() == dtype, op, ": tiles must be a CPU ", dtype,
-              " tensor, got ", tiles.scalar_type(), " on ", tiles.device());
-  TORCH_CHECK(tiles.dim() == 3 && tiles.size(0) == 36 && tiles.size(2) == im.C, op, ": tiles must have shape (36, Q, ",
-              im.C, "), got ", tiles.sizes());
-  const int64_t count = tiles.size(1);
+  TORCH_CHECK(tiles.size() == 36, op, ": tiles must be 36 tensors (one per tile position), got ", tiles.size());
+  const int64_t count = tiles[0].dim() == 2 ? tiles[0].size(0) : -1;
+  Tiles t{{}, first, count};
+  for (size_t ij = 0; ij < 36; ++ij) {
+    const at::Tensor& b = tiles[ij];
+    TORCH_CHECK(b.device().is_cpu() && b.scalar_type() == dtype, op, ": tiles must be CPU ", dtype,
+                " tensors, got ", b.scalar_type(), " on ", b.device());
+    TORCH_CHECK(b.dim() == 2 && b.size(0) == count && b.size(1) == im.C, op,
+                ": tiles must have shape (Q, ", im.C, ") each, got ", b.sizes(), " at position ", ij);
+    TORCH_CHECK((count <= 1 || b.stride(0) == im.C) && (im.C <= 1 || b.stride(1) == 1), op,
+                ": each (Q, C) block of tiles must be dense, got strides ", b.strides(), " at position ", ij);
+    t.data[ij] = const_cast<void*>(b.const_data_ptr());
+  }
   TORCH_CHECK(first >= 0 && first + count <= P, op, ": the tiles [", first, ", ", first + count,
               ") are not within the image's ", P);
-  TORCH_CHECK((count <= 1 || tiles.stride(1) == im.C) && (im.C <= 1 || tiles.stride(2) == 1), op,
-              ": the (Q, C) block of tiles must be dense, got strides ", tiles.strides());
-  return {const_cast<void*>(tiles.const_data_ptr()), tiles.stride(0), first, count};
+  return t;
+}
+
+// Streaming stores into the 36 blocks: together at least kStreamBytes, every one mapped in.
+bool stream_into_all(at::TensorList tiles) {
+  int64_t bytes = 0;
+  for (const at::Tensor& b : tiles) {
+    bytes += static_cast<int64_t>(b.nbytes());
+  }
+  if (bytes < kStreamBytes) {
+    return false;
+  }
+  for (const at::Tensor& b : tiles) {
+    if (!stream_into(b, 0)) {
+      return false;
+    }
+  }
+  return true;
 }
 
 // Whether the *_rows kernels serve this image and range: NCHW-like (contiguous rows, channels
@@ -88,10 +111,10 @@ void over_tiles(const Tiles& tiles, Fn fn) {
   at::parallel_for(0, tiles.count, 4, [&](int64_t begin, int64_t end) { fn(begin, end); });
 }
 
-void winograd_input(const at::Tensor& x, int64_t first, const at::Tensor& tiles) {
+void winograd_input(const at::Tensor& x, int64_t first, at::TensorList tiles) {
   constexpr const char* op = "mtlfast_C::winograd_input";
   const Image im = image_of(op, "x", x);
-  const Args args{im, tiles_for(op, tiles, first, im, x.scalar_type()), nullptr, stream_into(tiles, kStreamBytes)};
+  const Args args{im, tiles_for(op, tiles, first, im, x.scalar_type()), nullptr, stream_into_all(tiles)};
   const DtypeKernels& kernels = dtype_kernels(op, x.scalar_type());
   if (by_rows(im, args.tiles)) {
     const int64_t items = args.tiles.count / im.tw * blocks_of(im, x.scalar_type());
@@ -101,11 +124,10 @@ void winograd_input(const at::Tensor& x, int64_t first, const at::Tensor& tiles)
   over_tiles(args.tiles, [&](int64_t b, int64_t e) { kernels.input(args, b, e); });
 }
 
-void winograd_output_t(const at::Tensor& grad_out, int64_t first, const at::Tensor& tiles) {
+void winograd_output_t(const at::Tensor& grad_out, int64_t first, at::TensorList tiles) {
   constexpr const char* op = "mtlfast_C::winograd_output_t";
   const Image im = image_of(op, "grad_out", grad_out);
-  const Args args{im, tiles_for(op, tiles, first, im, grad_out.scalar_type()), nullptr,
-                  stream_into(tiles, kStreamBytes)};
+  const Args args{im, tiles_for(op, tiles, first, im, grad_out.scalar_type()), nullptr, stream_into_all(tiles)};
   const DtypeKernels& kernels = dtype_kernels(op, grad_out.scalar_type());
   if (by_rows(im, args.tiles)) {
     const int64_t items = args.tiles.count / im.tw * blocks_of(im, grad_out.scalar_type());
@@ -115,7 +137,7 @@ void winograd_output_t(const at::Tensor& grad_out, int64_t first, const at::Tens
   over_tiles(args.tiles, [&](int64_t b, int64_t e) { kernels.output_t(args, b, e); });
 }
 
-void winograd_output(const at::Tensor& tiles, int64_t first, const std::optional<at::Tensor>& bias,
+void winograd_output(at::TensorList tiles, int64_t first, const std::optional<at::Tensor>& bias,
                      const at::Tensor& out) {
   constexpr const char* op = "mtlfast_C::winograd_output";
   const Image im = image_of(op, "out", out);
@@ -138,7 +160,7 @@ void winograd_output(const at::Tensor& tiles, int64_t first, const std::optional
   over_tiles(args.tiles, [&](int64_t begin, int64_t end) { kernels.output(args, begin, end); });
 }
 
-void winograd_input_t(const at::Tensor& tiles, int64_t first, const at::Tensor& grad_x) {
+void winograd_input_t(at::TensorList tiles, int64_t first, const at::Tensor& grad_x) {
   constexpr const char* op = "mtlfast_C::winograd_input_t";
   const Image im = image_of(op, "grad_x", grad_x);
   const Args args{im, tiles_for(op, tiles, first, im, grad_x.scalar_type()), nullptr, false};

@@ -18,10 +18,11 @@ struct Image {
 };
 
 // The transformed tiles [first, first + count) of the P = N * th * tw: position ij of tile
-// first + q, channel c at data + ij * stride + q * C + c; stride >= count * C.
+// first + q, channel c at data[ij] + q * C + c (36 dense (count, C) blocks, anywhere: each may be
+// a GEMM's own output).
 struct Tiles {
-  void* data;
-  int64_t stride, first, count;
+  void* data[36];
+  int64_t first, count;
 };
 
 struct Args {

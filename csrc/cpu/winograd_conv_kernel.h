@@ -123,6 +123,12 @@ inline TilePos tile_of(const Image& im, int64_t p) {
   return {p / (im.th * im.tw), (p / im.tw) % im.th, p % im.tw};
 }
 
+// Position ij's (count, C) block of the transformed tiles.
+template <typename T>
+T* at_position(const Tiles& t, int ij) {
+  return static_cast<T*>(t.data[ij]);
+}
+
 template <typename T>
 T* pixel(const Image& im, int64_t n, int64_t c, int64_t y, int64_t x) {
   return static_cast<T*>(im.data) + n * im.stride_n + c * im.stride_c + y * im.stride_h + x * im.stride_w;
@@ -132,7 +138,6 @@ template <typename T>
 void input(const Args& a, int64_t begin, int64_t end) {
   using V = Vectorized<T>;
   const Image& im = a.image;
-  T* tiles = static_cast<T*>(a.tiles.data);
   V d[6][6], o[6][6];
   for (int64_t q = begin; q < end; ++q) {
     const TilePos tp = tile_of(im, a.tiles.first + q);
@@ -149,7 +154,7 @@ void input(const Args& a, int64_t begin, int64_t end) {
       sandwich<T, 6, 6, kBT>(d, o);
       for (int i = 0; i < 6; ++i) {
         for (int j = 0; j < 6; ++j) {
-          store_tile(tiles + (i * 6 + j) * a.tiles.stride + q * im.C + c0, count, o[i][j], a.stream);
+          store_tile(at_position<T>(a.tiles, i * 6 + j) + q * im.C + c0, count, o[i][j], a.stream);
         }
       }
     }
@@ -163,7 +168,6 @@ template <typename T>
 void output(const Args& a, int64_t begin, int64_t end) {
   using V = Vectorized<T>;
   const Image& im = a.image;
-  const T* tiles = static_cast<const T*>(a.tiles.data);
   const T* bias = static_cast<const T*>(a.bias);
   V d[6][6], o[4][4];
   for (int64_t q = begin; q < end; ++q) {
@@ -172,7 +176,7 @@ void output(const Args& a, int64_t begin, int64_t end) {
       const int64_t count = std::min<int64_t>(V::size(), im.C - k0);
       for (int i = 0; i < 6; ++i) {
         for (int j = 0; j < 6; ++j) {
-          d[i][j] = load_tile(tiles + (i * 6 + j) * a.tiles.stride + q * im.C + k0, count);
+          d[i][j] = load_tile(at_position<T>(a.tiles, i * 6 + j) + q * im.C + k0, count);
         }
       }
       sandwich<T, 6, 4, kAT>(d, o);
@@ -221,7 +225,6 @@ void input_rows(const Args& a, int64_t begin, int64_t end) {
   using V = Vectorized<T>;
   constexpr int64_t L = V::size();
   const Image& im = a.image;
-  T* tiles = static_cast<T*>(a.tiles.data);
   const int64_t blocks = (im.C + L - 1) / L;
   const int64_t width = 4 * im.tw + 2;
   std::vector<T> buffer(static_cast<size_t>(6 * width * L));
@@ -241,7 +244,7 @@ void input_rows(const Args& a, int64_t begin, int64_t end) {
       sandwich<T, 6, 6, kBT>(d, o);
       for (int i = 0; i < 6; ++i) {
         for (int j = 0; j < 6; ++j) {
-          store_tile(tiles + (i * 6 + j) * a.tiles.stride + q * im.C + c0, count, o[i][j], a.stream);
+          store_tile(at_position<T>(a.tiles, i * 6 + j) + q * im.C + c0, count, o[i][j], a.stream);
         }
       }
     }
@@ -256,7 +259,6 @@ void output_t_rows(const Args& a, int64_t begin, int64_t end) {
   using V = Vectorized<T>;
   constexpr int64_t L = V::size();
   const Image& im = a.image;
-  T* tiles = static_cast<T*>(a.tiles.data);
   const int64_t blocks = (im.C + L - 1) / L;
   const int64_t width = 4 * im.tw;
   std::vector<T> buffer(static_cast<size_t>(4 * width * L));
@@ -276,7 +278,7 @@ void output_t_rows(const Args& a, int64_t begin, int64_t end) {
       sandwich<T, 4, 6, kA>(d, o);
       for (int i = 0; i < 6; ++i) {
         for (int j = 0; j < 6; ++j) {
-          store_tile(tiles + (i * 6 + j) * a.tiles.stride + q * im.C + k0, count, o[i][j], a.stream);
+          store_tile(at_position<T>(a.tiles, i * 6 + j) + q * im.C + k0, count, o[i][j], a.stream);
         }
       }
     }
@@ -291,7 +293,6 @@ void input_t_rows(const Args& a, int64_t parity, int64_t begin, int64_t end) {
   using V = Vectorized<T>;
   constexpr int64_t L = V::size();
   const Image& im = a.image;
-  const T* tiles = static_cast<const T*>(a.tiles.data);
   const int64_t blocks = (im.C + L - 1) / L;
   const int64_t width = 4 * im.tw + 2;
   std::vector<T> buffer(static_cast<size_t>(6 * width * L));
@@ -306,7 +307,7 @@ void input_t_rows(const Args& a, int64_t parity, int64_t begin, int64_t end) {
       const int64_t q = row * im.tw + tx - a.tiles.first;
       for (int i = 0; i < 6; ++i) {
         for (int j = 0; j < 6; ++j) {
-          d[i][j] = load_tile(tiles + (i * 6 + j) * a.tiles.stride + q * im.C + c0, count);
+          d[i][j] = load_tile(at_position<T>(a.tiles, i * 6 + j) + q * im.C + c0, count);
         }
       }
       sandwich<T, 6, 6, kB>(d, o);
@@ -345,7 +346,6 @@ void output_rows(const Args& a, int64_t begin, int64_t end) {
   using V = Vectorized<T>;
   constexpr int64_t L = V::size();
   const Image& im = a.image;
-  const T* tiles = static_cast<const T*>(a.tiles.data);
   const T* bias = static_cast<const T*>(a.bias);
   const int64_t blocks = (im.C + L - 1) / L;
   const int64_t width = 4 * im.tw;
@@ -362,7 +362,7 @@ void output_rows(const Args& a, int64_t begin, int64_t end) {
       const int64_t q = row * im.tw + tx - a.tiles.first;
       for (int i = 0; i < 6; ++i) {
         for (int j = 0; j < 6; ++j) {
-          d[i][j] = load_tile(tiles + (i * 6 + j) * a.tiles.stride + q * im.C + k0, count);
+          d[i][j] = load_tile(at_position<T>(a.tiles, i * 6 + j) + q * im.C + k0, count);
         }
       }
       sandwich<T, 6, 4, kAT>(d, o);
@@ -389,7 +389,6 @@ template <typename T>
 void output_t(const Args& a, int64_t begin, int64_t end) {
   using V = Vectorized<T>;
   const Image& im = a.image;
-  T* tiles = static_cast<T*>(a.tiles.data);
   V d[4][4], o[6][6];
   for (int64_t q = begin; q < end; ++q) {
     const TilePos tp = tile_of(im, a.tiles.first + q);
@@ -405,7 +404,7 @@ void output_t(const Args& a, int64_t begin, int64_t end) {
       sandwich<T, 4, 6, kA>(d, o);
       for (int i = 0; i < 6; ++i) {
         for (int j = 0; j < 6; ++j) {
-          store_tile(tiles + (i * 6 + j) * a.tiles.stride + q * im.C + k0, count, o[i][j], a.stream);
+          store_tile(at_position<T>(a.tiles, i * 6 + j) + q * im.C + k0, count, o[i][j], a.stream);
         }
       }
     }
@@ -419,7 +418,6 @@ template <typename T>
 void input_t(const Args& a, int64_t parity, int64_t begin, int64_t end) {
   using V = Vectorized<T>;
   const Image& im = a.image;
-  const T* tiles = static_cast<const T*>(a.tiles.data);
   V d[6][6], o[6][6];
   for (int64_t item = begin; item < end; ++item) {
     const int64_t row = a.tiles.first / im.tw + 2 * item + parity;
@@ -432,7 +430,7 @@ void input_t(const Args& a, int64_t parity, int64_t begin, int64_t end) {
         const int64_t q = row * im.tw + tx - a.tiles.first;
         for (int i = 0; i < 6; ++i) {
           for (int j = 0; j < 6; ++j) {
-            d[i][j] = load_tile(tiles + (i * 6 + j) * a.tiles.stride + q * im.C + c0, count);
+            d[i][j] = load_tile(at_position<T>(a.tiles, i * 6 + j) + q * im.C + c0, count);
           }
         }
         sandwich<T, 6, 6, kB>(d, o);

@@ -14,7 +14,7 @@ from .max_pool import max_pool2d
 from .resize import resize_bilinear
 from .skip_fusion import skip_fusion
 from .task_se import task_se
-from .winograd_conv import winograd_conv3x3
+from .winograd_conv import set_winograd_autotune, winograd_autotune_choices, winograd_conv3x3
 
 __all__ = [
     "BACKENDS",
@@ -27,8 +27,10 @@ __all__ = [
     "max_pool2d",
     "reference",
     "resize_bilinear",
+    "set_winograd_autotune",
     "skip_fusion",
     "task_se",
     "use_backend",
+    "winograd_autotune_choices",
     "winograd_conv3x3",
 ]

@@ -6,9 +6,11 @@ over channels, the 36 element-wise products are 36 matrix products (tiles x C_in
 C_out): 36 multiply-adds per 16 outputs per channel pair where the direct convolution takes 144,
 a quarter of the arithmetic. The transforms (``B^T d B`` of every input tile, ``A^T m A`` of
 every product tile, and their adjoints for the backward) are the C++ kernels of the ``cpu``
-backend; the 36 matrix products of each direction are ``torch.bmm``. The backward recomputes the
-input transform, so only x and the weight are saved, as for ``F.conv2d``. A ``create_graph``
-backward (double backprop) takes aten's convolution backward, which has a derivative.
+backend; the 36 matrix products of each direction, one per tile position, are oneDNN's (the
+library behind ``F.conv2d`` on the CPU; ``torch.mm`` where torch lacks it, and in fp64). The
+backward recomputes the input transform, so only x and the weight are saved, as for
+``F.conv2d``. A ``create_graph`` backward (double backprop) takes aten's convolution backward,
+which has a derivative.
 
 It pays where the convolution is compute-bound and has channels for the matrix products to
 fill. Forward and backward on a 2-core Xeon (AVX512, 2 threads, median of 7 alternating with
@@ -19,7 +21,10 @@ fill. Forward and backward on a 2-core Xeon (AVX512, 2 threads, median of 7 alte
 So below :data:`MIN_CHANNELS` input or output channels, on maps under 16x16, for fp16/bf16
 (oneDNN's own reduced-precision convolutions), off the CPU (cuDNN chooses its own algorithms),
 under ``use_backend("reference")``, under CPU autocast and without the compiled extension, the
-call is ``F.conv2d``.
+call is ``F.conv2d``. Where it pays between those bounds depends on the CPU: on a 2-core EPYC
+(Zen 5, AVX512) 256 -> 256 at 64x64 took 0.58x of oneDNN's time, 512 -> 512 at 32x32 0.78x, but
+at 16x16 1.26x and 128 -> 128 at 32x32 1.7x. :func:`set_winograd_autotune` (the trainer's
+``conv_algorithm: auto``) measures each shape on its first call instead of following the rule.
 
 Rounding: F(4x4, 3x3)'s transforms have entries up to 8 and -5, so the result differs from the
 direct convolution by more than a reordering of the sums: about 1e-5 of the output's largest
@@ -30,6 +35,7 @@ the exact adjoints of that computation (``gradcheck`` in fp64).
 from __future__ import annotations
 
 import functools
+import time
 
 import torch
 from torch.nn import functional as F
@@ -37,7 +43,7 @@ from torch.nn import functional as F
 from .. import _extension
 from .backends import current_backend
 
-__all__ = ["MIN_CHANNELS", "winograd_conv3x3"]
+__all__ = ["MIN_CHANNELS", "set_winograd_autotune", "winograd_autotune_choices", "winograd_conv3x3"]
 
 OP = "winograd_conv3x3"
 
@@ -58,9 +64,11 @@ def _gg(dtype: torch.dtype) -> torch.Tensor:
     return torch.kron(g, g).to(dtype)
 
 
-# Each range of tiles' transformed buffers stays under this size, so that glibc serves them from
-# its heap, reused from one call to the next, rather than mapping (and the kernel zeroing) fresh
-# pages for every buffer of 32 MiB or more (see benchmarks/malloc_env.py).
+# Each range of tiles' transformed buffers (its 36 positions' blocks together) and each group of
+# weight tiles stays under this size, so that glibc serves them from its heap, reused from one call
+# to the next, rather than mapping (and the kernel zeroing) fresh pages for every buffer of 32 MiB
+# or more (see benchmarks/malloc_env.py). Ranges of 32 and 64 MiB (fewer, longer GEMM calls) made
+# PAD-Net's step no faster (7.8 and 8.0 s against 7.9 s, 2-core EPYC).
 _CHUNK_BYTES = 16 << 20
 
 
@@ -72,6 +80,11 @@ def _chunks(x: torch.Tensor, channels: int) -> list[tuple[int, int]]:
     pieces = max(1, min(rows, -(-rows * row_bytes // _CHUNK_BYTES)))
     per = -(-rows // pieces)
     return [(r * tw, (min(rows, r + per) - r) * tw) for r in range(0, rows, per)]
+
+
+def _blocks(like: torch.Tensor, count: int, c: int) -> tuple[torch.Tensor, ...]:
+    """36 uninitialised (count, c) blocks of like's dtype, one per tile position."""
+    return tuple(like.new_empty((count, c)) for _ in range(36))
 
 
 def _groups(k: int, c: int, itemsize: int) -> list[tuple[int, int]]:
@@ -112,6 +125,29 @@ def _require_extension() -> None:
         )
 
 
+@functools.cache
+def _onednn_linear() -> bool:
+    """Whether oneDNN's fp32 matrix product (inductor's ``mkldnn::_linear_pointwise``) is here."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _gemm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b^T, a (M, K) and b (N, K) of any strides: a new dense (M, N) tensor.
+
+    fp32 goes to oneDNN's matrix product, not ``torch.mm`` (MKL's sgemm): on a 2-core EPYC (Zen 5,
+    AVX512) MKL ran 100-180 GFLOP/s on the Winograd products' shapes where oneDNN, which picks its
+    kernels by instruction set rather than by vendor, ran 250-410 (``benchmarks/results/README.md``).
+    """
+    if a.dtype == torch.float32 and _onednn_linear():
+        return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    return torch.mm(a, b.t())
+
+
+def _gemm_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a^T @ b, a (K, M) and b (K, N) dense: a new dense (M, N) tensor."""
+    return _gemm_nt(a.t(), b.t())
+
+
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     _require_extension()
     c, k = x.shape[1], weight.shape[0]
@@ -122,10 +158,10 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     bias = None if bias is None else bias.contiguous()
     out = _out_like(x, k)
     for first, count in _chunks(x, max(c, max(b - a for a, b in groups))):
-        tiles = x.new_empty((36, count, c))
+        tiles = _blocks(x, count, c)
         torch.ops.mtlfast_C.winograd_input(x, first, tiles)
         for (a, b), u in zip(groups, weight_tiles):
-            products = torch.bmm(tiles, u.transpose(1, 2))
+            products = [_gemm_nt(t, u_ij) for t, u_ij in zip(tiles, u)]
             part = None if bias is None else bias[a:b]
             torch.ops.mtlfast_C.winograd_output(products, first, part, out[:, a:b])
             del products
@@ -161,15 +197,20 @@ def _backward_impl(
     for first, count in _chunks(x, max(c, k)):
         grad_tiles, input_tiles = [], None  # the latter: the gradient at the transformed input
         for (a, b), u in zip(groups, weight_tiles):
-            g = grad.new_empty((36, count, b - a))
+            g = _blocks(grad, count, b - a)
             torch.ops.mtlfast_C.winograd_output_t(grad[:, a:b], first, g)
-            input_tiles = torch.bmm(g, u) if input_tiles is None else input_tiles.baddbmm_(g, u)
+            part = [_gemm_nt(g_ij, u_ij.t()) for g_ij, u_ij in zip(g, u)]
+            input_tiles = (
+                part if input_tiles is None else [t.add_(q) for t, q in zip(input_tiles, part)]
+            )
             grad_tiles.append(g)
+            del part
         torch.ops.mtlfast_C.winograd_input_t(input_tiles, first, grad_x)
-        # the forward's transformed input, recomputed into the buffer just used
+        # the forward's transformed input, recomputed into the buffers just used
         torch.ops.mtlfast_C.winograd_input(x, first, input_tiles)
         for g, du in zip(grad_tiles, grad_weight_tiles):
-            du.baddbmm_(g.transpose(1, 2), input_tiles)
+            for g_ij, t, du_ij in zip(g, input_tiles, du):
+                du_ij.add_(_gemm_tn(g_ij, t))
         del grad_tiles, input_tiles
     gg_t = _gg(weight.dtype).t()
     grad_weight = torch.cat(
@@ -214,10 +255,86 @@ def _backward(ctx, grad):
 _winograd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def set_winograd_autotune(enabled: bool) -> bool:
+    """Choose between Winograd and ``F.conv2d`` by measuring, per convolution shape (process-wide,
+    like ``torch.backends.cudnn.benchmark``); returns the previous setting.
+
+    Off (the default), every eligible convolution (see the module docstring) takes the Winograd
+    path. On, the first eligible call of each shape (batch, channels, map, dtype, memory format,
+    thread count) times one forward and backward of both algorithms on its own tensors, a few
+    repetitions alternating, and the shape takes Winograd only where it ran in under
+    :data:`_AUTOTUNE_MARGIN` of oneDNN's time; later calls reuse that choice. Which algorithm
+    wins at a shape depends on the CPU: on a 2-core Xeon (AVX512, AMX) 512 -> 512 channels at
+    16x16 took 0.67x of oneDNN's time, on a 2-core EPYC (AVX512) 1.24x. The measurement costs a
+    few convolutions per shape once, and makes the choice (so results, to about 1e-5) depend on
+    the timing: the trainer turns it on for ``train.conv_algorithm: auto`` unless
+    ``train.deterministic``. Never under ``torch.compile`` (the fixed rule applies).
+    """
+    global _autotune
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_winograd_autotune: enabled must be a bool, got {enabled!r}")
+    previous, _autotune = _autotune, enabled
+    return previous
+
+
+def winograd_autotune_choices() -> dict[tuple, bool]:
+    """The shapes measured so far by :func:`set_winograd_autotune`'s measurement and whether each
+    takes Winograd: ``{(N, C_in, H, W, C_out, dtype, memory_format, threads): bool}`` (a copy)."""
+    return dict(_choices)
+
+
+_autotune = False
+_choices: dict[tuple, bool] = {}
+# Winograd's result is rounded differently (about 1e-5): in a near tie the direct one is kept
+_AUTOTUNE_MARGIN = 0.95
+_AUTOTUNE_REPEATS = 2
+
+
+def _measured_choice(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    key = (*x.shape, weight.shape[0], x.dtype, _format(x), torch.get_num_threads())
+    choice = _choices.get(key)
+    if choice is None:
+        choice = _choices[key] = _measure(x.detach(), weight.detach())
+    return choice
+
+
+def _measure(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """One forward and backward of each algorithm, alternating, after one untimed call of each:
+    True when Winograd's best time is under the margin times oneDNN's best."""
+
+    def direct():
+        out = F.conv2d(x, weight, padding=1)
+        torch.ops.aten.convolution_backward(
+            out, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False]
+        )
+
+    def winograd():
+        out = _forward(x, weight, None)
+        _backward_impl(out, x, weight, False)
+
+    best = [float("inf"), float("inf")]  # direct, winograd
+    with torch.no_grad(), torch.autograd.profiler.record_function("winograd_autotune"):
+        direct(), winograd()
+        for _ in range(_AUTOTUNE_REPEATS):
+            for i, fn in enumerate((direct, winograd)):
+                start = time.perf_counter()
+                fn()
+                best[i] = min(best[i], time.perf_counter() - start)
+    return best[1] < _AUTOTUNE_MARGIN * best[0]
+
+
 def _use_winograd(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return _eligible(x, weight) and (
+        not _autotune or torch.compiler.is_compiling() or _measured_choice(x, weight)
+    )
+
+
+def _eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
         x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
+        and weight.dtype == x.dtype
+        and weight.device == x.device
         # dynamo cannot read the backend's context variable; a compiled graph takes the op
         and (torch.compiler.is_compiling() or current_backend() != "reference")
         and min(weight.shape[0], weight.shape[1]) >= MIN_CHANNELS
@@ -250,7 +367,7 @@ def winograd_conv3x3(
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != weight.shape[:1]):
         got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
         raise ValueError(f"{OP}: bias must have shape (C_out,) = ({weight.shape[0]},), got {got}")
-    if not (_use_winograd(x, weight) and weight.dtype == x.dtype and weight.device == x.device):
+    if not _use_winograd(x, weight):
         return F.conv2d(x, weight, bias, padding=1)
     if bias is not None and (bias.dtype != x.dtype or bias.device != x.device):
         return F.conv2d(x, weight, bias, padding=1)
@@ -273,7 +390,7 @@ def conv3x3_backward(
 
     Shapes: grad (N, C_out, H, W); x (N, C_in, H, W); weight (C_out, C_in, 3, 3).
     """
-    if winograd and _use_winograd(x, weight) and weight.dtype == x.dtype == grad.dtype:
+    if winograd and grad.dtype == x.dtype and _use_winograd(x, weight):
         grad_x, grad_weight, _ = _winograd_backward(grad.contiguous(), x, weight, False)
     else:
         grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(

@@ -151,11 +151,16 @@ class TrainConfig:
     2-core EPYC, median step time channels-last / NCHW): MTI-Net 0.86x, UberNet 0.76x, but
     PAD-Net 1.09x and ASTMT 1.08x (rounds of both on either side of 1); and it is unmeasured on
     CUDA. MTI-Net's shipped configs set it; set it for UberNet on a CPU too.
-    ``conv_algorithm``: "winograd" (default) computes the model's 3x3 stride-1 convolutions of
-    at least 128 channels, and the distillation's, by Winograd's F(4x4, 3x3) on a CPU in fp32
-    (:func:`mtlfast.nn.use_winograd`): a quarter of the multiplications, results within about
-    1e-5 of the direct convolution's largest output; "direct" keeps every convolution
-    ``F.conv2d``'s. Off the CPU and in bf16/fp16 the two are the same."""
+    ``conv_algorithm``: "winograd" computes the model's 3x3 stride-1 convolutions of at least
+    128 channels on maps of at least 16x16, and the distillation's, by Winograd's F(4x4, 3x3) on
+    a CPU in fp32 (:func:`mtlfast.nn.use_winograd`): a quarter of the multiplications, results
+    within about 1e-5 of the direct convolution's largest output; "direct" keeps every
+    convolution ``F.conv2d``'s; "auto" (default) switches the same layers but lets each shape
+    take Winograd only where a measurement on its first call found it faster on this CPU
+    (:func:`mtlfast.ops.set_winograd_autotune`, process-wide): a run resumed in another process
+    may choose otherwise at a shape, so bitwise resumption needs "winograd", "direct" or
+    ``deterministic`` (under which "auto" is "winograd"). Off the CPU and in bf16/fp16 all three
+    are the same."""
 
     max_steps: int = 1000
     eval_every: int = 500
@@ -178,7 +183,7 @@ class TrainConfig:
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
     dist_timeout: float = 600.0
     memory_format: Literal["contiguous", "channels_last"] = "contiguous"
-    conv_algorithm: Literal["winograd", "direct"] = "winograd"
+    conv_algorithm: Literal["auto", "winograd", "direct"] = "auto"
 
 
 @dataclass

@@ -25,6 +25,7 @@ from .. import models as mtl_models
 from ..engine import StepResult, multi_branch_step
 from ..metrics import DEFAULT_METRIC, LOWER_IS_BETTER
 from ..nn import use_fast_batch_norm, use_winograd
+from ..ops import set_winograd_autotune
 from . import checkpoint as ckpt
 from . import distributed as _distributed
 from ._auxiliary import front_end_only
@@ -184,7 +185,9 @@ class Trainer:
         # the layout of the 4-d weights, kept by the optimiser's state and every batch's images
         self.memory_format = _MEMORY_FORMAT[tc.memory_format]
         _to_memory_format(self.model, self.memory_format)
-        use_winograd(self.model, tc.conv_algorithm == "winograd")
+        use_winograd(self.model, tc.conv_algorithm != "direct")
+        if tc.conv_algorithm != "direct":  # process-wide, like cudnn.benchmark
+            set_winograd_autotune(tc.conv_algorithm == "auto" and not tc.deterministic)
         use_fast_batch_norm(self.model)  # aten's to float rounding, faster on the CPU
         if tc.sync_bn and self.runtime.world_size > 1:
             self.model = _distributed.convert_sync_batchnorm(self.model)

@@ -72,23 +72,96 @@ def test_cpu_matches_conv2d_forward_and_backward(shape, k, layout, dtype, bias):
 
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_cpu_chunks_of_tile_rows_and_channel_groups_match_one_chunk(monkeypatch, rows, layout):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_chunks_of_tile_rows_and_channel_groups_match_one_chunk(
+    monkeypatch, rows, layout, dtype
+):
     """Ranges of whole tile rows (here 1 or 3 rows of 3 tiles, the last range shorter) and
     groups of output channels (2 groups of 3 and 2 with rows=1): the input adjoint adds across
-    range boundaries, the weight gradient sums the ranges, each group writes its channels."""
+    range boundaries, the weight gradient sums the ranges, each group writes its channels (fp32:
+    oneDNN's products where torch has them, fp64: torch.mm's)."""
     torch.manual_seed(1)
-    x = make((2, 6, 10, 11), torch.float64, layout).requires_grad_()
-    w = torch.randn(5, 6, 3, 3, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(5, dtype=torch.float64, requires_grad=True)
-    monkeypatch.setattr(wc, "_CHUNK_BYTES", rows * 36 * 6 * 3 * 8)
+    size = torch.tensor([], dtype=dtype).element_size()
+    x = make((2, 6, 10, 11), dtype, layout).requires_grad_()
+    w = torch.randn(5, 6, 3, 3, dtype=dtype, requires_grad=True)
+    b = torch.randn(5, dtype=dtype, requires_grad=True)
+    monkeypatch.setattr(wc, "_CHUNK_BYTES", rows * 36 * 6 * 3 * size)
     assert len(wc._chunks(x, 6)) == -(-6 // rows)
-    assert len(wc._groups(5, 6, 8)) == (2 if rows == 1 else 1)
+    assert len(wc._groups(5, 6, size)) == (2 if rows == 1 else 1)
     got = wc._winograd(x, w, b)
     grads = torch.autograd.grad(got, (x, w, b), torch.ones_like(got))
     want = F.conv2d(x, w, b, padding=1)
     wants = torch.autograd.grad(want, (x, w, b), torch.ones_like(want))
     for g, r in zip((got, *grads), (want, *wants)):
-        _close(g, r, torch.float64)
+        _close(g, r, dtype)
+
+
+def test_cpu_products_without_onednn_match(monkeypatch):
+    """The products by torch.mm where torch lacks oneDNN's: the same values and gradients."""
+    torch.manual_seed(2)
+    x = torch.randn(2, 7, 9, 10, requires_grad=True)
+    w = torch.randn(5, 7, 3, 3, requires_grad=True)
+    got = wc._winograd(x, w, None)
+    grads = torch.autograd.grad(got, (x, w), torch.ones_like(got))
+    monkeypatch.setattr(wc, "_onednn_linear", lambda: False)
+    again = wc._winograd(x, w, None)
+    agains = torch.autograd.grad(again, (x, w), torch.ones_like(again))
+    for g, r in zip((got, *grads), (again, *agains)):
+        _close(g, r, torch.float32)
+
+
+@pytest.fixture
+def autotune():
+    """set_winograd_autotune(True) for one test, with no choices from other tests."""
+    previous, saved = wc.set_winograd_autotune(True), dict(wc._choices)
+    wc._choices.clear()
+    yield
+    wc.set_winograd_autotune(previous)
+    wc._choices.clear()
+    wc._choices.update(saved)
+
+
+@pytest.mark.usefixtures("autotune")
+@pytest.mark.parametrize("faster", [False, True])
+def test_autotune_measures_each_shape_once_and_follows_it(monkeypatch, faster):
+    calls = []
+
+    def measure(x, weight):
+        calls.append((tuple(x.shape), weight.shape[0]))
+        return faster
+
+    monkeypatch.setattr(wc, "_measure", measure)
+    torch.manual_seed(0)
+    x = torch.randn(2, 128, 16, 16, requires_grad=True)
+    w = (torch.randn(128, 128, 3, 3) / 30).requires_grad_()
+    got = winograd_conv3x3(x, w)
+    (gx,) = torch.autograd.grad(got.sum(), x)
+    winograd_conv3x3(x.detach(), w)  # the same shape: no second measurement
+    winograd_conv3x3(x[:1], w)  # another batch: measured
+    winograd_conv3x3(torch.randn(2, 8, 16, 16), torch.randn(8, 8, 3, 3))  # not eligible: never
+    assert calls == [((2, 128, 16, 16), 128), ((1, 128, 16, 16), 128)]
+    choices = wc.winograd_autotune_choices()
+    assert set(choices.values()) == {faster} and len(choices) == 2
+    want = wc._winograd(x, w, None) if faster else F.conv2d(x, w, padding=1)
+    (want_gx,) = torch.autograd.grad(want.sum(), x)
+    assert torch.equal(got, want) and torch.equal(gx, want_gx)
+
+
+@pytest.mark.usefixtures("autotune")
+def test_autotune_real_measurement_gives_a_choice():
+    x = torch.randn(1, 128, 16, 16)
+    w = torch.randn(128, 128, 3, 3) / 30
+    got = winograd_conv3x3(x, w)
+    ((key, choice),) = wc.winograd_autotune_choices().items()
+    assert key[:5] == (1, 128, 16, 16, 128) and isinstance(choice, bool)
+    want = wc._winograd(x, w, None) if choice else F.conv2d(x, w, padding=1)
+    assert torch.equal(got, want)
+
+
+def test_autotune_switch_checks_its_argument():
+    with pytest.raises(TypeError, match="set_winograd_autotune: enabled must be a bool"):
+        wc.set_winograd_autotune("yes")
+    assert wc.set_winograd_autotune(wc.set_winograd_autotune(True)) is True
 
 
 def test_cpu_gradcheck():
@@ -178,14 +251,24 @@ def test_bad_input_names_the_argument():
 
 def test_cpu_kernel_checks_its_tiles():
     x = torch.randn(1, 4, 5, 5)
+
+    def blocks(*shape, dtype=torch.float32):
+        return torch.empty(36, *shape, dtype=dtype).unbind(0)
+
     with pytest.raises(RuntimeError, match="tiles must have shape"):
-        torch.ops.mtlfast_C.winograd_input(x, 0, torch.empty(36, 4, 3))
+        torch.ops.mtlfast_C.winograd_input(x, 0, blocks(4, 3))
+    with pytest.raises(RuntimeError, match="36 tensors"):
+        torch.ops.mtlfast_C.winograd_input(x, 0, blocks(4, 4)[:35])
+    with pytest.raises(RuntimeError, match="at position 35"):  # every block the same Q
+        torch.ops.mtlfast_C.winograd_input(x, 0, [*blocks(4, 4)[:35], torch.empty(3, 4)])
+    with pytest.raises(RuntimeError, match="must be dense"):
+        torch.ops.mtlfast_C.winograd_input(x, 0, torch.empty(36, 4, 8)[:, :, ::2].unbind(0))
     with pytest.raises(RuntimeError, match="are not within"):
-        torch.ops.mtlfast_C.winograd_input(x, 2, torch.empty(36, 4, 4))
+        torch.ops.mtlfast_C.winograd_input(x, 2, blocks(4, 4))
     with pytest.raises(RuntimeError, match="whole rows"):
-        torch.ops.mtlfast_C.winograd_input_t(torch.empty(36, 1, 4), 1, torch.empty(1, 4, 5, 5))
+        torch.ops.mtlfast_C.winograd_input_t(blocks(1, 4), 1, torch.empty(1, 4, 5, 5))
     with pytest.raises(RuntimeError, match="float32 or float64"):
-        torch.ops.mtlfast_C.winograd_input(x.half(), 0, torch.empty(36, 4, 4, dtype=torch.half))
+        torch.ops.mtlfast_C.winograd_input(x.half(), 0, blocks(4, 4, dtype=torch.half))
 
 
 def test_cpu_double_backward_by_aten():

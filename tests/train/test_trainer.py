@@ -342,3 +342,23 @@ def test_mtinet_and_ubernet_prefer_two_segments():
 
     assert MTINet.engine_segments == UberNet.engine_segments == 2
     assert PADNet.engine_segments is None
+
+
+@pytest.mark.parametrize(
+    "algorithm,deterministic,autotune",
+    [("auto", False, True), ("auto", True, False), ("winograd", False, False)],
+)
+def test_conv_algorithm_sets_the_winograd_autotune(monkeypatch, algorithm, deterministic, autotune):
+    """ "auto" measures each convolution shape (process-wide, like cudnn.benchmark), unless the
+    run is deterministic; "winograd" takes the fixed rule; "direct" leaves the switch alone."""
+    import mtlfast.ops.winograd_conv as wc
+
+    monkeypatch.setattr(wc, "_autotune", not autotune)
+    overrides = [f"train.conv_algorithm={algorithm}", f"train.deterministic={deterministic}"]
+    try:
+        Trainer(tiny_config(*overrides), datasets=((), ()))
+    finally:  # a deterministic run switches torch's flag process-wide
+        torch.use_deterministic_algorithms(False)
+    assert wc._autotune is autotune
+    Trainer(tiny_config("train.conv_algorithm=direct"), datasets=((), ()))
+    assert wc._autotune is autotune
