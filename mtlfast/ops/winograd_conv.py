@@ -82,9 +82,17 @@ def _chunks(x: torch.Tensor, channels: int) -> list[tuple[int, int]]:
     return [(r * tw, (min(rows, r + per) - r) * tw) for r in range(0, rows, per)]
 
 
-def _blocks(like: torch.Tensor, count: int, c: int) -> tuple[torch.Tensor, ...]:
-    """36 uninitialised (count, c) blocks of like's dtype, one per tile position."""
-    return tuple(like.new_empty((count, c)) for _ in range(36))
+def _blocks(like: torch.Tensor, count: int, c: int, batched: bool):
+    """36 uninitialised (count, c) blocks of like's dtype, one per tile position: one (36, count,
+    c) tensor for ``torch.bmm`` (batched), else a list of blocks allocated apart."""
+    if batched:
+        return like.new_empty((36, count, c))
+    return [like.new_empty((count, c)) for _ in range(36)]
+
+
+def _parts(blocks) -> list[torch.Tensor] | tuple[torch.Tensor, ...]:
+    """The 36 (count, c) blocks as the C++ transforms take them."""
+    return blocks.unbind(0) if isinstance(blocks, torch.Tensor) else blocks
 
 
 def _groups(k: int, c: int, itemsize: int) -> list[tuple[int, int]]:
@@ -131,21 +139,19 @@ def _onednn_linear() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def _gemm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b^T, a (M, K) and b (N, K) of any strides: a new dense (M, N) tensor.
+def _batched(dtype: torch.dtype) -> bool:
+    """Whether the products are one ``torch.bmm`` over the 36 positions (MKL's sgemm: in fp64 and
+    where torch lacks oneDNN), not one oneDNN matrix product per position.
 
-    fp32 goes to oneDNN's matrix product, not ``torch.mm`` (MKL's sgemm): on a 2-core EPYC (Zen 5,
-    AVX512) MKL ran 100-180 GFLOP/s on the Winograd products' shapes where oneDNN, which picks its
-    kernels by instruction set rather than by vendor, ran 250-410 (``benchmarks/results/README.md``).
-    """
-    if a.dtype == torch.float32 and _onednn_linear():
-        return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
-    return torch.mm(a, b.t())
+    On a 2-core EPYC (Zen 5, AVX512) MKL ran the products at 100-180 GFLOP/s where oneDNN, which
+    picks its kernels by instruction set rather than by vendor, ran 250-410
+    (``benchmarks/results/README.md``)."""
+    return dtype != torch.float32 or not _onednn_linear()
 
 
-def _gemm_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a^T @ b, a (K, M) and b (K, N) dense: a new dense (M, N) tensor."""
-    return _gemm_nt(a.t(), b.t())
+def _linear(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b^T by oneDNN, a (M, K) and b (N, K) of any strides: a new dense (M, N) tensor."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -157,13 +163,17 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     weight_tiles = _weight_tiles(weight, groups)
     bias = None if bias is None else bias.contiguous()
     out = _out_like(x, k)
+    batched = _batched(x.dtype)
     for first, count in _chunks(x, max(c, max(b - a for a, b in groups))):
-        tiles = _blocks(x, count, c)
-        torch.ops.mtlfast_C.winograd_input(x, first, tiles)
+        tiles = _blocks(x, count, c, batched)
+        torch.ops.mtlfast_C.winograd_input(x, first, _parts(tiles))
         for (a, b), u in zip(groups, weight_tiles):
-            products = [_gemm_nt(t, u_ij) for t, u_ij in zip(tiles, u)]
+            if batched:
+                products = torch.bmm(tiles, u.transpose(1, 2))
+            else:
+                products = [_linear(t, u_ij) for t, u_ij in zip(tiles, u)]
             part = None if bias is None else bias[a:b]
-            torch.ops.mtlfast_C.winograd_output(products, first, part, out[:, a:b])
+            torch.ops.mtlfast_C.winograd_output(_parts(products), first, part, out[:, a:b])
             del products
         del tiles
     return out
@@ -194,23 +204,30 @@ def _backward_impl(
     weight_tiles = _weight_tiles(weight, groups)
     grad_x = _out_like(x, c).zero_()
     grad_weight_tiles = [u.new_zeros(u.shape) for u in weight_tiles]
+    batched = _batched(x.dtype)
     for first, count in _chunks(x, max(c, k)):
         grad_tiles, input_tiles = [], None  # the latter: the gradient at the transformed input
         for (a, b), u in zip(groups, weight_tiles):
-            g = _blocks(grad, count, b - a)
-            torch.ops.mtlfast_C.winograd_output_t(grad[:, a:b], first, g)
-            part = [_gemm_nt(g_ij, u_ij.t()) for g_ij, u_ij in zip(g, u)]
-            input_tiles = (
-                part if input_tiles is None else [t.add_(q) for t, q in zip(input_tiles, part)]
-            )
+            g = _blocks(grad, count, b - a, batched)
+            torch.ops.mtlfast_C.winograd_output_t(grad[:, a:b], first, _parts(g))
+            if batched:
+                input_tiles = torch.bmm(g, u) if input_tiles is None else input_tiles.baddbmm_(g, u)
+            else:
+                part = [_linear(g_ij, u_ij.t()) for g_ij, u_ij in zip(g, u)]
+                input_tiles = (
+                    part if input_tiles is None else [t.add_(q) for t, q in zip(input_tiles, part)]
+                )
+                del part
             grad_tiles.append(g)
-            del part
-        torch.ops.mtlfast_C.winograd_input_t(input_tiles, first, grad_x)
+        torch.ops.mtlfast_C.winograd_input_t(_parts(input_tiles), first, grad_x)
         # the forward's transformed input, recomputed into the buffers just used
-        torch.ops.mtlfast_C.winograd_input(x, first, input_tiles)
+        torch.ops.mtlfast_C.winograd_input(x, first, _parts(input_tiles))
         for g, du in zip(grad_tiles, grad_weight_tiles):
-            for g_ij, t, du_ij in zip(g, input_tiles, du):
-                du_ij.add_(_gemm_tn(g_ij, t))
+            if batched:
+                du.baddbmm_(g.transpose(1, 2), input_tiles)
+            else:  # oneDNN copies the transposed g_ij: still faster than MKL's products here
+                for g_ij, t, du_ij in zip(g, input_tiles, du):
+                    du_ij.add_(_linear(g_ij.t(), t.t()))
         del grad_tiles, input_tiles
     gg_t = _gg(weight.dtype).t()
     grad_weight = torch.cat(

@@ -79,7 +79,7 @@ def test_cpu_chunks_of_tile_rows_and_channel_groups_match_one_chunk(
     """Ranges of whole tile rows (here 1 or 3 rows of 3 tiles, the last range shorter) and
     groups of output channels (2 groups of 3 and 2 with rows=1): the input adjoint adds across
     range boundaries, the weight gradient sums the ranges, each group writes its channels (fp32:
-    oneDNN's products where torch has them, fp64: torch.mm's)."""
+    oneDNN's products where torch has them, fp64: torch.bmm's)."""
     torch.manual_seed(1)
     size = torch.tensor([], dtype=dtype).element_size()
     x = make((2, 6, 10, 11), dtype, layout).requires_grad_()
@@ -97,7 +97,7 @@ def test_cpu_chunks_of_tile_rows_and_channel_groups_match_one_chunk(
 
 
 def test_cpu_products_without_onednn_match(monkeypatch):
-    """The products by torch.mm where torch lacks oneDNN's: the same values and gradients."""
+    """The products by one torch.bmm where torch lacks oneDNN's: the same values and gradients."""
     torch.manual_seed(2)
     x = torch.randn(2, 7, 9, 10, requires_grad=True)
     w = torch.randn(5, 7, 3, 3, requires_grad=True)
