@@ -7,7 +7,7 @@ C_out): 36 multiply-adds per 16 outputs per channel pair where the direct convol
 a quarter of the arithmetic. The transforms (``B^T d B`` of every input tile, ``A^T m A`` of
 every product tile, and their adjoints for the backward) are the C++ kernels of the ``cpu``
 backend; the 36 matrix products of each direction, one per tile position, are oneDNN's (the
-library behind ``F.conv2d`` on the CPU; ``torch.mm`` where torch lacks it, and in fp64). The
+library behind ``F.conv2d`` on the CPU; one ``torch.bmm`` where torch lacks it, and in fp64). The
 backward recomputes the input transform, so only x and the weight are saved, as for
 ``F.conv2d``. A ``create_graph`` backward (double backprop) takes aten's convolution backward,
 which has a derivative.
@@ -22,8 +22,9 @@ So below :data:`MIN_CHANNELS` input or output channels, on maps under 16x16, for
 (oneDNN's own reduced-precision convolutions), off the CPU (cuDNN chooses its own algorithms),
 under ``use_backend("reference")``, under CPU autocast and without the compiled extension, the
 call is ``F.conv2d``. Where it pays between those bounds depends on the CPU: on a 2-core EPYC
-(Zen 5, AVX512) 256 -> 256 at 64x64 took 0.58x of oneDNN's time, 512 -> 512 at 32x32 0.78x, but
-at 16x16 1.26x and 128 -> 128 at 32x32 1.7x. :func:`set_winograd_autotune` (the trainer's
+(Zen 5, AVX512) 256 -> 256 at 64x64 took 0.58-0.63x of oneDNN's time, 512 -> 512 at 32x32
+0.78-0.92x, but at 16x16 1.26-1.34x and 128 -> 128 at 32x32 1.6-1.7x (two runs).
+:func:`set_winograd_autotune` (the trainer's
 ``conv_algorithm: auto``) measures each shape on its first call instead of following the rule.
 
 Rounding: F(4x4, 3x3)'s transforms have entries up to 8 and -5, so the result differs from the
