@@ -25,7 +25,7 @@ from .. import models as mtl_models
 from ..engine import StepResult, multi_branch_step
 from ..metrics import DEFAULT_METRIC, LOWER_IS_BETTER
 from ..nn import use_fast_batch_norm, use_winograd
-from ..ops import set_winograd_autotune
+from ..ops import set_winograd_autotune, winograd_autotune_choices
 from . import checkpoint as ckpt
 from . import distributed as _distributed
 from ._auxiliary import front_end_only
@@ -186,8 +186,10 @@ class Trainer:
         self.memory_format = _MEMORY_FORMAT[tc.memory_format]
         _to_memory_format(self.model, self.memory_format)
         use_winograd(self.model, tc.conv_algorithm != "direct")
+        # "auto": the first step measures the Winograd shapes; said once, after it
+        self._autotune_untold = tc.conv_algorithm == "auto" and not tc.deterministic
         if tc.conv_algorithm != "direct":  # process-wide, like cudnn.benchmark
-            set_winograd_autotune(tc.conv_algorithm == "auto" and not tc.deterministic)
+            set_winograd_autotune(self._autotune_untold)
         use_fast_batch_norm(self.model)  # aten's to float rounding, faster on the CPU
         if tc.sync_bn and self.runtime.world_size > 1:
             self.model = _distributed.convert_sync_batchnorm(self.model)
@@ -410,6 +412,15 @@ class Trainer:
             )
             self.scheduler.step()
         self.step += 1
+        if self._autotune_untold:
+            self._autotune_untold = False
+            choices = winograd_autotune_choices()
+            if choices:
+                self.runtime.print(
+                    f"conv_algorithm auto: Winograd kept at {sum(choices.values())} of the "
+                    f"{len(choices)} convolution shapes measured on this CPU "
+                    "(mtlfast.ops.winograd_autotune_choices())"
+                )
         if self.log is not None:  # every step: GradNorm's weights move every step
             weights = self.balancer.weights
             self.log.scalars(

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mtlfast.train import NonFiniteLossError, Trainer, load_checkpoint
-from mtlfast.train.data import ResumableBatchSampler, SeededAugmentation
+from mtlfast.train.data import ResumableBatchSampler, SeededAugmentation, train_loader
 
 from .helpers import TASKS, tiny_config
 
@@ -362,3 +362,16 @@ def test_conv_algorithm_sets_the_winograd_autotune(monkeypatch, algorithm, deter
     assert wc._autotune is autotune
     Trainer(tiny_config("train.conv_algorithm=direct"), datasets=((), ()))
     assert wc._autotune is autotune
+
+
+def test_conv_algorithm_auto_says_what_it_measured(monkeypatch, capsys):
+    """After the first step, once: how many of the measured shapes kept Winograd."""
+    import mtlfast.ops.winograd_conv as wc
+
+    trainer = Trainer(tiny_config(), datasets=None)
+    monkeypatch.setattr(wc, "_choices", {(1,): True, (2,): False})
+    batch = next(iter(train_loader(trainer.config, trainer.train_set)))
+    trainer.train_step(batch)
+    trainer.train_step(batch)
+    out = capsys.readouterr().out
+    assert out.count("conv_algorithm auto: Winograd kept at 1 of the 2 convolution shapes") == 1
