@@ -110,6 +110,20 @@ def test_cpu_products_without_onednn_match(monkeypatch):
         _close(g, r, torch.float32)
 
 
+def test_onednn_probe_falls_back_to_bmm_when_the_op_fails(monkeypatch):
+    """oneDNN's product is private to torch: a release where it answers otherwise means bmm."""
+
+    def broken(*args):
+        raise RuntimeError("mkldnn::_linear_pointwise: schema changed")
+
+    monkeypatch.setattr(wc, "_linear", broken)
+    wc._onednn_linear.cache_clear()
+    try:
+        assert wc._onednn_linear() is False and wc._batched(torch.float32)
+    finally:
+        wc._onednn_linear.cache_clear()
+
+
 @pytest.fixture
 def autotune():
     """set_winograd_autotune(True) for one test, with no choices from other tests."""
