@@ -33,6 +33,12 @@ records the top ops by self CPU time and each top-level module's forward time. R
 written after each model, so a run cut short keeps the models it finished. The machine's other
 load (``bench_trainer._cpu_load``) and its busiest other processes are recorded.
 
+The sides share one process, hence one malloc: the first trainer built sets glibc to keep freed
+memory (``train.keep_freed_memory``, the trainer's default on the CPU), and the release-style side
+then gets that too, which spares it the page faults that its authors' process pays for every
+tensor of 32 MiB or more (``benchmarks/malloc_step.py`` measures each side in its own process,
+as shipped and as released).
+
 UberNet runs its default VGG-16 (width 1, scales 1, 0.75, 0.5) unless ``--ubernet-backbone`` /
 ``--ubernet-width`` say otherwise.
 
@@ -126,9 +132,11 @@ def make_trainer(
     precision: str = "fp32",
     memory_format: str = "contiguous",
     conv_algorithm: str = "auto",
+    keep_freed_memory: bool = True,
 ) -> Trainer:
     """The trainer on ``model`` as a config would build it: PASCAL loss weights, SGD momentum 0.9
-    (and the trainer's defaults, ``train.conv_algorithm`` "auto" among them)."""
+    (and the trainer's defaults, ``train.conv_algorithm`` "auto" and ``train.keep_freed_memory``
+    among them)."""
     config = load_config(
         "mtinet_pascal",
         [
@@ -138,6 +146,7 @@ def make_trainer(
             f"train.precision={precision}",
             f"train.memory_format={memory_format}",
             f"train.conv_algorithm={conv_algorithm}",
+            f"train.keep_freed_memory={str(keep_freed_memory).lower()}",
             "optim.name=sgd",
             f"optim.lr={lr}",
             "optim.momentum=0.9",
@@ -529,6 +538,8 @@ def main(argv=None) -> int:
         "ratio_meaning": "mtlfast / release-style: below 1 is faster or smaller for mtlfast",
         "mtlfast_commit": _git_commit(),
         "malloc_env": malloc_env.current(),
+        "malloc": "glibc keeps freed memory in this process from the first trainer built on "
+        "(train.keep_freed_memory), for both sides",
         "other_processes_at_start": _other_processes(),
         "models": {},
     }

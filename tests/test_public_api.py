@@ -153,6 +153,7 @@ PUBLIC = {
         "config_to_dict",
         "default_threads",
         "evaluate",
+        "keep_freed_memory",
         "list_configs",
         "load_checkpoint",
         "load_config",

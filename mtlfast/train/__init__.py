@@ -13,6 +13,7 @@ from .async_sgd import AsyncSGD, task_parameter_groups
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, config_to_dict, list_configs, load_config
 from .evaluate import ConstantPredictor, evaluate, recalibrate_batch_norm
+from .malloc import keep_freed_memory
 from .trainer import NonFiniteLossError, Trainer, build_model, default_threads
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "config_to_dict",
     "default_threads",
     "evaluate",
+    "keep_freed_memory",
     "list_configs",
     "load_checkpoint",
     "load_config",

@@ -160,7 +160,11 @@ class TrainConfig:
     (:func:`mtlfast.ops.set_winograd_autotune`, process-wide): a run resumed in another process
     may choose otherwise at a shape, so bitwise resumption needs "winograd", "direct" or
     ``deterministic`` (under which "auto" is "winograd"). Off the CPU and in bf16/fp16 all three
-    are the same."""
+    are the same.
+    ``keep_freed_memory``: on the CPU, glibc's malloc keeps the memory tensors free for the next
+    step instead of unmapping every block of 32 MiB or more and faulting it in again
+    (:func:`mtlfast.train.keep_freed_memory`, process-wide): the process then holds its peak
+    until it exits. False leaves malloc as it was."""
 
     max_steps: int = 1000
     eval_every: int = 500
@@ -184,6 +188,7 @@ class TrainConfig:
     dist_timeout: float = 600.0
     memory_format: Literal["contiguous", "channels_last"] = "contiguous"
     conv_algorithm: Literal["auto", "winograd", "direct"] = "auto"
+    keep_freed_memory: bool = True
 
 
 @dataclass

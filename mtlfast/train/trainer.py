@@ -33,6 +33,7 @@ from ._runtime import Runtime
 from .config import Config, config_to_dict, load_config
 from .data import batch_to, build_datasets, eval_loader, train_loader
 from .evaluate import ConstantPredictor, evaluate, load_baselines, recalibrate_batch_norm
+from .malloc import keep_freed_memory
 from .optim import LRFactor, build_optimizer, build_scheduler
 from .procedures import build_procedure
 from .runlog import RunLog, draw_plots
@@ -165,11 +166,14 @@ class Trainer:
             raise ValueError(
                 "train.precision: fp16 needs a CUDA device (its gradient scaler); use bf16 on CPU"
             )
+        self.kept_freed_memory = False
         if self.device.type == "cpu":
             threads = tc.threads or _distributed.threads_per_rank(
                 default_threads(config.data.num_workers)
             )
             torch.set_num_threads(threads)
+            # no page faulted in afresh for every large tensor of every step (malloc.py)
+            self.kept_freed_memory = tc.keep_freed_memory and keep_freed_memory()
             if tc.threads is None:
                 self.runtime.print(
                     f"training on the CPU with {threads} thread(s): the idle cores "
@@ -816,6 +820,7 @@ class Trainer:
             "peak_memory_bytes": _peak_memory_bytes(self.device),
             "device": str(self.device),
             "threads": torch.get_num_threads(),
+            "kept_freed_memory": self.kept_freed_memory,
             "nonfinite": self.nonfinite,
         }
 
