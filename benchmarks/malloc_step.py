@@ -12,7 +12,10 @@ too; this measures each side as it would run on its own:
 * ``mtlfast``: ``Trainer.train_step`` (``bench_models.make_trainer``), ``kept``: as shipped,
   ``system``: with ``train.keep_freed_memory=false``;
 * ``release``: ``bench_models.ReleaseSide`` over the release-style network, ``system``: glibc
-  left alone, as the authors' scripts run, ``kept``: after :func:`mtlfast.train.keep_freed_memory`.
+  left alone, as the authors' scripts run, ``kept``: after :func:`mtlfast.train.keep_freed_memory`;
+* ``authors`` (MTI-Net, PAD-Net, ASTMT; needs ``--release-root`` as ``side_by_side_release``):
+  the authors' own network, losses and loop (``side_by_side_release``'s "authors' own loop"),
+  built from a user's checkout of their repository, malloc as for ``release``.
 
 Every (side, malloc) pair runs in a fresh process (``--steps`` steps: the first ``--warmup``
 untimed, the median of the rest), ``--rounds`` times, the order rotating from round to round; the
@@ -25,6 +28,8 @@ system``.
 
     python -m benchmarks.malloc_step --out benchmarks/results/cpu-epyc-2core/malloc_step.json
     python -m benchmarks.malloc_step --models padnet --rounds 1 --steps 3 --warmup 1 --size 64
+    python -m benchmarks.malloc_step --models mtinet padnet astmt --sides mtlfast authors \
+        --release-root /tmp/releases/mtl --release-root /tmp/releases/astmt
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SIDES = ("mtlfast", "release")
+SIDES = ("mtlfast", "release", "authors")
+AUTHORS_MODELS = ("mtinet", "padnet", "astmt")
 MALLOCS = ("kept", "system")
 
 
@@ -69,6 +75,14 @@ def _child(args) -> dict:
         )
         step = lambda: trainer.train_step(batch)
         applied = trainer.kept_freed_memory
+    elif args.side == "authors":
+        from benchmarks import side_by_side_release as sbs
+
+        roots = sbs.find_roots(args.release_root)
+        del ours
+        _, _, _, own, _, _ = sbs.build(args.model, roots, batch, 1e-3)
+        applied = keep_freed_memory() if kept else False
+        step = lambda: own.step(batch)
     else:  # the trainer only lends its loss functions and weights
         trainer = bm.make_trainer(
             ours, "recompute", args.threads, 1e-3, memory_format=fmt, keep_freed_memory=False
@@ -106,6 +120,7 @@ def _run(args, model: str, side: str, malloc: str, env: dict) -> dict:
         malloc,
         *("--threads", str(args.threads), "--size", str(args.size), "--batch", str(args.batch)),
         *("--steps", str(args.steps), "--warmup", str(args.warmup)),
+        *(a for root in args.release_root for a in ("--release-root", str(root))),
     ]
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, check=False)
@@ -119,6 +134,7 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    p.add_argument("--sides", nargs="+", choices=SIDES, default=["mtlfast", "release"])
     p.add_argument("--rounds", type=int, default=2, help="processes per side and malloc setting")
     p.add_argument("--steps", type=int, default=5, help="steps per process, warm-up included")
     p.add_argument("--warmup", type=int, default=2, help="untimed first steps per process")
@@ -126,11 +142,23 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--keep-malloc-env", action="store_true", help="pass MALLOC_* variables on")
+    p.add_argument(
+        "--release-root",
+        type=Path,
+        action="append",
+        default=[],
+        help="for --sides authors: a checkout of an authors' repository, once for each",
+    )
     p.add_argument("--child", nargs=3, metavar=("MODEL", "SIDE", "MALLOC"), help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     if args.steps <= args.warmup:
         p.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
+    if "authors" in args.sides and not args.child:
+        if not args.release_root:
+            p.error("--sides authors needs --release-root (see side_by_side_release)")
+        if set(args.models) - set(AUTHORS_MODELS):
+            p.error(f"--sides authors: the authors' code exists for {AUTHORS_MODELS} only")
     if args.child:
         args.model, args.side, args.malloc = args.child
         print(json.dumps(_child(args)), flush=True)
@@ -140,7 +168,7 @@ def main(argv=None) -> int:
     if not args.keep_malloc_env:
         env = {k: v for k, v in env.items() if not k.startswith("MALLOC_")}
     env.setdefault("OMP_NUM_THREADS", str(args.threads))
-    pairs = [(s, m) for s in SIDES for m in MALLOCS]
+    pairs = [(s, m) for s in args.sides for m in MALLOCS]
     result = {
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores",
@@ -174,10 +202,17 @@ def main(argv=None) -> int:
             "median_step_s": med,
             "peak_rss_mib": {k: max(x["peak_rss_mib"] for x in v) for k, v in runs.items()},
             "ratios": {
-                "mtlfast_kept_over_release_system": med["mtlfast_kept"] / med["release_system"],
-                "mtlfast_kept_over_mtlfast_system": med["mtlfast_kept"] / med["mtlfast_system"],
-                "release_kept_over_release_system": med["release_kept"] / med["release_system"],
-                "mtlfast_kept_over_release_kept": med["mtlfast_kept"] / med["release_kept"],
+                f"{a}_over_{b}": med[a] / med[b]
+                for a, b in (
+                    ("mtlfast_kept", "release_system"),
+                    ("mtlfast_kept", "mtlfast_system"),
+                    ("release_kept", "release_system"),
+                    ("mtlfast_kept", "release_kept"),
+                    ("mtlfast_kept", "authors_system"),
+                    ("authors_kept", "authors_system"),
+                    ("mtlfast_kept", "authors_kept"),
+                )
+                if a in med and b in med
             },
         }
         print(f"[{model}] ratios {result['models'][model]['ratios']}", flush=True)

@@ -38,6 +38,10 @@ builds their networks on CPU without pretrained weights, and
 3. peak memory of each step and inference (``bench_models._peak_mib``: torch's CPU allocations,
    after a warm-up step), in runs other than the timed ones.
 
+All sides share one process and so one malloc, which the first trainer built sets to keep freed
+memory (``train.keep_freed_memory``): the authors' sides are spared the page faults that their
+own scripts' processes pay (``benchmarks/malloc_step.py`` measures that apart).
+
 Configuration as ``bench_models``: PASCAL's five tasks (semseg 21, human_parts 7, sal 1,
 normals 3, edge 1), HRNet-18 for MTI-Net and PAD-Net (PAD-Net's 256-channel fused HRNet), and
 ASTMT's PASCAL network: SE-ResNet-26, output stride 16, decoder width 64, per-task SE in encoder

@@ -49,6 +49,8 @@ What each figure means, and how it is measured:
     64 KiB or more on its own and unmaps it when freed: there, for training steps of the ResNet-50
     network of benchmarks/bench_engine.py (250 to 570 MiB), it exceeded ``peak_extra_bytes`` by
     less than 3 MiB (the profiler's own buffers, small blocks, and all that the profiler misses).
+    Not after :func:`mtlfast.train.keep_freed_memory` (which the trainer calls on the CPU): glibc
+    then keeps freed memory resident for reuse, and the figure reads near 0 once warm.
 
 ``saved_bytes``, ``saved_tensors``
     The bytes and number of the distinct storages that autograd packed for backward during the

@@ -2,21 +2,23 @@
 
 A CPU training step allocates and frees the same large tensors every step. glibc serves a block
 of 32 MiB or more (its ceiling for ``M_MMAP_THRESHOLD``, which no setting raises) by mapping
-fresh pages and unmaps them when the tensor is freed, so every step the kernel faults in and
-zeroes each page again: about 1.3 us per 4 KiB page on a 2-core EPYC, 12 ms for one 32 MiB
-tensor whose fill takes 1 ms once mapped. UberNet's VGG-16 at 256x256, batch 4, allocates some
-60 such tensors per step (its 64 MiB first-stage maps among them), PAD-Net some 40 (its
-distillation's joint mask and message maps). :func:`keep_freed_memory` sets ``M_MMAP_MAX`` to 0
-(every block from the heap) and ``M_TRIM_THRESHOLD`` to 2 GiB (the heap's top is not handed back
-while less than that is free), so that after the first steps the heap holds the step's peak and
-no page is faulted again; it is what jemalloc or tcmalloc under ``LD_PRELOAD`` give a CPU
-training job, without the preload.
+fresh pages and unmaps them when the tensor is freed, and hands the top of its heap back past a
+threshold, so every step the kernel faults in and zeroes those pages again: about 1.3 us per
+4 KiB page on a 2-core EPYC, 12 ms for one 32 MiB tensor whose fill takes 1 ms once mapped. The
+trainer's UberNet step (VGG-16, 256x256, batch 4) allocates 177 such tensors (7.7 GiB, its
+64 MiB first-stage maps among them) and took 1.7-2.0M page faults a step; PAD-Net's allocates 44
+(its distillation's joint mask and message maps). :func:`keep_freed_memory` sets ``M_MMAP_MAX``
+to 0 (every block from the heap) and ``M_TRIM_THRESHOLD`` to 2 GiB (the heap's top is not handed
+back while less than that is free), so that after the first steps the heap holds the step's
+peak and no page is faulted again (UberNet's step: 9.4 -> 6.3 s, benchmarks/malloc_step.py),
+much as jemalloc or tcmalloc under ``LD_PRELOAD`` would, without the preload.
 
 The cost: the process keeps the memory of its peak until it exits (its resident size no longer
-falls between steps; the peak itself is unchanged, see benchmarks/results/README.md). The setting
-is process-wide, like ``torch.set_num_threads``, and lasts until changed; processes forked
-afterwards (data-loader workers) inherit it. The trainer applies it on the CPU unless
-``train.keep_freed_memory`` is false.
+falls between steps, and heap fragments add to it: peak RSS up to 11% higher in
+benchmarks/results/README.md; torch's own peak is unchanged). The setting is process-wide, like
+``torch.set_num_threads``, and lasts until changed; processes forked afterwards (data-loader
+workers) inherit it. The trainer applies it on the CPU unless ``train.keep_freed_memory`` is
+false.
 """
 
 from __future__ import annotations

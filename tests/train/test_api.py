@@ -16,6 +16,7 @@ def test_public_names():
         "config_to_dict",
         "default_threads",
         "evaluate",
+        "keep_freed_memory",
         "list_configs",
         "load_checkpoint",
         "load_config",
