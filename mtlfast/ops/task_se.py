@@ -325,16 +325,28 @@ def _setup_context(ctx, inputs, output):
     ctx.relu = relu
     ctx.has_residual = residual is not None
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(x, output[1], task, w1, b1, w2, b2, residual)
+    # The backward never needs the residual itself: without ReLU its gradient is grad_out, with
+    # ReLU the mask is where the output is positive. So the output is kept for the mask, not the
+    # residual: the output is usually kept anyway (the next block's input, saved by its
+    # convolutions) where the residual often is not (a projection shortcut's batch-norm output:
+    # (4, 2048, 16, 16), 8 MiB, in ASTMT's layer4).
+    mask = output[0] if relu and residual is not None else None
+    ctx.save_for_backward(x, output[1], task, w1, b1, w2, b2, mask)
 
 
 def _backward(ctx, grad_out, _grad_pooled):
-    x, pooled, task, w1, b1, w2, b2, residual = ctx.saved_tensors
+    x, pooled, task, w1, b1, w2, b2, out = ctx.saved_tensors
+    relu, grad_residual = ctx.relu, None
+    if ctx.has_residual:
+        if relu:  # ReLU's own backward, the gradient of the residual: one pass, then no ReLU
+            grad_out = torch.ops.aten.threshold_backward(grad_out, out, 0)
+            relu = False
+        grad_residual = grad_out
     with remembered_backend(ctx):
-        direct = runs_directly(grad_out, x, pooled, task, w1, b1, w2, b2, residual)
+        direct = runs_directly(grad_out, x, pooled, task, w1, b1, w2, b2)
         op = _backward_kernel if direct else _task_se_backward
-        grads = op(grad_out, x, pooled, task, w1, b1, w2, b2, residual, ctx.relu)
-    grad_x, gw1, gb1, gw2, gb2, grad_residual = grads
+        grads = op(grad_out, x, pooled, task, w1, b1, w2, b2, None, relu)
+    grad_x, gw1, gb1, gw2, gb2, _ = grads
     need = ctx.needs_input_grad
     return (
         grad_x if need[0] else None,
@@ -343,7 +355,7 @@ def _backward(ctx, grad_out, _grad_pooled):
         gb1 if need[3] else None,
         gw2 if need[4] else None,
         gb2 if need[5] else None,
-        grad_residual if ctx.has_residual and need[6] else None,
+        grad_residual if need[6] else None,
         None,
     )
 

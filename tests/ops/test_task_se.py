@@ -129,7 +129,7 @@ def test_task_batched_pass_equals_single_task_passes():
 
 
 @pytest.mark.parametrize("backend", ("reference", "cpu"))
-@pytest.mark.parametrize("residual, relu", [(True, True), (False, False)])
+@pytest.mark.parametrize("residual, relu", [(True, True), (True, False), (False, False)])
 def test_gradcheck_float64(backend, residual, relu):
     require_backend(backend)
     x, task, params, res = make_inputs(3, (4, 3, 2), 2, torch.float64, residual)
@@ -139,6 +139,24 @@ def test_gradcheck_float64(backend, residual, relu):
             lambda x, *a: task_se(x, task, *a[:4], residual=a[4] if residual else None, relu=relu),
             (x, *params, *extra),
         )
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("relu", (True, False))
+def test_backward_keeps_the_output_not_the_residual(backend, relu):
+    """The residual is never kept for backward (a projection shortcut's batch-norm output would
+    stay alive for nothing else); with ReLU the output is, for the mask (a bottleneck's output
+    is the next block's input, kept by its convolutions anyway)."""
+    require_backend(backend)
+    x, task, params, res = make_inputs(2, (8, 5, 6), 3, torch.float32)
+    saved = []
+    hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t)
+    with use_backend(backend), hooks:
+        out = task_se(x, task, *params, residual=res, relu=relu)
+    kept = {t.data_ptr() for t in saved}
+    assert res.data_ptr() not in kept
+    assert (out.data_ptr() in kept) == relu
+    assert x.data_ptr() in kept
 
 
 @pytest.mark.parametrize("backend", ("reference", "cpu"))
