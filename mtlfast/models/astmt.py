@@ -39,6 +39,13 @@ def _blocks_of(stage: nn.Module) -> list[nn.Module]:
     return [stage]
 
 
+def _stages_before_output_stride(backbone: Backbone) -> int:
+    """How many of ``backbone``'s first stages end above its output stride: the default of
+    ``ASTMT.recompute_stages`` (the SE-ResNets: the stem, layer1 and layer2 of five stages)."""
+    deepest = max(backbone.strides)
+    return next(k for k, s in zip(backbone.feature_stages, backbone.strides) if s == deepest)
+
+
 def _run_stage(
     stage: nn.Module, x: torch.Tensor, task: int | torch.Tensor | None, lean: bool
 ) -> torch.Tensor:
@@ -231,7 +238,8 @@ class ASTMT(MultiTaskModel):
             for tests).
         recompute_stages: under the recompute strategy, how many of the backbone's first
             stages (the stem counts as one: five for the SE-ResNets) are recomputed block by
-            block in backward; None: all but the last. Not a network option: the outputs and
+            block in backward; None: those that end above the output stride (3 of an
+            SE-ResNet's 5). Not a network option: the outputs and
             gradients are the same for every value, only time and memory differ (above).
 
     Under :func:`mtlfast.engine.multi_branch_step`, ``multi_branch_step(*model.engine_branches(),
@@ -247,21 +255,25 @@ class ASTMT(MultiTaskModel):
     every block of the first ``recompute_stages`` backbone stages (the stem included) runs
     through a checkpoint that keeps its input only and is recomputed in backward (the engine
     recomputes the stem likewise), batch norms (task ones included) updating their running
-    statistics once. By default all stages but the last: layer4 holds the encoder's widest
-    convolutions on its smallest maps, the most recomputation per byte saved. The decoder is
-    never recomputed: it is the first part the backward reaches, so its activations are alive
-    at that moment whether kept or recomputed, and recomputing it cost time (about 10% of the
-    step) for no lower peak. At 256x256, batch 4, five tasks, the release's network with
-    adapters, 2 threads, against the release's per-task passes (476 MiB; a Xeon, one process,
-    the sides alternating; ``benchmarks/results/README.md``): the default keeps 349 MiB
-    (0.73x) at about 0.93x the release's step; ``recompute_stages=5`` (all) 285 MiB (0.60x) at
-    about 1.10x; ``recompute_stages=0`` 573 MiB (1.20x) at about 0.82x (naive, all T graphs
-    at once: 2.1 GiB). Of the all-stages peak 119 MiB are the gradients of all 31.27M
-    parameters and 72 MiB the blocks' kept inputs; the rest is a pass's decoder and loss at the
-    start of its backward. What the peak was before (oneDNN's buffers for dilated weight
-    gradients, up to 81 MiB, and cross-entropy's three maps) is gone: the ASPP's rates 12 and 18
-    skip the taps that read padding (:func:`mtlfast.ops.atrous_conv2d`), the other dilated
-    convolutions back-propagate over their phases undilated, and the loss keeps one map.
+    statistics once. By default the stages that end above the output stride (the stem, layer1
+    and layer2 of an SE-ResNet; two of a MobileNetV2's four): the stages at the output stride
+    run the encoder's widest convolutions on its smallest maps, the most recomputation per byte
+    saved. The decoder is never recomputed: it is the first part the backward reaches, so its
+    activations are alive at that moment whether kept or recomputed, and recomputing it cost
+    time (about 10% of the step) for no lower peak. At 256x256, batch 4, five tasks, the
+    release's network with adapters, 2 threads, against the release's per-task passes (476 MiB;
+    a 2-core EPYC, one process, the sides alternating; ``benchmarks/results/README.md``): the
+    default (``recompute_stages=3``) keeps 369 MiB (0.78x) at about 0.89x the release's step;
+    ``recompute_stages=4`` (layer3 too) 341 MiB (0.72x) at about 0.93x; ``recompute_stages=5``
+    (all) 285 MiB (0.60x) at about 1.1x; ``recompute_stages=0`` 537 MiB (1.13x) at about 0.82x
+    (naive, all T graphs at once: 2.1 GiB). Of the all-stages peak 119 MiB are the gradients
+    of all 31.27M parameters and 72 MiB the blocks' kept inputs; the rest is a pass's decoder
+    and loss at the start of its backward. What the peak was before (oneDNN's buffers for
+    dilated weight gradients, up to 81 MiB, and cross-entropy's three maps) is gone: the ASPP's
+    rates 12 and 18 skip the taps that read padding (:func:`mtlfast.ops.atrous_conv2d`), the
+    other dilated convolutions back-propagate over their phases undilated, the loss keeps one
+    map, and task SE keeps its output for the ReLU's mask, not the residual (a projection
+    shortcut's batch-norm output, kept by nothing else: 8 MiB in layer4, 4 in layer3).
 
     Shapes: x (N, 3, H, W); task int or (N,); outputs (N, C_t, H, W).
     """
@@ -361,7 +373,7 @@ class ASTMT(MultiTaskModel):
         )
         n_stages = len(self.backbone.stages())
         if recompute_stages is None:
-            recompute_stages = n_stages - 1
+            recompute_stages = _stages_before_output_stride(self.backbone)
         if (
             isinstance(recompute_stages, bool)
             or not isinstance(recompute_stages, int)
