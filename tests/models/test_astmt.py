@@ -158,6 +158,8 @@ def test_modulation_options():
     with pytest.raises(ValueError, match="unknown task"):
         plain(torch.randn(1, 3, H, W), "depth")
     assert plain.recompute_stages == 3  # the stem, layer1, layer2: above the output stride 16
+    # MobileNetV2's stages end at strides 4, 8, 16, 16: the first two are above it
+    assert ASTMT(TASKS, "se_mobilenet_v2", width=0.25).recompute_stages == 2
     for bad in (-1, 6, 2.0, True, "all"):
         with pytest.raises(
             ValueError, match=r"recompute_stages must be None or an int in \[0, 5\]"
