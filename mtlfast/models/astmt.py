@@ -263,10 +263,11 @@ class ASTMT(MultiTaskModel):
     time (about 10% of the step) for no lower peak. At 256x256, batch 4, five tasks, the
     release's network with adapters, 2 threads, against the release's per-task passes (476 MiB;
     a 2-core EPYC, one process, the sides alternating; ``benchmarks/results/README.md``): the
-    default (``recompute_stages=3``) keeps 369 MiB (0.78x) at about 0.89x the release's step;
-    ``recompute_stages=4`` (layer3 too) 341 MiB (0.72x) at about 0.93x; ``recompute_stages=5``
-    (all) 285 MiB (0.60x) at about 1.1x; ``recompute_stages=0`` 537 MiB (1.13x) at about 0.82x
-    (naive, all T graphs at once: 2.1 GiB). Of the all-stages peak 119 MiB are the gradients
+    default (``recompute_stages=3``) keeps 369 MiB (0.78x) at 0.89-0.96x the release's step in
+    three runs; ``recompute_stages=4`` (layer3 too) 341 MiB (0.72x) at 4-10% more time than
+    the default; ``recompute_stages=5`` (all) 285 MiB (0.60x) at about 1.1x the release's;
+    ``recompute_stages=0`` 537 MiB (1.13x; 0.82x the release's step on a Xeon) (naive, all T
+    graphs at once: 2.1 GiB). Of the all-stages peak 119 MiB are the gradients
     of all 31.27M parameters and 72 MiB the blocks' kept inputs; the rest is a pass's decoder
     and loss at the start of its backward. What the peak was before (oneDNN's buffers for
     dilated weight gradients, up to 81 MiB, and cross-entropy's three maps) is gone: the ASPP's
