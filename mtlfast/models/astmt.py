@@ -239,8 +239,8 @@ class ASTMT(MultiTaskModel):
         recompute_stages: under the recompute strategy, how many of the backbone's first
             stages (the stem counts as one: five for the SE-ResNets) are recomputed block by
             block in backward; None: those that end above the output stride (3 of an
-            SE-ResNet's 5). Not a network option: the outputs and
-            gradients are the same for every value, only time and memory differ (above).
+            SE-ResNet's 5). Not a network option: the outputs and gradients are the same for
+            every value, only time and memory differ (above).
 
     Under :func:`mtlfast.engine.multi_branch_step`, ``multi_branch_step(*model.engine_branches(),
     ...)`` runs the shared stages (:attr:`trunk`: the stem of a modulated encoder) once, then
@@ -266,9 +266,9 @@ class ASTMT(MultiTaskModel):
     default (``recompute_stages=3``) keeps 369 MiB (0.78x) at 0.89-0.96x the release's step in
     three runs; ``recompute_stages=4`` (layer3 too) 341 MiB (0.72x) at 4-10% more time than
     the default; ``recompute_stages=5`` (all) 285 MiB (0.60x) at about 1.1x the release's;
-    ``recompute_stages=0`` 537 MiB (1.13x; 0.82x the release's step on a Xeon) (naive, all T
-    graphs at once: 2.1 GiB). Of the all-stages peak 119 MiB are the gradients
-    of all 31.27M parameters and 72 MiB the blocks' kept inputs; the rest is a pass's decoder
+    ``recompute_stages=0`` 537 MiB (1.13x), its step 0.82x the release's on a Xeon (naive,
+    all T graphs at once: 1.9 GiB). Of the all-stages peak 119 MiB are the gradients of all
+    31.27M parameters and 72 MiB the blocks' kept inputs; the rest is a pass's decoder
     and loss at the start of its backward. What the peak was before (oneDNN's buffers for
     dilated weight gradients, up to 81 MiB, and cross-entropy's three maps) is gone: the ASPP's
     rates 12 and 18 skip the taps that read padding (:func:`mtlfast.ops.atrous_conv2d`), the
