@@ -391,6 +391,9 @@ def task_se(
     Stacking a batch T times with task ids 0..T-1 runs ASTMT's T single-task passes as one pass.
     x and residual share a dtype (float32, float16, bfloat16 or float64; float8 raises TypeError); the small layers run in float32 (float64 for float64).
     Contiguous and channels-last inputs run in place; other strides are copied once.
+    Backward keeps x and, with a residual and ReLU, the output (for the mask, as ``torch.relu``
+    keeps its own): the residual is not kept, and changing the output in place before backward
+    raises autograd's in-place error.
     """
     _check(x, task, w1, b1, w2, b2, residual)
     task = task.contiguous()  # any strides (an expanded or sliced task), as the kernels need

@@ -157,6 +157,12 @@ def test_backward_keeps_the_output_not_the_residual(backend, relu):
     assert res.data_ptr() not in kept
     assert (out.data_ptr() in kept) == relu
     assert x.data_ptr() in kept
+    if relu:  # as torch.relu's output: changed in place, backward refuses it, never a wrong mask
+        with use_backend(backend):
+            out = task_se(x, task, *params, residual=res, relu=True)
+        out.add_(1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
 
 
 @pytest.mark.parametrize("backend", ("reference", "cpu"))
