@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -9,6 +11,7 @@ from torch.nn import functional as F
 from ..nn import ResidualAdapter, TaskBatchNorm2d, TaskSE
 from ..nn._task import check_task
 from ..nn.adapters import merged_conv2d
+from ..nn.rebuilt_norm import norm_rebuilt
 from ..ops import atrous_conv2d, current_backend
 
 __all__ = [
@@ -19,6 +22,7 @@ __all__ = [
     "make_norm",
     "make_se",
     "norm",
+    "norm_for_next",
     "relu",
     "run_se",
     "takes_task",
@@ -77,6 +81,23 @@ def norm(bn: nn.Module, y: torch.Tensor, task: int | torch.Tensor | None = None)
     if bias is not None:
         shift = shift + bias
     return y.mul_(scale[:, None, None]).add_(shift[:, None, None])
+
+
+def norm_for_next(
+    bn: nn.Module, y: torch.Tensor, task: int | torch.Tensor | None, with_relu: bool = False
+) -> tuple[torch.Tensor, contextlib.AbstractContextManager]:
+    """``relu(norm(bn, y, task))`` (without the ReLU unless ``with_relu``) and the context in which the
+    layer that reads it runs: under :func:`mtlfast.nn.rebuilt_norm.rebuild_norms` (in training
+    with autograd) the output is rebuilt in backward from ``y`` rather than kept
+    (:func:`~mtlfast.nn.rebuilt_norm.norm_rebuilt`); otherwise :func:`norm`, :func:`relu` and
+    no context.
+
+    Shapes: y (N, C, H, W) -> (N, C, H, W)."""
+    made = norm_rebuilt(bn, y, task, with_relu)
+    if made is not None:
+        return made
+    out = norm(bn, y, task)
+    return (relu(out) if with_relu else out), contextlib.nullcontext()
 
 
 def relu(y: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,7 @@ from ._blocks import (
     call,
     make_norm,
     make_se,
-    norm,
-    relu,
+    norm_for_next,
     run_se,
 )
 from .base import Backbone
@@ -84,9 +83,12 @@ class BasicBlock(_Block):
 
     def forward(self, x: torch.Tensor, task: int | torch.Tensor | None = None) -> torch.Tensor:
         identity = x if self.downsample is None else call(self.downsample, x, task)
-        out = relu(norm(self.bn1, call(self.conv1, x, task), task))
-        out = norm(self.bn2, call(self.conv2, out, task), task)
-        return self._finish(out, identity, task)
+        out, keep = norm_for_next(self.bn1, call(self.conv1, x, task), task, with_relu=True)
+        with keep:  # what the convolution saves of its input is rebuilt (_blocks.norm_for_next)
+            out = call(self.conv2, out, task)
+        out, keep = norm_for_next(self.bn2, out, task)
+        with keep:
+            return self._finish(out, identity, task)
 
 
 class Bottleneck(_Block):
@@ -130,10 +132,15 @@ class Bottleneck(_Block):
 
     def forward(self, x: torch.Tensor, task: int | torch.Tensor | None = None) -> torch.Tensor:
         identity = x if self.downsample is None else call(self.downsample, x, task)
-        out = relu(norm(self.bn1, self.conv1(x), task))
-        out = relu(norm(self.bn2, call(self.conv2, out, task), task))
-        out = norm(self.bn3, self.conv3(out), task)
-        return self._finish(out, identity, task)
+        out, keep = norm_for_next(self.bn1, self.conv1(x), task, with_relu=True)
+        with keep:  # what the convolution saves of its input is rebuilt (_blocks.norm_for_next)
+            out = call(self.conv2, out, task)
+        out, keep = norm_for_next(self.bn2, out, task, with_relu=True)
+        with keep:
+            out = self.conv3(out)
+        out, keep = norm_for_next(self.bn3, out, task)
+        with keep:  # the SE's input
+            return self._finish(out, identity, task)
 
 
 class ResNet(Backbone):

@@ -10,6 +10,7 @@ from torch import nn
 from ..backbones import Backbone, MobileNetV2, ResNet
 from ..backbones._blocks import TaskSequential, call, takes_task
 from ..engine import current_strategy
+from ..nn.rebuilt_norm import rebuild_norms
 from ..ops import channel_norm
 from ._build import aspp_rates
 from ._checks import check_images
@@ -39,20 +40,30 @@ def _blocks_of(stage: nn.Module) -> list[nn.Module]:
     return [stage]
 
 
-def _stages_before_output_stride(backbone: Backbone) -> int:
-    """How many of ``backbone``'s first stages end above its output stride: the default of
-    ``ASTMT.recompute_stages`` (the SE-ResNets: the stem, layer1 and layer2 of five stages)."""
+def _default_recompute_stages(backbone: Backbone) -> int:
+    """``ASTMT.recompute_stages=None``: for a ResNet, whose kept blocks rebuild their batch-norm
+    outputs in backward, the stages down to its first feature (the stem and layer1); for another
+    backbone the stages that end above its output stride (two of a MobileNetV2's four)."""
+    if isinstance(backbone, ResNet):
+        return backbone.feature_stages[0] + 1
     deepest = max(backbone.strides)
     return next(k for k, s in zip(backbone.feature_stages, backbone.strides) if s == deepest)
 
 
 def _run_stage(
-    stage: nn.Module, x: torch.Tensor, task: int | torch.Tensor | None, lean: bool
+    stage: nn.Module,
+    x: torch.Tensor,
+    task: int | torch.Tensor | None,
+    lean: bool,
+    rebuild: bool = False,
 ) -> torch.Tensor:
     """``stage`` on ``x``; ``lean``: block by block, each through a checkpoint that keeps only its
-    input (backward recomputes it, its batch norms not updating their running statistics again)."""
+    input (backward recomputes it, its batch norms not updating their running statistics again);
+    else, with ``rebuild``, its ResNet blocks' batch-norm outputs rebuilt in backward
+    (:func:`mtlfast.nn.rebuilt_norm.rebuild_norms`)."""
     if not lean:
-        return call(stage, x, task)
+        with rebuild_norms(rebuild):
+            return call(stage, x, task)
     for block in _blocks_of(stage):
         x = recomputed(call, block, block, x, task)
     return x
@@ -374,7 +385,7 @@ class ASTMT(MultiTaskModel):
         )
         n_stages = len(self.backbone.stages())
         if recompute_stages is None:
-            recompute_stages = _stages_before_output_stride(self.backbone)
+            recompute_stages = _default_recompute_stages(self.backbone)
         if (
             isinstance(recompute_stages, bool)
             or not isinstance(recompute_stages, int)
@@ -431,11 +442,13 @@ class ASTMT(MultiTaskModel):
         :attr:`recompute_stages`, under the memory engine's recompute strategy
         (:func:`mtlfast.engine.current_strategy`) with autograd on, in training or eval mode
         (frozen batch norm)."""
-        return (
-            stage < self.recompute_stages
-            and torch.is_grad_enabled()
-            and current_strategy() == "recompute"
-        )
+        return stage < self.recompute_stages and self._recomputes()
+
+    @staticmethod
+    def _recomputes() -> bool:
+        """Whether this pass keeps less for backward: under the recompute strategy with autograd
+        on (the stages not recomputed then rebuild their batch-norm outputs, :func:`_run_stage`)."""
+        return torch.is_grad_enabled() and current_strategy() == "recompute"
 
     def _encode(
         self, x: torch.Tensor, features: list[torch.Tensor], task: int | torch.Tensor, start: int
@@ -445,7 +458,7 @@ class ASTMT(MultiTaskModel):
         block by block through checkpoints (:func:`_run_stage`)."""
         stages = self.backbone.stages()
         for k in range(start, len(stages)):
-            x = _run_stage(stages[k], x, task, self._lean(k))
+            x = _run_stage(stages[k], x, task, self._lean(k), self._recomputes())
             if self._keeps(k):
                 features.append(x)
         return self.backbone.neck(features)
@@ -562,7 +575,7 @@ class ASTMT(MultiTaskModel):
         stages = self.backbone.stages()
         features = []
         for i in range(self.shared_stages):  # recomputed in backward as the task part's stages
-            x = _run_stage(stages[i], x, None, self._lean(i))
+            x = _run_stage(stages[i], x, None, self._lean(i), self._recomputes())
             if self._keeps(i):
                 features.append(x)
         return [x, *features]

@@ -22,25 +22,30 @@ class BatchNorm2d(nn.BatchNorm2d):
     """
 
     def forward(self, input: Tensor) -> Tensor:
-        # nn.BatchNorm2d.forward (torch 2.13), with batch_norm for F.batch_norm
         self._check_input_dim(input)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked)
-        training = self.training or (self.running_mean is None and self.running_var is None)
-        keep = not self.training or self.track_running_stats
+        training, running_mean, running_var, factor = batch_norm_args(self)
         return batch_norm(
-            input,
-            self.running_mean if keep else None,
-            self.running_var if keep else None,
-            self.weight,
-            self.bias,
-            training,
-            factor,
-            self.eps,
+            input, running_mean, running_var, self.weight, self.bias, training, factor, self.eps
         )
+
+
+def batch_norm_args(bn: nn.BatchNorm2d) -> tuple[bool, Tensor | None, Tensor | None, float]:
+    """``(training, running_mean, running_var, momentum)`` as ``nn.BatchNorm2d.forward`` (torch
+    2.13) passes them to ``F.batch_norm`` for ``bn``, its ``num_batches_tracked`` advanced as
+    that forward advances it: call once per forward."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average
+            factor = 1.0 / float(bn.num_batches_tracked)
+    training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    keep = not bn.training or bn.track_running_stats
+    return (
+        training,
+        bn.running_mean if keep else None,
+        bn.running_var if keep else None,
+        factor,
+    )
 
 
 def use_fast_batch_norm(model: nn.Module, enabled: bool = True) -> int:

@@ -93,19 +93,26 @@ class TaskBatchNorm2d(nn.Module):
         return self._per_sample(x, task)
 
     def _one_task(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        return batch_norm(x, *self._one_task_args(t), self.eps)
+
+    def _one_task_args(
+        self, t: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool, float]:
+        """``(running_mean, running_var, weight, bias, training, momentum)`` of task ``t`` as
+        ``F.batch_norm`` takes them (rows of this layer's parameters and statistics), the task's
+        ``num_batches_tracked`` advanced in training: call once per forward of an int task
+        (with ``momentum`` not None in training)."""
         if self.training:
             self.num_batches_tracked[t] += 1
         factor = self.momentum if self.training else 0.0
         # Row views: batch_norm updates task t's running statistics in place.
-        return batch_norm(
-            x,
+        return (
             self.running_mean[t],
             self.running_var[t],
             self.weight[t],
             self.bias[t],
             self.training,
             factor,
-            self.eps,
         )
 
     def _per_sample(self, x: torch.Tensor, task: torch.Tensor) -> torch.Tensor:

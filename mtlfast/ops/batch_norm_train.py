@@ -32,7 +32,7 @@ from torch.nn import functional as F
 from .. import _extension
 from .backends import current_backend
 
-__all__ = ["batch_norm"]
+__all__ = ["batch_norm", "batch_norm_with_stats"]
 
 OP = "batch_norm"
 
@@ -148,20 +148,62 @@ def batch_norm(
     """
     if not training or not isinstance(x, torch.Tensor) or not _use_kernel(x, weight, bias):
         return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
-    n, c, h, w = x.shape
-    count = n * h * w
+    out, _, _ = _kernel_train(x, running_mean, running_var, weight, bias, momentum, eps)
+    return out
+
+
+def _kernel_train(x, running_mean, running_var, weight, bias, momentum, eps):
+    """The kernels' training-mode batch norm: (out, mean, invstd), running statistics updated."""
+    c, count = x.shape[1], _count(x)
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and t.shape != (c,):
+            raise ValueError(f"{OP}: {name} must have shape ({c},), got {tuple(t.shape)}")
+    out, mean, invstd, var = _train(x, weight, bias, eps)
+    _update_running(running_mean, running_var, mean, var, count, momentum)
+    return out, mean, invstd
+
+
+def _count(x: torch.Tensor) -> int:
+    """The values per channel of a training-mode batch norm's input, checked to be more than one."""
+    count = x.numel() // max(x.shape[1], 1) if x.dim() > 1 else 0
     if count <= 1:
         raise ValueError(
             f"{OP}: expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
         )
-    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-        if t is not None and t.shape != (c,):
-            raise ValueError(f"{OP}: {name} must have shape ({c},), got {tuple(t.shape)}")
-    out, mean, _, var = _train(x, weight, bias, eps)
+    return count
+
+
+def _update_running(running_mean, running_var, mean, var, count: int, momentum: float) -> None:
     with torch.no_grad():
         if running_mean is not None:
             running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
         if running_var is not None:
             unbiased = var * (count / (count - 1))
             running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
-    return out
+
+
+def batch_norm_with_stats(
+    x: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`batch_norm` in training mode, also returning the batch statistics it normalised
+    with: ``(out, mean, invstd)``, ``out = (x - mean) * invstd * weight + bias`` per channel
+    (``invstd = 1 / sqrt(var + eps)``, the biased variance). The statistics carry no gradient;
+    ``out``'s gradient is the batch norm's. The C++ kernels where :func:`batch_norm` uses them,
+    else aten's ``native_batch_norm`` (what ``F.batch_norm`` runs on the CPU).
+
+    Shapes: x (N, C, H, W); running_mean, running_var, weight, bias (C,) or None; out as x,
+    mean and invstd (C,) in float32 (float64 for float64 x).
+    """
+    if not _use_kernel(x, weight, bias):
+        _count(x)
+        out, mean, invstd = torch.native_batch_norm(
+            x, weight, bias, running_mean, running_var, True, momentum, eps
+        )
+        return out, mean.detach(), invstd.detach()
+    return _kernel_train(x, running_mean, running_var, weight, bias, momentum, eps)
