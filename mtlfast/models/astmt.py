@@ -10,7 +10,7 @@ from torch import nn
 from ..backbones import Backbone, MobileNetV2, ResNet
 from ..backbones._blocks import TaskSequential, call, takes_task
 from ..engine import current_strategy
-from ..nn.rebuilt_norm import rebuild_norms
+from ..nn import rebuilt_norm
 from ..ops import channel_norm
 from ._build import aspp_rates
 from ._checks import check_images
@@ -62,7 +62,7 @@ def _run_stage(
     else, with ``rebuild``, its ResNet blocks' batch-norm outputs rebuilt in backward
     (:func:`mtlfast.nn.rebuilt_norm.rebuild_norms`)."""
     if not lean:
-        with rebuild_norms(rebuild):
+        with rebuilt_norm.rebuild_norms(rebuild):
             return call(stage, x, task)
     for block in _blocks_of(stage):
         x = recomputed(call, block, block, x, task)
@@ -308,6 +308,7 @@ class ASTMT(MultiTaskModel):
         low_channels: int | None = None,
         width: float = 1.0,
         recompute_stages: int | None = None,
+        rebuild_norms: bool = True,
     ) -> None:
         super().__init__()
         self.out_channels = resolve_tasks(tasks, dataset, out_channels)
@@ -396,6 +397,9 @@ class ASTMT(MultiTaskModel):
                 f"backbone's {n_stages} stages), got {recompute_stages!r}"
             )
         self.recompute_stages = recompute_stages
+        if not isinstance(rebuild_norms, bool):
+            raise TypeError(f"ASTMT: rebuild_norms must be a bool, got {rebuild_norms!r}")
+        self.rebuild_norms = rebuild_norms
 
     @property
     def trunk(self) -> nn.Sequential:
@@ -447,8 +451,13 @@ class ASTMT(MultiTaskModel):
     @staticmethod
     def _recomputes() -> bool:
         """Whether this pass keeps less for backward: under the recompute strategy with autograd
-        on (the stages not recomputed then rebuild their batch-norm outputs, :func:`_run_stage`)."""
+        on."""
         return torch.is_grad_enabled() and current_strategy() == "recompute"
+
+    def _rebuilds(self) -> bool:
+        """Whether the stages not recomputed rebuild their batch-norm outputs in backward
+        (:attr:`rebuild_norms`, under the recompute strategy; :func:`_run_stage`)."""
+        return self.rebuild_norms and self._recomputes()
 
     def _encode(
         self, x: torch.Tensor, features: list[torch.Tensor], task: int | torch.Tensor, start: int
@@ -458,7 +467,7 @@ class ASTMT(MultiTaskModel):
         block by block through checkpoints (:func:`_run_stage`)."""
         stages = self.backbone.stages()
         for k in range(start, len(stages)):
-            x = _run_stage(stages[k], x, task, self._lean(k), self._recomputes())
+            x = _run_stage(stages[k], x, task, self._lean(k), self._rebuilds())
             if self._keeps(k):
                 features.append(x)
         return self.backbone.neck(features)
@@ -575,7 +584,7 @@ class ASTMT(MultiTaskModel):
         stages = self.backbone.stages()
         features = []
         for i in range(self.shared_stages):  # recomputed in backward as the task part's stages
-            x = _run_stage(stages[i], x, None, self._lean(i), self._recomputes())
+            x = _run_stage(stages[i], x, None, self._lean(i), self._rebuilds())
             if self._keeps(i):
                 features.append(x)
         return [x, *features]
