@@ -362,7 +362,7 @@ def measure(name: str, args, batch) -> dict:
     release_params = sum(p.numel() for p in release.parameters())
     diff = _max_diff(_infer_ours(ours, ours_batch), side.infer(batch))  # same network, same weights
 
-    least = None  # ASTMT: every encoder stage recomputed (its default keeps layer4's activations)
+    least = None  # ASTMT: every encoder stage recomputed (its default recomputes the stem, layer1)
     if kind == "astmt":
         lean = copy.deepcopy(ours)
         lean.recompute_stages = len(lean.backbone.stages())

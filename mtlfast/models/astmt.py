@@ -249,9 +249,13 @@ class ASTMT(MultiTaskModel):
             for tests).
         recompute_stages: under the recompute strategy, how many of the backbone's first
             stages (the stem counts as one: five for the SE-ResNets) are recomputed block by
-            block in backward; None: those that end above the output stride (3 of an
-            SE-ResNet's 5). Not a network option: the outputs and gradients are the same for
-            every value, only time and memory differ (above).
+            block in backward; None: for a ResNet the stem and layer1 (2 of 5), for a
+            MobileNetV2 those that end above the output stride (2 of 4).
+        rebuild_norms: under the recompute strategy, whether the ResNet blocks of the other
+            stages rebuild their batch-norm outputs in backward
+            (:func:`mtlfast.nn.rebuilt_norm.norm_rebuilt`) rather than keep them. Neither is a
+            network option: the outputs and gradients are the same (to float rounding) for
+            every value, only time and memory differ (below).
 
     Under :func:`mtlfast.engine.multi_branch_step`, ``multi_branch_step(*model.engine_branches(),
     ...)`` runs the shared stages (:attr:`trunk`: the stem of a modulated encoder) once, then
@@ -266,21 +270,28 @@ class ASTMT(MultiTaskModel):
     every block of the first ``recompute_stages`` backbone stages (the stem included) runs
     through a checkpoint that keeps its input only and is recomputed in backward (the engine
     recomputes the stem likewise), batch norms (task ones included) updating their running
-    statistics once. By default the stages that end above the output stride (the stem, layer1
-    and layer2 of an SE-ResNet; two of a MobileNetV2's four): the stages at the output stride
-    run the encoder's widest convolutions on its smallest maps, the most recomputation per byte
-    saved. The decoder is never recomputed: it is the first part the backward reaches, so its
-    activations are alive at that moment whether kept or recomputed, and recomputing it cost
-    time (about 10% of the step) for no lower peak. At 256x256, batch 4, five tasks, the
-    release's network with adapters, 2 threads, against the release's per-task passes (476 MiB;
-    a 2-core EPYC, one process, the sides alternating; ``benchmarks/results/README.md``): the
-    default (``recompute_stages=3``) keeps 369 MiB (0.78x) at 0.89-0.96x the release's step in
-    three runs; ``recompute_stages=4`` (layer3 too) 341 MiB (0.72x) at 4-10% more time than
-    the default; ``recompute_stages=5`` (all) 285 MiB (0.60x) at about 1.1x the release's;
-    ``recompute_stages=0`` 537 MiB (1.13x), its step 0.82x the release's on a Xeon (naive,
-    all T graphs at once: 1.9 GiB). Of the all-stages peak 119 MiB are the gradients of all
-    31.27M parameters and 72 MiB the blocks' kept inputs; the rest is a pass's decoder
-    and loss at the start of its backward. What the peak was before (oneDNN's buffers for
+    statistics once; the blocks of the other stages keep their convolutions' outputs but not
+    their batch norms' (``rebuild_norms``: the ReLU outputs and the task SE's input, a third of
+    what such a block saved, rebuilt from the batch norm's input and statistics in one
+    elementwise pass when the backward reads them). By default an SE-ResNet recomputes the
+    stem and layer1, the stages at the decoder's low-level stride of 4, where its maps are
+    largest for the least convolution work; a MobileNetV2 (whose blocks keep their batch-norm
+    outputs) the two of its four stages above the output stride. The decoder is never
+    recomputed: it is the first part the backward reaches, so its activations are alive at
+    that moment whether kept or recomputed, and recomputing it cost time (about 10% of the
+    step) for no lower peak. At 256x256, batch 4, five tasks, the release's network with
+    adapters, 2 threads, against the release's per-task passes (476 MiB; a 2-core EPYC, one
+    process, the sides alternating; ``benchmarks/astmt_kept_stages.py``,
+    ``benchmarks/results/README.md``): the default keeps 365 MiB (0.77x) at 0.91-0.99x the
+    release's step in four runs, 0.95-0.98x the step of the default before the rebuilt batch
+    norms (``recompute_stages=3, rebuild_norms=False``, 369 MiB); rebuilding costs a block
+    1-2% of its forward and backward (``recompute_stages=2, rebuild_norms=False``: 425 MiB,
+    0.89x). ``recompute_stages=3`` 333 MiB (0.70x) at about the old default's time;
+    ``recompute_stages=5`` (all) 285 MiB (0.60x) at about 1.1x the release's step;
+    ``recompute_stages=0`` 537 MiB (1.13x) without rebuilt batch norms, its step 0.82x the
+    release's on a Xeon (naive, all T graphs at once: 1.9 GiB). Of the all-stages peak 119 MiB
+    are the gradients of all 31.27M parameters and 72 MiB the blocks' kept inputs; the rest is
+    a pass's decoder and loss at the start of its backward. What the peak was before (oneDNN's buffers for
     dilated weight gradients, up to 81 MiB, and cross-entropy's three maps) is gone: the ASPP's
     rates 12 and 18 skip the taps that read padding (:func:`mtlfast.ops.atrous_conv2d`), the
     other dilated convolutions back-propagate over their phases undilated, the loss keeps one
