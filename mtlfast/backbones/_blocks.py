@@ -86,9 +86,9 @@ def norm(bn: nn.Module, y: torch.Tensor, task: int | torch.Tensor | None = None)
 def norm_for_next(
     bn: nn.Module, y: torch.Tensor, task: int | torch.Tensor | None, with_relu: bool = False
 ) -> tuple[torch.Tensor, contextlib.AbstractContextManager]:
-    """``relu(norm(bn, y, task))`` (without the ReLU unless ``with_relu``) and the context in which the
-    layer that reads it runs: under :func:`mtlfast.nn.rebuilt_norm.rebuild_norms` (in training
-    with autograd) the output is rebuilt in backward from ``y`` rather than kept
+    """``relu(norm(bn, y, task))`` (without the ReLU unless ``with_relu``) and the context in
+    which the layer that reads it runs: under :func:`mtlfast.nn.rebuilt_norm.rebuild_norms`
+    (with autograd) the output is rebuilt in backward from ``y`` rather than kept
     (:func:`~mtlfast.nn.rebuilt_norm.norm_rebuilt`); otherwise :func:`norm`, :func:`relu` and
     no context.
 

@@ -153,8 +153,9 @@ def _saving(
 
 
 def _with_stats(bn: nn.Module, y: torch.Tensor, task):
-    """``bn(y, task)`` with what rebuilds it: ``(out, mean, invstd, weight, bias, running)``, or
-    None for a layer or case this does not cover (then the caller runs ``bn`` itself)."""
+    """``bn(y, task)`` with what rebuilds it: ``(out, mean, invstd, weight, bias, running,
+    eps)`` (``running`` the running statistics in eval mode, else None), or None for a layer or
+    case this does not cover (then the caller runs ``bn`` itself)."""
     if isinstance(bn, TaskBatchNorm2d) and type(bn).forward is TaskBatchNorm2d.forward:
         if not isinstance(task, int) or (bn.training and bn.momentum is None):
             return None
