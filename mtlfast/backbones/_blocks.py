@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from ..nn import ResidualAdapter, TaskBatchNorm2d, TaskSE
 from ..nn._task import check_task
 from ..nn.adapters import merged_conv2d
-from ..nn.rebuilt_norm import norm_rebuilt
+from ..nn.rebuilt_norm import norm_rebuilt, rebuilding_norms
 from ..ops import atrous_conv2d, current_backend
 
 __all__ = [
@@ -109,7 +109,10 @@ class TaskSequential(nn.Sequential):
     """nn.Sequential whose forward passes an optional ``task`` to the children that take one.
 
     In inference a batch norm or ReLU child whose input its previous child made (not the
-    container's input, nor a view of it) runs in place (:func:`norm`, :func:`relu`).
+    container's input, nor a view of it) runs in place (:func:`norm`, :func:`relu`). With
+    autograd under :func:`mtlfast.nn.rebuilt_norm.rebuild_norms`, a batch norm followed by a
+    ``nn.ReLU`` and another child (a decoder block's SE) has its output rebuilt in backward
+    (:func:`norm_for_next`, the third child running in its context).
 
     Shapes: x (N, C, H, W); task None, an int or (N,) int64; output as the last child's.
     """
@@ -118,14 +121,26 @@ class TaskSequential(nn.Sequential):
 
     def forward(self, x: torch.Tensor, task: int | torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
         given = x.untyped_storage().data_ptr() if _in_place_ok(x) else None
-        for i, module in enumerate(self):
+        children = list(self)
+        rebuild = torch.is_grad_enabled() and rebuilding_norms()
+        i = 0
+        while i < len(children):
+            module = children[i]
             own = given is not None and i > 0 and x.untyped_storage().data_ptr() != given
-            if own and isinstance(module, (nn.BatchNorm2d, TaskBatchNorm2d)):
+            is_norm = isinstance(module, (nn.BatchNorm2d, TaskBatchNorm2d))
+            if rebuild and is_norm and i + 2 < len(children) and type(children[i + 1]) is nn.ReLU:
+                x, keep = norm_for_next(module, x, task, with_relu=True)
+                with keep:
+                    x = call(children[i + 2], x, task)
+                i += 3
+                continue
+            if own and is_norm:
                 x = norm(module, x, task)
             elif own and isinstance(module, nn.ReLU):
                 x = relu(x)
             else:
                 x = call(module, x, task)
+            i += 1
         return x
 
 

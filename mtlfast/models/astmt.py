@@ -496,8 +496,10 @@ class ASTMT(MultiTaskModel):
         return stage in (stages[0], stages[-1])
 
     def _decode(self, features: list[torch.Tensor], task: int | torch.Tensor) -> torch.Tensor:
-        """The decoder on the backbone's features (never recomputed: see the class docstring)."""
-        return self.decoder(features[0], features[-1], task)
+        """The decoder on the backbone's features (never recomputed: see the class docstring;
+        its blocks' batch-norm outputs rebuilt as the kept stages' are)."""
+        with rebuilt_norm.rebuild_norms(self._rebuilds()):
+            return self.decoder(features[0], features[-1], task)
 
     def _features(self, x: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
         return self._decode(self._encode(x, [], task, 0), task)

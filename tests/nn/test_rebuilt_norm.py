@@ -218,3 +218,42 @@ def test_retained_graph_backward_twice():
     (second,) = torch.autograd.grad(out, xi, grad_out)
     torch.testing.assert_close(first, gx0)
     torch.testing.assert_close(second, gx0)
+
+
+@pytest.mark.parametrize("task_bn", [True, False])
+def test_task_sequential_block(task_bn):
+    """A decoder block (conv, batch norm, ReLU, task SE in a TaskSequential): the ReLU output
+    that the SE saves is rebuilt; a block ending in its ReLU keeps it (nothing would read it
+    in the block's context)."""
+    from mtlfast.backbones._blocks import TaskSequential
+    from mtlfast.nn import TaskSE
+
+    torch.manual_seed(0)
+    norm = TaskBatchNorm2d(8, 3) if task_bn else nn.BatchNorm2d(8)
+    block = TaskSequential(nn.Conv2d(4, 8, 3, padding=1, bias=False), norm, nn.ReLU(), TaskSE(8, 3))
+    block = _randomised(block).double().train()
+    x = torch.randn(2, 4, 16, 16, dtype=torch.float64)
+    grad_out = torch.randn(2, 8, 16, 16, dtype=torch.float64)
+    results, kept = [], {}
+    for rebuild in (False, True):
+        b = copy.deepcopy(block)
+        xi = x.clone().requires_grad_()
+        with mtlfast.profiling.memory("cpu") as m, rebuild_norms(rebuild):
+            out = b(xi, 1)
+        kept[rebuild] = m.end_extra_bytes
+        out.backward(grad_out)
+        results.append(
+            (xi.grad, {n: p.grad for n, p in b.named_parameters() if p.grad is not None})
+        )
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for name, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], g, msg=name)
+    assert kept[False] - kept[True] == pytest.approx(2 * 8 * 16 * 16 * 8, rel=0.05)
+    short = TaskSequential(nn.Conv2d(4, 8, 1), nn.BatchNorm2d(8), nn.ReLU()).train()
+    xs = torch.randn(2, 4, 8, 8, requires_grad=True)
+    saved = {}
+    for rebuild in (False, True):
+        with mtlfast.profiling.memory("cpu") as m, rebuild_norms(rebuild):
+            short(xs)
+        saved[rebuild] = (m.saved_bytes, m.saved_tensors)
+    assert saved[True] == saved[False]  # the ReLU output is kept and counted alike
