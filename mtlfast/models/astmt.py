@@ -279,24 +279,26 @@ class ASTMT(MultiTaskModel):
     outputs) the two of its four stages above the output stride. The decoder is never
     recomputed: it is the first part the backward reaches, so its activations are alive at
     that moment whether kept or recomputed, and recomputing it cost time (about 10% of the
-    step) for no lower peak. At 256x256, batch 4, five tasks, the release's network with
-    adapters, 2 threads, against the release's per-task passes (476 MiB; a 2-core EPYC, one
-    process, the sides alternating; ``benchmarks/astmt_kept_stages.py``,
-    ``benchmarks/results/README.md``): the default keeps 365 MiB (0.77x) at 0.91-0.99x the
-    release's step in four runs, 0.95-0.98x the step of the default before the rebuilt batch
-    norms (``recompute_stages=3, rebuild_norms=False``, 369 MiB); rebuilding costs a block
-    1-2% of its forward and backward (``recompute_stages=2, rebuild_norms=False``: 425 MiB,
-    0.89x). ``recompute_stages=3`` 333 MiB (0.70x) at about the old default's time;
-    ``recompute_stages=5`` (all) 285 MiB (0.60x) at about 1.1x the release's step;
-    ``recompute_stages=0`` 537 MiB (1.13x) without rebuilt batch norms, its step 0.82x the
-    release's on a Xeon (naive, all T graphs at once: 1.9 GiB). Of the all-stages peak 119 MiB
+    step) for no lower peak; its blocks rebuild their batch-norm outputs as the kept stages'
+    do. At 256x256, batch 4, five tasks, the release's network with adapters, 2 threads,
+    against the release's per-task passes (476 MiB; a 2-core EPYC, one process, the sides
+    alternating; ``benchmarks/astmt_kept_stages.py``, ``benchmarks/results/README.md``): the
+    default keeps 355 MiB (0.75x) at 0.91-0.99x the release's step in five runs, 0.95-0.98x
+    the step of the default before the rebuilt batch norms (``recompute_stages=3,
+    rebuild_norms=False``, 369 MiB); rebuilding costs a block 1-2% of its forward and backward
+    (``recompute_stages=2, rebuild_norms=False``: 425 MiB, 0.89x). ``recompute_stages=3``
+    323 MiB (0.68x) at about the old default's time; ``recompute_stages=5`` (all)
+    275 MiB (0.58x) at 1.1x the release's step; ``recompute_stages=0`` 537 MiB (1.13x)
+    without rebuilt batch norms, its step 0.82x the release's on a Xeon (naive, all T graphs
+    at once: 1.9 GiB). Of the all-stages peak (285 MiB without rebuilt batch norms) 119 MiB
     are the gradients of all 31.27M parameters and 72 MiB the blocks' kept inputs; the rest is
-    a pass's decoder and loss at the start of its backward. What the peak was before (oneDNN's buffers for
-    dilated weight gradients, up to 81 MiB, and cross-entropy's three maps) is gone: the ASPP's
-    rates 12 and 18 skip the taps that read padding (:func:`mtlfast.ops.atrous_conv2d`), the
-    other dilated convolutions back-propagate over their phases undilated, the loss keeps one
-    map, and task SE keeps its output for the ReLU's mask, not the residual (a projection
-    shortcut's batch-norm output, kept by nothing else: 8 MiB in layer4, 4 in layer3).
+    a pass's decoder and loss at the start of its backward. What the peak was before (oneDNN's
+    buffers for dilated weight gradients, up to 81 MiB, and cross-entropy's three maps) is
+    gone: the ASPP's rates 12 and 18 skip the taps that read padding
+    (:func:`mtlfast.ops.atrous_conv2d`), the other dilated convolutions back-propagate over
+    their phases undilated, the loss keeps one map, and task SE keeps its output for the ReLU's
+    mask, not the residual (a projection shortcut's batch-norm output, kept by nothing else:
+    8 MiB in layer4, 4 in layer3).
 
     Shapes: x (N, 3, H, W); task int or (N,); outputs (N, C_t, H, W).
     """
