@@ -50,6 +50,7 @@ PUBLIC = {
         "TaskBatchNorm2d",
         "TaskSE",
         "WinogradConv2d",
+        "rebuild_norms",
         "use_fast_batch_norm",
         "use_winograd",
     ],

@@ -4,6 +4,7 @@ from .adapters import ResidualAdapter
 from .batch_norm import BatchNorm2d, use_fast_batch_norm
 from .distillation import MultiModalDistillation
 from .max_pool import MaxPool2d
+from .rebuilt_norm import rebuild_norms
 from .skip_fusion import SkipScoreFusion
 from .task_norm import TaskBatchNorm2d
 from .task_se import TaskSE
@@ -18,6 +19,7 @@ __all__ = [
     "TaskBatchNorm2d",
     "TaskSE",
     "WinogradConv2d",
+    "rebuild_norms",
     "use_fast_batch_norm",
     "use_winograd",
 ]

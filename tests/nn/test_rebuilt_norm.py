@@ -257,3 +257,29 @@ def test_task_sequential_block(task_bn):
             short(xs)
         saved[rebuild] = (m.saved_bytes, m.saved_tensors)
     assert saved[True] == saved[False]  # the ReLU output is kept and counted alike
+
+
+@pytest.mark.parametrize("name", ["resnet18", "se_resnet26"])
+def test_public_context_on_a_backbone(name):
+    """``mtlfast.nn.rebuild_norms`` around a whole backbone's forward: the same gradients and
+    running statistics (float64), less kept for backward."""
+    import mtlfast.nn
+    from mtlfast.backbones import create_backbone
+
+    torch.manual_seed(0)
+    net = create_backbone(name, width=0.25, output_stride=16).double().train()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    results, kept = [], {}
+    for rebuild in (False, True):
+        b = copy.deepcopy(net)
+        with mtlfast.profiling.memory("cpu") as m, mtlfast.nn.rebuild_norms(rebuild):
+            features = b(x)
+        kept[rebuild] = m.end_extra_bytes
+        sum(f.square().mean() for f in features).backward()
+        grads = {n: p.grad for n, p in b.named_parameters()}
+        results.append((grads, {n: t.clone() for n, t in b.named_buffers()}))
+    for name_, g in results[0][0].items():
+        torch.testing.assert_close(results[1][0][name_], g, msg=name_)
+    for name_, t in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name_], t, msg=name_)
+    assert kept[True] < 0.85 * kept[False]
