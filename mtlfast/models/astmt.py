@@ -469,8 +469,9 @@ class ASTMT(MultiTaskModel):
 
     def _rebuilds(self) -> bool:
         """Whether the stages not recomputed rebuild their batch-norm outputs in backward
-        (:attr:`rebuild_norms`, under the recompute strategy; :func:`_run_stage`)."""
-        return self.rebuild_norms and self._recomputes()
+        (:func:`_run_stage`): with :attr:`rebuild_norms`, under the recompute strategy or a
+        caller's :func:`mtlfast.nn.rebuild_norms`; never without."""
+        return self.rebuild_norms and (self._recomputes() or rebuilt_norm.rebuilding_norms())
 
     def _encode(
         self, x: torch.Tensor, features: list[torch.Tensor], task: int | torch.Tensor, start: int

@@ -283,3 +283,22 @@ def test_public_context_on_a_backbone(name):
     for name_, t in results[0][1].items():
         torch.testing.assert_close(results[1][1][name_], t, msg=name_)
     assert kept[True] < 0.85 * kept[False]
+
+
+def test_astmt_follows_the_callers_context_unless_told_not_to():
+    """Under plain autograd ASTMT rebuilds inside a caller's rebuild_norms() (and not outside
+    it); ``rebuild_norms=False`` keeps the maps even inside it."""
+    from mtlfast.models import ASTMT
+
+    torch.manual_seed(0)
+    model = ASTMT(["semseg", "normals"], width=0.125, head_channels=16, adapters=True).train()
+    x = torch.randn(2, 3, 64, 64)
+    kept = {}
+    for flag, context in ((True, False), (True, True), (False, True)):
+        model.rebuild_norms = flag
+        with mtlfast.profiling.memory("cpu") as m, rebuild_norms(context):
+            out = model(x, 1)
+        kept[flag, context] = m.end_extra_bytes, m.saved_bytes
+        del out
+    assert kept[True, True][0] < 0.9 * kept[True, False][0]
+    assert kept[False, True][1] == kept[True, False][1]  # the same saved (end: a first call's)
