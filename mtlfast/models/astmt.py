@@ -251,11 +251,11 @@ class ASTMT(MultiTaskModel):
             stages (the stem counts as one: five for the SE-ResNets) are recomputed block by
             block in backward; None: for a ResNet the stem and layer1 (2 of 5), for a
             MobileNetV2 those that end above the output stride (2 of 4).
-        rebuild_norms: under the recompute strategy, whether the ResNet blocks of the other
-            stages rebuild their batch-norm outputs in backward
-            (:func:`mtlfast.nn.rebuilt_norm.norm_rebuilt`) rather than keep them. Neither is a
-            network option: the outputs and gradients are the same (to float rounding) for
-            every value, only time and memory differ (below).
+        rebuild_norms: whether the ResNet blocks of the other stages and the decoder's
+            blocks rebuild their batch-norm outputs in backward rather than keep them, under
+            the recompute strategy or inside a caller's :func:`mtlfast.nn.rebuild_norms`
+            (False: never). Neither is a network option: the outputs and gradients are the
+            same (to float rounding) for every value, only time and memory differ (below).
 
     Under :func:`mtlfast.engine.multi_branch_step`, ``multi_branch_step(*model.engine_branches(),
     ...)`` runs the shared stages (:attr:`trunk`: the stem of a modulated encoder) once, then
