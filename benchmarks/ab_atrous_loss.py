@@ -64,6 +64,7 @@ def main(argv=None) -> int:
     fmt = bm.shipped_memory_format(args.model)
     trainer = bm.make_trainer(model, "recompute", opts.threads, opts.lr, "fp32", fmt)
     batch = bm.make_batch(opts.batch, opts.size)
+    fmt = bm.settle_layout(trainer, batch)  # "auto": both sides in the layout it chose
 
     def old():
         with _old():

@@ -77,6 +77,7 @@ from mtlfast.models.release_mtinet import RELEASE_TASK_NAMES as MTI_RELEASE_NAME
 from mtlfast.models.release_mtinet import load_release_checkpoint as load_mtinet_release
 from mtlfast.ops import use_backend
 from mtlfast.train import Trainer, load_config
+from mtlfast.train.config import TrainConfig
 
 PASCAL_TASKS = ["semseg", "parts", "saliency", "normals", "edge"]
 PASCAL_OUT = {"semseg": 21, "parts": 7, "saliency": 1, "normals": 3, "edge": 1}
@@ -119,9 +120,19 @@ SHIPPED_CONFIG = {"mtinet": "mtinet_pascal", "padnet": "padnet_pascal", "astmt":
 
 
 def shipped_memory_format(name: str) -> str:
-    """``train.memory_format`` of ``name``'s shipped config ("contiguous" without one)."""
+    """``train.memory_format`` of ``name``'s shipped config (the trainer's default, "auto",
+    without one)."""
     config = SHIPPED_CONFIG.get(name)
-    return load_config(config).train.memory_format if config else "contiguous"
+    return load_config(config).train.memory_format if config else TrainConfig.memory_format
+
+
+def settle_layout(trainer: Trainer, batch: dict) -> str:
+    """Runs ``trainer``'s ``train.memory_format: auto`` trial to its end on ``batch`` (eight
+    training steps, untimed here; none for a fixed layout) and returns the layout its steps
+    use from then on: timings taken after it are the run's steady state."""
+    while trainer._layout_trial is not False:
+        trainer.train_step(batch)
+    return "channels_last" if trainer.memory_format == torch.channels_last else "contiguous"
 
 
 def make_trainer(
@@ -344,23 +355,26 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[t] - b[t]).abs().max()) for t in PASCAL_TASKS)
 
 
+def _in_layout(batch: dict, trainer: Trainer) -> dict:
+    """``batch`` with its images in the layout of ``trainer``'s model (as its evaluation feeds them)."""
+    return {**batch, "image": batch["image"].contiguous(memory_format=trainer.memory_format)}
+
+
 def measure(name: str, args, batch) -> dict:
     ours, release, kind, names, note = build(name, args)
-    fmt = shipped_memory_format(name)
-    trainer = make_trainer(ours, "recompute", args.threads, args.lr, args.precision, fmt)
-    naive = make_trainer(copy.deepcopy(ours), "naive", args.threads, args.lr, args.precision, fmt)
-    # mtlfast's inference gets its images as the trainer's evaluation feeds them (its training
-    # step converts them itself); the release-style side always gets the plain batch
-    ours_batch = batch
-    if fmt == "channels_last":
-        ours_batch = {
-            **batch,
-            "image": batch["image"].contiguous(memory_format=torch.channels_last),
-        }
+    configured = shipped_memory_format(name)
+    naive_model = copy.deepcopy(ours)
+    trainer = make_trainer(ours, "recompute", args.threads, args.lr, args.precision, configured)
     side = ReleaseSide(release, names, kind, trainer.loss_fns, trainer.weights, args.lr)
     params = sum(p.numel() for p in ours.parameters())
     release_params = sum(p.numel() for p in release.parameters())
-    diff = _max_diff(_infer_ours(ours, ours_batch), side.infer(batch))  # same network, same weights
+    # same network, same weights: before the layout trial's steps train mtlfast's copy
+    diff = _max_diff(_infer_ours(ours, _in_layout(batch, trainer)), side.infer(batch))
+    fmt = settle_layout(trainer, batch)  # "auto": the layout the trainer's trial chose
+    naive = make_trainer(naive_model, "naive", args.threads, args.lr, args.precision, fmt)
+    # mtlfast's inference gets its images as the trainer's evaluation feeds them (its training
+    # step converts them itself); the release-style side always gets the plain batch
+    ours_batch = _in_layout(batch, trainer)
 
     least = None  # ASTMT: every encoder stage recomputed (its default recomputes the stem, layer1)
     if kind == "astmt":
@@ -430,6 +444,8 @@ def measure(name: str, args, batch) -> dict:
         "parameters": params,
         "release_parameters": release_params,
         "memory_format_mtlfast": fmt,
+        "memory_format_config": configured,
+        "memory_format_trial_s": trainer.layout_times,
         "max_abs_diff_eval_outputs": diff,
         "step_s": {k: v for k, v in step_times.items()},
         "step_s_median": {k: med(v) for k, v in step_times.items()},

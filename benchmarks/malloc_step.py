@@ -73,6 +73,7 @@ def _child(args) -> dict:
         trainer = bm.make_trainer(
             ours, "recompute", args.threads, 1e-3, memory_format=fmt, keep_freed_memory=kept
         )
+        bm.settle_layout(trainer, batch)  # "auto": the trial's steps before the measured ones
         step = lambda: trainer.train_step(batch)
         applied = trainer.kept_freed_memory
     elif args.side == "authors":

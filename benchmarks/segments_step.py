@@ -67,9 +67,12 @@ def main(argv=None) -> int:
     model = bm.build(args.model, opts)[0]
     fmt = bm.shipped_memory_format(args.model)
     batch = bm.make_batch(opts.batch, opts.size)
-    trainers = {
-        s: _trainer(copy.deepcopy(model), s, opts.threads, opts.lr, fmt) for s in args.segments
-    }
+    first, *rest = args.segments
+    trainers = {first: _trainer(copy.deepcopy(model), first, opts.threads, opts.lr, fmt)}
+    fmt = bm.settle_layout(trainers[first], batch)  # "auto": every side in the chosen layout
+    trainers.update(
+        {s: _trainer(copy.deepcopy(model), s, opts.threads, opts.lr, fmt) for s in rest}
+    )
     fns = {s: (lambda t=t: t.train_step(batch)) for s, t in trainers.items()}
     load_before = bm._cpu_load()
     times = _alternate(fns, args.rounds, 1)

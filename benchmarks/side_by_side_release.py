@@ -90,11 +90,13 @@ from benchmarks.bench_models import (
     PASCAL_TASKS,
     ReleaseSide,
     _git_commit,
+    _in_layout,
     _infer_ours,
     _other_processes,
     _peak_mib,
     make_batch,
     make_trainer,
+    settle_layout,
     shipped_memory_format,
 )
 from benchmarks.bench_trainer import _alternate, _cpu_load
@@ -466,14 +468,10 @@ def measure(name: str, args, batch, roots) -> dict:
     loadavg_before = _loadavg()
     ours, release, authors, own, names, state = build(name, roots, batch, args.lr)
     kind = name
-    fmt = shipped_memory_format(name)  # the model's shipped config's train.memory_format
-    trainer = make_trainer(ours, "recompute", args.threads, args.lr, memory_format=fmt)
-    ours_batch = batch  # mtlfast's inference gets its images as the trainer's evaluation does
-    if fmt == "channels_last":
-        ours_batch = {
-            **batch,
-            "image": batch["image"].contiguous(memory_format=torch.channels_last),
-        }
+    configured = shipped_memory_format(name)  # the model's shipped config's train.memory_format
+    trainer = make_trainer(ours, "recompute", args.threads, args.lr, memory_format=configured)
+    # mtlfast's inference gets its images as the trainer's evaluation does
+    ours_batch = _in_layout(batch, trainer)
     release_side = ReleaseSide(release, names, kind, trainer.loss_fns, trainer.weights, args.lr)
     authors_side = ReleaseSide(authors, names, kind, trainer.loss_fns, trainer.weights, args.lr)
 
@@ -488,6 +486,8 @@ def measure(name: str, args, batch, roots) -> dict:
         "state_dict_tensors": len(state),
     }
     print(f"[{name}] equivalence {json.dumps(equivalence)}", flush=True)
+    fmt = settle_layout(trainer, batch)  # "auto": the trial's steps, before any timing
+    ours_batch = _in_layout(batch, trainer)
     params = {
         "authors": sum(p.numel() for p in authors.parameters()),
         "release_style": sum(p.numel() for p in release.parameters()),
@@ -529,6 +529,9 @@ def measure(name: str, args, batch, roots) -> dict:
         return statistics.median([x / y for x, y in zip(times[a], times[b])])
 
     return {
+        "memory_format_mtlfast": fmt,
+        "memory_format_config": configured,
+        "memory_format_trial_s": trainer.layout_times,
         "parameters": params,
         "equivalence_max_abs_diff_eval": equivalence,
         "step_s": step,

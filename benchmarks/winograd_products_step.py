@@ -33,6 +33,7 @@ from benchmarks.bench_models import (
     build,
     make_batch,
     make_trainer,
+    settle_layout,
     shipped_memory_format,
 )
 from benchmarks.bench_trainer import _alternate
@@ -44,6 +45,7 @@ def measure(name: str, args, batch: dict) -> dict:
     model = build(name, args)[0]
     fmt = shipped_memory_format(name)
     trainer = make_trainer(model, "recompute", args.threads, args.lr, "fp32", fmt, "winograd")
+    fmt = settle_layout(trainer, batch)  # "auto": both sides in the layout it chose
 
     def step(side: str):
         wc._onednn_linear = SIDES[side]

@@ -145,12 +145,18 @@ class TrainConfig:
     ``segments``: the memory engine's trunk segments in recompute mode (None: the model's
     ``engine_segments``, 2 for MTI-Net and UberNet, else ``round(sqrt(L))``).
     ``memory_format``: the layout of the model's 4-d weights and of every batch's images, in
-    training and evaluation: "contiguous" (NCHW) or "channels_last" (NHWC); checkpoints load in
-    either. The default stays "contiguous" because channels-last paid for only half of the models
-    (benchmarks/channels_last_step.py, PASCAL's five tasks at 256x256, batch 4, 2 threads, this
-    2-core EPYC, median step time channels-last / NCHW): MTI-Net 0.86x, UberNet 0.76x, but
-    PAD-Net 1.09x and ASTMT 1.08x (rounds of both on either side of 1); and it is unmeasured on
-    CUDA. MTI-Net's shipped configs set it; set it for UberNet on a CPU too.
+    training and evaluation: "contiguous" (NCHW), "channels_last" (NHWC) or "auto" (default):
+    the first 8 steps of the process alternate between the two, after one untimed step in
+    each, and the layout whose best of three timed steps is faster (channels-last by at least
+    3%) stays for the rest of the run (``mtlfast/train/_layout.py``; the choice and its times
+    are printed and written to results.json). Which layout wins depends on the machine and the
+    model (benchmarks/channels_last_step.py, PASCAL's five tasks at 256x256, batch 4, 2
+    threads, median step time channels-last / NCHW: on a 2-core Zen 5 EPYC MTI-Net 0.86x,
+    ASTMT 0.89x, PAD-Net 0.90x, UberNet 0.89x; on an AVX2 EPYC UberNet 1.10x). The layouts
+    train the same network to float rounding, so the trial's steps are training steps; a run
+    with fewer than 20 steps to go, or ``deterministic``, stays contiguous without measuring,
+    and a resumed run measures again (bitwise resumption needs a fixed layout). Several
+    processes (torchrun) all take rank 0's choice. Checkpoints load in either layout.
     ``conv_algorithm``: "winograd" computes the model's 3x3 stride-1 convolutions of at least
     128 channels on maps of at least 16x16, and the distillation's, by Winograd's F(4x4, 3x3) on
     a CPU in fp32 (:func:`mtlfast.nn.use_winograd`): a quarter of the multiplications, results
@@ -186,7 +192,7 @@ class TrainConfig:
     sync_bn: bool = False
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
     dist_timeout: float = 600.0
-    memory_format: Literal["contiguous", "channels_last"] = "contiguous"
+    memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
     conv_algorithm: Literal["auto", "winograd", "direct"] = "auto"
     keep_freed_memory: bool = True
 

@@ -29,6 +29,7 @@ from ..ops import set_winograd_autotune, winograd_autotune_choices
 from . import checkpoint as ckpt
 from . import distributed as _distributed
 from ._auxiliary import front_end_only
+from ._layout import MIN_STEPS, NAMES, LayoutTrial, to_memory_format
 from ._runtime import Runtime
 from .config import Config, config_to_dict, load_config
 from .data import batch_to, build_datasets, eval_loader, train_loader
@@ -41,7 +42,12 @@ from .runlog import RunLog, draw_plots
 __all__ = ["NonFiniteLossError", "Trainer", "build_model", "default_threads"]
 
 _PRECISION = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-_MEMORY_FORMAT = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+# "auto" starts contiguous; the first steps choose (_layout.py)
+_MEMORY_FORMAT = {
+    "contiguous": torch.contiguous_format,
+    "channels_last": torch.channels_last,
+    "auto": torch.contiguous_format,
+}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -101,16 +107,6 @@ def build_model(config: Config) -> nn.Module:
         )
     except TypeError as e:  # an option the model's constructor does not take
         raise ValueError(f"model.options: {e}") from None
-
-
-def _to_memory_format(model: nn.Module, memory_format: torch.memory_format) -> None:
-    """The model's 4-d parameters and buffers in ``memory_format``, in place (the same
-    Parameter objects). Not ``model.to(memory_format=...)``, which takes 5-d tensors too and
-    refuses channels-last for them (ASTMT's stacked per-task adapter kernels)."""
-    with torch.no_grad():
-        for t in (*model.parameters(), *model.buffers()):
-            if t.dim() == 4 and not t.is_contiguous(memory_format=memory_format):
-                t.data = t.data.contiguous(memory_format=memory_format)
 
 
 def _peak_memory_bytes(device: torch.device) -> int:
@@ -188,7 +184,13 @@ class Trainer:
         self.model = (model if model is not None else build_model(config)).to(self.device)
         # the layout of the 4-d weights, kept by the optimiser's state and every batch's images
         self.memory_format = _MEMORY_FORMAT[tc.memory_format]
-        _to_memory_format(self.model, self.memory_format)
+        to_memory_format(self.model, self.memory_format)
+        # "auto": the trial of the first steps, set up by the first train_step (a resumed run
+        # knows its remaining steps only then); False once settled
+        self._layout_trial: LayoutTrial | bool | None = (
+            None if tc.memory_format == "auto" and not tc.deterministic else False
+        )
+        self.layout_times: dict[str, list[float]] | None = None
         use_winograd(self.model, tc.conv_algorithm != "direct")
         # "auto": the first step measures the Winograd shapes; said once, after it
         self._autotune_untold = tc.conv_algorithm == "auto" and not tc.deterministic
@@ -320,10 +322,42 @@ class Trainer:
         backward, gradient clipping, the optimiser and schedule steps. A step whose loss or
         gradient is not finite is not applied (``train.nonfinite``): parameters, buffers and
         optimiser state stay as they were, and the event is counted with the tasks responsible.
+        With ``train.memory_format: auto`` the first steps of the process (8 of them) alternate
+        between the layouts and are timed; then the faster layout stays (:attr:`memory_format`).
 
         Returns the engine's :class:`mtlfast.engine.StepResult` (losses unweighted, total
         unscaled).
         """
+        trial = self._layout_trial
+        if trial is None:  # "auto" and the first step of this process
+            left = self.config.train.max_steps - self.step
+            trial = self._layout_trial = LayoutTrial(self.device) if left >= MIN_STEPS else False
+        if not trial:
+            return self._train_step(batch)
+        self._set_memory_format(trial.next_format())
+        trial.start()
+        result = self._train_step(batch)
+        if trial.stop():
+            self._settle_layout(trial)
+        return result
+
+    def _set_memory_format(self, memory_format: torch.memory_format) -> None:
+        if memory_format != self.memory_format:
+            to_memory_format(self.model, memory_format, self.optimizer)
+            self.memory_format = memory_format
+
+    def _settle_layout(self, trial: LayoutTrial) -> None:
+        """The trial is over: the layout every rank trains in from now on (rank 0's choice)."""
+        if self.runtime.world_size > 1:
+            flag = torch.tensor([float(trial.choice == torch.channels_last)], device=self.device)
+            _distributed._broadcast([flag])
+            trial.decide(torch.channels_last if flag.item() else torch.contiguous_format)
+        self._set_memory_format(trial.choice)
+        self.layout_times = trial.times
+        self._layout_trial = False
+        self.runtime.print(trial.summary())
+
+    def _train_step(self, batch: dict) -> StepResult:
         tc = self.config.train
         batch = self._formatted(batch_to(batch, self.device))
         self.model.train()
@@ -821,6 +855,9 @@ class Trainer:
             "device": str(self.device),
             "threads": torch.get_num_threads(),
             "kept_freed_memory": self.kept_freed_memory,
+            "memory_format": NAMES[self.memory_format],
+            # train.memory_format auto: the timed steps of each layout that chose it
+            "memory_format_trial_s": self.layout_times,
             "nonfinite": self.nonfinite,
         }
 
