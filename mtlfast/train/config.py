@@ -150,9 +150,9 @@ class TrainConfig:
     each, and the layout whose best of three timed steps is faster (channels-last by at least
     3%) stays for the rest of the run (``mtlfast/train/_layout.py``; the choice and its times
     are printed and written to results.json). Which layout wins depends on the machine and the
-    model (benchmarks/channels_last_step.py, PASCAL's five tasks at 256x256, batch 4, 2
-    threads, median step time channels-last / NCHW: on a 2-core Zen 5 EPYC MTI-Net 0.86x,
-    ASTMT 0.89x, PAD-Net 0.90x, UberNet 0.89x; on an AVX2 EPYC UberNet 1.10x). The layouts
+    model (benchmarks/results/README.md: on a 2-core Zen 5 EPYC at 256x256, batch 4, the trial
+    keeps channels-last for MTI-Net, best step 0.73x of NCHW's, and UberNet, 0.92x, and finds
+    ASTMT and PAD-Net level; on an AVX2 EPYC UberNet's channels-last step was 1.10x). The layouts
     train the same network to float rounding, so the trial's steps are training steps; a run
     with fewer than 20 steps to go, or ``deterministic``, stays contiguous without measuring,
     and a resumed run measures again (bitwise resumption needs a fixed layout). Several
