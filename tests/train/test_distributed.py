@@ -178,6 +178,34 @@ def task_bn_case(rank: int | None, world: int) -> dict:
     }
 
 
+def layout_case(rank: int, world: int) -> str:
+    """``train.memory_format: auto`` on ``world`` ranks whose clocks disagree: on rank 0
+    channels-last steps take half the time, on the others twice; every rank must train in rank
+    0's choice. Returns the layout this rank trains in after the trial."""
+    from mtlfast.train import _layout
+
+    clock = {"t": 0.0}
+    _layout._now = lambda: clock["t"]
+    config = tiny_config(f"data.batch_size={B}", "train.max_steps=20", "train.eval_every=0")
+    trainer = Trainer(config)
+    loader = train_loader(config, trainer.train_set, rank=rank, world_size=world)
+    for _, batch in zip(range(8), loader):
+        channels_last = trainer._layout_trial.next_format() if trainer._layout_trial else None
+        step = trainer._train_step
+
+        def timed(b, step=step, cl=channels_last == torch.channels_last):
+            out = step(b)
+            clock["t"] += (0.5 if rank == 0 else 2.0) if cl else 1.0
+            return out
+
+        trainer._train_step = timed
+        trainer.train_step(batch)
+        del trainer._train_step
+    assert trainer._layout_trial is False
+    _layout._now = time.perf_counter
+    return "channels_last" if trainer.memory_format == torch.channels_last else "contiguous"
+
+
 def _state(trainer) -> dict:
     """The model's state and its procedure's modules' (ASTMT's discriminator)."""
     state = {k: v.clone() for k, v in trainer.model.state_dict().items()}
@@ -190,13 +218,14 @@ def _state(trainer) -> dict:
 WORKER = """
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
-from tests.train.test_distributed import CASES, _state, run_case, task_bn_case
+from tests.train.test_distributed import CASES, _state, layout_case, run_case, task_bn_case
 from mtlfast.train import distributed
 from mtlfast.train.cli import main
 out = sys.argv[2]
 distributed.init_distributed(timeout_s=60)
 rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
 torch.save(task_bn_case(rank, world), f"{out}/task_bn-{rank}.pt")
+json.dump(layout_case(rank, world), open(f"{out}/layout-{rank}.json", "w"))
 for case in CASES:
     trainer, before, losses = run_case(*case, rank, world)
     name = f"{out}/{'-'.join(map(str, case))}-{rank}"
@@ -365,6 +394,12 @@ def _children_with_rank(pid: int, rank: int) -> int | None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc")
+def test_two_ranks_take_rank_0s_layout(two_ranks):
+    """The memory-format trial's timings differ between the ranks; rank 0 decides for all."""
+    chosen = [json.loads((two_ranks / f"layout-{r}.json").read_text()) for r in range(2)]
+    assert chosen == ["channels_last", "channels_last"]
+
+
 def test_killed_rank_fails_the_job_and_resume_continues_bitwise(two_ranks, tmp_path):
     config = two_ranks / "run.yaml"
     run = tmp_path / "run"
