@@ -92,11 +92,18 @@ def test_gradcheck_and_double_backward():
 
 def test_autocast_bfloat16_close_to_conv2d():
     x, w = torch.randn(2, 16, 16, 16), torch.randn(8, 16, 3, 3)
+    xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+    xb, wb = x.clone().requires_grad_(), w.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = atrous_conv2d(x, w, 12)
-        want = _aten(x, w, 12)
+        got = atrous_conv2d(xa, wa, 12)
+        want = _aten(xb, wb, 12)
     assert got.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), atol=0.25, rtol=2e-2)
+    got.float().sum().backward()
+    want.float().sum().backward()
+    for a, b in ((xa, xb), (wa, wb)):  # the gradients arrive in the leaves' float32
+        assert a.grad.dtype == torch.float32
+        torch.testing.assert_close(a.grad, b.grad, atol=0.25, rtol=2e-2)
 
 
 def test_weight_not_kept_for_backward():
@@ -124,3 +131,25 @@ def test_weight_not_kept_for_backward():
 def test_bad_input(args, match):
     with pytest.raises(ValueError, match=match):
         atrous_conv2d(*args)
+
+
+def test_backward_keeps_x_layout_and_equals_the_composite():
+    """The taps' backward (one gradient of x, in x's layout, and one of the weight) against
+    autograd over the same taps in plain ops, which torch.func transforms take."""
+    torch.manual_seed(0)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 6, 16, 16, dtype=torch.float64).contiguous(memory_format=fmt)
+        w = torch.randn(4, 6, 3, 3, dtype=torch.float64)
+        b = torch.randn(4, dtype=torch.float64)
+        g = torch.randn(2, 4, 16, 16, dtype=torch.float64)
+        xa, wa, ba = (t.clone().requires_grad_() for t in (x, w, b))
+        atrous_conv2d(xa, wa, 12, ba).backward(g)
+        assert xa.grad.is_contiguous(memory_format=fmt)
+
+        def loss(x, w, b, g=g):
+            return (atrous_conv2d(x, w, 12, b) * g).sum()
+
+        # torch.func wraps the tensors: atrous_conv2d runs the composite under it
+        want = torch.func.grad(loss, argnums=(0, 1, 2))(x, w, b)
+        for got, ref in zip((xa.grad, wa.grad, ba.grad), want):
+            torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
