@@ -24,6 +24,14 @@ one process, ``--threads`` torch threads:
 * inference: an eval-mode forward under ``torch.no_grad`` (ASTMT: mtlfast's inference
   ``forward_all``, one task pass after the other, against the release's T single-task forwards).
 
+mtlfast's trainer takes the ``train.memory_format`` of the model's shipped PASCAL config (the
+trainer's default, ``auto``, for every model now): before anything is timed (and after the two
+sides' eval outputs are compared on the same weights) its layout trial runs to its end on the
+benchmark's batch (:func:`settle_layout`: eight training steps alternating NCHW and
+channels-last), and its other trainers and its inference take the layout it chose; the JSON
+records the choice (``memory_format_mtlfast``) and the trial's step times. The release-style
+side stays NCHW, as the releases are.
+
 Time: ``--rounds`` (3) rounds of one step per side, the sides alternating
 (``bench_trainer._alternate``), after one untimed step each; ``--time-naive`` also times the naive
 strategy (its memory is always measured). Peak memory: ``mtlfast.profiling.memory("cpu")`` around one step
