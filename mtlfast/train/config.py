@@ -151,8 +151,9 @@ class TrainConfig:
     3%) stays for the rest of the run (``mtlfast/train/_layout.py``; the choice and its times
     are printed and written to results.json). Which layout wins depends on the machine and the
     model (benchmarks/results/README.md: on a 2-core Zen 5 EPYC at 256x256, batch 4, the trial
-    keeps channels-last for MTI-Net, best step 0.73x of NCHW's, and UberNet, 0.92x, and finds
-    ASTMT and PAD-Net level; on an AVX2 EPYC UberNet's channels-last step was 1.10x). The layouts
+    keeps channels-last for MTI-Net, best step 0.73-0.74x of NCHW's, and UberNet, 0.88-0.92x,
+    NCHW for ASTMT, 0.99-1.00x, and PAD-Net goes either way, 0.95-0.99x; on an AVX2 EPYC
+    UberNet's channels-last step was 1.10x). The layouts
     train the same network to float rounding, so the trial's steps are training steps; a run
     with fewer than 20 steps to go, or ``deterministic``, stays contiguous without measuring,
     and a resumed run measures again (bitwise resumption needs a fixed layout). Several
