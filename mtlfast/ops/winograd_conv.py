@@ -65,20 +65,34 @@ def _gg(dtype: torch.dtype) -> torch.Tensor:
     return torch.kron(g, g).to(dtype)
 
 
-# Each range of tiles' transformed buffers (its 36 positions' blocks together) and each group of
-# weight tiles stays under this size, so that glibc serves them from its heap, reused from one call
-# to the next, rather than mapping (and the kernel zeroing) fresh pages for every buffer of 32 MiB
-# or more (see benchmarks/malloc_env.py). Ranges of 32 and 64 MiB (fewer, longer GEMM calls) made
-# PAD-Net's step no faster (7.8 and 8.0 s against 7.9 s, 2-core EPYC).
-_CHUNK_BYTES = 16 << 20
+# One tensor of the op's buffers (a group's weight tiles; a range's tiles and products where one
+# ``torch.bmm`` takes them) stays under glibc's 32 MiB ceiling for mapping a block afresh, 1 MiB
+# spare for the allocator's alignment, so that glibc serves it from its heap, reused from one call
+# to the next, rather than mapping (and the kernel zeroing) fresh pages on every call (see
+# benchmarks/malloc_env.py): a (512, 512) kernel's 36 MiB of tiles in one tensor were mapped in
+# afresh on every call, 10 ms of page faults on a (4, 512, 16, 16) convolution of 20.
+_TENSOR_BYTES = 31 << 20
+
+# Where oneDNN takes the products, a range's 36 blocks are allocated apart (each 1/36 of the
+# range), so that ceiling does not bound it and the range is bounded by the op's transient memory
+# alone: longer ranges are fewer, longer matrix products and fewer partial weight gradients to
+# add. Forward and backward on a 2-core EPYC (Zen 5; 2 threads, median of 5 alternating): ranges
+# of 64 MiB (with groups under 31 MiB) against 16 MiB (with groups under 16 MiB) took 0.68-0.78x
+# the time of 256 -> 512 channels at 64x64 (PAD-Net's distillation), 0.84-0.88x of 512 -> 512 at
+# 32x32, 0.86-0.94x of 128 -> 128 at 128x128 and 256 -> 256 at 64x64; 128 and 256 MiB gained at
+# most 0.04 more.
+_RANGE_BYTES = 64 << 20
 
 
-def _chunks(x: torch.Tensor, channels: int) -> list[tuple[int, int]]:
-    """(first, count) ranges of whole tile rows covering x's N * ceil(H/4) * ceil(W/4) tiles."""
+def _chunks(x: torch.Tensor, channels: int, batched: bool) -> list[tuple[int, int]]:
+    """(first, count) ranges of whole tile rows covering x's N * ceil(H/4) * ceil(W/4) tiles, each
+    range's tiles of ``channels`` channels under :data:`_RANGE_BYTES` (under
+    :data:`_TENSOR_BYTES` where they are one tensor, ``batched``)."""
     th, tw = -(-x.shape[2] // 4), -(-x.shape[3] // 4)
     rows = x.shape[0] * th
     row_bytes = 36 * channels * tw * x.element_size()
-    pieces = max(1, min(rows, -(-rows * row_bytes // _CHUNK_BYTES)))
+    bound = _TENSOR_BYTES if batched else _RANGE_BYTES
+    pieces = max(1, min(rows, -(-rows * row_bytes // bound)))
     per = -(-rows // pieces)
     return [(r * tw, (min(rows, r + per) - r) * tw) for r in range(0, rows, per)]
 
@@ -97,10 +111,9 @@ def _parts(blocks) -> list[torch.Tensor] | tuple[torch.Tensor, ...]:
 
 
 def _groups(k: int, c: int, itemsize: int) -> list[tuple[int, int]]:
-    """[a, b) ranges of output channels whose weight tiles (36, b - a, C_in) stay under
-    :data:`_CHUNK_BYTES`: a (512, 512) kernel's 38 MiB of tiles in one tensor were mapped in
-    afresh on every call, 10 ms of page faults on a (4, 512, 16, 16) convolution of 20."""
-    per = max(1, _CHUNK_BYTES // (36 * c * itemsize))
+    """[a, b) ranges of output channels whose weight tiles (36, b - a, C_in), one tensor, stay
+    under :data:`_TENSOR_BYTES`."""
+    per = max(1, _TENSOR_BYTES // (36 * c * itemsize))
     size = -(-k // -(-k // per))
     return [(a, min(k, a + size)) for a in range(0, k, size)]
 
@@ -174,7 +187,7 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     bias = None if bias is None else bias.contiguous()
     out = _out_like(x, k)
     batched = _batched(x.dtype)
-    for first, count in _chunks(x, max(c, max(b - a for a, b in groups))):
+    for first, count in _chunks(x, max(c, max(b - a for a, b in groups)), batched):
         tiles = _blocks(x, count, c, batched)
         torch.ops.mtlfast_C.winograd_input(x, first, _parts(tiles))
         for (a, b), u in zip(groups, weight_tiles):
@@ -215,7 +228,7 @@ def _backward_impl(
     grad_x = _out_like(x, c).zero_()
     grad_weight_tiles = [u.new_zeros(u.shape) for u in weight_tiles]
     batched = _batched(x.dtype)
-    for first, count in _chunks(x, max(c, k)):
+    for first, count in _chunks(x, max(c, k), batched):
         grad_tiles, input_tiles = [], None  # the latter: the gradient at the transformed input
         for (a, b), u in zip(groups, weight_tiles):
             g = _blocks(grad, count, b - a, batched)

@@ -85,8 +85,11 @@ def test_cpu_chunks_of_tile_rows_and_channel_groups_match_one_chunk(
     x = make((2, 6, 10, 11), dtype, layout).requires_grad_()
     w = torch.randn(5, 6, 3, 3, dtype=dtype, requires_grad=True)
     b = torch.randn(5, dtype=dtype, requires_grad=True)
-    monkeypatch.setattr(wc, "_CHUNK_BYTES", rows * 36 * 6 * 3 * size)
-    assert len(wc._chunks(x, 6)) == -(-6 // rows)
+    bound = rows * 36 * 6 * 3 * size
+    monkeypatch.setattr(wc, "_RANGE_BYTES", bound)
+    monkeypatch.setattr(wc, "_TENSOR_BYTES", bound)
+    batched = wc._batched(dtype)
+    assert len(wc._chunks(x, 6, batched)) == -(-6 // rows)
     assert len(wc._groups(5, 6, size)) == (2 if rows == 1 else 1)
     got = wc._winograd(x, w, b)
     grads = torch.autograd.grad(got, (x, w, b), torch.ones_like(got))
@@ -292,3 +295,14 @@ def test_cpu_double_backward_by_aten():
     w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(wc._winograd, (x, w, b))
+
+
+def test_cpu_ranges_of_blocks_apart_take_the_range_bound(monkeypatch):
+    """oneDNN's path allocates a range's 36 blocks apart: its ranges follow _RANGE_BYTES; one
+    torch.bmm tensor (fp64) follows the one-tensor bound _TENSOR_BYTES."""
+    x = torch.zeros(2, 6, 10, 11)
+    row = 36 * 6 * 3 * 4
+    monkeypatch.setattr(wc, "_RANGE_BYTES", 6 * row)
+    monkeypatch.setattr(wc, "_TENSOR_BYTES", row)
+    assert wc._chunks(x, 6, batched=False) == [(0, 18)]
+    assert len(wc._chunks(x, 6, batched=True)) == 6
