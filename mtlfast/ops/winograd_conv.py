@@ -23,7 +23,8 @@ So below :data:`MIN_CHANNELS` input or output channels, on maps under 16x16, for
 under ``use_backend("reference")``, under CPU autocast and without the compiled extension, the
 call is ``F.conv2d``. Where it pays between those bounds depends on the CPU: on a 2-core EPYC
 (Zen 5, AVX512) 256 -> 256 at 64x64 took 0.58-0.63x of oneDNN's time, 512 -> 512 at 32x32
-0.78-0.92x, but at 16x16 1.26-1.34x and 128 -> 128 at 32x32 1.6-1.7x (two runs).
+0.78-0.92x, but at 16x16 1.26-1.34x and 128 -> 128 at 32x32 1.6-1.7x (two runs); with the
+longer ranges of :data:`_RANGE_BYTES` 0.48x, 0.69x, 1.26x and 1.21x (one run).
 :func:`set_winograd_autotune` (the trainer's
 ``conv_algorithm: auto``) measures each shape on its first call instead of following the rule.
 
