@@ -3,7 +3,7 @@ the faster one.
 
 Whether channels-last (NHWC) pays depends on the CPU or GPU, the network and what mtlfast's ops
 do in each layout: on a 2-core Zen 5 EPYC MTI-Net's step was 0.73x of NCHW's and UberNet's
-0.88-0.92x, ASTMT's level and PAD-Net's near it (0.95-0.99x in the trial, 0.85-1.04x from one
+0.88-0.92x, ASTMT's level and PAD-Net's near it (best steps 0.95-0.99x in session 18's trials, 0.85-1.04x from one
 comparison to the next); on an AVX2 EPYC UberNet's was 1.10x. No rule of thumb covers that,
 so, like ``cudnn.benchmark`` for a convolution and ``train.conv_algorithm: auto`` for a
 Winograd shape, the run measures: its own training steps, which give the same results in either
@@ -24,10 +24,14 @@ CONTIGUOUS, CHANNELS_LAST = torch.contiguous_format, torch.channels_last
 NAMES = {CONTIGUOUS: "contiguous", CHANNELS_LAST: "channels_last"}
 
 # Timed steps per layout. Whole steps on a shared 2-core host move by 10-20% from one to the
-# next; the best of three survived the slow phases that a single step did not.
+# next, and the host's speed drifts over a trial (UberNet's steps 6.2 -> 4.9 s over three
+# rounds): each round's two adjacent steps are compared, and the median of the three ratios
+# decides. The best step of each layout (session 18's rule) flipped UberNet's choice in two of
+# five runs on a 2-core Zen 5 EPYC where the median of the rounds' ratios kept channels-last in
+# all five (0.90-0.94x; its in-process comparison: 0.89x).
 ROUNDS = 3
-# Channels-last is kept only when its best step is under this fraction of the contiguous one's:
-# in a near tie NCHW stays, the layout every op and the releases were written for.
+# Channels-last is kept only when the median of the rounds' ratios (channels-last / contiguous)
+# is under this: in a near tie NCHW stays, the layout every op and the releases were written for.
 MARGIN = 0.97
 # A run with fewer steps to go than this is not worth the trial (tests, smoke runs): contiguous.
 MIN_STEPS = 20
@@ -72,8 +76,9 @@ class LayoutTrial:
     Schedule (``ROUNDS`` = 3): one untimed step in each layout (each layout's first step builds
     oneDNN's primitives for it and runs Winograd's autotune on its shapes), then rounds of one
     step in each, the order alternating (channels-last first, then contiguous first, ...) so
-    that a drift of the machine's speed falls on both. Channels-last is chosen when its best
-    step is under ``MARGIN`` (0.97) times the contiguous one's best.
+    that a drift of the machine's speed falls on both. Channels-last is chosen when the median
+    over the rounds of its step's time over the contiguous step's of the same round is under
+    ``MARGIN`` (0.97).
 
     Args:
         device: where the steps run (CUDA steps are synchronised before each reading).
@@ -120,23 +125,31 @@ class LayoutTrial:
         self._done += 1
         if self._done < len(self.schedule):
             return False
-        best = {k: min(v) for k, v in self.times.items()}
-        faster = best["channels_last"] < MARGIN * best["contiguous"]
-        self.choice = CHANNELS_LAST if faster else CONTIGUOUS
+        self.choice = CHANNELS_LAST if self.ratio() < MARGIN else CONTIGUOUS
         return True
+
+    def ratio(self) -> float:
+        """The median over the timed rounds of channels-last's step time over contiguous's in the
+        same round (the two steps of a round run one after the other)."""
+        ratios = sorted(
+            cl / nchw
+            for cl, nchw in zip(self.times[NAMES[CHANNELS_LAST]], self.times[NAMES[CONTIGUOUS]])
+        )
+        mid = len(ratios) // 2
+        return ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
 
     def decide(self, choice: torch.memory_format) -> None:
         """Ends the trial with ``choice`` (e.g. rank 0's, so that every rank trains alike)."""
         self.choice = choice
 
     def summary(self) -> str:
-        """One line: the choice and the best step times it rests on."""
-        best = {k: min(v) for k, v in self.times.items() if v}
-        if len(best) < 2:
+        """One line: the choice and the times it rests on."""
+        rounds = min(len(v) for v in self.times.values())
+        if rounds == 0:
             return f"memory_format auto: {NAMES[self.choice]}"
-        ratio = best["channels_last"] / best["contiguous"]
+        best = {k: min(v) for k, v in self.times.items()}
         return (
-            f"memory_format auto: {NAMES[self.choice]} (best of {len(self.times['contiguous'])} "
-            f"steps each: channels-last {best['channels_last']:.3g} s, contiguous "
-            f"{best['contiguous']:.3g} s, {ratio:.2f}x)"
+            f"memory_format auto: {NAMES[self.choice]} (channels-last / contiguous, median of "
+            f"{rounds} rounds: {self.ratio():.2f}x; best steps: channels-last "
+            f"{best['channels_last']:.3g} s, contiguous {best['contiguous']:.3g} s)"
         )

@@ -147,13 +147,13 @@ class TrainConfig:
     ``memory_format``: the layout of the model's 4-d weights and of every batch's images, in
     training and evaluation: "contiguous" (NCHW), "channels_last" (NHWC) or "auto" (default):
     the first 8 steps of the process alternate between the two, after one untimed step in
-    each, and the layout whose best of three timed steps is faster (channels-last by at least
-    3%) stays for the rest of the run (``mtlfast/train/_layout.py``; the choice and its times
-    are printed and written to results.json). Which layout wins depends on the machine and the
-    model (benchmarks/results/README.md: on a 2-core Zen 5 EPYC at 256x256, batch 4, the trial
-    keeps channels-last for MTI-Net, best step 0.73-0.74x of NCHW's, and UberNet, 0.88-0.92x,
-    NCHW for ASTMT, 0.99-1.00x, and PAD-Net goes either way, 0.95-0.99x; on an AVX2 EPYC
-    UberNet's channels-last step was 1.10x). The layouts
+    each, and the layout that is faster in the median of three rounds of one timed step each
+    (channels-last by at least 3%) stays for the rest of the run (``mtlfast/train/_layout.py``;
+    the choice and its times are printed and written to results.json). Which layout wins
+    depends on the machine and the model (benchmarks/results/README.md: on a 2-core Zen 5 EPYC
+    at 256x256, batch 4, channels-last for MTI-Net, 0.81-0.86x of NCHW's step in the trial, and
+    UberNet, 0.90-0.94x, NCHW for ASTMT, 0.99-1.06x, and PAD-Net either way, 0.89-1.03x; on an
+    AVX2 EPYC UberNet's channels-last step was 1.10x). The layouts
     train the same network to float rounding, so the trial's steps are training steps; a run
     with fewer than 20 steps to go, or ``deterministic``, stays contiguous without measuring,
     and a resumed run measures again (bitwise resumption needs a fixed layout). Several
