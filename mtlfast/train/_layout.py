@@ -4,9 +4,9 @@ the faster one.
 Whether channels-last (NHWC) pays depends on the CPU or GPU, the network and what mtlfast's ops
 do in each layout: on a 2-core Zen 5 EPYC MTI-Net's step was 0.73x of NCHW's and UberNet's
 0.88-0.92x, ASTMT's level and PAD-Net's near it (best steps 0.95-0.99x in session 18's trials,
-0.85-1.04x from one comparison to the next); on an AVX2 EPYC UberNet's was 1.10x. No rule of thumb covers that,
-so, like ``cudnn.benchmark`` for a convolution and ``train.conv_algorithm: auto`` for a
-Winograd shape, the run measures: its own training steps, which give the same results in either
+0.85-1.04x from one comparison to the next); on an AVX2 EPYC UberNet's was 1.10x. No rule of
+thumb covers that, so, like ``cudnn.benchmark`` for a convolution and ``train.conv_algorithm:
+auto`` for a Winograd shape, the run measures: its own training steps, which give the same results in either
 layout (to float rounding), so the trial costs no extra steps, only those of it that run in
 the slower layout.
 """
