@@ -17,6 +17,11 @@ PASCAL loss weights, SGD momentum 0.9, w_d 0.1, one process on ``--threads`` thr
   stem once, each task's pass forward and backward in turn, one step) and ``batched`` (the T
   passes stacked into one graph, one step).
 
+``--malloc kept`` (the default) applies :func:`mtlfast.train.keep_freed_memory` first, as the
+trainer does on the CPU (``train.keep_freed_memory``), for every side alike: without it each
+tensor of 32 MiB or more is mapped and faulted in afresh on every step, which the batched side,
+whose maps are T times larger, pays most (``--malloc system`` measures that).
+
 ``--strategy recompute`` (or ``naive``) runs mtlfast's sides inside the memory engine's strategy,
 as the trainer does with ``train.strategy`` (recompute, its default: the blocks of the first
 ``ASTMT.recompute_stages`` encoder stages recomputed in backward); "none" (the default here)
@@ -53,6 +58,7 @@ from benchmarks.release_models import RELEASE_TASKS, ReleaseNet
 from mtlfast.engine._context import running
 from mtlfast.losses import PASCAL_WEIGHTS, for_task
 from mtlfast.models import ASTMT, load_release_checkpoint, release_options
+from mtlfast.train import keep_freed_memory
 from mtlfast.train.procedures import ASTMTProcedure
 
 OURS_TO_RELEASE = {
@@ -145,9 +151,11 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--sides", default="release,task_passes,sequential,batched")
     ap.add_argument("--strategy", choices=("none", "naive", "recompute"), default="none")
+    ap.add_argument("--malloc", choices=("kept", "system"), default="kept")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    malloc_kept = keep_freed_memory() if args.malloc == "kept" else False
     load_before = _cpu_load()
     torch.manual_seed(0)
     release = ReleaseNet(RELEASE_TASKS, adapt=True, dscr=True).train()
@@ -204,6 +212,8 @@ def main(argv=None) -> int:
         "threads": args.threads,
         "tasks": len(OURS_TO_RELEASE),
         "strategy": args.strategy,
+        "malloc": args.malloc,
+        "keep_freed_memory_applied": malloc_kept,
         "recompute_stages": ours.recompute_stages,
         "step_s": times,
         "step_s_median": median,

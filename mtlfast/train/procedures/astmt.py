@@ -70,7 +70,12 @@ class ASTMTProcedure(Procedure):
             without encoder modulation) run once, then each task's pass runs forward and
             backward in turn and is freed before the next; "batched": the T passes stacked into
             one (the fused per-sample ops, as :meth:`ASTMT.forward_all`): one graph holding T
-            passes' activations. With ``updates="task"`` each pass runs the whole network.
+            passes' activations, on a 2-core CPU 1.18x slower than the T passes (the README;
+            nothing after the stem is shared, so the convolutions do the same work). Its maps
+            are T times larger: in a loop of your own, call
+            :func:`mtlfast.train.keep_freed_memory` as the trainer does, or each map over
+            32 MiB is faulted in afresh every step (2x slower). With ``updates="task"`` each
+            pass runs the whole network.
         task_lr_multiplier: multiplies the learning rate of the task-specific parameters (heads
             and the stacked per-task rows: task SE, task batch norm, adapters) by this factor
             (appendix: the shared layers' rate is divided by T; the release: ``--lr_tsk`` = T
