@@ -5,9 +5,26 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import _extension
+from ..ops._dispatch import runs_directly
+from ..ops.backends import current_backend
 from ._labeled import IGNORE, safe_mean, select_labeled, zero_loss
 
 __all__ = ["cross_entropy_loss"]
+
+
+def _kernels(x: torch.Tensor) -> bool:
+    """Whether the C++ kernels take ``x``: float32/float64 NCHW or channels-last logits on the
+    CPU, in plain eager code (under torch.compile, modes, tensor subclasses or
+    ``use_backend("reference")`` the aten formula runs)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+        and current_backend() != "reference"
+        and runs_directly(x)
+        and _extension.has_extension()
+    )
 
 
 class _SoftmaxCrossEntropySum(torch.autograd.Function):
@@ -17,9 +34,15 @@ class _SoftmaxCrossEntropySum(torch.autograd.Function):
     through a dense gradient map of each: three maps of the logits' size alive at once (63 MiB
     for 21 classes at 256x256, batch 4: ASTMT's training peak was at this backward). Here the
     logits are kept and backward writes ``(softmax(x) - onehot(target)) * valid * grad`` into one
-    map: two alive. With ``create_graph`` (ASTMT's adversarial term) the same formula runs in
-    differentiable ops, out of place, so the gradient is differentiable again. Reduced precision
-    logits are computed in float32, as autocast runs aten's.
+    map: two alive. On the CPU (float32/float64, NCHW or channels-last) C++ kernels
+    (``csrc/cpu/softmax_xent_kernel.h``) compute each pixel's log-sum-exp and loss in one pass
+    over the logits, kept for backward with the log-sum-exp, and the gradient in one more: at
+    (4, 21, 256, 256) on a 2-core EPYC forward and backward 16.3 -> 7.6 ms NCHW and
+    27.7 -> 8.4 ms channels-last, where aten's reductions over the channels are slow. Elsewhere
+    the same formula runs in aten's ops (logsumexp, then softmax in backward). With
+    ``create_graph`` (ASTMT's adversarial term) the formula runs in differentiable ops, out of
+    place, so the gradient is differentiable again. Reduced precision logits are computed in
+    float32, as autocast runs aten's.
 
     Shapes: x (N, C, H, W); target (N, H, W) int64, ``ignore_index`` or in [0, C). Returns a
     0-dim tensor of x's dtype promoted to at least float32.
@@ -27,16 +50,29 @@ class _SoftmaxCrossEntropySum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        ctx.ignore_index = ignore_index
+        if _kernels(x):
+            target = target.contiguous()
+            lse, nll = torch.ops.mtlfast_C.softmax_xent_fwd(x, target, ignore_index)
+            ctx.save_for_backward(x, target, lse)
+            return nll.sum()
         valid = target != ignore_index
         index = torch.where(valid, target, 0).unsqueeze(1)
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
         nll = torch.logsumexp(xf, 1) - xf.gather(1, index).squeeze(1)
-        ctx.save_for_backward(x, index, valid)
+        ctx.save_for_backward(x, target, None)
         return torch.where(valid, nll, 0.0).sum()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, index, valid = ctx.saved_tensors
+        x, target, lse = ctx.saved_tensors
+        if lse is not None and not torch.is_grad_enabled() and _kernels(x):
+            out = torch.ops.mtlfast_C.softmax_xent_bwd(
+                x, target, lse, ctx.ignore_index, float(grad)
+            )
+            return out, None, None
+        valid = target != ctx.ignore_index
+        index = torch.where(valid, target, 0).unsqueeze(1)
         p = torch.softmax(x.to(torch.promote_types(x.dtype, torch.float32)), 1)
         scale = (valid.unsqueeze(1) * grad).to(p.dtype)
         minus_one = p.new_full((), -1.0).expand(index.shape)
@@ -83,6 +119,9 @@ def cross_entropy_loss(
         )
     if torch.is_grad_enabled() and prediction.requires_grad:
         total = _SoftmaxCrossEntropySum.apply(prediction, target, ignore_index)
+    elif _kernels(prediction):  # no graph: the forward kernel alone
+        _, nll = torch.ops.mtlfast_C.softmax_xent_fwd(prediction, target.contiguous(), ignore_index)
+        total = nll.sum()
     else:
         total = F.cross_entropy(prediction, target, ignore_index=ignore_index, reduction="sum")
     return safe_mean(total, (target != ignore_index).sum())

@@ -25,6 +25,7 @@ OP_TESTS = (
     "test_attention_distill.py",
     "test_batch_norm.py",
     "test_max_pool.py",
+    "test_softmax_xent.py",
     "test_skip_fusion.py",
     "test_task_se.py",
     "test_winograd_conv.py",
