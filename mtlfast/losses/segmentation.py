@@ -66,7 +66,7 @@ class _SoftmaxCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, target, lse = ctx.saved_tensors
-        if lse is not None and not torch.is_grad_enabled() and _kernels(x):
+        if lse is not None and not torch.is_grad_enabled() and _kernels(x) and runs_directly(grad):
             out = torch.ops.mtlfast_C.softmax_xent_bwd(
                 x, target, lse, ctx.ignore_index, float(grad)
             )
