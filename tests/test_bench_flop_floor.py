@@ -1,0 +1,30 @@
+"""benchmarks/flop_floor.py counts what a step's matrix arithmetic is, Winograd's included."""
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from benchmarks import flop_floor
+from mtlfast._extension import has_extension
+
+
+def test_direct_convolution_counts_forward_and_both_gradients():
+    x = torch.randn(2, 8, 10, 12, requires_grad=True)
+    w = torch.randn(16, 8, 3, 3, requires_grad=True)
+    total, per_op = flop_floor.count(lambda: F.conv2d(x, w, padding=1).sum().backward())
+    forward = 2 * 2 * 16 * 10 * 12 * 8 * 9
+    assert total == pytest.approx(3 * forward / 1e9)
+    assert set(per_op) == {"aten.convolution", "aten.convolution_backward"}
+
+
+@pytest.mark.skipif(not has_extension(), reason="mtlfast._C is not built")
+def test_winograd_convolution_counts_its_36_products():
+    # 18x17: partial tiles count whole, as the op computes them (5 x 5 tiles of 4x4)
+    x = torch.randn(2, 4, 18, 17, requires_grad=True)
+    w = torch.randn(6, 4, 3, 3, requires_grad=True)
+    op = torch.ops.mtlfast.winograd_conv3x3
+    total, per_op = flop_floor.count(lambda: op(x, w, None).sum().backward())
+    products = 2 * 36 * (2 * 5 * 5) * 4 * 6
+    assert per_op["mtlfast.winograd_conv3x3"] == pytest.approx(products / 1e9)
+    assert per_op["mtlfast.winograd_conv3x3_backward"] == pytest.approx(2 * products / 1e9)
+    assert total == pytest.approx(3 * products / 1e9)
