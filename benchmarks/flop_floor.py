@@ -45,7 +45,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 
 import torch
 from torch.nn import functional as F
-from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
+from torch.utils.flop_counter import FlopCounterMode
 
 import mtlfast.ops  # noqa: F401  (registers torch.ops.mtlfast.winograd_conv3x3*)
 from benchmarks import malloc_env
@@ -69,17 +69,21 @@ def _winograd_products(x_shape, w_shape) -> int:
     return 2 * 36 * tiles * c * w_shape[0]
 
 
-# A dispatch mode sees mtlfast's Winograd convolution as one custom op whose insides it does not
-# count: count the arithmetic the op does (the transforms are memory-bound, like aten's
-# elementwise ops, and left out)
-@register_flop_formula(torch.ops.mtlfast.winograd_conv3x3)
-def _winograd_flop(x_shape, w_shape, _bias, out_shape=None, **kwargs) -> int:
+def _winograd_forward(x_shape, w_shape, _bias, out_shape=None, **kwargs) -> int:
     return _winograd_products(x_shape, w_shape)
 
 
-@register_flop_formula(torch.ops.mtlfast.winograd_conv3x3_backward)
-def _winograd_backward_flop(_grad, x_shape, w_shape, _has_bias, out_shape=None, **kwargs) -> int:
+def _winograd_backward(_grad, x_shape, w_shape, _has_bias, out_shape=None, **kwargs) -> int:
     return 2 * _winograd_products(x_shape, w_shape)  # the input's and the weight's gradients
+
+
+# What mtlfast's Winograd convolution really multiplies, in place of the direct convolution's
+# FLOPs that mtlfast counts it as elsewhere (mtlfast.models.summary): the floor is about the
+# arithmetic a step does. The transforms are memory-bound, like aten's elementwise ops, and left out.
+WINOGRAD_PRODUCTS = {
+    torch.ops.mtlfast.winograd_conv3x3: _winograd_forward,
+    torch.ops.mtlfast.winograd_conv3x3_backward: _winograd_backward,
+}
 
 
 def _best_rate(fn, flop: float, rounds: int) -> float:
@@ -110,7 +114,7 @@ def peak_rates(rounds: int) -> dict[str, float]:
 
 def count(fn) -> tuple[float, dict[str, float]]:
     """GFLOP of one call of ``fn``, in all and per aten op."""
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=WINOGRAD_PRODUCTS)
     with counter:
         fn()
     per_op = {str(k): v / 1e9 for k, v in counter.get_flop_counts().get("Global", {}).items()}

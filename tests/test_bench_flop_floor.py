@@ -3,6 +3,7 @@
 import pytest
 import torch
 from torch.nn import functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import flop_floor
 from mtlfast._extension import has_extension
@@ -28,3 +29,18 @@ def test_winograd_convolution_counts_its_36_products():
     assert per_op["mtlfast.winograd_conv3x3"] == pytest.approx(products / 1e9)
     assert per_op["mtlfast.winograd_conv3x3_backward"] == pytest.approx(2 * products / 1e9)
     assert total == pytest.approx(3 * products / 1e9)
+
+
+@pytest.mark.skipif(not has_extension(), reason="mtlfast._C is not built")
+def test_the_library_counts_winograd_as_the_direct_convolution():
+    # mtlfast.models.summary's counting (the benchmark alone counts the products)
+    from mtlfast.ops.winograd_conv import _flop_formulas
+
+    x = torch.randn(2, 4, 18, 17, requires_grad=True)
+    w = torch.randn(6, 4, 3, 3, requires_grad=True)
+    op = torch.ops.mtlfast.winograd_conv3x3
+    counter = FlopCounterMode(display=False, custom_mapping=_flop_formulas())
+    with counter:
+        op(x, w, None).sum().backward()
+    direct = 2 * 2 * 18 * 17 * 4 * 6 * 9
+    assert counter.get_total_flops() == 3 * direct

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..ops.winograd_conv import _flop_formulas as _winograd_flop_formulas
+
 __all__ = ["ModelSummary", "summary"]
 
 
@@ -24,9 +26,11 @@ class ModelSummary:
             batch norm, adapters, distillation).
             ``params_shared + sum(params_per_task.values()) == params_total``.
         macs: multiply-adds of one eval-mode forward pass over all tasks (FlopCounterMode's
-            FLOPs / 2), for the batch in ``input_size``. The fused custom ops (task SE,
-            skip fusion) are not counted: they are elementwise and their small matrices are
-            negligible against the convolutions.
+            FLOPs / 2), for the batch in ``input_size``. A convolution counts as the direct
+            one whatever its algorithm (Winograd's, after :func:`mtlfast.nn.use_winograd` or
+            the trainer, included), so a model's count does not change when it is trained.
+            The fused custom ops (task SE, skip fusion) are not counted: they are elementwise
+            and their small matrices are negligible against the convolutions.
         input_size: (N, 3, H, W).
     """
 
@@ -73,7 +77,8 @@ def summary(model: nn.Module, input_size: Sequence[int]) -> ModelSummary:
         # imported here: torch.utils.flop_counter imports Triton, 0.2 s that `import mtlfast` need not pay
         from torch.utils.flop_counter import FlopCounterMode
 
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        counter = FlopCounterMode(display=False, custom_mapping=_winograd_flop_formulas())
+        with torch.no_grad(), counter:
             getattr(model, "summary_forward", model)(x)
     finally:
         model.train(was_training)

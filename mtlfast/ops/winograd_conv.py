@@ -296,6 +296,31 @@ def _backward(ctx, grad):
 _winograd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _direct_flops(x_shape, w_shape) -> int:
+    """FLOPs of the direct 3x3 'same' convolution that the op computes (2 per multiply-add)."""
+    n, c, h, w = x_shape
+    return 2 * n * h * w * c * w_shape[0] * 9
+
+
+def _flop_formulas() -> dict:
+    """``FlopCounterMode(custom_mapping=...)`` entries for the op and its backward: the direct
+    convolution's FLOPs, as a convolution is counted whatever its algorithm (cuDNN's Winograd
+    alike). A dispatch mode sees the custom op whole and counts nothing of what it calls, so
+    without these :func:`mtlfast.models.summary` would lose every convolution that
+    :func:`mtlfast.nn.use_winograd` (the trainer's default ``conv_algorithm``) switched over."""
+
+    def forward(x_shape, w_shape, _bias, out_shape=None, **kwargs) -> int:
+        return _direct_flops(x_shape, w_shape)
+
+    def backward(_grad, x_shape, w_shape, _has_bias, out_shape=None, **kwargs) -> int:
+        return 2 * _direct_flops(x_shape, w_shape)  # the input's and the weight's gradients
+
+    return {
+        torch.ops.mtlfast.winograd_conv3x3: forward,
+        torch.ops.mtlfast.winograd_conv3x3_backward: backward,
+    }
+
+
 def set_winograd_autotune(enabled: bool) -> bool:
     """Choose between Winograd and ``F.conv2d`` by measuring, per convolution shape (process-wide,
     like ``torch.backends.cudnn.benchmark``); returns the previous setting.

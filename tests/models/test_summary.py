@@ -1,9 +1,12 @@
 """summary: parameter attribution adds up, sizes match known networks."""
 
+import pytest
 from torch import nn
 
+from mtlfast._extension import has_extension
 from mtlfast.backbones import HRNet, ResNet
 from mtlfast.models import MTINet, PADNet, create, summary
+from mtlfast.nn import use_winograd
 
 
 def test_resnet50_baseline_shares_the_encoder():
@@ -74,3 +77,13 @@ def test_padnet_counts_its_decoder_per_task():
         own = _count(d.initial[task], d.initial_out[task], d.final[task])
         assert s.params_per_task[task] == own + _count(d.distillation) // 2, task
     assert s.params_shared == _count(model.backbone, model.fuse)
+
+
+@pytest.mark.skipif(not has_extension(), reason="mtlfast._C is not built")
+def test_multiply_adds_do_not_change_when_convolutions_go_winograd():
+    # the trainer's default conv_algorithm switches eligible layers in place: a summary taken
+    # after building a trainer must still count them (a dispatch mode sees the custom op whole)
+    model = nn.Sequential(nn.Conv2d(3, 128, 3, padding=1), nn.Conv2d(128, 128, 3, padding=1))
+    before = summary(model, (1, 3, 32, 32)).macs
+    assert use_winograd(model) == 1
+    assert summary(model, (1, 3, 32, 32)).macs == before == (3 + 128) * 128 * 9 * 32 * 32
