@@ -363,7 +363,16 @@ def _measured_choice(x: torch.Tensor, weight: torch.Tensor) -> bool:
     key = (*x.shape, weight.shape[0], x.dtype, _format(x), torch.get_num_threads())
     choice = _choices.get(key)
     if choice is None:
-        choice = _choices[key] = _measure(x.detach(), weight.detach())
+        from torch._subclasses.fake_tensor import is_fake
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        if is_fake(x) or is_fake(weight):  # tracing: nothing to time, the fixed rule holds
+            return True
+        # The measurement is no part of the model's computation: a dispatch mode around the
+        # call (FlopCounterMode in mtlfast.models.summary, a profiler's, selective
+        # checkpointing's) must see neither its convolutions nor its own overhead in the timing
+        with _disable_current_modes():
+            choice = _choices[key] = _measure(x.detach(), weight.detach())
     return choice
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn import functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 import mtlfast.ops.winograd_conv as wc
 from mtlfast._extension import has_extension
@@ -173,6 +175,31 @@ def test_autotune_real_measurement_gives_a_choice():
     assert key[:5] == (1, 128, 16, 16, 128) and isinstance(choice, bool)
     want = wc._winograd(x, w, None) if choice else F.conv2d(x, w, padding=1)
     assert torch.equal(got, want)
+
+
+@pytest.mark.usefixtures("autotune")
+def test_autotune_measurement_is_unseen_by_a_dispatch_mode():
+    # a FLOP counter (mtlfast.models.summary) around the first call of a shape counts the call,
+    # not the measurement's convolutions; the choice is measured and kept all the same
+    x = torch.randn(1, 128, 16, 16)
+    w = torch.randn(128, 128, 3, 3) / 30
+    counter = FlopCounterMode(display=False, custom_mapping=wc._flop_formulas())
+    with counter:
+        got = winograd_conv3x3(x, w)
+    assert counter.get_total_flops() == 2 * 16 * 16 * 128 * 128 * 9
+    ((_key, choice),) = wc.winograd_autotune_choices().items()
+    want = wc._winograd(x, w, None) if choice else F.conv2d(x, w, padding=1)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.usefixtures("autotune")
+def test_autotune_takes_the_fixed_rule_on_fake_tensors(monkeypatch):
+    monkeypatch.setattr(wc, "_measure", lambda *a: pytest.fail("measured fake tensors"))
+    with FakeTensorMode():
+        x = torch.empty(1, 128, 16, 16)
+        w = torch.empty(128, 128, 3, 3)
+        assert wc._use_winograd(x, w) is True
+    assert wc.winograd_autotune_choices() == {}
 
 
 def test_autotune_switch_checks_its_argument():
