@@ -104,14 +104,22 @@ class CheckpointedTrunk:
     its graph is kept until the backward, as ``torch.utils.checkpoint.checkpoint_sequential``
     does. That saves its second forward (in a dilated ResNet the last stage is the costliest) at
     the price of holding its activations while the heads run, which does not grow with the
-    number of tasks either.
+    number of tasks either. ``keep_last=False`` recomputes it like the others: for a caller that
+    holds something growing with the tasks while the heads run (a balancer's T branching-point
+    gradients), so that the two are never alive together.
 
     Shapes: images any (N, ...) tensor or tuple of tensors; the representation and anchors whatever
     the modules produce (tensors or tuples of tensors); gradients have the representation's structure.
     """
 
-    def __init__(self, modules: Sequence[nn.Module], bounds: Sequence[tuple[int, int]]) -> None:
+    def __init__(
+        self,
+        modules: Sequence[nn.Module],
+        bounds: Sequence[tuple[int, int]],
+        keep_last: bool = True,
+    ) -> None:
         self.segments = [list(modules[a:b]) for a, b in bounds]
+        self.keep_last = keep_last
         self.anchors: list[Any] = []
         self.replays: list[SegmentReplay | None] = []
         self.needs_grad: list[bool] = []
@@ -131,7 +139,7 @@ class CheckpointedTrunk:
         x = images
         last = len(self.segments) - 1
         for s, seg in enumerate(self.segments):
-            if s == last and s > 0 and self.needs_grad[s]:
+            if s == last and s > 0 and self.keep_last and self.needs_grad[s]:
                 return self._forward_kept(seg, x, self.needs_grad[s - 1])
             with torch.no_grad():
                 replay = SegmentReplay.capture(seg, x)

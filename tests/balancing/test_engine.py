@@ -1,5 +1,7 @@
 """Every method through the engine (recompute and naive) against plain autograd."""
 
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -168,3 +170,36 @@ def test_skipped_tasks_leave_their_weights():
         multi_branch_step(trunk, heads, x, targets, LOSS_FNS, labeled=labeled, balancer=b)
     assert int(b.initial_counts[1]) == 0 and int(b.initial_counts[0]) == 1
     assert abs(sum(b.weights.values()) - 3) < 1e-5
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_gradient_methods_hold_no_trunk_graph_next_to_the_task_gradients(name):
+    """MGDA, PCGrad and CAGrad hold T branching-point gradients while the heads run: the last
+    trunk segment is recomputed for them, so none of its saved tensors is alive then; the other
+    methods keep its graph from the forward (GradNorm needs it)."""
+    trunk, heads = network()
+    x, targets = batch()
+    saved: list[weakref.ref] = []
+
+    class Box:
+        def __init__(self, t):
+            self.t = t
+
+    def pack(t):
+        box = Box(t)
+        saved.append(weakref.ref(box))
+        return box
+
+    alive = []
+
+    def count(_module, _args):
+        alive.append(sum(r() is not None for r in saved))
+
+    handles = [h.register_forward_pre_hook(count) for h in heads.values()]
+    b = balancing.create(name, list(OUTS), **(OPTIONS.get(name) or {}))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.t):
+        multi_branch_step(trunk, heads, x, targets, LOSS_FNS, segments=2, balancer=b)
+    for h in handles:
+        h.remove()
+    assert len(alive) == len(OUTS) and len(set(alive)) == 1
+    assert (alive[0] == 0) == (b.needs == "features")
