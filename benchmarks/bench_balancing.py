@@ -10,7 +10,8 @@ was written on), batch 4, float32, CPU. Implementations:
 * ``engine``: ``multi_branch_step(strategy="recompute", segments=4, balancer=...)``: one branch at
   a time; GradNorm's gradients at its layer W (the last bottleneck's conv3, per filter channel)
   through the last segment's kept graph; MGDA, PCGrad, CAGrad combine the T gradients at the
-  branching point;
+  branching point (for them the last segment is recomputed too, its graph not kept next to
+  those gradients);
 * ``libmtl``: LibMTL's way on plain autograd (the whole graph alive): one backward of the
   weighted sum for the loss-weighting methods; T ``autograd.grad(..., retain_graph=True)`` to the
   representation, then one backward of the combination, for MGDA, PCGrad and CAGrad (LibMTL's
