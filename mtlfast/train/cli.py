@@ -23,6 +23,7 @@ _EPILOG = """examples:
   mtlfast eval runs/demo                  # best.pt of the run, on its validation split
   mtlfast eval runs/demo/checkpoints/last.pt --split train
   mtlfast report runs/demo
+  mtlfast report runs/mtinet runs/padnet --plot compare.png   # runs side by side
 """
 
 
@@ -68,8 +69,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     e.add_argument("--out", help="also write the results to this JSON file")
-    r = sub.add_parser("report", help="print the per-task table of a finished run")
-    r.add_argument("run_dir")
+    r = sub.add_parser(
+        "report",
+        help="print the per-task table of a finished run, or compare several runs side by side",
+    )
+    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    r.add_argument(
+        "--which",
+        choices=["best", "final"],
+        default="best",
+        help="with several runs (or --plot): each run's best evaluation (default) or its final one",
+    )
+    r.add_argument(
+        "--plot", metavar="FILE", help="also draw the runs' metrics, a panel per task (PNG)"
+    )
     sub.add_parser("configs", help="list the shipped configs")
     return p
 
@@ -166,22 +179,55 @@ def _eval(args) -> int:
     return 0
 
 
-def _report(args) -> int:
-    from .evaluate import load_baselines
-    from .report import results_table
-
-    run = Path(args.run_dir)
+def _read_results(run: Path) -> dict:
     try:
-        results = json.loads((run / "results.json").read_text())
+        return json.loads((run / "results.json").read_text())
     except FileNotFoundError:
         raise _UsageError(f"{run} has no results.json (is the run finished?)") from None
-    baselines = None
-    config = run / "config.yaml"
-    if config.is_file():
-        from .config import load_config
+    except json.JSONDecodeError as e:
+        raise _UsageError(f"{run / 'results.json'} is not valid JSON: {e}") from None
 
-        baselines = load_baselines(load_config(config).eval.baselines)
-    print(results_table(results, baselines))
+
+def _run_details(run: Path) -> dict[str, str]:
+    """Model, backbone and balancing of a run, read from its saved config (not validated)."""
+    import yaml
+
+    try:
+        config = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    model = config.get("model") or {}
+    return {
+        "model": str(model.get("name", "-")),
+        "backbone": str(model.get("backbone") or "default"),
+        "balancing": str((config.get("balancing") or {}).get("name", "fixed")),
+    }
+
+
+def _report(args) -> int:
+    from .evaluate import load_baselines
+    from .report import comparison_table, draw_comparison, results_table
+
+    runs = [Path(d) for d in args.run_dirs]
+    seen: dict[Path, str] = {}
+    for run, name in zip(runs, args.run_dirs):
+        if run.resolve() in seen:
+            raise _UsageError(f"run directory {name} is given twice ({seen[run.resolve()]})")
+        seen[run.resolve()] = name
+    results = {name: _read_results(run) for run, name in zip(runs, args.run_dirs)}
+    if len(runs) == 1:
+        baselines = None
+        config = runs[0] / "config.yaml"
+        if config.is_file():
+            from .config import load_config
+
+            baselines = load_baselines(load_config(config).eval.baselines)
+        print(results_table(results[args.run_dirs[0]], baselines))
+    else:
+        details = {name: _run_details(run) for run, name in zip(runs, args.run_dirs)}
+        print(comparison_table(results, args.which, details))
+    if args.plot:
+        print(f"plot: {draw_comparison(results, args.plot, args.which)}")
     return 0
 
 
