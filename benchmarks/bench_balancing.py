@@ -254,6 +254,66 @@ def _ratios(cases: list[dict]) -> dict:
     return out
 
 
+def plot(results: dict, path: str) -> None:
+    """Peak extra memory (MiB, log scale) and step time against T from a results JSON: a colour
+    per method, a line style per implementation; PNG at ``path`` (matplotlib's Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    styles = {"engine": "-", "libmtl": "--", "torchjd": ":"}
+    series: dict[tuple[str, str], list[tuple[int, float, float]]] = {}
+    for c in results["cases"]:
+        if "failed" not in c:
+            series.setdefault((c["impl"], c["method"]), []).append(
+                (c["T"], c["peak_extra_bytes"] / 2**20, c["step_s"])
+            )
+    if not series:
+        raise ValueError("the results hold no case to plot")
+    fig, (mem, sec) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for (impl, method), points in sorted(series.items()):
+        points.sort()
+        ts = [p[0] for p in points]
+        kw = {
+            "color": f"C{METHODS.index(method) % 10}" if method in METHODS else "k",
+            "ls": styles.get(impl, "-."),
+            "marker": "o",
+            "ms": 3,
+        }
+        mem.plot(ts, [p[1] for p in points], **kw)
+        sec.plot(ts, [p[2] for p in points], **kw)
+    for ax, label in (
+        (mem, "peak extra memory of a step (MiB)"),
+        (sec, "step time (s, fastest round)"),
+    ):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(sorted({t for pts in series.values() for t, _, _ in pts}))
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xlabel("tasks T")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+    from matplotlib.lines import Line2D
+
+    methods = sorted({m for _, m in series}, key=lambda m: METHODS.index(m) if m in METHODS else 99)
+    impls = [i for i in styles if any(i == j for j, _ in series)]
+    handles = [
+        Line2D([], [], color=f"C{METHODS.index(m) % 10}" if m in METHODS else "k", label=m)
+        for m in methods
+    ] + [Line2D([], [], color="k", ls=styles[i], label=i) for i in impls]
+    sec.legend(handles=handles, fontsize=7, ncol=2, loc="upper left")
+    setup = results.get("setup", {})
+    fig.suptitle(
+        f"balancing methods: engine (solid), LibMTL's way (dashed), TorchJD (dotted); "
+        f"{setup.get('network', '')}, batch {setup.get('n', '?')} at {setup.get('size', '?')}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8, 16])
@@ -271,6 +331,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--group", nargs=2, metavar=("IMPL", "T"), help=argparse.SUPPRESS)
     p.add_argument(
+        "--plot",
+        metavar="RESULTS",
+        help="instead: plot a results JSON's peaks and step times against T to --out (a PNG)",
+    )
+    p.add_argument(
         "--demo",
         metavar="CONFIG",
         help="instead: the trainer's step on CONFIG, "
@@ -282,6 +347,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     size = (args.size, args.size)
+    if args.plot:
+        plot(json.loads(Path(args.plot).read_text()), args.out)
+        print(f"plot: {args.out}")
+        return
     if args.demo:
         methods = args.methods if args.methods != list(METHODS) else ["fixed", "gradnorm"]
         result = demo(args.demo, methods, args.rounds, args.demo_set)
