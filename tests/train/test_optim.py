@@ -66,3 +66,91 @@ def test_multipliers_longest_prefix_and_norm_decay():
         build_optimizer(model, OptimConfig(lr_multipliers={"head": 2.0}))
     frozen = build_optimizer(model, OptimConfig(lr_multipliers={"backbone": 0.0}))
     assert sum(len(g["params"]) for g in frozen.param_groups) == 4
+
+
+CL = torch.channels_last
+CONFIGS = {
+    "sgd": OptimConfig(name="sgd", lr=0.05, momentum=0.9, weight_decay=1e-2),
+    "nesterov": OptimConfig(name="sgd", lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2),
+    "adam": OptimConfig(name="adam", lr=0.05, weight_decay=1e-2),
+    "adamw": OptimConfig(name="adamw", lr=0.05, weight_decay=1e-2),
+}
+
+
+def _pair(name, **kw):
+    """The same float64 model under the fused optimiser and under torch's loop."""
+    out = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = _model().double()
+        config = OptimConfig(**{**CONFIGS[name].__dict__, "fused": fused, **kw})
+        out.append((model, build_optimizer(model, config)))
+    return out
+
+
+def _grads(model, step, skip=()):
+    g = torch.Generator().manual_seed(step)
+    for n, p in model.named_parameters():
+        p.grad = (
+            None
+            if any(n.startswith(s) for s in skip)
+            else torch.randn(p.shape, generator=g, dtype=p.dtype)
+        )
+
+
+def _assert_same(a, b):
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14, msg=n)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fused_steps_like_the_loop(name):
+    (fm, fo), (lm, lo) = _pair(name)
+    assert fo.defaults.get("fused") and not lo.defaults.get("fused")
+    assert isinstance(fo, type(lo))  # a subclass: schedulers and scalers see torch's class
+    for step in range(4):
+        for m, o in ((fm, fo), (lm, lo)):
+            _grads(m, step)
+            o.step()
+        _assert_same(fm, lm)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fused_with_state_and_gradients_in_another_layout(name):
+    """torch's fused kernels walk memory in order: a channels-last weight with NCHW momentum (its
+    state made before a layout switch, or loaded from the other layout) or an NCHW gradient would
+    be updated with the wrong elements. The steps match the loop's."""
+    (fm, fo), (lm, lo) = _pair(name)
+    for step in range(3):
+        if step == 1:  # the layout trial's switch, after the state exists
+            for m in (fm, lm):
+                m.to(memory_format=CL)
+        for m, o in ((fm, fo), (lm, lo)):
+            _grads(m, step)
+            if step == 2:  # a gradient in the other layout
+                w = m["backbone"][0].weight
+                w.grad = w.grad.contiguous()
+            o.step()
+        _assert_same(fm, lm)
+    w = fm["backbone"][0].weight
+    assert w.is_contiguous(memory_format=CL) and not w.is_contiguous()
+
+
+@pytest.mark.parametrize("name", ["sgd", "nesterov"])
+def test_fused_sgd_with_a_head_first_seen_later(name):
+    """A head with no gradient at the first step (its task absent) starts its momentum at its
+    own first step, next to parameters that have momentum already, as the loop's does."""
+    (fm, fo), (lm, lo) = _pair(name)
+    for step in range(3):
+        for m, o in ((fm, fo), (lm, lo)):
+            _grads(m, step, skip=("heads.a",) if step == 0 else ())
+            o.step()
+        _assert_same(fm, lm)
+
+
+def test_not_fused_when_asked_or_when_a_parameter_cannot_be():
+    opt = build_optimizer(_model(), OptimConfig(name="sgd", fused=False))
+    assert type(opt) is torch.optim.SGD and not opt.defaults.get("fused")
+    model = _model()
+    model["heads"]["a"].weight.data = model["heads"]["a"].weight.data.to(torch.complex64)
+    assert not build_optimizer(model, OptimConfig(name="adam")).defaults.get("fused")
