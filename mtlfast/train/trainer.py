@@ -651,7 +651,12 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
+        # torch restores each group's implementation flags with its hyperparameters: this run's
+        # optim.fused decides, whatever the saved run used
+        kept = {k: self.optimizer.defaults.get(k) for k in ("fused", "foreach")}
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:
+            group.update(kept)
         self.scheduler.load_state_dict(state["scheduler"])
         # the schedule follows this run's config (a resume may change train.max_steps): the saved
         # LRFactor state would otherwise bring the old length back

@@ -154,3 +154,16 @@ def test_not_fused_when_asked_or_when_a_parameter_cannot_be():
     model = _model()
     model["heads"]["a"].weight.data = model["heads"]["a"].weight.data.to(torch.complex64)
     assert not build_optimizer(model, OptimConfig(name="adam")).defaults.get("fused")
+
+
+@pytest.mark.parametrize("saved,resumed", [(True, False), (False, True)])
+def test_a_resumed_run_takes_its_own_optimiser_implementation(saved, resumed):
+    """torch's load_state_dict brings the saved groups' flags back; the run's config decides."""
+    from mtlfast.train import Trainer
+
+    from .helpers import tiny_config
+
+    a = Trainer(tiny_config("optim.name=sgd", f"optim.fused={str(saved).lower()}"))
+    b = Trainer(tiny_config("optim.name=sgd", f"optim.fused={str(resumed).lower()}"))
+    b.load_state_dict(a.state_dict())
+    assert all(bool(g["fused"]) == resumed for g in b.optimizer.param_groups)
