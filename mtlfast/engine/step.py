@@ -322,7 +322,7 @@ def _recompute(modules, bounds, plan, images, result, terms, keep_task_grads, ba
     # A gradient method holds T branching-point gradients until the last head is done: with the
     # last segment recomputed too, they are never alive together with its graph, and the step's
     # peak stays that of the trunk's backward up to a T where the gradients alone outgrow it
-    # (bench_balancing: MGDA's peak 1.30x from T = 2 to 16 with the graph kept, 1.05x without).
+    # (bench_balancing: MGDA's peak 1.30x from T = 2 to 16 with the graph kept, 1.04x without).
     holds_grads = balance is not None and balance.needs == "features"
     trunk = CheckpointedTrunk(modules, bounds, keep_last=not holds_grads)
     leaves, spec = tree_flatten(trunk.forward(images))
