@@ -6,6 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..ops._phases import from_phases, padded_phases, phase_fill
 from ..ops.atrous_conv import _use_taps, atrous_conv2d
 from ..ops.winograd_conv import conv3x3_backward, winograd_conv3x3
 from ._task import check_task
@@ -26,31 +27,12 @@ def _merged(weight: torch.Tensor, adapter: torch.Tensor) -> torch.Tensor:
     return merged
 
 
-def _to_phases(t: torch.Tensor, d: int) -> torch.Tensor:
-    """(N, C, H, W) -> (N*d*d, C, H/d, W/d): the d x d polyphase components as a batch, each
-    sample's (i, j) component its pixels (d*y + i, d*x + j)."""
-    n, c, h, w = t.shape
-    t = t.reshape(n, c, h // d, d, w // d, d).permute(0, 3, 5, 1, 2, 4)
-    return t.reshape(n * d * d, c, h // d, w // d)
-
-
-def _from_phases(t: torch.Tensor, d: int) -> torch.Tensor:
-    """The inverse of :func:`_to_phases`."""
-    nd, c, h, w = t.shape
-    t = t.reshape(nd // (d * d), d, d, c, h, w).permute(0, 3, 4, 1, 5, 2)
-    return t.reshape(nd // (d * d), c, h * d, w * d)
-
-
 def _phased(x: torch.Tensor, stride: int, padding: int, dilation: int, k: int) -> bool:
-    """A 'same' dilated convolution over its dilation x dilation phases: taps d pixels apart on
-    the map are 1 pixel apart within a phase, and the padding is the phases' padding, so the
-    convolution is an undilated one over the phases as a batch. Maps the dilation does not divide
-    are padded with zeros to a multiple of it (read as padding, as the dilated convolution reads
-    them), while that adds at most half the pixels."""
+    """Whether a 'same' dilated convolution runs over its dilation x dilation phases
+    (:mod:`mtlfast.ops._phases`)."""
     if dilation == 1 or stride != 1 or padding != dilation * (k // 2):
         return False
-    h, w = x.shape[-2:]
-    return (h + -h % dilation) * (w + -w % dilation) <= 1.5 * h * w
+    return phase_fill(*x.shape[-2:], dilation) is not None
 
 
 class _MergedConv2d(torch.autograd.Function):
@@ -107,8 +89,8 @@ class _MergedConv2d(torch.autograd.Function):
         phased = _phased(x, stride, padding, dilation, weight.shape[-1])
         if phased:
             h, w = x.shape[-2:]
-            fill = (0, -w % dilation, 0, -h % dilation)
-            x_in, grad_in = (_to_phases(F.pad(t, fill), dilation) for t in (x_in, grad_in))
+            fill = phase_fill(h, w, dilation)
+            x_in, grad_in = (padded_phases(t, dilation, fill) for t in (x_in, grad_in))
             padding, dilation = padding // dilation, 1
         grad_x, grad_merged, _ = torch.ops.aten.convolution_backward(
             grad_in,
@@ -124,7 +106,7 @@ class _MergedConv2d(torch.autograd.Function):
             [need_x, need_w or need_a, False],
         )
         if grad_x is not None and phased:
-            grad_x = _from_phases(grad_x, ctx.options[2])[..., :h, :w]
+            grad_x = from_phases(grad_x, ctx.options[2])[..., :h, :w]
             if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
                 grad_x = grad_x.contiguous(memory_format=torch.channels_last)
         return _merged_grads(x, weight, grad_x, grad_merged, need_w, need_a)

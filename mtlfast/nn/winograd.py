@@ -14,8 +14,10 @@ __all__ = ["WinogradConv2d", "use_winograd"]
 
 
 class WinogradConv2d(nn.Conv2d):
-    """An ``nn.Conv2d`` with a 3x3 kernel, stride 1, padding 1, no dilation or groups, computed
-    by :func:`mtlfast.ops.winograd_conv3x3` (``F.conv2d`` wherever that does not pay: see there).
+    """An ``nn.Conv2d`` with a 3x3 kernel, stride 1, padding equal to its dilation ('same': 1
+    undilated, d for dilation d; the dilation the same along both axes), no groups, computed by
+    :func:`mtlfast.ops.winograd_conv3x3` (``F.conv2d`` wherever that does not pay: see there; a
+    dilated one over its phases).
 
     The same parameters and state dict as ``nn.Conv2d``; the outputs differ from it by the
     transforms' rounding (about 1e-5 of the largest output in fp32).
@@ -27,20 +29,22 @@ class WinogradConv2d(nn.Conv2d):
         super().__init__(*args, **kwargs)
         if not _eligible(self, 1):
             raise ValueError(
-                "WinogradConv2d: needs kernel_size=3, stride=1, padding=1, dilation=1, groups=1 and "
+                "WinogradConv2d: needs kernel_size=3, stride=1, padding=dilation (or 'same') with "
+                "the same dilation along both axes, groups=1 and "
                 f"padding_mode='zeros', got {self.extra_repr()}"
             )
 
     def forward(self, input: Tensor) -> Tensor:
-        return winograd_conv3x3(input, self.weight, self.bias)
+        return winograd_conv3x3(input, self.weight, self.bias, dilation=self.dilation[0])
 
 
 def _eligible(conv: nn.Conv2d, min_channels: int) -> bool:
+    d = conv.dilation[0]
     return (
         conv.kernel_size == (3, 3)
         and conv.stride == (1, 1)
-        and conv.padding in ((1, 1), "same")
-        and conv.dilation == (1, 1)
+        and conv.dilation == (d, d)
+        and conv.padding in ((d, d), "same")
         and conv.groups == 1
         and conv.padding_mode == "zeros"
         and not conv.transposed
@@ -49,8 +53,8 @@ def _eligible(conv: nn.Conv2d, min_channels: int) -> bool:
 
 
 def use_winograd(model: nn.Module, enabled: bool = True) -> int:
-    """Switch ``model``'s 3x3 stride-1 convolutions of at least 128 input and output channels
-    to :class:`WinogradConv2d`, and its :class:`MultiModalDistillation` and
+    """Switch ``model``'s 3x3 stride-1 'same' convolutions (dilated ones included) of at least
+    128 input and output channels to :class:`WinogradConv2d`, and its :class:`MultiModalDistillation` and
     :class:`ResidualAdapter` layers to Winograd (their ``winograd`` flag), in place
     (``enabled=False`` switches them back). Parameters, state dict and hooks are kept.
 

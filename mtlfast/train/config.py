@@ -164,8 +164,9 @@ class TrainConfig:
     with fewer than 20 steps to go, or ``deterministic``, stays contiguous without measuring,
     and a resumed run measures again (bitwise resumption needs a fixed layout). Several
     processes (torchrun) all take rank 0's choice. Checkpoints load in either layout.
-    ``conv_algorithm``: "winograd" computes the model's 3x3 stride-1 convolutions of at least
-    128 channels on maps of at least 16x16, and the distillation's, by Winograd's F(4x4, 3x3) on
+    ``conv_algorithm``: "winograd" computes the model's 3x3 stride-1 'same' convolutions of at
+    least 128 channels on maps of at least 16x16 (a dilated one over its phases, each at least
+    16x16), and the distillation's, by Winograd's F(4x4, 3x3) on
     a CPU in fp32 (:func:`mtlfast.nn.use_winograd`): a quarter of the multiplications, results
     within about 1e-5 of the direct convolution's largest output; "direct" keeps every
     convolution ``F.conv2d``'s; "auto" (default) switches the same layers but lets each shape

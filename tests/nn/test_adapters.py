@@ -267,8 +267,10 @@ def test_dilated_backward_runs_over_the_phases(monkeypatch):
     from mtlfast.nn import adapters
 
     calls = []
-    real = adapters._to_phases
-    monkeypatch.setattr(adapters, "_to_phases", lambda t, d: calls.append(d) or real(t, d))
+    real = adapters.padded_phases
+    monkeypatch.setattr(
+        adapters, "padded_phases", lambda t, d, fill: calls.append(d) or real(t, d, fill)
+    )
     for layout, fmt in (
         ("contiguous", torch.contiguous_format),
         ("channels_last", torch.channels_last),

@@ -333,3 +333,94 @@ def test_cpu_ranges_of_blocks_apart_take_the_range_bound(monkeypatch):
     monkeypatch.setattr(wc, "_TENSOR_BYTES", row)
     assert wc._chunks(x, 6, batched=False) == [(0, 18)]
     assert len(wc._chunks(x, 6, batched=True)) == 6
+
+
+# ---- dilated: the undilated op over the phases ---------------------------------------------------
+
+# (N, C, H, W), dilation: maps the dilation divides, one it does not (34x33 padded to 34x34), a
+# dilation of 3, channels-last
+DILATED = [((2, 128, 32, 32), 2), ((1, 128, 34, 33), 2), ((1, 128, 48, 51), 3)]
+
+
+@pytest.mark.parametrize("shape,d", DILATED)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_dilated_takes_winograd_over_the_phases(shape, d, layout, bias):
+    """Where the phase maps reach the fixed rule's 16x16, a dilated call runs the op over the
+    phases: within rounding of aten's dilated convolution (not bitwise), gradients too, in x's
+    memory format."""
+    torch.manual_seed(0)
+    x = make(shape, torch.float32, layout).requires_grad_()
+    w = (torch.randn(128, shape[1], 3, 3) / 30).requires_grad_()
+    b = torch.randn(128, requires_grad=True) if bias else None
+    got = winograd_conv3x3(x, w, b, dilation=d)
+    want = F.conv2d(x, w, b, padding=d, dilation=d)
+    _close(got, want, torch.float32)
+    assert not torch.equal(got, want)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert got.is_contiguous(memory_format=fmt)
+    grad = torch.randn_like(want)
+    inputs = (x, w) + ((b,) if bias else ())
+    for g, r in zip(
+        torch.autograd.grad(got, inputs, grad), torch.autograd.grad(want, inputs, grad)
+    ):
+        _close(g, r, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "shape,d",
+    [
+        ((2, 128, 16, 16), 2),  # 8x8 phases: under the fixed rule's 16x16
+        ((1, 128, 33, 30), 2),  # padded to 34x30: 17x15 phases, 255 pixels
+        ((1, 128, 20, 20), 12),  # padded to 24x24: 1.44 times the pixels, but 2x2 phases
+        ((1, 128, 17, 17), 16),  # padding to 32x32 would add more than half the pixels
+        ((1, 127, 32, 32), 2),  # too few channels
+    ],
+)
+def test_dilated_falls_back_to_dilated_conv2d_exactly(shape, d):
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    w = torch.randn(shape[1], shape[1], 3, 3) / 30
+    got = winograd_conv3x3(x, w, dilation=d)
+    assert torch.equal(got, F.conv2d(x, w, padding=d, dilation=d))
+
+
+def test_dilated_gradcheck():
+    torch.manual_seed(0)
+    x = torch.randn(1, 128, 34, 33, dtype=torch.float64, requires_grad=True)
+    w = (torch.randn(128, 128, 3, 3, dtype=torch.float64) / 30).requires_grad_()
+    assert wc._eligible(x, w, pixels=17 * 17)
+    assert torch.autograd.gradcheck(
+        lambda x, w: winograd_conv3x3(x, w, dilation=2), (x, w), fast_mode=True
+    )
+
+
+@pytest.mark.usefixtures("autotune")
+@pytest.mark.parametrize("faster", [False, True])
+def test_autotune_measures_the_phase_batch(monkeypatch, faster):
+    """Under autotune the phase batch is measured (12x12 phases too, under the fixed rule's
+    16x16) and either algorithm runs over the phases; 8x8 phases are never measured."""
+    calls = []
+
+    def measure(x, weight):
+        calls.append(tuple(x.shape))
+        return faster
+
+    monkeypatch.setattr(wc, "_measure", measure)
+    torch.manual_seed(0)
+    x = torch.randn(1, 128, 24, 24)
+    w = torch.randn(128, 128, 3, 3) / 30
+    got = winograd_conv3x3(x, w, dilation=2)
+    winograd_conv3x3(torch.randn(1, 128, 16, 16), w, dilation=2)
+    assert calls == [(4, 128, 12, 12)]
+    want = F.conv2d(x, w, padding=2, dilation=2)
+    _close(got, want, torch.float32)
+    if faster:
+        assert not torch.equal(got, want)
+
+
+def test_dilation_must_be_a_positive_int():
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(2, 4, 3, 3)
+    for bad in (0, -1, 2.0, True, None):
+        with pytest.raises(ValueError, match="dilation must be a positive int"):
+            winograd_conv3x3(x, w, dilation=bad)
