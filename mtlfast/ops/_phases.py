@@ -14,17 +14,29 @@ import torch
 from torch.nn import functional as F
 
 
+def _channels_last(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
 def to_phases(t: torch.Tensor, d: int) -> torch.Tensor:
     """(N, C, H, W), H and W multiples of d -> (N*d*d, C, H/d, W/d): the d x d polyphase
-    components as a batch, each sample's (i, j) component its pixels (d*y + i, d*x + j)."""
+    components as a batch, each sample's (i, j) component its pixels (d*y + i, d*x + j), in t's
+    memory format (channels-last stays channels-last: converting after cost UberNet's conv5 at
+    32x32 20% of its forward and backward)."""
     n, c, h, w = t.shape
+    if _channels_last(t):
+        v = t.permute(0, 2, 3, 1).reshape(n, h // d, d, w // d, d, c).permute(0, 2, 4, 1, 3, 5)
+        return v.reshape(n * d * d, h // d, w // d, c).permute(0, 3, 1, 2)
     t = t.reshape(n, c, h // d, d, w // d, d).permute(0, 3, 5, 1, 2, 4)
     return t.reshape(n * d * d, c, h // d, w // d)
 
 
 def from_phases(t: torch.Tensor, d: int) -> torch.Tensor:
-    """The inverse of :func:`to_phases`."""
+    """The inverse of :func:`to_phases`, in t's memory format."""
     nd, c, h, w = t.shape
+    if _channels_last(t):
+        v = t.permute(0, 2, 3, 1).reshape(nd // (d * d), d, d, h, w, c).permute(0, 3, 1, 4, 2, 5)
+        return v.reshape(nd // (d * d), h * d, w * d, c).permute(0, 3, 1, 2)
     t = t.reshape(nd // (d * d), d, d, c, h, w).permute(0, 3, 4, 1, 5, 2)
     return t.reshape(nd // (d * d), c, h * d, w * d)
 
