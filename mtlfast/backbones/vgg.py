@@ -24,7 +24,10 @@ class VGG16(Backbone):
     4096-wide ones, whose weights therefore do not load (reported as mismatched). DeepLab's dropout
     after fc6 and fc7 is left out: UberNet normalises its skip layers instead. fc6 skips the taps
     that read padding only where its dilation is large against the map
-    (:func:`mtlfast.ops.atrous_conv2d`: the 0.5 scale of a 256x256 image, 16x16 at fc6).
+    (:func:`mtlfast.ops.atrous_conv2d`: the 0.5 scale of a 256x256 image, 16x16 at fc6). conv5_x
+    are plain 'same' ``nn.Conv2d``: :func:`mtlfast.nn.use_winograd` (the trainer's default) runs
+    them by Winograd over their 2 x 2 phases where the maps are large enough (32x32 and, measured,
+    24x24 at 256x256 input).
 
     The features are UberNet's skip layers: conv1_2, conv2_2, conv3_3, conv4_3, conv5_3, fc7
     (after their ReLU), with channels [64, 128, 256, 512, 512, 1024] x width and strides
