@@ -228,7 +228,9 @@ class AtrousResidualAdapter(ResidualAdapter):
     tap (the merged weight, as the parent's, not kept for backward). ``kernel_size`` 1 puts a
     task's 1x1 adapter beside a shared 1x1 convolution (the ASTMT release's decoder adapters);
     an int task then adds the two weights. DeepLab's dilated stages have stride 1, the only case
-    the per-sample path needs beyond the parent's. Where the dilation is large against the map
+    the per-sample path needs beyond the parent's. With ``winograd`` (:func:`mtlfast.nn.use_winograd`)
+    an int task's dilated 3x3 convolution runs by Winograd over its phases where that pays
+    (:func:`mtlfast.ops.winograd_conv3x3`). Where the dilation is large against the map
     (the ASPP's rates 12 and 18 at 16x16), :func:`mtlfast.ops.atrous_conv2d` skips the taps that
     read padding only.
 
@@ -270,7 +272,9 @@ class AtrousResidualAdapter(ResidualAdapter):
         task = check_task("AtrousResidualAdapter", task, x, self.num_tasks)
         opts = {"stride": self.stride, "padding": self.padding, "dilation": self.dilation}
         if isinstance(task, int):
-            return merged_conv2d(x, self.conv.weight, self.adapter_weight[task], **opts)
+            return merged_conv2d(
+                x, self.conv.weight, self.adapter_weight[task], **opts, winograd=self.winograd
+            )
         if self.stride == 1:
             shared = atrous_conv2d(x, self.conv.weight, self.dilation)
         else:

@@ -8,7 +8,12 @@ from torch.nn import functional as F
 
 from ..ops._phases import from_phases, padded_phases, phase_fill
 from ..ops.atrous_conv import _use_taps, atrous_conv2d
-from ..ops.winograd_conv import conv3x3_backward, winograd_conv3x3
+from ..ops.winograd_conv import (
+    _dilated_phases,
+    _winograd_backward,
+    conv3x3_backward,
+    winograd_conv3x3,
+)
 from ._task import check_task
 
 __all__ = ["ResidualAdapter"]
@@ -53,7 +58,7 @@ class _MergedConv2d(torch.autograd.Function):
     def forward(x, weight, adapter, stride, padding, dilation, winograd):
         merged = _merged(weight, adapter)
         if winograd and _winograd_geometry(weight, stride, padding, dilation):
-            return winograd_conv3x3(x, merged)
+            return winograd_conv3x3(x, merged, dilation=dilation)
         return F.conv2d(x, merged, None, stride, padding, dilation)
 
     @staticmethod
@@ -73,14 +78,26 @@ class _MergedConv2d(torch.autograd.Function):
         dtype = grad_out.dtype
         x_in, grad_in = x.to(dtype), grad_out
         # Winograd's backward has no derivative of its own: a create_graph backward takes aten's
-        if (
+        winograd = (
             ctx.winograd
             and not torch.is_grad_enabled()
             and _winograd_geometry(weight, stride, padding, dilation)
-        ):
+        )
+        if winograd and dilation == 1:
             grad_x, grad_merged = conv3x3_backward(
                 grad_out, x_in, merged.to(dtype), need_x, need_w or need_a
             )
+            return _merged_grads(x, weight, grad_x, grad_merged, need_w, need_a)
+        # a dilated one whose forward took Winograd over the phases: its adjoint, over them too
+        plan = _dilated_phases(x_in, merged.to(dtype), dilation) if winograd else None
+        if plan is not None and plan[1]:
+            h, w = x.shape[-2:]
+            grad_in = padded_phases(grad_in, dilation, phase_fill(h, w, dilation))
+            grad_x, grad_merged, _ = _winograd_backward(
+                grad_in.contiguous(), plan[0], merged.to(dtype), False
+            )
+            grad_x = from_phases(grad_x, dilation)[..., :h, :w]
+            grad_x = grad_x.contiguous(memory_format=_memory_format(x))
             return _merged_grads(x, weight, grad_x, grad_merged, need_w, need_a)
         # oneDNN's weight gradient of a dilated convolution takes a large buffer (81 MiB for
         # ASTMT's layer4, (4, 512, 16, 16) at dilation 2, then its training step's peak; 72 MiB
@@ -107,13 +124,18 @@ class _MergedConv2d(torch.autograd.Function):
         )
         if grad_x is not None and phased:
             grad_x = from_phases(grad_x, ctx.options[2])[..., :h, :w]
-            if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-                grad_x = grad_x.contiguous(memory_format=torch.channels_last)
+            grad_x = grad_x.contiguous(memory_format=_memory_format(x))
         return _merged_grads(x, weight, grad_x, grad_merged, need_w, need_a)
 
 
 def _winograd_geometry(weight: torch.Tensor, stride: int, padding: int, dilation: int) -> bool:
-    return weight.shape[-1] == 3 and stride == 1 and padding == 1 and dilation == 1
+    """A 3x3 'same' convolution (dilated ones too: :func:`mtlfast.ops.winograd_conv3x3`)."""
+    return weight.shape[-1] == 3 and stride == 1 and padding == dilation
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
 
 
 def _merged_grads(x, weight, grad_x, grad_merged, need_w, need_a):
@@ -142,8 +164,9 @@ def merged_conv2d(
     winograd: bool = False,
 ) -> torch.Tensor:
     """``conv2d(x, weight + adapter at the centre tap)``, the merged weight not kept for backward.
-    With ``winograd``, a 3x3 stride-1 undilated one runs by :func:`mtlfast.ops.winograd_conv3x3`
-    (forward and backward; a ``create_graph`` backward by aten).
+    With ``winograd``, a 3x3 stride-1 'same' one runs by :func:`mtlfast.ops.winograd_conv3x3`
+    (a dilated one over its phases, where that pays; forward and backward; a ``create_graph``
+    backward by aten).
 
     Shapes: x (N, C_in, H, W); weight (C_out, C_in, k, k), k odd; adapter (C_out, C_in, 1, 1);
     output (N, C_out, H', W') as ``F.conv2d`` gives with these options.

@@ -478,24 +478,35 @@ def winograd_conv3x3(
 
 
 def _dilated(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, d: int):
-    """winograd_conv3x3 with dilation d > 1: over the phases where Winograd may take them (the
-    measurement, under autotune, then picks the algorithm for the phase batch), else aten's
-    dilated convolution."""
+    """winograd_conv3x3 with dilation d > 1 (see :func:`_dilated_phases`)."""
+    plan = _dilated_phases(x, weight, d)
+    if plan is None:
+        return F.conv2d(x, weight, bias, padding=d, dilation=d)
+    phases, winograd = plan
+    out = _winograd(phases, weight, bias) if winograd else F.conv2d(phases, weight, bias, padding=1)
+    h, w = x.shape[-2:]
+    return from_phases(out, d)[..., :h, :w].contiguous(memory_format=_format(x))
+
+
+def _dilated_phases(
+    x: torch.Tensor, weight: torch.Tensor, d: int
+) -> tuple[torch.Tensor, bool] | None:
+    """How a 3x3 'same' convolution of x with dilation d > 1 runs: None, aten's dilated
+    convolution; else (x's phases, padded as :func:`phase_fill` says; whether the Winograd op
+    takes them, by the fixed rule or, under autotune, the phase batch's measurement). Where
+    Winograd does not win a measured phase batch, F.conv2d over the phases runs, which is what
+    the measurement timed (and aten's dilated weight gradient takes a large buffer besides:
+    :mod:`mtlfast.nn.adapters`)."""
     h, w = x.shape[-2:]
     fill = phase_fill(h, w, d)
+    if fill is None:
+        return None
     tuned = _autotune and not torch.compiler.is_compiling()
     min_pixels = _AUTOTUNE_MIN_PHASE_PIXELS if tuned else _MIN_PIXELS
-    if fill is None:
-        return F.conv2d(x, weight, bias, padding=d, dilation=d)
     if not _eligible(x, weight, min_pixels, (h + fill[3]) * (w + fill[1]) // (d * d)):
-        return F.conv2d(x, weight, bias, padding=d, dilation=d)
+        return None
     phases = padded_phases(x, d, fill)
-    if _use_winograd(phases, weight, min_pixels):
-        out = _winograd(phases, weight, bias)
-    else:  # what the measurement timed against; aten's dilated weight gradient takes a large
-        # buffer besides (mtlfast.nn.adapters)
-        out = F.conv2d(phases, weight, bias, padding=1)
-    return from_phases(out, d)[..., :h, :w].contiguous(memory_format=_format(x))
+    return phases, _use_winograd(phases, weight, min_pixels)
 
 
 def conv3x3_backward(

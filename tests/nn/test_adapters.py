@@ -314,3 +314,39 @@ def test_winograd_matches_direct(per_sample):
     gg = torch.autograd.grad(second[0].square().sum(), layer.conv.weight)[0]
     gg_want = torch.autograd.grad(grads_want[0].square().sum(), layer.conv.weight)[0]
     torch.testing.assert_close(gg, gg_want, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("hw", [(32, 32), (34, 33)])
+def test_winograd_dilated_runs_over_the_phases(layout, hw):
+    """A dilated adapter layer with winograd (ASTMT's layer4 at 512x512 input: 32x32 maps,
+    dilation 2) runs F(4x4, 3x3) over its 2 x 2 phases (34x33: padded to 34x34), forward and
+    backward: values and gradients as the direct layer's to fp64 rounding, in x's layout, and a
+    create_graph backward by aten's differentiable one."""
+    if not has_extension():
+        pytest.skip("mtlfast._C is not built")
+    from mtlfast.backbones._blocks import AtrousResidualAdapter
+
+    torch.manual_seed(0)
+    layer = AtrousResidualAdapter(128, 128, 2, dilation=2).double()
+    nn.init.normal_(layer.adapter_weight, std=0.05)
+    x = torch.randn(1, 128, *hw, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    params = [x, layer.conv.weight, layer.adapter_weight]
+    want = layer(x, 1)
+    grads_want = torch.autograd.grad(want.square().sum(), params, create_graph=True)
+    layer.winograd = True
+    got = layer(x, 1)
+    assert not torch.equal(got, want)  # the Winograd path ran
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    grads = torch.autograd.grad(got.square().sum(), params, retain_graph=True)
+    for g, r in zip(grads, grads_want):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert grads[0].is_contiguous(memory_format=fmt)
+    second = torch.autograd.grad(got.square().sum(), params, create_graph=True)
+    gg = torch.autograd.grad(second[0].square().sum(), layer.conv.weight)[0]
+    gg_want = torch.autograd.grad(grads_want[0].square().sum(), layer.conv.weight)[0]
+    torch.testing.assert_close(gg, gg_want, rtol=1e-8, atol=1e-8)
