@@ -359,7 +359,8 @@ def set_winograd_autotune(enabled: bool) -> bool:
 
 def winograd_autotune_choices() -> dict[tuple, bool]:
     """The shapes measured so far by :func:`set_winograd_autotune`'s measurement and whether each
-    takes Winograd: ``{(N, C_in, H, W, C_out, dtype, memory_format, threads): bool}`` (a copy)."""
+    takes Winograd: ``{(N, C_in, H, W, C_out, dtype, memory_format, threads): bool}`` (a copy;
+    a dilated convolution's shape is its phase batch's, (N*d*d, C_in, H/d, W/d))."""
     return dict(_choices)
 
 
