@@ -10,6 +10,7 @@ from ..ops._phases import from_phases, padded_phases, phase_fill
 from ..ops.atrous_conv import _use_taps, atrous_conv2d
 from ..ops.winograd_conv import (
     _dilated_phases,
+    _format,
     _winograd_backward,
     conv3x3_backward,
     winograd_conv3x3,
@@ -97,7 +98,7 @@ class _MergedConv2d(torch.autograd.Function):
                 grad_in.contiguous(), plan[0], merged.to(dtype), False
             )
             grad_x = from_phases(grad_x, dilation)[..., :h, :w]
-            grad_x = grad_x.contiguous(memory_format=_memory_format(x))
+            grad_x = grad_x.contiguous(memory_format=_format(x))
             return _merged_grads(x, weight, grad_x, grad_merged, need_w, need_a)
         # oneDNN's weight gradient of a dilated convolution takes a large buffer (81 MiB for
         # ASTMT's layer4, (4, 512, 16, 16) at dilation 2, then its training step's peak; 72 MiB
@@ -124,18 +125,13 @@ class _MergedConv2d(torch.autograd.Function):
         )
         if grad_x is not None and phased:
             grad_x = from_phases(grad_x, ctx.options[2])[..., :h, :w]
-            grad_x = grad_x.contiguous(memory_format=_memory_format(x))
+            grad_x = grad_x.contiguous(memory_format=_format(x))
         return _merged_grads(x, weight, grad_x, grad_merged, need_w, need_a)
 
 
 def _winograd_geometry(weight: torch.Tensor, stride: int, padding: int, dilation: int) -> bool:
     """A 3x3 'same' convolution (dilated ones too: :func:`mtlfast.ops.winograd_conv3x3`)."""
     return weight.shape[-1] == 3 and stride == 1 and padding == dilation
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if cl else torch.contiguous_format
 
 
 def _merged_grads(x, weight, grad_x, grad_merged, need_w, need_a):

@@ -54,9 +54,10 @@ def _eligible(conv: nn.Conv2d, min_channels: int) -> bool:
 
 def use_winograd(model: nn.Module, enabled: bool = True) -> int:
     """Switch ``model``'s 3x3 stride-1 'same' convolutions (dilated ones included) of at least
-    128 input and output channels to :class:`WinogradConv2d`, and its :class:`MultiModalDistillation` and
-    :class:`ResidualAdapter` layers to Winograd (their ``winograd`` flag), in place
-    (``enabled=False`` switches them back). Parameters, state dict and hooks are kept.
+    128 input and output channels to :class:`WinogradConv2d`, and its
+    :class:`MultiModalDistillation` and :class:`ResidualAdapter` layers to Winograd (their
+    ``winograd`` flag), in place (``enabled=False`` switches them back). Parameters, state dict
+    and hooks are kept.
 
     Only layers whose type is exactly ``nn.Conv2d`` are switched: a subclass's forward is its own.
     Returns the number of layers and units switched.
