@@ -25,6 +25,9 @@ def extension_error() -> str | None:
     return _load()
 
 
+# a constant to torch.compile, which cannot trace the import (a graph break, or an error under
+# fullgraph=True, in every op that asks)
+@torch.compiler.assume_constant_result
 def has_extension() -> bool:
     """True when ``mtlfast._C`` imported and registered its kernels."""
     return _load() is None

@@ -267,11 +267,12 @@ def _backward_impl(
                 for g_ij, t, du_ij in zip(g, input_tiles, du):
                     du_ij.add_(_linear(g_ij.t(), t.t()))
         del grad_tiles, input_tiles
-    gg_t = _gg(weight.dtype).t()
+    # G^T-transformed back to taps as (out, in) rows of 9: contiguous, as the fake kernel says
+    # (a tap-major result permuted had other strides, which torch.compile's backward rejected)
+    gg = _gg(weight.dtype)
     grad_weight = torch.cat(
-        [(gg_t @ du.view(36, -1)).view(9, -1, c) for du in grad_weight_tiles], 1
+        [(du.view(36, -1).t() @ gg).view(-1, c, 3, 3) for du in grad_weight_tiles]
     )
-    grad_weight = grad_weight.permute(1, 2, 0).reshape(k, c, 3, 3)
     grad_bias = grad.sum((0, 2, 3)) if has_bias else grad.new_empty((0,))
     return grad_x, grad_weight, grad_bias
 
