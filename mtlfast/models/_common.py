@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from ..backbones.hrnet import HRNet
 from ..nn import TaskBatchNorm2d
 from ..ops.resize import resize_bilinear
+from ..ops.skip_fusion import skip_fusion
 from .base import MultiTaskModel
 from .tasks import DEFAULT_OUT_CHANNELS, resolve_tasks
 
@@ -22,6 +23,7 @@ __all__ = [
     "SizeCarry",
     "backbone_segments",
     "deep_supervision_key",
+    "project_resized",
     "resize",
     "split_size",
     "task_outputs",
@@ -61,6 +63,63 @@ def resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Bilinear resampling to ``size`` (align_corners=False), skipped when the size already matches
     (:func:`mtlfast.ops.resize_bilinear`: two matrix products on the CPU, aten elsewhere)."""
     return resize_bilinear(x, size)
+
+
+def _is_pointwise(conv: nn.Module) -> bool:
+    return (
+        type(conv) is nn.Conv2d
+        and conv.kernel_size == (1, 1)
+        and conv.stride == (1, 1)
+        and conv.padding in ((0, 0), "valid")
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+    )
+
+
+def project_resized(
+    conv: nn.Module, pieces: Sequence[torch.Tensor], size: Sequence[int]
+) -> torch.Tensor:
+    """``conv(torch.cat([resize(p, size) for p in pieces], 1))`` for a 1x1 ``conv``, projecting first.
+
+    A 1x1 convolution mixes channels pixel by pixel and bilinear resizing mixes pixels channel by
+    channel, so the two commute: the convolution of the concatenation is the sum over the pieces
+    of their weight blocks' products, each resized. MTI-Net's and PAD-Net's fusion of the HRNet
+    scales (18, 36, 72, 144 channels at 1/4 to 1/32 of the image) then runs its 270 x 270
+    products on each scale's own pixels, an eighth of the arithmetic; :func:`mtlfast.ops.skip_fusion`
+    resizes and sums the coarse pieces' projections in one pass and the piece already at ``size``
+    adds its product into that sum (``baddbmm``). Forward and backward of (4, 270, 64, 64) from
+    the four scales, 2 threads, the 2-core Zen 4 EPYC (ad-hoc, median of 7 alternating):
+    0.39x the concatenation's time NCHW, 0.57x channels-last. The same function up to rounding.
+
+    Any other ``conv`` (a subclass, a kernel, stride or groups other than 1) runs on the
+    concatenation.
+
+    Shapes: pieces (N, C_k, H_k, W_k), any layout, with sum C_k = conv.in_channels; returns
+    (N, conv.out_channels, *size), contiguous (NCHW) on the projected path.
+    """
+    size = tuple(int(d) for d in size)
+    widths = [p.shape[1] for p in pieces]
+    if not _is_pointwise(conv) or sum(widths) != conv.in_channels:
+        return conv(torch.cat([resize(p, size) for p in pieces], 1))
+    n, out_channels = pieces[0].shape[0], conv.out_channels
+    blocks = torch.split(conv.weight.flatten(1), widths, 1)
+    # flatten(2) is a view in either layout: (N, C, H*W) with the channels' or the pixels' stride 1
+    coarse = [
+        torch.matmul(w, p.flatten(2)).view(n, out_channels, *p.shape[-2:])
+        for p, w in zip(pieces, blocks)
+        if tuple(p.shape[-2:]) != size
+    ]
+    fine = [(p, w) for p, w in zip(pieces, blocks) if tuple(p.shape[-2:]) == size]
+    out = None
+    if coarse:
+        ones = coarse[0].new_ones((len(coarse), out_channels))
+        out = skip_fusion(coarse, ones, conv.bias, size).flatten(2)
+    for p, w in fine:
+        product = (w.expand(n, -1, -1), p.flatten(2))
+        out = torch.bmm(*product) if out is None else torch.baddbmm(out, *product)
+    if not coarse and conv.bias is not None:
+        out = out + conv.bias.to(out.dtype)[:, None]
+    return out.view(n, out_channels, *size)
 
 
 class _BatchNormFrozen:

@@ -16,6 +16,7 @@ from ._common import (
     JointDecoderModel,
     backbone_segments,
     deep_supervision_key,
+    project_resized,
     recomputed,
     resize,
     split_size,
@@ -229,8 +230,13 @@ class MTINetDecoder(nn.Module):
     @staticmethod
     def _aggregate(layers: nn.Module, finest, size, *pieces: torch.Tensor) -> torch.Tensor:
         """One task's aggregation: its features of every scale at the finest, concatenated,
-        ``layers``, resized to the output (NCHW, see :func:`resize_prediction`)."""
-        return resize_prediction(layers(torch.cat([resize(p, finest) for p in pieces], 1)), size)
+        ``layers``, resized to the output (NCHW, see :func:`resize_prediction`). The first 1x1
+        convolution runs on each scale before the resizing (:func:`project_resized`)."""
+        first, *rest = layers
+        x = project_resized(first, pieces, finest)
+        for layer in rest:
+            x = layer(x)
+        return resize_prediction(x, size)
 
     @property
     def tasks(self) -> list[str]:
