@@ -23,6 +23,7 @@ __all__ = [
     "SizeCarry",
     "backbone_segments",
     "deep_supervision_key",
+    "fuse_scales",
     "project_resized",
     "resize",
     "split_size",
@@ -120,6 +121,22 @@ def project_resized(
     if not coarse and conv.bias is not None:
         out = out + conv.bias.to(out.dtype)[:, None]
     return out.view(n, out_channels, *size)
+
+
+def fuse_scales(
+    layers: nn.Sequential, pieces: Sequence[torch.Tensor], size: Sequence[int]
+) -> torch.Tensor:
+    """``layers(torch.cat([resize(p, size) for p in pieces], 1))`` with the first layer, a 1x1
+    convolution, run by :func:`project_resized` (HRNet's heads: MTI-Net's aggregation, PAD-Net's
+    scale fusion, the single-task and multi-task baselines' heads).
+
+    Shapes: as :func:`project_resized`, then ``layers[1:]``.
+    """
+    first, *rest = layers
+    x = project_resized(first, pieces, size)
+    for layer in rest:
+        x = layer(x)
+    return x
 
 
 class _BatchNormFrozen:

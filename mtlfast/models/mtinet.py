@@ -16,7 +16,7 @@ from ._common import (
     JointDecoderModel,
     backbone_segments,
     deep_supervision_key,
-    project_resized,
+    fuse_scales,
     recomputed,
     resize,
     split_size,
@@ -231,12 +231,8 @@ class MTINetDecoder(nn.Module):
     def _aggregate(layers: nn.Module, finest, size, *pieces: torch.Tensor) -> torch.Tensor:
         """One task's aggregation: its features of every scale at the finest, concatenated,
         ``layers``, resized to the output (NCHW, see :func:`resize_prediction`). The first 1x1
-        convolution runs on each scale before the resizing (:func:`project_resized`)."""
-        first, *rest = layers
-        x = project_resized(first, pieces, finest)
-        for layer in rest:
-            x = layer(x)
-        return resize_prediction(x, size)
+        convolution runs on each scale before the resizing (:func:`fuse_scales`)."""
+        return resize_prediction(fuse_scales(layers, pieces, finest), size)
 
     @property
     def tasks(self) -> list[str]:

@@ -16,7 +16,7 @@ from ._common import (
     JointDecoderModel,
     backbone_segments,
     deep_supervision_key,
-    project_resized,
+    fuse_scales,
     recomputed,
     split_size,
     task_outputs,
@@ -32,8 +32,8 @@ INITIAL = "initial"
 class ScaleFusion(nn.Module):
     """The backbone's scales fused at the finest: upsample, concatenate, 1x1 conv (with bias) + BN + ReLU.
 
-    The 1x1 convolution runs on each scale before the upsampling (:func:`project_resized`: the
-    same function, an eighth of the arithmetic).
+    The 1x1 convolution runs on each scale before the upsampling
+    (:func:`mtlfast.models._common.fuse_scales`: the same function, an eighth of the arithmetic).
 
     Shapes: features (N, channels[s], H_s, W_s), finest first -> (N, sum(channels), H_0, W_0).
     """
@@ -47,7 +47,6 @@ class ScaleFusion(nn.Module):
         )
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        conv, *rest = self.last_layer
         # the decoder keeps the backbone's layout (train.memory_format): back to channels-last
         # if the finest scale is, at the cost of one copy
         first = features[0]
@@ -55,10 +54,8 @@ class ScaleFusion(nn.Module):
             memory_format=torch.channels_last
         )
         layout = torch.channels_last if channels_last else torch.contiguous_format
-        x = project_resized(conv, features, features[0].shape[-2:]).contiguous(memory_format=layout)
-        for layer in rest:
-            x = layer(x)
-        return x
+        x = fuse_scales(self.last_layer, features, first.shape[-2:])
+        return x.contiguous(memory_format=layout)
 
 
 def _bottlenecks(cin: int, width: int) -> nn.Sequential:

@@ -14,7 +14,7 @@ from torch import nn
 
 from ._build import make_backbone
 from ._checks import check_images
-from ._common import backbone_segments, resize, split_size, trunk_of
+from ._common import backbone_segments, fuse_scales, resize, split_size, trunk_of
 from .astmt import ASTMT
 from .base import MultiTaskModel
 from .baseline import SingleTask
@@ -36,6 +36,8 @@ def _one_task(tasks: Sequence[str] | str) -> str:
 class HighResolutionHead(nn.Module):
     """One task's head on HRNet's 4 scales: upsample to the finest, concatenate, 1x1 conv + BN + ReLU +
     1x1 conv, upsample to the image (MTI-Net's release, models/seg_hrnet.py ``HighResolutionHead``).
+    The first 1x1 convolution runs on each scale before the upsampling
+    (:func:`mtlfast.models._common.fuse_scales`: the same function, an eighth of the arithmetic).
 
     Args:
         channels: the backbone's channels per scale, finest first. out_channels: C_t.
@@ -64,7 +66,7 @@ class HighResolutionHead(nn.Module):
         finest = scales[0].shape[-2:]
         if size is None:
             size = tuple(self.stride * d for d in finest)
-        return resize(self.last_layer(torch.cat([resize(f, finest) for f in scales], 1)), size)
+        return resize(fuse_scales(self.last_layer, scales, finest), size)
 
 
 class HRNetSingleTask(MultiTaskModel):

@@ -1,11 +1,11 @@
-"""project_resized: a 1x1 convolution of resized, concatenated pieces, projected before resizing."""
+"""project_resized, fuse_scales: a 1x1 convolution of resized, concatenated pieces, projected before resizing."""
 
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mtlfast.models._common import project_resized
+from mtlfast.models._common import fuse_scales, project_resized
 
 
 def _reference(conv, pieces, size):
@@ -96,4 +96,13 @@ def test_float32_hrnet_shapes_within_rounding():
         _reference(conv, pieces, (16, 16)),
         rtol=1e-5,
         atol=1e-5,
+    )
+
+
+def test_fuse_scales_runs_the_rest_of_the_layers():
+    pieces = _pieces([(2, 4, 4), (3, 2, 2)])
+    layers = nn.Sequential(nn.Conv2d(5, 5, 1), nn.BatchNorm2d(5), nn.ReLU(), nn.Conv2d(5, 2, 1))
+    layers = layers.double().eval()
+    torch.testing.assert_close(
+        fuse_scales(layers, pieces, (4, 4)), _reference(layers, pieces, (4, 4))
     )
