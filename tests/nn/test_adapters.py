@@ -134,10 +134,11 @@ MERGED_CASES = [  # (c_in, c_out, hw, k, stride, padding, dilation)
     (1, 2, (9, 6), 3, 1, 2, 2),
     (3, 1, (5, 7), 1, 2, 0, 1),
     (2, 2, (1, 1), 3, 2, 1, 1),
-    (2, 3, (8, 6), 3, 1, 2, 2),  # backward over the 2 x 2 phases
-    (2, 2, (9, 6), 3, 1, 3, 3),  # over 3 x 3 phases
+    (2, 3, (8, 6), 3, 1, 2, 2),  # phases under 8 px: dilated
+    (2, 3, (16, 17), 3, 1, 2, 2),  # backward over the 2 x 2 phases, padded to 16x18
+    (2, 2, (24, 26), 3, 1, 3, 3),  # over 3 x 3 phases, padded to 24x27
     (2, 3, (8, 8), 3, 1, 6, 6),  # mostly padding: mtlfast.ops.atrous_conv2d's taps
-    (2, 3, (16, 15), 3, 1, 6, 6),  # phases of 6 over the map padded to 18x18
+    (2, 3, (16, 15), 3, 1, 6, 6),  # phases of 6 (3x3): dilated
 ]
 MERGED_IDS = [f"k{k}s{s}d{d}-{c_in}x{hw[0]}x{hw[1]}" for c_in, _, hw, k, s, _, d in MERGED_CASES]
 
@@ -262,8 +263,9 @@ def test_int_task_saves_no_merged_weight(layer_cls):
 
 
 def test_dilated_backward_runs_over_the_phases(monkeypatch):
-    """A dilated 'same' convolution on maps the dilation divides back-propagates undilated over
-    its phases (no oneDNN dilated weight-gradient buffer), in x's memory format."""
+    """A dilated 'same' convolution on maps the dilation divides, into phases of at least 8 px a
+    side, back-propagates undilated over its phases (no oneDNN dilated weight-gradient buffer),
+    in x's memory format."""
     from mtlfast.nn import adapters
 
     calls = []
@@ -275,17 +277,20 @@ def test_dilated_backward_runs_over_the_phases(monkeypatch):
         ("contiguous", torch.contiguous_format),
         ("channels_last", torch.channels_last),
     ):
-        x, w, a = merged_inputs(4, 3, (8, 6), 3, layout)
+        x, w, a = merged_inputs(4, 3, (16, 16), 3, layout)
         merged_conv2d(x, w, a, 1, 2, 2).sum().backward()
         assert x.grad.is_contiguous(memory_format=fmt)
     assert calls == [2, 2] * 2
     calls.clear()
-    x, w, a = merged_inputs(4, 3, (9, 6), 3)
-    merged_conv2d(x, w, a, 1, 2, 2).sum().backward()  # 9 rows: padded to 10
+    x, w, a = merged_inputs(4, 3, (17, 16), 3)
+    merged_conv2d(x, w, a, 1, 2, 2).sum().backward()  # 17 rows: padded to 18
     assert calls == [2, 2]
     calls.clear()
     x, w, a = merged_inputs(4, 3, (5, 5), 3)
     merged_conv2d(x, w, a, 1, 4, 4).sum().backward()  # padded to 8x8: 2.6 times the pixels
+    assert calls == []
+    x, w, a = merged_inputs(4, 3, (16, 15), 3)
+    merged_conv2d(x, w, a, 1, 6, 6).sum().backward()  # 3x3 phases: oneDNN's dilated is faster
     assert calls == []
 
 
