@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["empty_in_order", "inner_order", "is_dense_in_order", "to_inner_order"]
+__all__ = [
+    "empty_in_order",
+    "inner_order",
+    "is_dense_in_order",
+    "memory_format_of",
+    "to_inner_order",
+]
 
 
 def is_dense_in_order(t: torch.Tensor, order: tuple[int, ...], inner: int = 3) -> bool:
@@ -54,3 +60,11 @@ def to_inner_order(t: torch.Tensor, order: tuple[int, ...], inner: int = 3) -> t
     out = empty_in_order(t.shape, order, t, inner)
     out.copy_(t)
     return out
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for a dense channels-last x that is not also contiguous (C = 1 or 1x1 maps
+    are both), else contiguous_format: the layout a gradient or output of x should take."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format

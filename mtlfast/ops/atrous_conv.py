@@ -41,6 +41,7 @@ import torch
 from torch.nn import functional as F
 
 from ._dispatch import _route
+from ._layout import memory_format_of as _layout
 from .backends import current_backend
 
 __all__ = ["atrous_conv2d"]
@@ -200,8 +201,3 @@ class _Taps(torch.autograd.Function):
                 grad_w[:, :, ky, kx] = gw[:, :, 0, 0]
         grad_b = grad_out.sum((0, 2, 3)) if need_b and ctx.has_bias else None
         return grad_x, grad_w, grad_b, None, *(None for _ in kernels)
-
-
-def _layout(x: torch.Tensor) -> torch.memory_format:
-    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if cl else torch.contiguous_format

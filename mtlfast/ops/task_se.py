@@ -24,6 +24,7 @@ from ._dispatch import (
     remembered_backend,
     runs_directly,
 )
+from ._layout import memory_format_of as _format
 
 __all__ = ["task_se"]
 
@@ -185,12 +186,6 @@ def _acc_params(acc: torch.dtype, *params: torch.Tensor) -> list[torch.Tensor]:
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _format(x: torch.Tensor) -> torch.memory_format:
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _forward(

@@ -49,6 +49,7 @@ import torch
 from torch.nn import functional as F
 
 from .. import _extension
+from ._layout import memory_format_of as _format
 from ._phases import from_phases, padded_phases, phase_fill
 from .backends import current_backend
 
@@ -140,12 +141,6 @@ def _weight_tiles(weight: torch.Tensor, groups: list[tuple[int, int]]) -> list[t
     taps = weight.permute(2, 3, 0, 1).reshape(9, k * c)  # (9, C_out * C_in), tap-major
     gg = _gg(weight.dtype)
     return [(gg @ taps[:, a * c : b * c]).view(36, b - a, c) for a, b in groups]
-
-
-def _format(x: torch.Tensor) -> torch.memory_format:
-    """channels_last for a channels-last x (that is not also contiguous), else contiguous."""
-    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return torch.channels_last if cl else torch.contiguous_format
 
 
 def _out_like(x: torch.Tensor, channels: int) -> torch.Tensor:

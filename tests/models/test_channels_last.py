@@ -71,3 +71,30 @@ def test_model_in_channels_last_trains_like_nchw(cls):
     assert grads.keys() == ref_grads.keys()
     for k in ref_grads:
         torch.testing.assert_close(grads[k], ref_grads[k], msg=k)
+
+
+def test_aspp_keeps_channels_last_through_its_pooling_branch():
+    """The image-pooling branch's mean and its broadcast back: the projection's input, the
+    output and x's gradient stay channels-last (autograd would otherwise sum the branches'
+    gradients across layouts); values and gradients as NCHW's; the mean differentiable twice."""
+    from mtlfast.models.heads import ASPP, _SpatialMean
+
+    torch.manual_seed(0)
+    aspp = ASPP(8, 4, rates=(1, 2)).double()
+    x = torch.randn(2, 8, 6, 5, dtype=torch.float64)
+    ref_in = x.clone().requires_grad_()
+    ref = aspp(ref_in)
+    ref.square().sum().backward()
+    aspp.to(memory_format=CL)
+    cl_in = x.contiguous(memory_format=CL).requires_grad_()
+    seen = []
+    aspp.project.register_forward_pre_hook(lambda m, i: seen.append(i[0]))
+    out = aspp(cl_in)
+    assert seen[0].is_contiguous(memory_format=CL) and not seen[0].is_contiguous()
+    assert out.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(out, ref)
+    out.square().sum().backward()
+    assert cl_in.grad.is_contiguous(memory_format=CL) and not cl_in.grad.is_contiguous()
+    torch.testing.assert_close(cl_in.grad, ref_in.grad)
+    y = torch.randn(2, 3, 4, 5, dtype=torch.float64).contiguous(memory_format=CL)
+    assert torch.autograd.gradgradcheck(_SpatialMean.apply, (y.requires_grad_(),))
