@@ -128,7 +128,7 @@ def fuse_scales(
 ) -> torch.Tensor:
     """``layers(torch.cat([resize(p, size) for p in pieces], 1))`` with the first layer, a 1x1
     convolution, run by :func:`project_resized` (HRNet's heads: MTI-Net's aggregation, PAD-Net's
-    scale fusion, the single-task and multi-task baselines' heads).
+    scale fusion, :class:`mtlfast.models.HRNetSingleTask`'s heads).
 
     Shapes: as :func:`project_resized`, then ``layers[1:]``.
     """

@@ -11,6 +11,7 @@ from torch import nn
 from ..backbones.residual import Bottleneck
 from ..engine import current_strategy
 from ..nn import MultiModalDistillation
+from ..ops._layout import memory_format_of
 from ._checks import check_images
 from ._common import (
     JointDecoderModel,
@@ -50,12 +51,8 @@ class ScaleFusion(nn.Module):
         # the decoder keeps the backbone's layout (train.memory_format): back to channels-last
         # if the finest scale is, at the cost of one copy
         first = features[0]
-        channels_last = not first.is_contiguous() and first.is_contiguous(
-            memory_format=torch.channels_last
-        )
-        layout = torch.channels_last if channels_last else torch.contiguous_format
         x = fuse_scales(self.last_layer, features, first.shape[-2:])
-        return x.contiguous(memory_format=layout)
+        return x.contiguous(memory_format=memory_format_of(first))
 
 
 def _bottlenecks(cin: int, width: int) -> nn.Sequential:
