@@ -106,3 +106,13 @@ def test_fuse_scales_runs_the_rest_of_the_layers():
     torch.testing.assert_close(
         fuse_scales(layers, pieces, (4, 4)), _reference(layers, pieces, (4, 4))
     )
+
+
+def test_bf16_autocast_matches_the_concatenation_within_bf16_rounding():
+    torch.manual_seed(0)
+    pieces = [torch.randn(2, c, s, s) for c, s in ((4, 8), (6, 4), (8, 2))]
+    conv = nn.Conv2d(18, 5, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = project_resized(conv, pieces, (8, 8)), _reference(conv, pieces, (8, 8))
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=3e-2, atol=3e-2)
