@@ -70,7 +70,7 @@ def measure(name: str, args, batch: dict) -> dict:
         "rounds": rounds,
         "winograd_conv2d_layers": switched,
         "auto_shapes_measured": len(choices),
-        "auto_shapes_winograd": sum(choices.values()),
+        "auto_shapes_winograd": sum(map(bool, choices.values())),
         "auto_choices": {str(k[:5]): v for k, v in choices.items()},
         "warm_up_steps_s": round(warm_up_s, 2),
         "step_s": {a: [round(t, 3) for t in times[a]] for a in ALGORITHMS},

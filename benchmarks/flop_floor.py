@@ -62,19 +62,20 @@ from benchmarks.bench_models import (
 from benchmarks.bench_trainer import _alternate, _cpu_load
 
 
-def _winograd_products(x_shape, w_shape) -> int:
-    """FLOPs of F(4x4, 3x3)'s 36 matrix products: (tiles x C_in) @ (C_in x C_out) per position."""
+def _winograd_products(x_shape, w_shape, tile: int = 4) -> int:
+    """FLOPs of F(m x m, 3x3)'s (m + 2)^2 matrix products (m = ``tile``): (tiles x C_in) @
+    (C_in x C_out) per position."""
     n, c, h, w = x_shape
-    tiles = n * -(-h // 4) * -(-w // 4)
-    return 2 * 36 * tiles * c * w_shape[0]
+    tiles = n * -(-h // tile) * -(-w // tile)
+    return 2 * (tile + 2) ** 2 * tiles * c * w_shape[0]
 
 
-def _winograd_forward(x_shape, w_shape, _bias, out_shape=None, **kwargs) -> int:
-    return _winograd_products(x_shape, w_shape)
+def _winograd_forward(x_shape, w_shape, _bias, tile=4, out_shape=None, **kwargs) -> int:
+    return _winograd_products(x_shape, w_shape, tile)
 
 
-def _winograd_backward(_grad, x_shape, w_shape, _has_bias, out_shape=None, **kwargs) -> int:
-    return 2 * _winograd_products(x_shape, w_shape)  # the input's and the weight's gradients
+def _winograd_backward(_grad, x_shape, w_shape, _has_bias, tile=4, out_shape=None, **kwargs) -> int:
+    return 2 * _winograd_products(x_shape, w_shape, tile)  # the input's and the weight's gradients
 
 
 # What mtlfast's Winograd convolution really multiplies, in place of the direct convolution's

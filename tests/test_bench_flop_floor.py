@@ -19,13 +19,14 @@ def test_direct_convolution_counts_forward_and_both_gradients():
 
 
 @pytest.mark.skipif(not has_extension(), reason="mtlfast._C is not built")
-def test_winograd_convolution_counts_its_36_products():
-    # 18x17: partial tiles count whole, as the op computes them (5 x 5 tiles of 4x4)
+@pytest.mark.parametrize("tile,positions,tiles", [(4, 36, 5 * 5), (2, 16, 9 * 9)])
+def test_winograd_convolution_counts_its_products(tile, positions, tiles):
+    # 18x17: partial tiles count whole, as the op computes them (5 x 5 tiles of 4x4, 9 x 9 of 2x2)
     x = torch.randn(2, 4, 18, 17, requires_grad=True)
     w = torch.randn(6, 4, 3, 3, requires_grad=True)
     op = torch.ops.mtlfast.winograd_conv3x3
-    total, per_op = flop_floor.count(lambda: op(x, w, None).sum().backward())
-    products = 2 * 36 * (2 * 5 * 5) * 4 * 6
+    total, per_op = flop_floor.count(lambda: op(x, w, None, tile).sum().backward())
+    products = 2 * positions * (2 * tiles) * 4 * 6
     assert per_op["mtlfast.winograd_conv3x3"] == pytest.approx(products / 1e9)
     assert per_op["mtlfast.winograd_conv3x3_backward"] == pytest.approx(2 * products / 1e9)
     assert total == pytest.approx(3 * products / 1e9)

@@ -1,9 +1,11 @@
-// The Winograd F(4x4, 3x3) transforms, compiled once per instruction set: included by exactly one
-// translation unit per ISA (winograd_conv_default.cpp, isa/winograd_conv_<isa>.cpp), which first
-// defines CPU_CAPABILITY and CPU_CAPABILITY_<ISA> the way ATen does.
+// The Winograd F(4x4, 3x3) and F(2x2, 3x3) transforms, compiled once per instruction set: included
+// by exactly one translation unit per ISA (winograd_conv_default.cpp, isa/winograd_conv_<isa>.cpp),
+// which first defines CPU_CAPABILITY and CPU_CAPABILITY_<ISA> the way ATen does.
 //
-// Lavin & Gray's matrices for the points 0, 1, -1, 2, -2, inf:
-//   V = B^T d B (input tile 6x6),  Y = A^T M A (output tile 4x4),  U = G g G^T (done in PyTorch).
+// Lavin & Gray's matrices, F(4x4, 3x3) for the points 0, 1, -1, 2, -2, inf and F(2x2, 3x3) for
+// 0, 1, -1, inf:
+//   V = B^T d B (input tile R x R, R = M + 2),  Y = A^T M A (output tile M x M),  U = G g G^T (done
+//   in PyTorch). The generic kernels take M as a template argument; the *_rows ones are F(4x4)'s.
 // The vector lanes run over channels: every step transforms one tile of V::size() channels, with
 // the matrices' constants folded into the unrolled arithmetic (their zeros cost nothing).
 #pragma once
@@ -33,6 +35,37 @@ constexpr float kB[6][6] = {{4, 0, 0, 0, 0, 0},     {0, -4, 4, -2, 2, 4}, {-5, -
                             {0, 1, -1, 2, -2, -5}, {1, 1, 1, 1, 1, 0},   {0, 0, 0, 0, 0, 1}};
 constexpr float kAT[4][6] = {{1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -2, 0}, {0, 1, 1, 4, 4, 0}, {0, 1, -1, 8, -8, 1}};
 constexpr float kA[6][4] = {{1, 0, 0, 0}, {1, 1, 1, 1}, {1, -1, 1, -1}, {1, 2, 4, 8}, {1, -2, 4, -8}, {0, 0, 0, 1}};
+
+constexpr float kBT2[4][4] = {{1, 0, -1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, 1, 0, -1}};
+constexpr float kB2[4][4] = {{1, 0, 0, 0}, {0, 1, -1, 1}, {-1, 1, 1, 0}, {0, 0, 0, -1}};
+constexpr float kAT2[2][4] = {{1, 1, 1, 0}, {0, 1, -1, -1}};
+constexpr float kA2[4][2] = {{1, 0}, {1, 1}, {1, -1}, {0, -1}};
+// F(2x2, 3x3)'s weight transform U = G g G^T and its adjoint G^T dU G: exact in float (halves), so
+// done here for both dtypes (F(4x4)'s G has sixths and 24ths: done in fp64 in PyTorch).
+constexpr float kG2[4][3] = {{1, 0, 0}, {0.5f, 0.5f, 0.5f}, {0.5f, -0.5f, 0.5f}, {0, 0, 1}};
+constexpr float kGT2[3][4] = {{1, 0.5f, 0.5f, 0}, {0, 0.5f, -0.5f, 0}, {0, 0.5f, 0.5f, 1}};
+
+// The matrices of F(M x M, 3x3): input tiles of R x R.
+template <int M>
+struct Transform;
+
+template <>
+struct Transform<4> {
+  static constexpr int R = 6;
+  static constexpr const float (&BT)[6][6] = kBT;
+  static constexpr const float (&B)[6][6] = kB;
+  static constexpr const float (&AT)[4][6] = kAT;
+  static constexpr const float (&A)[6][4] = kA;
+};
+
+template <>
+struct Transform<2> {
+  static constexpr int R = 4;
+  static constexpr const float (&BT)[4][4] = kBT2;
+  static constexpr const float (&B)[4][4] = kB2;
+  static constexpr const float (&AT)[2][4] = kAT2;
+  static constexpr const float (&A)[4][2] = kA2;
+};
 
 // out = m in m^T, lane by lane. m is a template argument so that, once the loops are unrolled,
 // every coefficient is a constant and the zero ones drop out.
@@ -134,27 +167,29 @@ T* pixel(const Image& im, int64_t n, int64_t c, int64_t y, int64_t x) {
   return static_cast<T*>(im.data) + n * im.stride_n + c * im.stride_c + y * im.stride_h + x * im.stride_w;
 }
 
-template <typename T>
+template <typename T, int M>
 void input(const Args& a, int64_t begin, int64_t end) {
   using V = Vectorized<T>;
+  using W = Transform<M>;
+  constexpr int R = W::R;
   const Image& im = a.image;
-  V d[6][6], o[6][6];
+  V d[R][R], o[R][R];
   for (int64_t q = begin; q < end; ++q) {
     const TilePos tp = tile_of(im, a.tiles.first + q);
     for (int64_t c0 = 0; c0 < im.C; c0 += V::size()) {
       const int64_t count = std::min<int64_t>(V::size(), im.C - c0);
-      for (int i = 0; i < 6; ++i) {
-        const int64_t y = 4 * tp.ty - 1 + i;
-        for (int j = 0; j < 6; ++j) {
-          const int64_t x = 4 * tp.tx - 1 + j;
+      for (int i = 0; i < R; ++i) {
+        const int64_t y = M * tp.ty - 1 + i;
+        for (int j = 0; j < R; ++j) {
+          const int64_t x = M * tp.tx - 1 + j;
           const bool inside = y >= 0 && y < im.H && x >= 0 && x < im.W;
           d[i][j] = inside ? load_channels(pixel<T>(im, tp.n, c0, y, x), im.stride_c, count) : V(T(0));
         }
       }
-      sandwich<T, 6, 6, kBT>(d, o);
-      for (int i = 0; i < 6; ++i) {
-        for (int j = 0; j < 6; ++j) {
-          store_tile(at_position<T>(a.tiles, i * 6 + j) + q * im.C + c0, count, o[i][j], a.stream);
+      sandwich<T, R, R, W::BT>(d, o);
+      for (int i = 0; i < R; ++i) {
+        for (int j = 0; j < R; ++j) {
+          store_tile(at_position<T>(a.tiles, i * R + j) + q * im.C + c0, count, o[i][j], a.stream);
         }
       }
     }
@@ -164,26 +199,28 @@ void input(const Args& a, int64_t begin, int64_t end) {
   }
 }
 
-template <typename T>
+template <typename T, int M>
 void output(const Args& a, int64_t begin, int64_t end) {
   using V = Vectorized<T>;
+  using W = Transform<M>;
+  constexpr int R = W::R;
   const Image& im = a.image;
   const T* bias = static_cast<const T*>(a.bias);
-  V d[6][6], o[4][4];
+  V d[R][R], o[M][M];
   for (int64_t q = begin; q < end; ++q) {
     const TilePos tp = tile_of(im, a.tiles.first + q);
     for (int64_t k0 = 0; k0 < im.C; k0 += V::size()) {
       const int64_t count = std::min<int64_t>(V::size(), im.C - k0);
-      for (int i = 0; i < 6; ++i) {
-        for (int j = 0; j < 6; ++j) {
-          d[i][j] = load_tile(at_position<T>(a.tiles, i * 6 + j) + q * im.C + k0, count);
+      for (int i = 0; i < R; ++i) {
+        for (int j = 0; j < R; ++j) {
+          d[i][j] = load_tile(at_position<T>(a.tiles, i * R + j) + q * im.C + k0, count);
         }
       }
-      sandwich<T, 6, 4, kAT>(d, o);
+      sandwich<T, R, M, W::AT>(d, o);
       const V b = bias == nullptr ? V(T(0)) : load_tile(bias + k0, count);
-      for (int i = 0; i < 4 && 4 * tp.ty + i < im.H; ++i) {
-        for (int j = 0; j < 4 && 4 * tp.tx + j < im.W; ++j) {
-          store_channels(pixel<T>(im, tp.n, k0, 4 * tp.ty + i, 4 * tp.tx + j), im.stride_c, count, o[i][j] + b,
+      for (int i = 0; i < M && M * tp.ty + i < im.H; ++i) {
+        for (int j = 0; j < M && M * tp.tx + j < im.W; ++j) {
+          store_channels(pixel<T>(im, tp.n, k0, M * tp.ty + i, M * tp.tx + j), im.stride_c, count, o[i][j] + b,
                          false);
         }
       }
@@ -385,26 +422,28 @@ void output_rows(const Args& a, int64_t begin, int64_t end) {
   }
 }
 
-template <typename T>
+template <typename T, int M>
 void output_t(const Args& a, int64_t begin, int64_t end) {
   using V = Vectorized<T>;
+  using W = Transform<M>;
+  constexpr int R = W::R;
   const Image& im = a.image;
-  V d[4][4], o[6][6];
+  V d[M][M], o[R][R];
   for (int64_t q = begin; q < end; ++q) {
     const TilePos tp = tile_of(im, a.tiles.first + q);
     for (int64_t k0 = 0; k0 < im.C; k0 += V::size()) {
       const int64_t count = std::min<int64_t>(V::size(), im.C - k0);
-      for (int i = 0; i < 4; ++i) {
-        const int64_t y = 4 * tp.ty + i;
-        for (int j = 0; j < 4; ++j) {
-          const int64_t x = 4 * tp.tx + j;
+      for (int i = 0; i < M; ++i) {
+        const int64_t y = M * tp.ty + i;
+        for (int j = 0; j < M; ++j) {
+          const int64_t x = M * tp.tx + j;
           d[i][j] = y < im.H && x < im.W ? load_channels(pixel<T>(im, tp.n, k0, y, x), im.stride_c, count) : V(T(0));
         }
       }
-      sandwich<T, 4, 6, kA>(d, o);
-      for (int i = 0; i < 6; ++i) {
-        for (int j = 0; j < 6; ++j) {
-          store_tile(at_position<T>(a.tiles, i * 6 + j) + q * im.C + k0, count, o[i][j], a.stream);
+      sandwich<T, M, R, W::A>(d, o);
+      for (int i = 0; i < R; ++i) {
+        for (int j = 0; j < R; ++j) {
+          store_tile(at_position<T>(a.tiles, i * R + j) + q * im.C + k0, count, o[i][j], a.stream);
         }
       }
     }
@@ -414,11 +453,13 @@ void output_t(const Args& a, int64_t begin, int64_t end) {
   }
 }
 
-template <typename T>
+template <typename T, int M>
 void input_t(const Args& a, int64_t parity, int64_t begin, int64_t end) {
   using V = Vectorized<T>;
+  using W = Transform<M>;
+  constexpr int R = W::R;
   const Image& im = a.image;
-  V d[6][6], o[6][6];
+  V d[R][R], o[R][R];
   for (int64_t item = begin; item < end; ++item) {
     const int64_t row = a.tiles.first / im.tw + 2 * item + parity;
     const int64_t n = row / im.th;
@@ -428,23 +469,75 @@ void input_t(const Args& a, int64_t parity, int64_t begin, int64_t end) {
       // left to right: tile tx + 1 adds onto the two columns tile tx wrote last
       for (int64_t tx = 0; tx < im.tw; ++tx) {
         const int64_t q = row * im.tw + tx - a.tiles.first;
-        for (int i = 0; i < 6; ++i) {
-          for (int j = 0; j < 6; ++j) {
-            d[i][j] = load_tile(at_position<T>(a.tiles, i * 6 + j) + q * im.C + c0, count);
+        for (int i = 0; i < R; ++i) {
+          for (int j = 0; j < R; ++j) {
+            d[i][j] = load_tile(at_position<T>(a.tiles, i * R + j) + q * im.C + c0, count);
           }
         }
-        sandwich<T, 6, 6, kB>(d, o);
-        for (int i = 0; i < 6; ++i) {
-          const int64_t y = 4 * ty - 1 + i;
+        sandwich<T, R, R, W::B>(d, o);
+        for (int i = 0; i < R; ++i) {
+          const int64_t y = M * ty - 1 + i;
           if (y < 0 || y >= im.H) {
             continue;
           }
-          for (int j = 0; j < 6; ++j) {
-            const int64_t x = 4 * tx - 1 + j;
+          for (int j = 0; j < R; ++j) {
+            const int64_t x = M * tx - 1 + j;
             if (x >= 0 && x < im.W) {
               store_channels(pixel<T>(im, n, c0, y, x), im.stride_c, count, o[i][j], true);
             }
           }
+        }
+      }
+    }
+  }
+}
+
+// F(2x2, 3x3)'s weight transform: the image is the weight (C_out, C_in, 3, 3) (N = C_out), the
+// tiles the 16 (C_out, C_in) blocks of U = G g G^T. Items: output channels.
+template <typename T>
+void weight2(const Args& a, int64_t begin, int64_t end) {
+  using V = Vectorized<T>;
+  const Image& im = a.image;
+  V d[3][3], o[4][4];
+  for (int64_t k = begin; k < end; ++k) {
+    for (int64_t c0 = 0; c0 < im.C; c0 += V::size()) {
+      const int64_t count = std::min<int64_t>(V::size(), im.C - c0);
+      for (int i = 0; i < 3; ++i) {
+        for (int j = 0; j < 3; ++j) {
+          d[i][j] = load_channels(pixel<T>(im, k, c0, i, j), im.stride_c, count);
+        }
+      }
+      sandwich<T, 3, 4, kG2>(d, o);
+      for (int i = 0; i < 4; ++i) {
+        for (int j = 0; j < 4; ++j) {
+          store_tile(at_position<T>(a.tiles, i * 4 + j) + k * im.C + c0, count, o[i][j], a.stream);
+        }
+      }
+    }
+  }
+  if (a.stream) {
+    stream_fence();
+  }
+}
+
+// Its adjoint: the weight gradient (C_out, C_in, 3, 3) = G^T dU G of the 16 blocks of dU.
+template <typename T>
+void weight2_t(const Args& a, int64_t begin, int64_t end) {
+  using V = Vectorized<T>;
+  const Image& im = a.image;
+  V d[4][4], o[3][3];
+  for (int64_t k = begin; k < end; ++k) {
+    for (int64_t c0 = 0; c0 < im.C; c0 += V::size()) {
+      const int64_t count = std::min<int64_t>(V::size(), im.C - c0);
+      for (int i = 0; i < 4; ++i) {
+        for (int j = 0; j < 4; ++j) {
+          d[i][j] = load_tile(at_position<T>(a.tiles, i * 4 + j) + k * im.C + c0, count);
+        }
+      }
+      sandwich<T, 4, 3, kGT2>(d, o);
+      for (int i = 0; i < 3; ++i) {
+        for (int j = 0; j < 3; ++j) {
+          store_channels(pixel<T>(im, k, c0, i, j), im.stride_c, count, o[i][j], false);
         }
       }
     }
@@ -456,16 +549,16 @@ int64_t channel_blocks(int64_t C, bool f64) {
   return (C + width - 1) / width;
 }
 
+template <typename T>
+DtypeKernels dtype_kernels() {
+  return {input<T, 4>,    input_rows<T>,    output<T, 4>, output_rows<T>, output_t<T, 4>,
+          output_t_rows<T>, input_t<T, 4>,  input_t_rows<T>, {input<T, 2>, output<T, 2>, output_t<T, 2>, input_t<T, 2>, weight2<T>, weight2_t<T>}};
+}
+
 }  // namespace
 
 Kernels kernels() {
-  return {
-      {input<float>, input_rows<float>, output<float>, output_rows<float>, output_t<float>, output_t_rows<float>,
-       input_t<float>, input_t_rows<float>},
-      {input<double>, input_rows<double>, output<double>, output_rows<double>, output_t<double>,
-       output_t_rows<double>, input_t<double>, input_t_rows<double>},
-      channel_blocks,
-  };
+  return {dtype_kernels<float>(), dtype_kernels<double>(), channel_blocks};
 }
 
 }  // namespace mtlfast::cpu::winograd_conv::CPU_CAPABILITY

@@ -107,7 +107,7 @@ class _MergedConv2d(torch.autograd.Function):
             h, w = x.shape[-2:]
             grad_in = padded_phases(grad_in, dilation, phase_fill(h, w, dilation))
             grad_x, grad_merged, _ = _winograd_backward(
-                grad_in.contiguous(), plan[0], merged.to(dtype), False
+                grad_in.contiguous(), plan[0], merged.to(dtype), False, plan[1]
             )
             grad_x = from_phases(grad_x, dilation)[..., :h, :w]
             grad_x = grad_x.contiguous(memory_format=_format(x))

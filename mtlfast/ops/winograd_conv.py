@@ -1,4 +1,5 @@
-"""``winograd_conv3x3``: a 3x3 'same' convolution (stride 1, padding 1) by Winograd's F(4x4, 3x3).
+"""``winograd_conv3x3``: a 3x3 'same' convolution (stride 1, padding 1) by Winograd's F(4x4, 3x3)
+or F(2x2, 3x3).
 
 Lavin & Gray (CVPR 2016): every 4x4 block of the output is computed from the 6x6 input tile
 around it as ``A^T [(G g G^T) * (B^T d B)] A``, the products summed over input channels. Summed
@@ -34,9 +35,22 @@ phase maps, H/d x W/d. UberNet's conv5 (512 -> 512, dilation 2) at 32x32, forwar
 on a 2-core Zen 4 EPYC: 0.58x aten's dilated convolution's time; at 24x24 (12x12 phases, which
 only :func:`set_winograd_autotune` measures) 0.70x; at 16x16 1.07x (8x8 phases: never taken).
 
+F(2x2, 3x3) (``tile=2`` of the op; Lavin & Gray's other case): 2x2 output blocks from 4x4 input
+tiles, 16 products per 4 outputs (2.25 times fewer multiply-adds than direct, where F(4x4) has 4),
+but 16 weight tiles per kernel against 36, and its weight transform (halves only, exact in float)
+and adjoint are C++ kernels too. On small maps with many channels, where F(4x4)'s 36 weight
+tiles (36 MiB for 512 -> 512) outweigh its products, it wins: forward and backward on a 2-core
+Zen 4 EPYC (2 threads, median of 7 alternating, channels-last), 512 -> 512 at (16, 512, 8, 8)
+(ASTMT's layer4 at 256x256 as its 8x8 phases) 0.66x oneDNN's time where F(4x4) took 1.0x, at
+(4, 512, 16, 16) 0.64x (F(4x4) 0.93x), 256 -> 256 at (4, 256, 16, 16) 0.75-1.04x (F(4x4)
+1.06-1.37x); but 64 -> 64 at 64x64 1.13x and 128 -> 128 at 32x32 1.25x. Only
+:func:`set_winograd_autotune`'s measurement takes it (the fixed rule is F(4x4)'s): it times both
+transforms against ``F.conv2d`` on maps from 8x8 up.
+
 Rounding: F(4x4, 3x3)'s transforms have entries up to 8 and -5, so the result differs from the
 direct convolution by more than a reordering of the sums: about 1e-5 of the output's largest
-magnitude in fp32 (measured 0.8-2.2e-5 on the benchmark's shapes), 1e-14 in fp64. Gradients are
+magnitude in fp32 (measured 0.8-2.2e-5 on the benchmark's shapes), 1e-14 in fp64; F(2x2)'s
+entries are 0, 1 and 1/2, and round less. Gradients are
 the exact adjoints of that computation (``gradcheck`` in fp64).
 """
 
@@ -63,21 +77,39 @@ MIN_CHANNELS = 128
 # Smallest map (H * W) for the Winograd path: at 8x8, 144 channels measured 1.2-1.5x oneDNN's time.
 _MIN_PIXELS = 256
 
-# Smallest phase map of a dilated convolution that set_winograd_autotune measures (the fixed rule
-# takes _MIN_PIXELS): the phases come d*d to a sample, so even 12x12 ones fill the products.
-# Forward and backward, 2 threads, a Zen 4 EPYC: 512 -> 512 at (16, 512, 12, 12) 0.64x oneDNN's
-# time (UberNet's conv5 at its 0.75 scale: 24x24, dilation 2, 0.70x dilated), at (4, 512, 12, 12)
-# 1.48x; (16, 512, 8, 8) 0.90x, but ASTMT's layer4 as 8x8 phases 1.07x its dilated convolution.
-_AUTOTUNE_MIN_PHASE_PIXELS = 144
+# Smallest map (or phase map of a dilated convolution) that set_winograd_autotune measures (the
+# fixed rule takes _MIN_PIXELS): there F(2x2, 3x3) competes too, whose transforms and weight
+# tiles cost less on small maps. Forward and backward, 2 threads, a Zen 4 EPYC, against oneDNN:
+# 512 -> 512 at (16, 512, 8, 8) (ASTMT's layer4 as 8x8 phases) F(2x2) 0.68x, F(4x4) 1.03x; at
+# (4, 512, 16, 16) 0.64x and 0.93x; at (4, 512, 8, 8) 0.90x and 2.8x; but 256 -> 256 at
+# (4, 256, 16, 16) 1.04x and 1.37x, and 128 -> 128 at 32x32 1.25x and 1.19x.
+_AUTOTUNE_MIN_PIXELS = 64
 
-_G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6))
-_G += ((1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
+# G of F(4x4, 3x3) (points 0, 1, -1, 2, -2, inf) and of F(2x2, 3x3) (0, 1, -1, inf), by the
+# output tile's side
+_G = {
+    4: (
+        (1 / 4, 0, 0),
+        (-1 / 6, -1 / 6, -1 / 6),
+        (-1 / 6, 1 / 6, -1 / 6),
+        (1 / 24, 1 / 12, 1 / 6),
+        (1 / 24, -1 / 12, 1 / 6),
+        (0, 0, 1),
+    ),
+    2: ((1, 0, 0), (1 / 2, 1 / 2, 1 / 2), (1 / 2, -1 / 2, 1 / 2), (0, 0, 1)),
+}
+
+
+def _positions(tile: int) -> int:
+    """Positions of the transformed tile of F(tile x tile, 3x3): (tile + 2)^2, 36 or 16."""
+    return (tile + 2) ** 2
 
 
 @functools.cache
-def _gg(dtype: torch.dtype) -> torch.Tensor:
-    """kron(G, G) (36, 9): the weight transform G g G^T of every 3x3 kernel as one matrix product."""
-    g = torch.tensor(_G, dtype=torch.float64)
+def _gg(dtype: torch.dtype, tile: int = 4) -> torch.Tensor:
+    """kron(G, G) (R^2, 9), R = tile + 2: the weight transform G g G^T of every 3x3 kernel as one
+    matrix product."""
+    g = torch.tensor(_G[tile], dtype=torch.float64)
     return torch.kron(g, g).to(dtype)
 
 
@@ -100,47 +132,74 @@ _TENSOR_BYTES = 31 << 20
 _RANGE_BYTES = 64 << 20
 
 
-def _chunks(x: torch.Tensor, channels: int, batched: bool) -> list[tuple[int, int]]:
-    """(first, count) ranges of whole tile rows covering x's N * ceil(H/4) * ceil(W/4) tiles, each
-    range's tiles of ``channels`` channels under :data:`_RANGE_BYTES` (under
-    :data:`_TENSOR_BYTES` where they are one tensor, ``batched``)."""
-    th, tw = -(-x.shape[2] // 4), -(-x.shape[3] // 4)
+def _chunks(x: torch.Tensor, channels: int, batched: bool, tile: int = 4) -> list[tuple[int, int]]:
+    """(first, count) ranges of whole tile rows covering x's N * ceil(H/m) * ceil(W/m) tiles
+    (m = ``tile``), each range's tiles of ``channels`` channels under :data:`_RANGE_BYTES`
+    (under :data:`_TENSOR_BYTES` where they are one tensor, ``batched``)."""
+    th, tw = -(-x.shape[2] // tile), -(-x.shape[3] // tile)
     rows = x.shape[0] * th
-    row_bytes = 36 * channels * tw * x.element_size()
+    row_bytes = _positions(tile) * channels * tw * x.element_size()
     bound = _TENSOR_BYTES if batched else _RANGE_BYTES
     pieces = max(1, min(rows, -(-rows * row_bytes // bound)))
     per = -(-rows // pieces)
     return [(r * tw, (min(rows, r + per) - r) * tw) for r in range(0, rows, per)]
 
 
-def _blocks(like: torch.Tensor, count: int, c: int, batched: bool):
-    """36 uninitialised (count, c) blocks of like's dtype, one per tile position: one (36, count,
-    c) tensor for ``torch.bmm`` (batched), else a list of blocks allocated apart."""
+def _blocks(like: torch.Tensor, count: int, c: int, batched: bool, tile: int = 4):
+    """R^2 uninitialised (count, c) blocks of like's dtype, one per tile position (R = tile + 2):
+    one (R^2, count, c) tensor for ``torch.bmm`` (batched), else a list of blocks allocated
+    apart."""
     if batched:
-        return like.new_empty((36, count, c))
-    return [like.new_empty((count, c)) for _ in range(36)]
+        return like.new_empty((_positions(tile), count, c))
+    return [like.new_empty((count, c)) for _ in range(_positions(tile))]
 
 
 def _parts(blocks) -> list[torch.Tensor] | tuple[torch.Tensor, ...]:
-    """The 36 (count, c) blocks as the C++ transforms take them."""
+    """The R^2 (count, c) blocks as the C++ transforms take them (their number tells the tile)."""
     return blocks.unbind(0) if isinstance(blocks, torch.Tensor) else blocks
 
 
-def _groups(k: int, c: int, itemsize: int) -> list[tuple[int, int]]:
-    """[a, b) ranges of output channels whose weight tiles (36, b - a, C_in), one tensor, stay
+def _groups(k: int, c: int, itemsize: int, tile: int = 4) -> list[tuple[int, int]]:
+    """[a, b) ranges of output channels whose weight tiles (R^2, b - a, C_in), one tensor, stay
     under :data:`_TENSOR_BYTES`."""
-    per = max(1, _TENSOR_BYTES // (36 * c * itemsize))
+    per = max(1, _TENSOR_BYTES // (_positions(tile) * c * itemsize))
     size = -(-k // -(-k // per))
     return [(a, min(k, a + size)) for a in range(0, k, size)]
 
 
-def _weight_tiles(weight: torch.Tensor, groups: list[tuple[int, int]]) -> list[torch.Tensor]:
-    """U (36, b - a, C_in) of every group of output channels: G g G^T of every (out, in)
+def _weight_tiles(
+    weight: torch.Tensor, groups: list[tuple[int, int]], tile: int = 4
+) -> list[torch.Tensor]:
+    """U (R^2, b - a, C_in) of every group of output channels: G g G^T of every (out, in)
     kernel, position-major."""
     k, c = weight.shape[:2]
+    if tile == 2:  # exact in float (G's entries are halves): the C++ transform, any layout
+        tiles = [weight.new_empty((16, b - a, c)) for a, b in groups]
+        for (a, b), u in zip(groups, tiles):
+            torch.ops.mtlfast_C.winograd_weight(weight[a:b], u.unbind(0))
+        return tiles
     taps = weight.permute(2, 3, 0, 1).reshape(9, k * c)  # (9, C_out * C_in), tap-major
-    gg = _gg(weight.dtype)
-    return [(gg @ taps[:, a * c : b * c]).view(36, b - a, c) for a, b in groups]
+    gg = _gg(weight.dtype, tile)
+    return [(gg @ taps[:, a * c : b * c]).view(-1, b - a, c) for a, b in groups]
+
+
+def _weight_grad(
+    grad_tiles: list[torch.Tensor], groups: list[tuple[int, int]], c: int, tile: int
+) -> torch.Tensor:
+    """The weight gradient (C_out, C_in, 3, 3), contiguous, from the gradients at every group's
+    weight tiles (R^2, b - a, C_in; F(2x2): or a list of its R^2 blocks): G^T dU G (the adjoint
+    of :func:`_weight_tiles`)."""
+    if tile == 2:
+        grad_weight = grad_tiles[0][0].new_empty((groups[-1][1], c, 3, 3))
+        for (a, b), du in zip(groups, grad_tiles):
+            torch.ops.mtlfast_C.winograd_weight_t(_parts(du), grad_weight[a:b])
+        return grad_weight
+    # G^T-transformed back to taps as (out, in) rows of 9: contiguous, as the fake kernel says
+    # (a tap-major result permuted had other strides, which torch.compile's backward rejected)
+    gg = _gg(grad_tiles[0].dtype, tile)
+    return torch.cat(
+        [(du.view(_positions(tile), -1).t() @ gg).view(-1, c, 3, 3) for du in grad_tiles]
+    )
 
 
 def _out_like(x: torch.Tensor, channels: int) -> torch.Tensor:
@@ -187,18 +246,26 @@ def _linear(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
 
 
-def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _check_tile(tile: int) -> None:
+    if tile not in _G:
+        raise ValueError(f"{OP}: tile must be 4 (F(4x4, 3x3)) or 2 (F(2x2, 3x3)), got {tile!r}")
+
+
+def _forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tile: int = 4
+) -> torch.Tensor:
     _require_extension()
+    _check_tile(tile)
     c, k = x.shape[1], weight.shape[0]
     if x.numel() == 0 or k == 0:  # nothing to transform: aten's empty or bias-only result
         return F.conv2d(x, weight, bias, padding=1).contiguous(memory_format=_format(x))
-    groups = _groups(k, c, x.element_size())
-    weight_tiles = _weight_tiles(weight, groups)
+    groups = _groups(k, c, x.element_size(), tile)
+    weight_tiles = _weight_tiles(weight, groups, tile)
     bias = None if bias is None else bias.contiguous()
     out = _out_like(x, k)
     batched = _batched(x.dtype)
-    for first, count in _chunks(x, max(c, max(b - a for a, b in groups)), batched):
-        tiles = _blocks(x, count, c, batched)
+    for first, count in _chunks(x, max(c, max(b - a for a, b in groups)), batched, tile):
+        tiles = _blocks(x, count, c, batched, tile)
         torch.ops.mtlfast_C.winograd_input(x, first, _parts(tiles))
         for (a, b), u in zip(groups, weight_tiles):
             if batched:
@@ -218,14 +285,15 @@ _winograd = torch.library.custom_op(
 
 
 @_winograd.register_fake
-def _(x, weight, bias):
+def _(x, weight, bias, tile=4):
     return _out_like(x, weight.shape[0])
 
 
 def _backward_impl(
-    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, tile: int = 4
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _require_extension()
+    _check_tile(tile)
     k, c = weight.shape[:2]
     if x.numel() == 0 or k == 0:
         grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
@@ -233,15 +301,17 @@ def _backward_impl(
         )
         grad_x = grad_x.contiguous(memory_format=_format(x))
         return grad_x, grad_weight, grad_bias if has_bias else grad.new_empty((0,))
-    groups = _groups(k, c, x.element_size())
-    weight_tiles = _weight_tiles(weight, groups)
+    groups = _groups(k, c, x.element_size(), tile)
+    weight_tiles = _weight_tiles(weight, groups, tile)
     grad_x = _out_like(x, c).zero_()
-    grad_weight_tiles = [u.new_zeros(u.shape) for u in weight_tiles]
     batched = _batched(x.dtype)
-    for first, count in _chunks(x, max(c, k), batched):
+    # F(2x2) by oneDNN: each group's gradient blocks are the first range's products (see below)
+    blocks = tile == 2 and not batched
+    grad_weight_tiles = [None if blocks else u.new_zeros(u.shape) for u in weight_tiles]
+    for first, count in _chunks(x, max(c, k), batched, tile):
         grad_tiles, input_tiles = [], None  # the latter: the gradient at the transformed input
         for (a, b), u in zip(groups, weight_tiles):
-            g = _blocks(grad, count, b - a, batched)
+            g = _blocks(grad, count, b - a, batched, tile)
             torch.ops.mtlfast_C.winograd_output_t(grad[:, a:b], first, _parts(g))
             if batched:
                 input_tiles = torch.bmm(g, u) if input_tiles is None else input_tiles.baddbmm_(g, u)
@@ -255,19 +325,23 @@ def _backward_impl(
         torch.ops.mtlfast_C.winograd_input_t(_parts(input_tiles), first, grad_x)
         # the forward's transformed input, recomputed into the buffers just used
         torch.ops.mtlfast_C.winograd_input(x, first, _parts(input_tiles))
-        for g, du in zip(grad_tiles, grad_weight_tiles):
+        for n, (g, du) in enumerate(zip(grad_tiles, grad_weight_tiles)):
             if batched:
                 du.baddbmm_(g.transpose(1, 2), input_tiles)
+            elif blocks:  # torch.mm reads the transposed g_ij in place (F(2x2)'s (256, 512)
+                # blocks of (16, 512, 8, 8): 11.9 against 13.6 ms for oneDNN's 16, a Zen 4 EPYC)
+                if du is None:
+                    grad_weight_tiles[n] = [
+                        torch.mm(g_ij.t(), t) for g_ij, t in zip(g, input_tiles)
+                    ]
+                else:
+                    for g_ij, t, du_ij in zip(g, input_tiles, du):
+                        du_ij.addmm_(g_ij.t(), t)
             else:  # oneDNN copies the transposed g_ij: still faster than MKL's products here
                 for g_ij, t, du_ij in zip(g, input_tiles, du):
                     du_ij.add_(_linear(g_ij.t(), t.t()))
         del grad_tiles, input_tiles
-    # G^T-transformed back to taps as (out, in) rows of 9: contiguous, as the fake kernel says
-    # (a tap-major result permuted had other strides, which torch.compile's backward rejected)
-    gg = _gg(weight.dtype)
-    grad_weight = torch.cat(
-        [(du.view(36, -1).t() @ gg).view(-1, c, 3, 3) for du in grad_weight_tiles]
-    )
+    grad_weight = _weight_grad(grad_weight_tiles, groups, c, tile)
     grad_bias = grad.sum((0, 2, 3)) if has_bias else grad.new_empty((0,))
     return grad_x, grad_weight, grad_bias
 
@@ -278,7 +352,7 @@ _winograd_backward = torch.library.custom_op(
 
 
 @_winograd_backward.register_fake
-def _(grad, x, weight, has_bias):
+def _(grad, x, weight, has_bias, tile=4):
     return (
         _out_like(x, x.shape[1]),
         torch.empty_like(weight, memory_format=torch.contiguous_format),
@@ -287,8 +361,8 @@ def _(grad, x, weight, has_bias):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias = inputs
-    ctx.has_bias = bias is not None
+    x, weight, bias, tile = inputs
+    ctx.has_bias, ctx.tile = bias is not None, tile
     ctx.save_for_backward(x, weight)
 
 
@@ -298,9 +372,11 @@ def _backward(ctx, grad):
         need = list(ctx.needs_input_grad[:2]) + [ctx.has_bias]
         return torch.ops.aten.convolution_backward(
             grad, x, weight, [weight.shape[0]], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, need
-        )
-    grad_x, grad_weight, grad_bias = _winograd_backward(grad.contiguous(), x, weight, ctx.has_bias)
-    return grad_x, grad_weight, grad_bias if ctx.has_bias else None
+        ) + (None,)
+    grad_x, grad_weight, grad_bias = _winograd_backward(
+        grad.contiguous(), x, weight, ctx.has_bias, ctx.tile
+    )
+    return grad_x, grad_weight, grad_bias if ctx.has_bias else None, None
 
 
 _winograd.register_autograd(_backward, setup_context=_setup_context)
@@ -319,10 +395,10 @@ def _flop_formulas() -> dict:
     without these :func:`mtlfast.models.summary` would lose every convolution that
     :func:`mtlfast.nn.use_winograd` (the trainer's default ``conv_algorithm``) switched over."""
 
-    def forward(x_shape, w_shape, _bias, out_shape=None, **kwargs) -> int:
+    def forward(x_shape, w_shape, _bias, _tile=4, out_shape=None, **kwargs) -> int:
         return _direct_flops(x_shape, w_shape)
 
-    def backward(_grad, x_shape, w_shape, _has_bias, out_shape=None, **kwargs) -> int:
+    def backward(_grad, x_shape, w_shape, _has_bias, _tile=4, out_shape=None, **kwargs) -> int:
         return 2 * _direct_flops(x_shape, w_shape)  # the input's and the weight's gradients
 
     return {
@@ -337,9 +413,10 @@ def set_winograd_autotune(enabled: bool) -> bool:
 
     Off (the default), every eligible convolution (see the module docstring) takes the Winograd
     path. On, the first eligible call of each shape (batch, channels, map, dtype, memory format,
-    thread count) times one forward and backward of both algorithms on its own tensors, a few
-    repetitions alternating, and the shape takes Winograd only where it ran in under
-    :data:`_AUTOTUNE_MARGIN` of oneDNN's time; later calls reuse that choice. Which algorithm
+    thread count; maps from 8x8 up) times one forward and backward of ``F.conv2d``, F(4x4, 3x3)
+    and F(2x2, 3x3) on its own tensors, a few repetitions alternating, and the shape takes the
+    faster Winograd transform only where it ran in under :data:`_AUTOTUNE_MARGIN` of oneDNN's
+    time; later calls reuse that choice. Which algorithm
     wins at a shape depends on the CPU: on a 2-core Xeon (AVX512, AMX) 512 -> 512 channels at
     16x16 took 0.67x of oneDNN's time, on a 2-core EPYC (AVX512) 1.24x. The measurement costs a
     few convolutions per shape once, and makes the choice (so results, to about 1e-5) depend on
@@ -353,15 +430,16 @@ def set_winograd_autotune(enabled: bool) -> bool:
     return previous
 
 
-def winograd_autotune_choices() -> dict[tuple, bool]:
-    """The shapes measured so far by :func:`set_winograd_autotune`'s measurement and whether each
-    takes Winograd: ``{(N, C_in, H, W, C_out, dtype, memory_format, threads): bool}`` (a copy;
-    a dilated convolution's shape is its phase batch's, (N*d*d, C_in, H/d, W/d))."""
+def winograd_autotune_choices() -> dict[tuple, int]:
+    """The shapes measured so far by :func:`set_winograd_autotune`'s measurement and the algorithm
+    each takes: ``{(N, C_in, H, W, C_out, dtype, memory_format, threads): tile}``, tile 4 for
+    F(4x4, 3x3), 2 for F(2x2, 3x3), 0 for ``F.conv2d`` (a copy; a dilated convolution's shape is
+    its phase batch's, (N*d*d, C_in, H/d, W/d))."""
     return dict(_choices)
 
 
 _autotune = False
-_choices: dict[tuple, bool] = {}
+_choices: dict[tuple, int] = {}
 # Winograd's result is rounded differently (about 1e-5): in a near tie the direct one is kept
 _AUTOTUNE_MARGIN = 0.95
 # Timed calls of each algorithm: with 2, a slow phase of this host (seconds long, hitting the
@@ -370,7 +448,7 @@ _AUTOTUNE_MARGIN = 0.95
 _AUTOTUNE_REPEATS = 4
 
 
-def _measured_choice(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _measured_choice(x: torch.Tensor, weight: torch.Tensor) -> int:
     key = (*x.shape, weight.shape[0], x.dtype, _format(x), torch.get_num_threads())
     choice = _choices.get(key)
     if choice is None:
@@ -378,7 +456,7 @@ def _measured_choice(x: torch.Tensor, weight: torch.Tensor) -> bool:
         from torch.utils._python_dispatch import _disable_current_modes
 
         if is_fake(x) or is_fake(weight):  # tracing: nothing to time, the fixed rule holds
-            return True
+            return _fixed_tile(x)
         # The measurement is no part of the model's computation: a dispatch mode around the
         # call (FlopCounterMode in mtlfast.models.summary, a profiler's, selective
         # checkpointing's) must see neither its convolutions nor its own overhead in the timing
@@ -387,9 +465,10 @@ def _measured_choice(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return choice
 
 
-def _measure(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """One forward and backward of each algorithm, alternating, after one untimed call of each:
-    True when Winograd's best time is under the margin times oneDNN's best."""
+def _measure(x: torch.Tensor, weight: torch.Tensor) -> int:
+    """One forward and backward of each algorithm (``F.conv2d``, F(4x4, 3x3), F(2x2, 3x3)),
+    alternating, after one untimed call of each: the tile of the Winograd transform whose best
+    time is the lower, where it is under the margin times oneDNN's best; else 0."""
 
     def direct():
         out = F.conv2d(x, weight, padding=1)
@@ -397,25 +476,40 @@ def _measure(x: torch.Tensor, weight: torch.Tensor) -> bool:
             out, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False]
         )
 
-    def winograd():
-        out = _forward(x, weight, None)
-        _backward_impl(out, x, weight, False)
+    def winograd(tile):
+        out = _forward(x, weight, None, tile)
+        _backward_impl(out, x, weight, False, tile)
 
-    best = [float("inf"), float("inf")]  # direct, winograd
+    algorithms = {0: direct, 4: lambda: winograd(4), 2: lambda: winograd(2)}
+    best = dict.fromkeys(algorithms, float("inf"))
     with torch.no_grad(), torch.autograd.profiler.record_function("winograd_autotune"):
-        direct(), winograd()
+        for fn in algorithms.values():
+            fn()
         for _ in range(_AUTOTUNE_REPEATS):
-            for i, fn in enumerate((direct, winograd)):
+            for tile, fn in algorithms.items():
                 start = time.perf_counter()
                 fn()
-                best[i] = min(best[i], time.perf_counter() - start)
-    return best[1] < _AUTOTUNE_MARGIN * best[0]
+                best[tile] = min(best[tile], time.perf_counter() - start)
+    tile = min((4, 2), key=best.__getitem__)
+    return tile if best[tile] < _AUTOTUNE_MARGIN * best[0] else 0
 
 
-def _use_winograd(x: torch.Tensor, weight: torch.Tensor, min_pixels: int = _MIN_PIXELS) -> bool:
-    return _eligible(x, weight, min_pixels) and (
-        not _autotune or torch.compiler.is_compiling() or _measured_choice(x, weight)
-    )
+def _fixed_tile(x: torch.Tensor) -> int:
+    """The fixed rule, for an eligible x: F(4x4, 3x3) on maps of :data:`_MIN_PIXELS` or more
+    (F(2x2, 3x3), which wins on some CPUs and shapes but not others, only where measured)."""
+    return 4 if x.shape[2] * x.shape[3] >= _MIN_PIXELS else 0
+
+
+def _tile_for(x: torch.Tensor, weight: torch.Tensor, min_pixels: int | None = None) -> int:
+    """How ``winograd_conv3x3(x, weight)`` (undilated) runs: the Winograd tile (4 or 2), or 0
+    for ``F.conv2d``. Under autotune, maps of ``min_pixels`` or more (default
+    :data:`_AUTOTUNE_MIN_PIXELS`) are measured; else the fixed rule."""
+    tuned = _autotune and not torch.compiler.is_compiling()
+    if min_pixels is None:
+        min_pixels = _AUTOTUNE_MIN_PIXELS if tuned else _MIN_PIXELS
+    if not _eligible(x, weight, min_pixels):
+        return 0
+    return _measured_choice(x, weight) if tuned else _fixed_tile(x)
 
 
 def _eligible(
@@ -441,7 +535,8 @@ def winograd_conv3x3(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, dilation: int = 1
 ) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=dilation, dilation=dilation)`` for 3x3 kernels, by
-    Winograd F(4x4, 3x3) on CPU.
+    Winograd F(4x4, 3x3) on CPU (or, where :func:`set_winograd_autotune` measured it faster,
+    F(2x2, 3x3)).
 
     A dilated one (``dilation`` d > 1) runs as the undilated convolution over its d x d phases
     as a batch (each phase map H/d x W/d; a map d does not divide is padded to a multiple first,
@@ -469,9 +564,10 @@ def winograd_conv3x3(
         return F.conv2d(x, weight, bias, padding=dilation, dilation=dilation)
     if dilation > 1:
         return _dilated(x, weight, bias, dilation)
-    if not _use_winograd(x, weight):
+    tile = _tile_for(x, weight)
+    if not tile:
         return F.conv2d(x, weight, bias, padding=1)
-    return _winograd(x, weight, bias)
+    return _winograd(x, weight, bias, tile)
 
 
 def _dilated(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, d: int):
@@ -479,31 +575,34 @@ def _dilated(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, d
     plan = _dilated_phases(x, weight, d)
     if plan is None:
         return F.conv2d(x, weight, bias, padding=d, dilation=d)
-    phases, winograd = plan
-    out = _winograd(phases, weight, bias) if winograd else F.conv2d(phases, weight, bias, padding=1)
+    phases, tile = plan
+    if tile:
+        out = _winograd(phases, weight, bias, tile)
+    else:
+        out = F.conv2d(phases, weight, bias, padding=1)
     h, w = x.shape[-2:]
     return from_phases(out, d)[..., :h, :w].contiguous(memory_format=_format(x))
 
 
 def _dilated_phases(
     x: torch.Tensor, weight: torch.Tensor, d: int
-) -> tuple[torch.Tensor, bool] | None:
+) -> tuple[torch.Tensor, int] | None:
     """How a 3x3 'same' convolution of x with dilation d > 1 runs: None, aten's dilated
-    convolution; else (x's phases, padded as :func:`phase_fill` says; whether the Winograd op
-    takes them, by the fixed rule or, under autotune, the phase batch's measurement). Where
-    Winograd does not win a measured phase batch, F.conv2d over the phases runs, which is what
-    the measurement timed (and aten's dilated weight gradient takes a large buffer besides:
-    :mod:`mtlfast.nn.adapters`)."""
+    convolution; else (x's phases, padded as :func:`phase_fill` says; the Winograd tile that
+    takes them, by the fixed rule or, under autotune, the phase batch's measurement, 0 for
+    none). Where Winograd does not win a measured phase batch, F.conv2d over the phases runs,
+    which is what the measurement timed (and aten's dilated weight gradient takes a large buffer
+    besides: :mod:`mtlfast.nn.adapters`)."""
     h, w = x.shape[-2:]
     fill = phase_fill(h, w, d)
     if fill is None:
         return None
     tuned = _autotune and not torch.compiler.is_compiling()
-    min_pixels = _AUTOTUNE_MIN_PHASE_PIXELS if tuned else _MIN_PIXELS
+    min_pixels = _AUTOTUNE_MIN_PIXELS if tuned else _MIN_PIXELS
     if not _eligible(x, weight, min_pixels, (h + fill[3]) * (w + fill[1]) // (d * d)):
         return None
     phases = padded_phases(x, d, fill)
-    return phases, _use_winograd(phases, weight, min_pixels)
+    return phases, _tile_for(phases, weight, min_pixels)
 
 
 def conv3x3_backward(
@@ -522,8 +621,9 @@ def conv3x3_backward(
 
     Shapes: grad (N, C_out, H, W); x (N, C_in, H, W); weight (C_out, C_in, 3, 3).
     """
-    if winograd and grad.dtype == x.dtype and _use_winograd(x, weight):
-        grad_x, grad_weight, _ = _winograd_backward(grad.contiguous(), x, weight, False)
+    tile = _tile_for(x, weight) if winograd and grad.dtype == x.dtype else 0
+    if tile:
+        grad_x, grad_weight, _ = _winograd_backward(grad.contiguous(), x, weight, False, tile)
     else:
         grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
             grad,

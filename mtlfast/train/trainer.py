@@ -455,7 +455,7 @@ class Trainer:
             choices = winograd_autotune_choices()
             if choices:
                 self.runtime.print(
-                    f"conv_algorithm auto: Winograd kept at {sum(choices.values())} of the "
+                    f"conv_algorithm auto: Winograd kept at {sum(map(bool, choices.values()))} of the "
                     f"{len(choices)} convolution shapes measured on this CPU "
                     "(mtlfast.ops.winograd_autotune_choices())"
                 )

@@ -1,4 +1,5 @@
-"""winograd_conv3x3 against F.conv2d: values, gradients, layouts, chunking, fallbacks, opcheck."""
+"""winograd_conv3x3 against F.conv2d: values, gradients, layouts, chunking, fallbacks, opcheck;
+F(4x4, 3x3) and F(2x2, 3x3) alike."""
 
 from __future__ import annotations
 
@@ -49,12 +50,13 @@ def _close(got, want, dtype):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("bias", [False, True])
-def test_cpu_matches_conv2d_forward_and_backward(shape, k, layout, dtype, bias):
+@pytest.mark.parametrize("tile", [4, 2])
+def test_cpu_matches_conv2d_forward_and_backward(shape, k, layout, dtype, bias, tile):
     torch.manual_seed(0)
     x = make(shape, dtype, layout).requires_grad_()
     w = (torch.randn(k, shape[1], 3, 3, dtype=dtype) / 3).requires_grad_()
     b = torch.randn(k, dtype=dtype, requires_grad=True) if bias else None
-    got = wc._winograd(x, w, b)  # the op itself, whatever the size thresholds say
+    got = wc._winograd(x, w, b, tile)  # the op itself, whatever the size thresholds say
     want = F.conv2d(x, w, b, padding=1)
     assert got.shape == want.shape and got.dtype == want.dtype
     _close(got, want, dtype)
@@ -75,25 +77,28 @@ def test_cpu_matches_conv2d_forward_and_backward(shape, k, layout, dtype, bias):
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tile", [4, 2])
 def test_cpu_chunks_of_tile_rows_and_channel_groups_match_one_chunk(
-    monkeypatch, rows, layout, dtype
+    monkeypatch, rows, layout, dtype, tile
 ):
     """Ranges of whole tile rows (here 1 or 3 rows of 3 tiles, the last range shorter) and
     groups of output channels (2 groups of 3 and 2 with rows=1): the input adjoint adds across
     range boundaries, the weight gradient sums the ranges, each group writes its channels (fp32:
-    oneDNN's products where torch has them, fp64: torch.bmm's)."""
+    oneDNN's products where torch has them, fp64: torch.bmm's). F(2x2): 10 rows of 6 tiles, in
+    ranges of 1 or 2 rows."""
     torch.manual_seed(1)
     size = torch.tensor([], dtype=dtype).element_size()
     x = make((2, 6, 10, 11), dtype, layout).requires_grad_()
     w = torch.randn(5, 6, 3, 3, dtype=dtype, requires_grad=True)
     b = torch.randn(5, dtype=dtype, requires_grad=True)
-    bound = rows * 36 * 6 * 3 * size
+    bound = rows * (tile + 2) ** 2 * 6 * 3 * size
     monkeypatch.setattr(wc, "_RANGE_BYTES", bound)
     monkeypatch.setattr(wc, "_TENSOR_BYTES", bound)
     batched = wc._batched(dtype)
-    assert len(wc._chunks(x, 6, batched)) == -(-6 // rows)
-    assert len(wc._groups(5, 6, size)) == (2 if rows == 1 else 1)
-    got = wc._winograd(x, w, b)
+    ranges = {(4, 1): 6, (4, 3): 2, (2, 1): 10, (2, 3): 5}[tile, rows]
+    assert len(wc._chunks(x, 6, batched, tile)) == ranges
+    assert len(wc._groups(5, 6, size, tile)) == (2 if rows == 1 else 1)
+    got = wc._winograd(x, w, b, tile)
     grads = torch.autograd.grad(got, (x, w, b), torch.ones_like(got))
     want = F.conv2d(x, w, b, padding=1)
     wants = torch.autograd.grad(want, (x, w, b), torch.ones_like(want))
@@ -106,13 +111,15 @@ def test_cpu_products_without_onednn_match(monkeypatch):
     torch.manual_seed(2)
     x = torch.randn(2, 7, 9, 10, requires_grad=True)
     w = torch.randn(5, 7, 3, 3, requires_grad=True)
-    got = wc._winograd(x, w, None)
-    grads = torch.autograd.grad(got, (x, w), torch.ones_like(got))
-    monkeypatch.setattr(wc, "_onednn_linear", lambda: False)
-    again = wc._winograd(x, w, None)
-    agains = torch.autograd.grad(again, (x, w), torch.ones_like(again))
-    for g, r in zip((got, *grads), (again, *agains)):
-        _close(g, r, torch.float32)
+    for tile in (4, 2):
+        got = wc._winograd(x, w, None, tile)
+        grads = torch.autograd.grad(got, (x, w), torch.ones_like(got))
+        with monkeypatch.context() as m:
+            m.setattr(wc, "_onednn_linear", lambda: False)
+            again = wc._winograd(x, w, None, tile)
+            agains = torch.autograd.grad(again, (x, w), torch.ones_like(again))
+        for g, r in zip((got, *grads), (again, *agains)):
+            _close(g, r, torch.float32)
 
 
 def test_onednn_probe_falls_back_to_bmm_when_the_op_fails(monkeypatch):
@@ -141,7 +148,7 @@ def autotune():
 
 
 @pytest.mark.usefixtures("autotune")
-@pytest.mark.parametrize("faster", [False, True])
+@pytest.mark.parametrize("faster", [0, 4, 2])
 def test_autotune_measures_each_shape_once_and_follows_it(monkeypatch, faster):
     calls = []
 
@@ -161,7 +168,7 @@ def test_autotune_measures_each_shape_once_and_follows_it(monkeypatch, faster):
     assert calls == [((2, 128, 16, 16), 128), ((1, 128, 16, 16), 128)]
     choices = wc.winograd_autotune_choices()
     assert set(choices.values()) == {faster} and len(choices) == 2
-    want = wc._winograd(x, w, None) if faster else F.conv2d(x, w, padding=1)
+    want = wc._winograd(x, w, None, faster) if faster else F.conv2d(x, w, padding=1)
     (want_gx,) = torch.autograd.grad(want.sum(), x)
     assert torch.equal(got, want) and torch.equal(gx, want_gx)
 
@@ -172,8 +179,8 @@ def test_autotune_real_measurement_gives_a_choice():
     w = torch.randn(128, 128, 3, 3) / 30
     got = winograd_conv3x3(x, w)
     ((key, choice),) = wc.winograd_autotune_choices().items()
-    assert key[:5] == (1, 128, 16, 16, 128) and isinstance(choice, bool)
-    want = wc._winograd(x, w, None) if choice else F.conv2d(x, w, padding=1)
+    assert key[:5] == (1, 128, 16, 16, 128) and choice in (0, 2, 4)
+    want = wc._winograd(x, w, None, choice) if choice else F.conv2d(x, w, padding=1)
     assert torch.equal(got, want)
 
 
@@ -188,7 +195,7 @@ def test_autotune_measurement_is_unseen_by_a_dispatch_mode():
         got = winograd_conv3x3(x, w)
     assert counter.get_total_flops() == 2 * 16 * 16 * 128 * 128 * 9
     ((_key, choice),) = wc.winograd_autotune_choices().items()
-    want = wc._winograd(x, w, None) if choice else F.conv2d(x, w, padding=1)
+    want = wc._winograd(x, w, None, choice) if choice else F.conv2d(x, w, padding=1)
     assert torch.equal(got, want)
 
 
@@ -198,7 +205,7 @@ def test_autotune_takes_the_fixed_rule_on_fake_tensors(monkeypatch):
     with FakeTensorMode():
         x = torch.empty(1, 128, 16, 16)
         w = torch.empty(128, 128, 3, 3)
-        assert wc._use_winograd(x, w) is True
+        assert wc._tile_for(x, w) == 4
     assert wc.winograd_autotune_choices() == {}
 
 
@@ -208,24 +215,56 @@ def test_autotune_switch_checks_its_argument():
     assert wc.set_winograd_autotune(wc.set_winograd_autotune(True)) is True
 
 
-def test_cpu_gradcheck():
+@pytest.mark.parametrize("tile", [4, 2])
+def test_cpu_gradcheck(tile):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(wc._winograd, (x, w, b))
-    assert torch.autograd.gradcheck(lambda x, w: wc._winograd(x, w, None), (x, w))
+    assert torch.autograd.gradcheck(lambda x, w, b: wc._winograd(x, w, b, tile), (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w: wc._winograd(x, w, None, tile), (x, w))
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+def test_cpu_small_tile_weight_transform_takes_any_weight_layout(layout):
+    """F(2x2)'s weight transform and its adjoint are C++ kernels reading the weight's strides."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 7, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 12, 3, 3, dtype=torch.float64)
+    w = (
+        w.contiguous(memory_format=torch.channels_last)[:, :6]
+        if layout == "channels_last"
+        else w[:, ::2]
+    )
+    w.requires_grad_()
+    got = wc._winograd(x, w, None, 2)
+    want = F.conv2d(x, w, padding=1)
+    _close(got, want, torch.float64)
+    grad = torch.randn_like(want)
+    for g, r in zip(
+        torch.autograd.grad(got, (x, w), grad), torch.autograd.grad(want, (x, w), grad)
+    ):
+        _close(g, r, torch.float64)
+
+
+def test_tile_must_be_4_or_2():
+    x, w = torch.randn(1, 4, 5, 5), torch.randn(2, 4, 3, 3)
+    with pytest.raises(ValueError, match=r"tile must be 4 \(F\(4x4, 3x3\)\) or 2"):
+        wc._winograd(x, w, None, 3)
 
 
 def test_cpu_opcheck():
     x = torch.randn(2, 3, 6, 5)
     w = torch.randn(4, 3, 3, 3, requires_grad=True)
     b = torch.randn(4, requires_grad=True)
-    torch.library.opcheck(torch.ops.mtlfast.winograd_conv3x3.default, (x.requires_grad_(), w, b))
-    torch.library.opcheck(
-        torch.ops.mtlfast.winograd_conv3x3.default,
-        (x.contiguous(memory_format=torch.channels_last), w, None),
-    )
+    for tile in (4, 2):
+        torch.library.opcheck(
+            torch.ops.mtlfast.winograd_conv3x3.default, (x.requires_grad_(), w, b, tile)
+        )
+        torch.library.opcheck(
+            torch.ops.mtlfast.winograd_conv3x3.default,
+            (x.contiguous(memory_format=torch.channels_last), w, None, tile),
+        )
 
 
 def test_cpu_large_layer_takes_winograd_path():
@@ -301,8 +340,14 @@ def test_cpu_kernel_checks_its_tiles():
 
     with pytest.raises(RuntimeError, match="tiles must have shape"):
         torch.ops.mtlfast_C.winograd_input(x, 0, blocks(4, 3))
-    with pytest.raises(RuntimeError, match="36 tensors"):
+    with pytest.raises(RuntimeError, match=r"36 tensors \(F\(4x4, 3x3\)\) or 16"):
         torch.ops.mtlfast_C.winograd_input(x, 0, blocks(4, 4)[:35])
+    with pytest.raises(RuntimeError, match="only F.2x2, 3x3.'s 16 blocks"):
+        torch.ops.mtlfast_C.winograd_weight(torch.randn(2, 4, 3, 3), blocks(2, 4))
+    with pytest.raises(RuntimeError, match=r"weight must be \(C_out, C_in, 3, 3\)"):
+        torch.ops.mtlfast_C.winograd_weight(torch.randn(2, 4, 5, 5), blocks(2, 4)[:16])
+    with pytest.raises(RuntimeError, match="tiles must have 2 rows"):
+        torch.ops.mtlfast_C.winograd_weight(torch.randn(2, 4, 3, 3), blocks(1, 4)[:16])
     with pytest.raises(RuntimeError, match="at position 35"):  # every block the same Q
         torch.ops.mtlfast_C.winograd_input(x, 0, [*blocks(4, 4)[:35], torch.empty(3, 4)])
     with pytest.raises(RuntimeError, match="must be dense"):
@@ -315,13 +360,14 @@ def test_cpu_kernel_checks_its_tiles():
         torch.ops.mtlfast_C.winograd_input(x.half(), 0, blocks(4, 4, dtype=torch.half))
 
 
-def test_cpu_double_backward_by_aten():
+@pytest.mark.parametrize("tile", [4, 2])
+def test_cpu_double_backward_by_aten(tile):
     """A create_graph backward runs aten's convolution backward, which has a derivative."""
     torch.manual_seed(0)
     x = torch.randn(1, 2, 5, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradgradcheck(wc._winograd, (x, w, b))
+    assert torch.autograd.gradgradcheck(lambda x, w, b: wc._winograd(x, w, b, tile), (x, w, b))
 
 
 def test_cpu_ranges_of_blocks_apart_take_the_range_bound(monkeypatch):
@@ -396,10 +442,11 @@ def test_dilated_gradcheck():
 
 
 @pytest.mark.usefixtures("autotune")
-@pytest.mark.parametrize("faster", [False, True])
+@pytest.mark.parametrize("faster", [0, 4, 2])
 def test_autotune_measures_the_phase_batch(monkeypatch, faster):
-    """Under autotune the phase batch is measured (12x12 phases too, under the fixed rule's
-    16x16) and either algorithm runs over the phases; 8x8 phases are never measured."""
+    """Under autotune the phase batch is measured (12x12 and 8x8 phases too, under the fixed
+    rule's 16x16) and the algorithm measured fastest runs over the phases; 6x6 phases are never
+    measured."""
     calls = []
 
     def measure(x, weight):
@@ -412,7 +459,8 @@ def test_autotune_measures_the_phase_batch(monkeypatch, faster):
     w = torch.randn(128, 128, 3, 3) / 30
     got = winograd_conv3x3(x, w, dilation=2)
     winograd_conv3x3(torch.randn(1, 128, 16, 16), w, dilation=2)
-    assert calls == [(4, 128, 12, 12)]
+    winograd_conv3x3(torch.randn(1, 128, 12, 12), w, dilation=2)
+    assert calls == [(4, 128, 12, 12), (4, 128, 8, 8)]
     want = F.conv2d(x, w, padding=2, dilation=2)
     _close(got, want, torch.float32)
     if faster:
@@ -434,8 +482,12 @@ def test_cpu_backward_opcheck():
     w = torch.randn(4, 3, 3, 3)
     grad = torch.randn(2, 4, 6, 5)
     for xs, g in ((x, grad), (x.contiguous(memory_format=torch.channels_last), grad)):
-        torch.library.opcheck(torch.ops.mtlfast.winograd_conv3x3_backward.default, (g, xs, w, True))
-    assert wc._backward_impl(grad, x, w, True)[1].is_contiguous()
+        for tile in (4, 2):
+            torch.library.opcheck(
+                torch.ops.mtlfast.winograd_conv3x3_backward.default, (g, xs, w, True, tile)
+            )
+    assert wc._backward_impl(grad, x, w, True, 4)[1].is_contiguous()
+    assert wc._backward_impl(grad, x, w, True, 2)[1].is_contiguous()
 
 
 def test_compiles_whole_with_its_backward():
