@@ -11,7 +11,9 @@ from ..ops.atrous_conv import _use_taps, atrous_conv2d
 from ..ops.winograd_conv import (
     _dilated_phases,
     _format,
+    _records,
     _winograd_backward,
+    conv3x3,
     conv3x3_backward,
     winograd_conv3x3,
 )
@@ -47,7 +49,8 @@ def _phased(x: torch.Tensor, stride: int, padding: int, dilation: int, k: int) -
     # -> 64, channels-last, 2 threads, 2-core Zen 4 EPYC), its training step 0.962x (7
     # alternating rounds), the step's peak the same (355.1 MiB): the dilated buffer is freed
     # before the peak there (at 512x512, 6x6 phases: 0.956x, 1044.6 MiB either way). ASTMT's
-    # layer4 (8x8 phases at 256x256) took the same time either way and stays phased.
+    # layer4 (8x8 phases at 256x256) took the same time either way and stays phased (where the
+    # autotune measures Winograd's F(2x2, 3x3) faster over them, its forward is phased too).
     if min(-(-h // dilation), -(-w // dilation)) < _MIN_PHASE_SIDE:
         return False
     return phase_fill(h, w, dilation) is not None
@@ -68,15 +71,17 @@ class _MergedConv2d(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(x, weight, adapter, stride, padding, dilation, winograd):
+    def forward(x, weight, adapter, stride, padding, dilation, winograd, recorded):
+        # recorded: whether autograd records this call (its backward then follows), which the
+        # Winograd op cannot see from in here
         merged = _merged(weight, adapter)
         if winograd and _winograd_geometry(weight, stride, padding, dilation):
-            return winograd_conv3x3(x, merged, dilation=dilation)
+            return conv3x3(x, merged, None, dilation, recorded)
         return F.conv2d(x, merged, None, stride, padding, dilation)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, adapter, stride, padding, dilation, winograd = inputs
+        x, weight, adapter, stride, padding, dilation, winograd, _ = inputs
         ctx.save_for_backward(x, weight, adapter)
         ctx.options = (stride, padding, dilation)
         ctx.winograd = winograd
@@ -98,7 +103,7 @@ class _MergedConv2d(torch.autograd.Function):
         )
         if winograd and dilation == 1:
             grad_x, grad_merged = conv3x3_backward(
-                grad_out, x_in, merged.to(dtype), need_x, need_w or need_a
+                grad_out, x_in, merged.to(dtype), need_x, need_w or need_a, recorded=True
             )
             return _merged_grads(x, weight, grad_x, grad_merged, need_w, need_a)
         # a dilated one whose forward took Winograd over the phases: its adjoint, over them too
@@ -159,7 +164,7 @@ def _merged_grads(x, weight, grad_x, grad_merged, need_w, need_a):
             grad_a = grad_merged[:, :, k : k + 1, k : k + 1]
         if need_w:
             grad_w = grad_merged
-    return grad_x, grad_w, grad_a, None, None, None, None
+    return grad_x, grad_w, grad_a, None, None, None, None, None
 
 
 def merged_conv2d(
@@ -186,7 +191,8 @@ def merged_conv2d(
     k = weight.shape[-1]
     if stride == 1 and padding == dilation * (k // 2) and _use_taps(x, k, dilation):
         return atrous_conv2d(x, _merged(weight, adapter), dilation)
-    return _MergedConv2d.apply(x, weight, adapter, stride, padding, dilation, winograd)
+    recorded = _records(x, weight, adapter)
+    return _MergedConv2d.apply(x, weight, adapter, stride, padding, dilation, winograd, recorded)
 
 
 class ResidualAdapter(nn.Module):

@@ -183,23 +183,29 @@ def _weight_tiles(
     return [(gg @ taps[:, a * c : b * c]).view(-1, b - a, c) for a, b in groups]
 
 
-def _weight_grad(
-    grad_tiles: list[torch.Tensor], groups: list[tuple[int, int]], c: int, tile: int
-) -> torch.Tensor:
-    """The weight gradient (C_out, C_in, 3, 3), contiguous, from the gradients at every group's
-    weight tiles (R^2, b - a, C_in; F(2x2): or a list of its R^2 blocks): G^T dU G (the adjoint
-    of :func:`_weight_tiles`)."""
-    if tile == 2:
-        grad_weight = grad_tiles[0][0].new_empty((groups[-1][1], c, 3, 3))
-        for (a, b), du in zip(groups, grad_tiles):
-            torch.ops.mtlfast_C.winograd_weight_t(_parts(du), grad_weight[a:b])
-        return grad_weight
+def _tiles_by_group(weight: torch.Tensor, groups: list[tuple[int, int]], tile: int, made):
+    """Each group's weight tiles in turn: ``made`` (F(4x4)'s, all made at once: its transform is
+    one product over every kernel), or, None, F(2x2)'s made group by group (the caller drops
+    each before taking the next), so that the backward frees them before it makes the weight
+    gradient's: ASTMT's step with every stage recomputed peaked at 283 MiB with F(2x2) over
+    layer4's phases (291 with its tiles kept through the backward, 277 without F(2x2)). Groups
+    smaller than :data:`_TENSOR_BYTES` would hold less, but read the transformed input once per
+    group: 512 -> 512 at (16, 512, 8, 8) in 4 groups took 1.5x the time of one (forward and
+    backward, 2 threads, median of 9)."""
+    if made is not None:
+        yield from made
+        return
+    for a, b in groups:
+        yield _weight_tiles(weight[a:b], [(0, b - a)], tile)[0]
+
+
+def _weight_grad(grad_tiles: list[torch.Tensor], c: int) -> torch.Tensor:
+    """F(4x4)'s weight gradient (C_out, C_in, 3, 3), contiguous, from the gradients at every
+    group's weight tiles (36, b - a, C_in): G^T dU G (the adjoint of :func:`_weight_tiles`)."""
     # G^T-transformed back to taps as (out, in) rows of 9: contiguous, as the fake kernel says
     # (a tap-major result permuted had other strides, which torch.compile's backward rejected)
-    gg = _gg(grad_tiles[0].dtype, tile)
-    return torch.cat(
-        [(du.view(_positions(tile), -1).t() @ gg).view(-1, c, 3, 3) for du in grad_tiles]
-    )
+    gg = _gg(grad_tiles[0].dtype, 4)
+    return torch.cat([(du.view(36, -1).t() @ gg).view(-1, c, 3, 3) for du in grad_tiles])
 
 
 def _out_like(x: torch.Tensor, channels: int) -> torch.Tensor:
@@ -260,18 +266,19 @@ def _forward(
     if x.numel() == 0 or k == 0:  # nothing to transform: aten's empty or bias-only result
         return F.conv2d(x, weight, bias, padding=1).contiguous(memory_format=_format(x))
     groups = _groups(k, c, x.element_size(), tile)
-    weight_tiles = _weight_tiles(weight, groups, tile)
+    made = _weight_tiles(weight, groups, tile) if tile == 4 else None
     bias = None if bias is None else bias.contiguous()
     out = _out_like(x, k)
     batched = _batched(x.dtype)
     for first, count in _chunks(x, max(c, max(b - a for a, b in groups)), batched, tile):
         tiles = _blocks(x, count, c, batched, tile)
         torch.ops.mtlfast_C.winograd_input(x, first, _parts(tiles))
-        for (a, b), u in zip(groups, weight_tiles):
+        for (a, b), u in zip(groups, _tiles_by_group(weight, groups, tile, made)):
             if batched:
                 products = torch.bmm(tiles, u.transpose(1, 2))
             else:
                 products = [_linear(t, u_ij) for t, u_ij in zip(tiles, u)]
+            del u
             part = None if bias is None else bias[a:b]
             torch.ops.mtlfast_C.winograd_output(_parts(products), first, part, out[:, a:b])
             del products
@@ -302,15 +309,22 @@ def _backward_impl(
         grad_x = grad_x.contiguous(memory_format=_format(x))
         return grad_x, grad_weight, grad_bias if has_bias else grad.new_empty((0,))
     groups = _groups(k, c, x.element_size(), tile)
-    weight_tiles = _weight_tiles(weight, groups, tile)
+    small = tile == 2
+    made = None if small else _weight_tiles(weight, groups, tile)
     grad_x = _out_like(x, c).zero_()
     batched = _batched(x.dtype)
     # F(2x2) by oneDNN: each group's gradient blocks are the first range's products (see below)
-    blocks = tile == 2 and not batched
-    grad_weight_tiles = [None if blocks else u.new_zeros(u.shape) for u in weight_tiles]
-    for first, count in _chunks(x, max(c, k), batched, tile):
+    blocks = small and not batched
+    if blocks:
+        grad_weight_tiles = [None] * len(groups)
+    else:
+        grad_weight_tiles = [x.new_zeros((_positions(tile), b - a, c)) for a, b in groups]
+    # F(2x2)'s weight gradient is made group by group from the last range (G^T dU G in C++)
+    grad_weight = weight.new_empty((k, c, 3, 3)) if small else None
+    ranges = _chunks(x, max(c, k), batched, tile)
+    for r, (first, count) in enumerate(ranges):
         grad_tiles, input_tiles = [], None  # the latter: the gradient at the transformed input
-        for (a, b), u in zip(groups, weight_tiles):
+        for (a, b), u in zip(groups, _tiles_by_group(weight, groups, tile, made)):
             g = _blocks(grad, count, b - a, batched, tile)
             torch.ops.mtlfast_C.winograd_output_t(grad[:, a:b], first, _parts(g))
             if batched:
@@ -321,27 +335,34 @@ def _backward_impl(
                     part if input_tiles is None else [t.add_(q) for t, q in zip(input_tiles, part)]
                 )
                 del part
+            del u
             grad_tiles.append(g)
         torch.ops.mtlfast_C.winograd_input_t(_parts(input_tiles), first, grad_x)
         # the forward's transformed input, recomputed into the buffers just used
         torch.ops.mtlfast_C.winograd_input(x, first, _parts(input_tiles))
-        for n, (g, du) in enumerate(zip(grad_tiles, grad_weight_tiles)):
+        for n, (a, b) in enumerate(groups):
+            g, du, grad_tiles[n] = grad_tiles[n], grad_weight_tiles[n], None
             if batched:
                 du.baddbmm_(g.transpose(1, 2), input_tiles)
             elif blocks:  # torch.mm reads the transposed g_ij in place (F(2x2)'s (256, 512)
                 # blocks of (16, 512, 8, 8): 11.9 against 13.6 ms for oneDNN's 16, a Zen 4 EPYC)
                 if du is None:
-                    grad_weight_tiles[n] = [
-                        torch.mm(g_ij.t(), t) for g_ij, t in zip(g, input_tiles)
-                    ]
+                    du = [torch.mm(g_ij.t(), t) for g_ij, t in zip(g, input_tiles)]
                 else:
                     for g_ij, t, du_ij in zip(g, input_tiles, du):
                         du_ij.addmm_(g_ij.t(), t)
             else:  # oneDNN copies the transposed g_ij: still faster than MKL's products here
                 for g_ij, t, du_ij in zip(g, input_tiles, du):
                     du_ij.add_(_linear(g_ij.t(), t.t()))
+            del g
+            if small and r == len(ranges) - 1:
+                torch.ops.mtlfast_C.winograd_weight_t(_parts(du), grad_weight[a:b])
+                du = None
+            grad_weight_tiles[n] = du
+            del du
         del grad_tiles, input_tiles
-    grad_weight = _weight_grad(grad_weight_tiles, groups, c, tile)
+    if not small:
+        grad_weight = _weight_grad(grad_weight_tiles, c)
     grad_bias = grad.sum((0, 2, 3)) if has_bias else grad.new_empty((0,))
     return grad_x, grad_weight, grad_bias
 
@@ -500,16 +521,30 @@ def _fixed_tile(x: torch.Tensor) -> int:
     return 4 if x.shape[2] * x.shape[3] >= _MIN_PIXELS else 0
 
 
-def _tile_for(x: torch.Tensor, weight: torch.Tensor, min_pixels: int | None = None) -> int:
+def _records(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records an op on ``tensors`` now, so that a backward may follow."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _tile_for(
+    x: torch.Tensor, weight: torch.Tensor, min_pixels: int | None = None, recorded: bool = True
+) -> int:
     """How ``winograd_conv3x3(x, weight)`` (undilated) runs: the Winograd tile (4 or 2), or 0
     for ``F.conv2d``. Under autotune, maps of ``min_pixels`` or more (default
-    :data:`_AUTOTUNE_MIN_PIXELS`) are measured; else the fixed rule."""
+    :data:`_AUTOTUNE_MIN_PIXELS`) are measured; else the fixed rule.
+
+    F(2x2, 3x3) is taken for a call autograd records (``recorded``) only: it was measured
+    forward and backward, and a forward alone, as in inference, gains little from it (a third
+    of a convolution's time) while its buffers (16 weight tiles, 16 transformed input tiles)
+    come on top of small maps' activations: ASTMT's inference at 256x256 peaked at 111 MiB with
+    it over layer4's phases, 88 without."""
     tuned = _autotune and not torch.compiler.is_compiling()
     if min_pixels is None:
         min_pixels = _AUTOTUNE_MIN_PIXELS if tuned else _MIN_PIXELS
     if not _eligible(x, weight, min_pixels):
         return 0
-    return _measured_choice(x, weight) if tuned else _fixed_tile(x)
+    tile = _measured_choice(x, weight) if tuned else _fixed_tile(x)
+    return 0 if tile == 2 and not recorded else tile
 
 
 def _eligible(
@@ -560,19 +595,34 @@ def winograd_conv3x3(
         raise ValueError(f"{OP}: bias must have shape (C_out,) = ({weight.shape[0]},), got {got}")
     if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
         raise ValueError(f"{OP}: dilation must be a positive int, got {dilation!r}")
+    return conv3x3(x, weight, bias, dilation, _records(x, weight, bias))
+
+
+def conv3x3(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    dilation: int,
+    recorded: bool,
+) -> torch.Tensor:
+    """:func:`winograd_conv3x3` on checked arguments, for callers inside their own autograd
+    function (where autograd records nothing): ``recorded`` says whether a backward will follow
+    (:func:`_tile_for`), as their backward then assumes."""
     if bias is not None and (bias.dtype != x.dtype or bias.device != x.device):
         return F.conv2d(x, weight, bias, padding=dilation, dilation=dilation)
     if dilation > 1:
-        return _dilated(x, weight, bias, dilation)
-    tile = _tile_for(x, weight)
+        return _dilated(x, weight, bias, dilation, recorded)
+    tile = _tile_for(x, weight, recorded=recorded)
     if not tile:
         return F.conv2d(x, weight, bias, padding=1)
     return _winograd(x, weight, bias, tile)
 
 
-def _dilated(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, d: int):
+def _dilated(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, d: int, recorded: bool
+):
     """winograd_conv3x3 with dilation d > 1 (see :func:`_dilated_phases`)."""
-    plan = _dilated_phases(x, weight, d)
+    plan = _dilated_phases(x, weight, d, recorded)
     if plan is None:
         return F.conv2d(x, weight, bias, padding=d, dilation=d)
     phases, tile = plan
@@ -585,12 +635,13 @@ def _dilated(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, d
 
 
 def _dilated_phases(
-    x: torch.Tensor, weight: torch.Tensor, d: int
+    x: torch.Tensor, weight: torch.Tensor, d: int, recorded: bool = True
 ) -> tuple[torch.Tensor, int] | None:
     """How a 3x3 'same' convolution of x with dilation d > 1 runs: None, aten's dilated
     convolution; else (x's phases, padded as :func:`phase_fill` says; the Winograd tile that
     takes them, by the fixed rule or, under autotune, the phase batch's measurement, 0 for
-    none). Where Winograd does not win a measured phase batch, F.conv2d over the phases runs,
+    none; ``recorded`` as for :func:`_tile_for`). Where Winograd does not win a measured phase
+    batch, F.conv2d over the phases runs,
     which is what the measurement timed (and aten's dilated weight gradient takes a large buffer
     besides: :mod:`mtlfast.nn.adapters`)."""
     h, w = x.shape[-2:]
@@ -602,7 +653,7 @@ def _dilated_phases(
     if not _eligible(x, weight, min_pixels, (h + fill[3]) * (w + fill[1]) // (d * d)):
         return None
     phases = padded_phases(x, d, fill)
-    return phases, _tile_for(phases, weight, min_pixels)
+    return phases, _tile_for(phases, weight, min_pixels, recorded)
 
 
 def conv3x3_backward(
@@ -613,15 +664,18 @@ def conv3x3_backward(
     need_weight: bool = True,
     *,
     winograd: bool = True,
+    recorded: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The input and weight gradients of ``winograd_conv3x3(x, weight)`` (no bias) given ``grad``
-    at its output, by the path its forward takes (``winograd=False``: that of ``F.conv2d``), for
-    callers with their own autograd function that recompute the forward (the distillation's).
+    """The input and weight gradients of ``conv3x3(x, weight, None, 1, recorded)`` (no bias)
+    given ``grad`` at its output, by the path that forward takes (``winograd=False``: that of
+    ``F.conv2d``), for callers with their own autograd function that recompute the forward:
+    the distillation's, whose forward is a plain call inside its function (``recorded`` False,
+    no F(2x2)), and the residual adapters', which tell their forward a backward follows.
     Unneeded gradients are returned as None.
 
     Shapes: grad (N, C_out, H, W); x (N, C_in, H, W); weight (C_out, C_in, 3, 3).
     """
-    tile = _tile_for(x, weight) if winograd and grad.dtype == x.dtype else 0
+    tile = _tile_for(x, weight, recorded=recorded) if winograd and grad.dtype == x.dtype else 0
     if tile:
         grad_x, grad_weight, _ = _winograd_backward(grad.contiguous(), x, weight, False, tile)
     else:

@@ -455,7 +455,7 @@ def test_autotune_measures_the_phase_batch(monkeypatch, faster):
 
     monkeypatch.setattr(wc, "_measure", measure)
     torch.manual_seed(0)
-    x = torch.randn(1, 128, 24, 24)
+    x = torch.randn(1, 128, 24, 24, requires_grad=True)  # recorded: F(2x2) is taken too
     w = torch.randn(128, 128, 3, 3) / 30
     got = winograd_conv3x3(x, w, dilation=2)
     winograd_conv3x3(torch.randn(1, 128, 16, 16), w, dilation=2)
@@ -465,6 +465,45 @@ def test_autotune_measures_the_phase_batch(monkeypatch, faster):
     _close(got, want, torch.float32)
     if faster:
         assert not torch.equal(got, want)
+
+
+@pytest.mark.usefixtures("autotune")
+@pytest.mark.parametrize("dilation", [1, 2])
+def test_small_tiles_only_where_autograd_records(monkeypatch, dilation):
+    """F(2x2) measured fastest runs where a backward follows; a call autograd does not record
+    (inference, no input needing a gradient) takes F.conv2d, whose buffers are none."""
+    monkeypatch.setattr(wc, "_measure", lambda x, weight: 2)
+    tiles = []
+    op = wc._winograd
+
+    def spy(x, weight, bias, tile):
+        tiles.append(tile)
+        return op(x, weight, bias, tile)
+
+    monkeypatch.setattr(wc, "_winograd", spy)
+    torch.manual_seed(0)
+    x = torch.randn(1, 128, 16 * dilation, 16 * dilation)
+    w = (torch.randn(128, 128, 3, 3) / 30).requires_grad_()
+    want = F.conv2d(x, w, padding=dilation, dilation=dilation)
+    got = winograd_conv3x3(x, w, dilation=dilation)
+    assert tiles == [2]
+    _close(got, want, torch.float32)
+    with torch.no_grad():
+        inferred = winograd_conv3x3(x, w, dilation=dilation)
+    frozen = winograd_conv3x3(x, w.detach(), dilation=dilation)
+    assert tiles == [2]
+    _close(inferred, want, torch.float32)
+    assert torch.equal(inferred, frozen)
+    if dilation == 1:  # conv3x3_backward follows the flag it is given: aten's unrecorded
+        grad = torch.ones_like(want)
+        _, gw = wc.conv3x3_backward(grad, x, w.detach(), recorded=False)
+        _, aten, _ = torch.ops.aten.convolution_backward(
+            grad, x, w.detach(), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False]
+        )
+        assert torch.equal(gw, aten)
+        _, gw = wc.conv3x3_backward(grad, x, w.detach(), recorded=True)
+        assert not torch.equal(gw, aten)
+        _close(gw, aten, torch.float32)
 
 
 def test_dilation_must_be_a_positive_int():
