@@ -303,7 +303,10 @@ class ASTMT(MultiTaskModel):
     :func:`mtlfast.nn.use_winograd` (the trainer's default): the release's network with adapters
     then trains in 0.94x (0.91-1.05x) the step time with them direct, the default network in
     0.94x (0.92-0.96x) (batch 4, 2 threads, a 2-core Zen 4 EPYC, 5 alternating rounds); at 256x256
-    their 8x8 phases stay aten's.
+    their 8x8 phases run by F(2x2, 3x3) in training where the trainer's autotune measures it
+    faster (on that EPYC 0.66x oneDNN's time forward and backward; the release's network's step
+    0.94x (0.93-0.97x, 9 alternating rounds), its peak 355 MiB either way, 283 against 277 MiB
+    with every stage recomputed); inference keeps aten's there (its peak 88 MiB, 111 with them).
 
     Shapes: x (N, 3, H, W); task int or (N,); outputs (N, C_t, H, W).
     """
