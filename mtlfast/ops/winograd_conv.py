@@ -33,7 +33,8 @@ A dilated 'same' convolution (``dilation`` d, padding d) is the undilated one ov
 polyphase components as a batch (:mod:`mtlfast.ops._phases`): the bounds above hold for the
 phase maps, H/d x W/d. UberNet's conv5 (512 -> 512, dilation 2) at 32x32, forward and backward
 on a 2-core Zen 4 EPYC: 0.58x aten's dilated convolution's time; at 24x24 (12x12 phases, which
-only :func:`set_winograd_autotune` measures) 0.70x; at 16x16 1.07x (8x8 phases: never taken).
+only :func:`set_winograd_autotune` measures) 0.70x; at 16x16 1.07x (8x8 phases, which only the
+autotune measures, and where F(2x2, 3x3) wins: below).
 
 F(2x2, 3x3) (``tile=2`` of the op; Lavin & Gray's other case): 2x2 output blocks from 4x4 input
 tiles, 16 products per 4 outputs (2.25 times fewer multiply-adds than direct, where F(4x4) has 4),
@@ -50,8 +51,8 @@ transforms against ``F.conv2d`` on maps from 8x8 up.
 Rounding: F(4x4, 3x3)'s transforms have entries up to 8 and -5, so the result differs from the
 direct convolution by more than a reordering of the sums: about 1e-5 of the output's largest
 magnitude in fp32 (measured 0.8-2.2e-5 on the benchmark's shapes), 1e-14 in fp64; F(2x2)'s
-entries are 0, 1 and 1/2, and round less. Gradients are
-the exact adjoints of that computation (``gradcheck`` in fp64).
+entries are 0, 1 and 1/2, and round less. Gradients are the exact adjoints of that computation
+(``gradcheck`` in fp64).
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ _MIN_PIXELS = 256
 # fixed rule takes _MIN_PIXELS): there F(2x2, 3x3) competes too, whose transforms and weight
 # tiles cost less on small maps. Forward and backward, 2 threads, a Zen 4 EPYC, against oneDNN:
 # 512 -> 512 at (16, 512, 8, 8) (ASTMT's layer4 as 8x8 phases) F(2x2) 0.68x, F(4x4) 1.03x; at
-# (4, 512, 16, 16) 0.64x and 0.93x; at (4, 512, 8, 8) 0.90x and 2.8x; but 256 -> 256 at
-# (4, 256, 16, 16) 1.04x and 1.37x, and 128 -> 128 at 32x32 1.25x and 1.19x.
+# (4, 512, 16, 16) 0.64x and 0.93x; at (4, 512, 8, 8) 0.90x and 2.8x; 256 -> 256 at
+# (4, 256, 16, 16) 0.75-1.04x and 1.06-1.37x (runs differ); 128 -> 128 at 32x32 1.25x and 1.19x.
 _AUTOTUNE_MIN_PIXELS = 64
 
 # G of F(4x4, 3x3) (points 0, 1, -1, 2, -2, inf) and of F(2x2, 3x3) (0, 1, -1, inf), by the
@@ -437,8 +438,8 @@ def set_winograd_autotune(enabled: bool) -> bool:
     thread count; maps from 8x8 up) times one forward and backward of ``F.conv2d``, F(4x4, 3x3)
     and F(2x2, 3x3) on its own tensors, a few repetitions alternating, and the shape takes the
     faster Winograd transform only where it ran in under :data:`_AUTOTUNE_MARGIN` of oneDNN's
-    time; later calls reuse that choice. Which algorithm
-    wins at a shape depends on the CPU: on a 2-core Xeon (AVX512, AMX) 512 -> 512 channels at
+    time (F(2x2) for calls autograd records only: :func:`_tile_for`); later calls reuse that
+    choice. Which algorithm wins at a shape depends on the CPU: on a 2-core Xeon (AVX512, AMX) 512 -> 512 channels at
     16x16 took 0.67x of oneDNN's time, on a 2-core EPYC (AVX512) 1.24x. The measurement costs a
     few convolutions per shape once, and makes the choice (so results, to about 1e-5) depend on
     the timing: the trainer turns it on for ``train.conv_algorithm: auto`` unless
